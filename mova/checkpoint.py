@@ -1,0 +1,190 @@
+"""Self-describing MoVA checkpoints: safetensors + JSON, never pickle.
+
+Layout of a checkpoint folder::
+
+    config.json          the MoVAConfig
+    components.json      where each part lives (format/version, experts copied or referenced)
+    llm/                 transformers save_pretrained of the LLM and its tokenizer
+    text_encoder/        the BERT text encoder and its tokenizer
+    base_encoder/        the CLIP vision model, already at its running resolution
+    adapter.safetensors  the MoV-Adapter
+    experts/<name>/      each frozen expert (transformers folder + mova_head.safetensors), or
+                         nothing when stored by reference (its pretrained id + a fingerprint)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, BertModel
+from transformers.modeling_utils import PreTrainedModel
+
+from mova.config import MoVAConfig
+from mova.experts.encoders import HEAD_WEIGHTS, VisionExpert, build_base_encoder, build_expert
+from mova.experts.registry import resolve_expert
+from mova.factory import DTYPES, apply_trainability, build_adapter, ensure_image_token
+from mova.model import MoVAModel
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mova-checkpoint"
+VERSION = 1
+ADAPTER_FILE = "adapter.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing a file or does not match what it declares."""
+
+
+def state_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's parameter and buffer names, shapes, dtypes and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _backbone(expert: VisionExpert) -> PreTrainedModel:
+    for child in expert.children():
+        if isinstance(child, PreTrainedModel):
+            return child
+    raise TypeError(f"{type(expert).__name__} holds no transformers model")
+
+
+def _head_state(expert: VisionExpert) -> dict[str, torch.Tensor]:
+    backbone = _backbone(expert)
+    prefix = next(n for n, c in expert.named_children() if c is backbone) + "."
+    return {k: v.contiguous() for k, v in expert.state_dict().items() if not k.startswith(prefix)}
+
+
+def save_pretrained(model: MoVAModel, path: str | Path, *, experts: str = "copy") -> Path:
+    """Write ``model`` to ``path`` atomically (a temp folder renamed into place).
+
+    ``experts="reference"`` stores each frozen expert as its ``pretrained`` id plus a weight
+    fingerprint instead of a copy (every expert must then have ``pretrained`` set).
+    """
+    if experts not in ("copy", "reference"):
+        raise ValueError(f"experts={experts!r}; expected 'copy' or 'reference'")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.config.to_json(tmp / "config.json")
+        model.llm.save_pretrained(tmp / "llm")
+        model.tokenizer.save_pretrained(tmp / "llm")
+        model.text_encoder.save_pretrained(tmp / "text_encoder")
+        model.text_tokenizer.save_pretrained(tmp / "text_encoder")
+        model.base_encoder.model.save_pretrained(tmp / "base_encoder")
+        save_file({k: v.contiguous() for k, v in model.adapter.state_dict().items()},
+                  str(tmp / ADAPTER_FILE))
+        entries = {}
+        for name, expert in model.experts.items():
+            entry = {"fingerprint": state_fingerprint(expert)}
+            if experts == "reference":
+                ref = model.resolved[name].pretrained
+                if not ref:
+                    raise ValueError(f"expert {name!r} has no 'pretrained' id, so it cannot be "
+                                     "stored by reference; save with experts='copy'")
+                entry["reference"] = ref
+            else:
+                folder = tmp / "experts" / name
+                _backbone(expert).save_pretrained(folder)
+                head = _head_state(expert)
+                if head:
+                    save_file(head, str(folder / HEAD_WEIGHTS))
+                entry["path"] = f"experts/{name}"
+            entries[name] = entry
+        components = {"format": FORMAT, "version": VERSION, "llm": "llm",
+                      "text_encoder": "text_encoder", "base_encoder": "base_encoder",
+                      "adapter": ADAPTER_FILE, "experts": entries}
+        (tmp / "components.json").write_text(json.dumps(components, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved MoVA checkpoint to %s", path)
+    return path
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint is missing {what}: {path}")
+    return path
+
+
+def read_components(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {path}")
+    data = json.loads(_require(path / "components.json", "components.json").read_text())
+    if data.get("format") != FORMAT or data.get("version") != VERSION:
+        raise CheckpointError(f"{path / 'components.json'} is not a {FORMAT} v{VERSION} file")
+    return data
+
+
+def load_config(path: str | Path) -> MoVAConfig:
+    return MoVAConfig.load(_require(Path(path) / "config.json", "config.json"))
+
+
+def _load_expert(root: Path, config: MoVAConfig, name: str, entry: dict) -> VisionExpert:
+    expert_cfg = next(e for e in config.experts if e.name == name)
+    resolved = resolve_expert(expert_cfg)
+    source = entry.get("reference") or str(_require(root / entry["path"], f"expert {name!r}"))
+    resolved = type(resolved)(spec=resolved.spec, size=resolved.size, pretrained=source)
+    expert = build_expert(resolved)
+    if entry.get("fingerprint") and state_fingerprint(expert) != entry["fingerprint"]:
+        raise CheckpointError(
+            f"expert {name!r} loaded from {source} does not match the weights the checkpoint "
+            "was saved with (fingerprint differs)"
+        )
+    return expert
+
+
+def from_pretrained(path: str | Path, *, device: str | torch.device = "cpu") -> MoVAModel:
+    """Load a checkpoint written by :func:`save_pretrained`."""
+    root = Path(path)
+    components = read_components(root)
+    config = load_config(root)
+    missing = set(config.expert_names) ^ set(components["experts"])
+    if missing:
+        raise CheckpointError(f"{root}: config.json and components.json disagree on experts "
+                              f"{sorted(missing)}")
+    llm_dir = _require(root / components["llm"], "the LLM folder")
+    tokenizer = ensure_image_token(AutoTokenizer.from_pretrained(llm_dir))
+    llm = AutoModelForCausalLM.from_pretrained(llm_dir,
+                                               attn_implementation=config.llm.attn_implementation)
+    text_dir = _require(root / components["text_encoder"], "the text encoder folder")
+    text_tokenizer = AutoTokenizer.from_pretrained(text_dir)
+    text_encoder = BertModel.from_pretrained(text_dir, add_pooling_layer=False)
+    base_cfg = copy.deepcopy(config.base)
+    base_cfg.pretrained = str(_require(root / components["base_encoder"], "the base encoder"))
+    base_encoder = build_base_encoder(base_cfg)
+    experts = {n: _load_expert(root, config, n, components["experts"][n])
+               for n in config.expert_names}
+    adapter = build_adapter(config)
+    state = load_file(str(_require(root / components["adapter"], "the adapter weights")))
+    try:
+        adapter.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{root / components['adapter']} does not fit the adapter of config.json: {exc}"
+        ) from exc
+    model = MoVAModel(config, llm=llm, tokenizer=tokenizer, text_encoder=text_encoder,
+                      text_tokenizer=text_tokenizer, base_encoder=base_encoder, experts=experts,
+                      adapter=adapter)
+    model.to(device=device, dtype=DTYPES[config.dtype])
+    apply_trainability(model)
+    model.eval()
+    return model

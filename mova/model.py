@@ -1,0 +1,268 @@
+"""The MoVA model: base encoder, frozen experts, MoV-Adapter, text encoder and LLM.
+
+Each step is public and callable on its own (serving runs them in different processes):
+:meth:`encode_base`, :meth:`encode_text`, :meth:`expert_features`, :meth:`fuse`,
+:meth:`routing_tokens`, :meth:`route`, :meth:`answer`; :meth:`forward` is the training step
+and :meth:`generate` the two-stage inference (route, then answer).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from mova.adapter import AdapterOutput, MoVAdapter
+from mova.align import align_to_grid, pool_routing_tokens
+from mova.config import MoVAConfig
+from mova.conversation import gate_text, get_template
+from mova.experts.encoders import BaseEncoder, VisionExpert
+from mova.experts.preprocess import ImageProcessor
+from mova.experts.registry import ResolvedExpert, resolve_expert
+from mova.images import load_image
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MoVAOutput:
+    loss: Tensor | None
+    logits: Tensor
+    gate_weights: Tensor | None = None
+
+
+@dataclass
+class RoutingResult:
+    """The routing decision for a batch: a 0/1 mask over the pool and the raw replies."""
+
+    mask: Tensor
+    replies: list[str]
+    experts: list[list[str]]
+
+
+@dataclass
+class GenerationResult:
+    answer: str
+    experts: list[str]
+    routing_reply: str | None
+    gate_weights: list[list[float]] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+
+
+class MoVAModel(nn.Module):
+    """A complete MoVA model; build with :func:`mova.factory.build_model` or
+    :func:`mova.checkpoint.from_pretrained`."""
+
+    def __init__(self, config: MoVAConfig, *, llm: nn.Module, tokenizer, text_encoder: nn.Module,
+                 text_tokenizer, base_encoder: BaseEncoder, experts: Mapping[str, VisionExpert],
+                 adapter: MoVAdapter) -> None:
+        super().__init__()
+        self.config = config
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.text_tokenizer = text_tokenizer
+        self.base_encoder = base_encoder
+        self.experts = nn.ModuleDict(dict(experts))
+        self.adapter = adapter
+        self.resolved: dict[str, ResolvedExpert] = {
+            e.name: resolve_expert(e) for e in config.experts
+        }
+        if list(self.experts) != config.expert_names:
+            raise ValueError(
+                f"experts {list(self.experts)} do not match the config's pool "
+                f"{config.expert_names}"
+            )
+        self.template = get_template(config.llm.chat_template)
+        self.processor = ImageProcessor(config.base.image_size, self.resolved.values())
+        self.image_token_id = self._image_token_id()
+
+    # ---- basic facts ---------------------------------------------------------------------
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self.experts)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.adapter.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.adapter.parameters()).dtype
+
+    def _image_token_id(self) -> int:
+        from mova.tokenizers import IMAGE_TOKEN
+
+        token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"the LLM tokenizer has no {IMAGE_TOKEN!r} token")
+        return int(token_id)
+
+    def routing_descriptions(self) -> list[str]:
+        """One description per pool expert, in pool (letter) order."""
+        idx = self.config.routing.description_index
+        return [r.spec.descriptions[idx % len(r.spec.descriptions)] for r in self.resolved.values()]
+
+    def mask_from_names(self, names: Sequence[Sequence[str]]) -> Tensor:
+        """(B, N) 0/1 mask from per-sample expert names; unknown names are errors."""
+        pool = self.expert_names
+        mask = torch.zeros(len(names), len(pool), dtype=torch.bool)
+        for i, sample in enumerate(names):
+            for name in sample:
+                if name not in pool:
+                    raise ValueError(f"unknown expert {name!r} in sample {i}; pool: {pool}")
+                mask[i, pool.index(name)] = True
+        return mask
+
+    # ---- preprocessing -------------------------------------------------------------------
+    def prepare_images(self, images: Sequence) -> list[Image.Image]:
+        return [load_image(im) for im in images]
+
+    def tokenize_gate_text(self, questions: Sequence[Sequence[str]]) -> dict[str, Tensor]:
+        texts = [gate_text(q) for q in questions]
+        enc = self.text_tokenizer(texts, padding="longest", truncation=True,
+                                  max_length=self.config.text_encoder.max_length,
+                                  return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    # ---- separable steps -----------------------------------------------------------------
+    def encode_base(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, G*G, C) base features."""
+        return self.base_encoder(pixel_values.to(self.device, self.dtype))
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The raw last-layer [CLS] vector of the text encoder: (B, T)."""
+        out = self.text_encoder(input_ids=input_ids.to(self.device),
+                                attention_mask=attention_mask.to(self.device))
+        return out.last_hidden_state[:, 0]
+
+    def encode_questions(self, questions: Sequence[Sequence[str]]) -> Tensor:
+        return self.encode_text(**self.tokenize_gate_text(questions))
+
+    @torch.no_grad()
+    def expert_features(self, name: str, inputs: Tensor) -> Tensor:
+        """Native features (B, L_j, C_j) of one frozen expert."""
+        if name not in self.experts:
+            raise ValueError(f"unknown expert {name!r}; pool: {self.expert_names}")
+        expert = self.experts[name]
+        dtype = self.dtype if inputs.is_floating_point() else inputs.dtype
+        return expert(inputs.to(self.device, dtype))
+
+    def routed_expert_features(self, expert_inputs: Mapping[str, Tensor], mask: Tensor
+                               ) -> dict[str, Tensor]:
+        """Compute each expert only on the samples routed to it; other rows stay zero."""
+        features: dict[str, Tensor] = {}
+        for j, name in enumerate(self.expert_names):
+            rows = mask[:, j].nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            if name not in expert_inputs:
+                raise ValueError(f"expert {name!r} is routed but its input is missing")
+            out = self.expert_features(name, expert_inputs[name][rows.cpu()])
+            full = out.new_zeros((mask.shape[0], *out.shape[1:]))
+            full[rows.to(out.device)] = out
+            features[name] = full
+        return features
+
+    def align(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        grid = self.base_encoder.grid_size
+        return {k: align_to_grid(v.to(self.device), grid, self.dtype) for k, v in features.items()}
+
+    def fuse(self, base_features: Tensor, text_features: Tensor,
+             expert_features: Mapping[str, Tensor] | None, mask: Tensor) -> AdapterOutput:
+        """MoV-Adapter over base + (native-grid) expert features -> LLM-width image tokens."""
+        aligned = self.align(expert_features or {})
+        return self.adapter(base_features, text_features, aligned, mask.to(self.device))
+
+    def routing_tokens(self, base_features: Tensor, text_features: Tensor) -> Tensor:
+        """The routing pass: adapter with an all-zero mask, pooled (e.g. 24x24 -> 12x12)."""
+        mask = torch.zeros(base_features.shape[0], len(self.experts), dtype=torch.bool,
+                           device=self.device)
+        out = self.adapter(base_features, text_features, None, mask, return_gates=False)
+        return pool_routing_tokens(out.image_tokens, self.config.adapter.routing_pool)
+
+    # ---- LLM input assembly --------------------------------------------------------------
+    def embed(self, input_ids: Tensor, image_tokens: Tensor | None) -> Tensor:
+        """LLM input embeddings with each sample's image-token run replaced by its tokens."""
+        input_ids = input_ids.to(self.device)
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.image_token_id
+        if image_tokens is None:
+            if is_image.any():
+                raise ValueError("input_ids hold image tokens but no image features were given")
+            return embeds
+        counts = is_image.sum(1)
+        expected = image_tokens.shape[1]
+        bad = (counts != expected).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(
+                f"samples {bad} have {counts[bad].tolist()} image tokens; expected {expected} each"
+            )
+        embeds = embeds.clone()
+        embeds[is_image] = image_tokens.to(embeds.dtype).reshape(-1, embeds.shape[-1])
+        return embeds
+
+    # ---- training ------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor,
+                gate_input_ids: Tensor, gate_attention_mask: Tensor, expert_mask: Tensor,
+                labels: Tensor | None = None,
+                expert_features: Mapping[str, Tensor] | None = None,
+                expert_inputs: Mapping[str, Tensor] | None = None) -> MoVAOutput:
+        """Training/teacher-forced step. Expert features are either given (native grids, e.g.
+        from the feature cache) or computed from ``expert_inputs``; only routed experts are
+        needed."""
+        mask = expert_mask.to(self.device).bool()
+        routed = [n for j, n in enumerate(self.expert_names) if bool(mask[:, j].any())]
+        feats: dict[str, Tensor] = {}
+        for name in routed:
+            if expert_features is not None and name in expert_features:
+                feats[name] = expert_features[name]
+            elif expert_inputs is not None and name in expert_inputs:
+                feats[name] = self.expert_features(name, expert_inputs[name])
+            else:
+                raise ValueError(f"expert {name!r} is routed in this batch but neither its "
+                                 "features nor its inputs were given")
+        base = self.encode_base(pixel_values)
+        text = self.encode_text(gate_input_ids, gate_attention_mask)
+        fused = self.fuse(base, text, feats, mask)
+        embeds = self.embed(input_ids, fused.image_tokens)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask.to(self.device),
+                       labels=None if labels is None else labels.to(self.device))
+        return MoVAOutput(loss=out.loss, logits=out.logits, gate_weights=fused.gate_weights)
+
+    # ---- inference (implemented in mova.generation) --------------------------------------
+    def route(self, routing_tokens: Tensor, questions: Sequence[str]) -> RoutingResult:
+        from mova.generation import route
+
+        return route(self, routing_tokens, questions)
+
+    def answer(self, image_tokens: Tensor, conversations: Sequence[Sequence[dict]],
+               **kwargs) -> list[tuple[str, int, int]]:
+        from mova.generation import answer
+
+        return answer(self, image_tokens, conversations, **kwargs)
+
+    def generate(self, images: Sequence, questions: Sequence[str] | Sequence[Sequence[dict]],
+                 **kwargs) -> list[GenerationResult]:
+        from mova.generation import generate
+
+        return generate(self, images, questions, **kwargs)
+
+    # ---- checkpoints (implemented in mova.checkpoint) ------------------------------------
+    def save_pretrained(self, path, *, experts: str = "copy"):
+        from mova.checkpoint import save_pretrained
+
+        return save_pretrained(self, path, experts=experts)
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> MoVAModel:
+        from mova.checkpoint import from_pretrained
+
+        return from_pretrained(path, **kwargs)
