@@ -15,6 +15,7 @@ Layout of a checkpoint folder::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -188,3 +189,47 @@ def from_pretrained(path: str | Path, *, device: str | torch.device = "cpu") -> 
     apply_trainability(model)
     model.eval()
     return model
+
+
+def expert_cache_key(resolved, fingerprint: str) -> str:
+    """Key of an expert's cached features: its family, input recipe, sizes and weights.
+
+    Any change to how the expert is built, fed or weighted gives a new key, so a changed
+    expert never serves stale features.
+    """
+    payload = {
+        "family": resolved.spec.family,
+        "input": dataclasses.asdict(resolved.spec.input),
+        "size": dataclasses.asdict(resolved.size),
+        "weights": fingerprint,
+    }
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def load_expert(path: str | Path, name: str) -> tuple[VisionExpert, object, str]:
+    """Load one frozen expert of a checkpoint (without the rest of the model).
+
+    Returns (expert, resolved spec, cache key).
+    """
+    root = Path(path)
+    components = read_components(root)
+    config = load_config(root)
+    if name not in components["experts"]:
+        raise CheckpointError(f"checkpoint {root} has no expert {name!r}; it has "
+                              f"{sorted(components['experts'])}")
+    expert = _load_expert(root, config, name, components["experts"][name])
+    resolved = resolve_expert(next(e for e in config.experts if e.name == name))
+    fingerprint = components["experts"][name].get("fingerprint") or state_fingerprint(expert)
+    return expert, resolved, expert_cache_key(resolved, fingerprint)
+
+
+def expert_cache_keys(path: str | Path) -> dict[str, str]:
+    """Cache keys of every expert of a checkpoint, from its recorded fingerprints (no loading)."""
+    root = Path(path)
+    components = read_components(root)
+    config = load_config(root)
+    return {
+        e.name: expert_cache_key(resolve_expert(e), components["experts"][e.name]["fingerprint"])
+        for e in config.experts
+    }

@@ -378,23 +378,28 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key.path=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ValueError(f"override {item!r}: cannot parse the value: {exc}") from exc
         node: Any = out
         parts = key.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
                     raise ValueError(f"override {item!r}: {part!r} is not an index of a list")
                 node = node[int(part)]
                 continue
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a mapping")
+                raise ValueError(f"override {item!r}: {parts[i - 1]!r} is not a mapping")
             node = node.setdefault(part, {})
         last = parts[-1]
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
                 raise ValueError(f"override {item!r}: {last!r} is not an index of a list")
             node[int(last)] = value
-        else:
+        elif isinstance(node, dict):
             node[last] = value
+        else:
+            raise ValueError(f"override {item!r}: {parts[-2]!r} is not a mapping")
     return out

@@ -105,7 +105,8 @@ def build_adapter(config: MoVAConfig) -> MoVAdapter:
 
 
 def build_model(config: MoVAConfig, *, seed: int | None = None) -> MoVAModel:
-    """Build a complete MoVA model from ``config`` (random init where nothing is pretrained)."""
+    """Build a complete MoVA model from ``config`` (random init where nothing is pretrained),
+    in eval mode like ``from_pretrained``; training loops call ``model.train()``."""
     config.validate()
     start = time.perf_counter()
     if seed is not None:
@@ -123,6 +124,7 @@ def build_model(config: MoVAConfig, *, seed: int | None = None) -> MoVAModel:
     )
     model.to(DTYPES[config.dtype])
     apply_trainability(model)
+    model.eval()
     log.info("built MoVA (%d experts, %.1fM params) in %.1f s", len(config.experts),
              sum(p.numel() for p in model.parameters()) / 1e6, time.perf_counter() - start)
     return model

@@ -121,6 +121,12 @@ class MoVAModel(nn.Module):
                 mask[i, pool.index(name)] = True
         return mask
 
+    def train(self, mode: bool = True) -> MoVAModel:
+        """Like ``nn.Module.train``, but frozen experts always stay in eval mode."""
+        super().train(mode)
+        self.experts.eval()
+        return self
+
     # ---- preprocessing -------------------------------------------------------------------
     def prepare_images(self, images: Sequence) -> list[Image.Image]:
         return [load_image(im) for im in images]

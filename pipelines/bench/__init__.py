@@ -1,0 +1,1 @@
+"""`mova bench`: benchmarks whose results go to docs/benchmarks.md."""

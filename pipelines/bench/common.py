@@ -1,0 +1,165 @@
+"""Shared benchmark helpers: timing, peak memory, machine facts and the results markdown file.
+
+Every `mova bench ...` command writes its own section of ``docs/benchmarks.md``, delimited by
+``<!-- bench:<name> -->`` ... ``<!-- /bench:<name> -->`` markers, so reruns replace only their own
+section and leave the others intact.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_RESULTS = REPO_ROOT / "docs" / "benchmarks.md"
+
+INTRO = """# Benchmarks
+
+Measured numbers for this code base, written by the `mova bench` commands. Each section below is
+replaced in place when its command is rerun (the HTML comments delimit the sections; keep them).
+
+| section | reproduce with |
+|---|---|
+| `bench:model:<preset>:<device>` | `mova bench model --preset <preset> --device <device>` |
+| `bench:features:...` (planned) | `mova bench features` |
+| `bench:train:...` (planned) | `mova bench train` |
+| `bench:serve:...` (planned) | `mova bench serve` |
+
+Read the results as **ratios measured side by side** in one process on one machine (for example
+the cost of k routed experts against all 7): absolute milliseconds depend on the machine, its
+load and the thread count, and the tiny preset's random weights say nothing about a trained
+model's quality. Each section names its machine, software versions and date.
+"""
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``cuda`` when available unless a device is named; an unavailable CUDA is an error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}; expected 'cpu' or 'cuda'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """A no-op on CPU; ``torch.cuda.synchronize`` on GPU so timings cover the queued kernels."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def measure_ms(fn: Callable[[], Any], *, repeats: int, warmup: int,
+               device: torch.device) -> tuple[list[float], Any]:
+    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; returns the wall
+    times in ms and the last call's output."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be >= 1")
+    if warmup < 0:
+        raise ValueError(f"warmup={warmup} must be >= 0")
+    sync = synchronizer(device)
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        samples.append((time.perf_counter() - start) * 1000.0)
+    return samples, out
+
+
+def median(samples: Sequence[float]) -> float:
+    return float(statistics.median(samples))
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set size
+    (a high-water mark over the whole process, never reset)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 1024.0
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info(device: torch.device) -> dict[str, str]:
+    """The facts a reader needs to compare a result: CPU, cores, threads, versions, GPU, date."""
+    import transformers
+
+    info = {
+        "cpu": cpu_model(),
+        "cores": str(os.cpu_count()),
+        "torch threads": str(torch.get_num_threads()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    if device.type == "cuda":
+        info["cuda"] = str(torch.version.cuda)
+    return info
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; numbers are formatted by the caller."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"table row {list(row)} has {len(row)} cells; expected "
+                             f"{len(headers)} ({list(headers)})")
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def markers(key: str) -> tuple[str, str]:
+    """The opening and closing markers of section ``key`` (e.g. ``bench:model:tiny:cpu``)."""
+    if not key or "-->" in key or "\n" in key:
+        raise ValueError(f"section key {key!r} must be a non-empty single line without '-->'")
+    return f"<!-- {key} -->", f"<!-- /{key} -->"
+
+
+def write_section(path: str | Path, key: str, body: str, *, intro: str = INTRO) -> Path:
+    """Replace section ``key`` of the markdown file in place (append it if absent; create the
+    file with ``intro`` if missing). Text outside the section is kept byte for byte."""
+    path = Path(path)
+    start, end = markers(key)
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = path.read_text() if path.is_file() else intro.rstrip() + "\n"
+    i, j = text.find(start), text.find(end)
+    if i >= 0 and j > i:
+        text = text[:i] + block + text[j + len(end):]
+    elif i >= 0 or j >= 0:
+        raise ValueError(f"{path}: section {key!r} has an unmatched marker; expected {start!r} "
+                         f"followed by {end!r}")
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path

@@ -1,0 +1,436 @@
+"""`mova bench model`: latency of each separable MoVA step, and what routing saves.
+
+Times preprocessing, base and text encoding, the routing pass and decode, each expert, fusion,
+and end-to-end generation, for several batch sizes; then the cost of computing and fusing k
+routed experts against all of them (MoVA routes to a few; a fixed mixture runs the whole pool).
+Only torch and mova are used (no Ray), so the numbers are the model's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from mova.config import (
+    AdapterConfig,
+    LLMConfig,
+    MoVAConfig,
+    TextEncoderConfig,
+    VisionEncoderConfig,
+    default_experts,
+)
+from mova.factory import build_model
+from mova.model import MoVAModel
+from pipelines.bench.common import (
+    measure_ms,
+    median,
+    peak_memory_mib,
+    reset_peak_memory,
+)
+
+log = logging.getLogger(__name__)
+
+PRESETS = ("tiny", "full")
+DTYPES = ("float32", "bfloat16")
+# Llama-style LLM shapes for the full preset ("tiny" keeps mova's tiny LLM defaults).
+LLM_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {},
+    "1b": dict(hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=8,
+               intermediate_size=5632),
+    "7b": dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+               intermediate_size=11008),
+}
+K_VALUES = (1, 2, 3)
+IMAGE_SIZE = (640, 480)
+QUESTIONS = (
+    "How many people are in the picture?",
+    "What is the total shown in the bottom row of the receipt?",
+    "Which bar in the chart is the highest?",
+    "Is there an abnormality in this chest X-ray?",
+    "Where exactly is the red car?",
+)
+
+
+def full_config(llm_size: str = "1b", dtype: str = "bfloat16") -> MoVAConfig:
+    """Every component at the paper's shapes, random weights (nothing is downloaded): CLIP
+    ViT-L/14-336 run at 672, the 7 experts' "full" presets, a 16-head adapter, bert-large and a
+    Llama-style LLM of ``llm_size``. Tokenizers stay mova's small local ones."""
+    if llm_size not in LLM_SIZES:
+        raise ValueError(f"llm_size={llm_size!r}; expected one of {sorted(LLM_SIZES)}")
+    llm = LLMConfig(preset="tiny" if llm_size == "tiny" else "full",
+                    max_position_embeddings=4096, **LLM_SIZES[llm_size])
+    return MoVAConfig(
+        base=VisionEncoderConfig(preset="full", image_size=672, native_image_size=336,
+                                 patch_size=14, hidden_size=1024, num_layers=24, num_heads=16,
+                                 intermediate_size=4096, feature_layer=-2),
+        experts=default_experts("full"),
+        adapter=AdapterConfig(num_heads=16),
+        text_encoder=TextEncoderConfig(preset="full", hidden_size=1024, num_layers=24,
+                                       num_heads=16, intermediate_size=4096, max_length=512),
+        llm=llm,
+        dtype=dtype,
+    ).validate()
+
+
+def bench_config(preset: str, *, dtype: str = "float32", llm_size: str = "1b") -> MoVAConfig:
+    """The config a preset benchmarks: mova's tiny defaults, or :func:`full_config`."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
+    if preset == "tiny":
+        return MoVAConfig(dtype=dtype).validate()
+    if preset == "full":
+        return full_config(llm_size, dtype)
+    raise ValueError(f"preset={preset!r}; expected one of {list(PRESETS)}")
+
+
+def weight_bytes(config: MoVAConfig, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of all parameters at ``dtype``, counted on a meta-device build (no memory used)."""
+    with torch.device("meta"):
+        model = build_model(config)
+    return sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in open("/proc/meminfo").read().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def check_fits(config: MoVAConfig, device: torch.device) -> None:
+    """Refuse a config whose fp32 weights (they are initialised in fp32, then cast) would not
+    fit in 90% of the device's free memory."""
+    need, free = weight_bytes(config), available_bytes(device)
+    if free and need > 0.9 * free:
+        raise ValueError(f"the model needs {need / 2**30:.1f} GiB for its fp32 weights but "
+                         f"{device} has {free / 2**30:.1f} GiB free; choose a smaller "
+                         f"--llm-size (now {config.llm.hidden_size}-wide, "
+                         f"{config.llm.num_layers} layers)")
+
+
+# ---- results -------------------------------------------------------------------------------
+@dataclass
+class StepTiming:
+    """One timed step at one batch size; ``median_ms`` is the median of ``samples_ms``."""
+
+    step: str
+    batch: int
+    median_ms: float
+    samples_ms: list[float]
+    note: str = ""
+
+
+@dataclass
+class ExpertCost:
+    """Expert features + fusion of ``experts`` (timed as one call) and the ratio to all experts
+    at the same batch size. ``order`` says how the k experts were picked."""
+
+    batch: int
+    order: str
+    k: int
+    experts: list[str]
+    median_ms: float
+    fuse_ms: float
+    ratio: float
+
+
+@dataclass
+class MemoryUse:
+    what: str
+    batch: int
+    peak_mib: float
+
+
+@dataclass
+class ModelBenchResult:
+    preset: str
+    device: str
+    dtype: str
+    llm_size: str | None
+    batch_sizes: list[int]
+    repeats: int
+    warmup: int
+    max_new_tokens: int
+    expert_names: list[str]
+    machine: dict[str, str] = field(default_factory=dict)
+    params_m: dict[str, float] = field(default_factory=dict)
+    steps: list[StepTiming] = field(default_factory=list)
+    expert_costs: list[ExpertCost] = field(default_factory=list)
+    memory: list[MemoryUse] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """The docs section key, ``bench:model:<preset>:<device>``."""
+        return f"bench:model:{self.preset}:{self.device}"
+
+    def step(self, name: str, batch: int) -> StepTiming:
+        for s in self.steps:
+            if s.step == name and s.batch == batch:
+                return s
+        raise ValueError(f"no timing for step {name!r} at batch {batch}")
+
+    def cost(self, batch: int, order: str, k: int) -> ExpertCost:
+        for c in self.expert_costs:
+            if (c.batch, c.order, c.k) == (batch, order, k):
+                return c
+        raise ValueError(f"no expert cost for batch={batch}, order={order!r}, k={k}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def step_names(expert_names: Sequence[str]) -> list[str]:
+    """Every step id one batch size records, in table order."""
+    return (["preprocess", "preprocess:base"] + [f"preprocess:{n}" for n in expert_names]
+            + ["encode_base", "encode_questions", "routing_tokens", "route"]
+            + [f"expert_features:{n}" for n in expert_names]
+            + ["generate:routed", "generate:forced_3", "generate:forced_all"])
+
+
+# ---- the benchmark -------------------------------------------------------------------------
+def synthetic_images(count: int, seed: int = 0) -> list[Image.Image]:
+    """Deterministic random RGB images of :data:`IMAGE_SIZE` (content does not change timing)."""
+    gen = torch.Generator().manual_seed(seed)
+    w, h = IMAGE_SIZE
+    return [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=gen,
+                                          dtype=torch.uint8).numpy()) for _ in range(count)]
+
+
+class _StepCounter:
+    """Counts LLM forward calls: one per decode step of ``generate`` (prefill included)."""
+
+    def __init__(self, llm: torch.nn.Module) -> None:
+        self.calls = 0
+        llm.register_forward_hook(self._hook)
+
+    def _hook(self, *_: Any) -> None:
+        self.calls += 1
+
+
+def _counted(counter: _StepCounter, fn: Callable[[], Any]) -> Callable[[], Any]:
+    def call() -> Any:
+        counter.calls = 0
+        return fn()
+    return call
+
+
+def run_model_bench(model: MoVAModel, *, device: torch.device, batch_sizes: Sequence[int],
+                    repeats: int, warmup: int, max_new_tokens: int, preset: str,
+                    llm_size: str | None = None, seed: int = 0) -> ModelBenchResult:
+    """Benchmark an already built ``model`` (on ``device``) at each batch size."""
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise ValueError(f"batch_sizes={list(batch_sizes)} must be a non-empty list of ints >= 1")
+    model.eval()
+    result = ModelBenchResult(
+        preset=preset, device=device.type, dtype=str(model.dtype).removeprefix("torch."),
+        llm_size=llm_size, batch_sizes=list(batch_sizes), repeats=repeats, warmup=warmup,
+        max_new_tokens=max_new_tokens, expert_names=model.expert_names,
+        params_m=_param_counts(model))
+    counter = _StepCounter(model.llm)
+    with torch.inference_mode():
+        for b in batch_sizes:
+            log.info("batch %d: timing the separable steps", b)
+            _bench_batch(model, result, counter, b, device, seed)
+    return result
+
+
+def _param_counts(model: MoVAModel) -> dict[str, float]:
+    def millions(m: torch.nn.Module) -> float:
+        return round(sum(p.numel() for p in m.parameters()) / 1e6, 3)
+
+    counts = {"base": millions(model.base_encoder), "adapter": millions(model.adapter),
+              "text_encoder": millions(model.text_encoder), "llm": millions(model.llm)}
+    counts.update({f"expert:{n}": millions(e) for n, e in model.experts.items()})
+    return counts
+
+
+def _bench_batch(model: MoVAModel, result: ModelBenchResult, counter: _StepCounter, b: int,
+                 device: torch.device, seed: int) -> None:
+    names = model.expert_names
+
+    def timed(step: str, fn: Callable[[], Any], note: str = "") -> Any:
+        samples, out = measure_ms(fn, repeats=result.repeats, warmup=result.warmup,
+                                  device=device)
+        result.steps.append(StepTiming(step, b, median(samples), samples, note))
+        return out
+
+    images = synthetic_images(b, seed)
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(b)]
+    reset_peak_memory(device)
+
+    def preprocess_all() -> None:
+        pil = model.prepare_images(images)
+        model.processor.base(pil)
+        model.processor.experts_inputs(names, pil)
+
+    timed("preprocess", preprocess_all)
+    pil = model.prepare_images(images)
+    pixels = timed("preprocess:base", lambda: model.processor.base(pil))
+    inputs = {n: timed(f"preprocess:{n}", lambda n=n: model.processor.expert(n, pil))
+              for n in names}
+    pixels = pixels.to(device, model.dtype)
+    inputs = {n: x.to(device, model.dtype if x.is_floating_point() else x.dtype)
+              for n, x in inputs.items()}
+    base = timed("encode_base", lambda: model.encode_base(pixels))
+    text = timed("encode_questions", lambda: model.encode_questions([[q] for q in questions]))
+    tokens = timed("routing_tokens", lambda: model.routing_tokens(base, text))
+    routing = timed("route", _counted(counter, lambda: model.route(tokens, questions)))
+    picked = sorted({n for e in routing.experts for n in e}, key=names.index)
+    result.steps[-1].note = (f"{counter.calls} LLM steps (max {model.config.routing.max_new_tokens}"
+                             f"); routed: {', '.join(picked) or 'none'}")
+    feats = {n: timed(f"expert_features:{n}", lambda n=n: model.expert_features(n, inputs[n]))
+             for n in names}
+    result.memory.append(MemoryUse("separable steps", b, peak_memory_mib(device)))
+
+    def features_and_fuse(chosen: Sequence[str]) -> tuple[float, float]:
+        mask = model.mask_from_names([list(chosen)] * b).to(device)
+        both = measure_ms(lambda: model.fuse(base, text, {n: model.expert_features(n, inputs[n])
+                                                          for n in chosen}, mask),
+                          repeats=result.repeats, warmup=result.warmup, device=device)[0]
+        fuse = measure_ms(lambda: model.fuse(base, text, {n: feats[n] for n in chosen}, mask),
+                          repeats=result.repeats, warmup=result.warmup, device=device)[0]
+        return median(both), median(fuse)
+
+    all_ms, all_fuse = features_and_fuse(names)
+    result.expert_costs.append(ExpertCost(b, "all", len(names), list(names), all_ms, all_fuse,
+                                          1.0))
+    cost = {n: result.step(f"expert_features:{n}", b).median_ms for n in names}
+    orders = {"cheapest": sorted(names, key=lambda n: cost[n]),
+              "costliest": sorted(names, key=lambda n: -cost[n])}
+    for order, ranked in orders.items():
+        for k in (k for k in K_VALUES if k < len(names)):
+            ms, fuse_ms = features_and_fuse(ranked[:k])
+            result.expert_costs.append(ExpertCost(b, order, k, ranked[:k], ms, fuse_ms,
+                                                  ms / all_ms))
+
+    forced = orders["costliest"][:3]
+    gen_kw = {"max_new_tokens": result.max_new_tokens}
+    for step, experts in (("generate:routed", None), ("generate:forced_3", forced),
+                          ("generate:forced_all", names)):
+        reset_peak_memory(device)
+        out = timed(step, _counted(counter, lambda e=experts: model.generate(
+            images, questions, experts=e, **gen_kw)))
+        used = sorted({n for r in out for n in r.experts}, key=names.index)
+        result.steps[-1].note = (f"experts: {', '.join(used) or 'none'}; {counter.calls} LLM "
+                                 f"steps; answer tokens {[r.num_generated_tokens for r in out]}")
+        result.memory.append(MemoryUse(step, b, peak_memory_mib(device)))
+
+
+def vision_path(result: ModelBenchResult, batch: int) -> list[tuple[str, float, float]]:
+    """(configuration, ms, ratio to the fixed mixture) for everything before the answer
+    decode, as sums of the measured medians: the fixed mixture preprocesses and runs all
+    experts without routing; MoVA adds the routing pass + decode and runs only k experts."""
+    def ms(name: str) -> float:
+        return result.step(name, batch).median_ms
+
+    names = result.expert_names
+    shared = ms("preprocess:base") + ms("encode_base") + ms("encode_questions")
+    fixed = shared + sum(ms(f"preprocess:{n}") for n in names) + result.cost(
+        batch, "all", len(names)).median_ms
+    rows = [(f"fixed mixture: all {len(names)} experts, no routing", fixed, 1.0)]
+    for c in result.expert_costs:
+        if c.batch != batch or c.order == "all":
+            continue
+        total = (shared + ms("routing_tokens") + ms("route") + c.median_ms
+                 + sum(ms(f"preprocess:{n}") for n in c.experts))
+        rows.append((f"MoVA: routing + {c.k} {c.order} ({', '.join(c.experts)})", total,
+                     total / fixed))
+    return rows
+
+
+# ---- building and reporting ----------------------------------------------------------------
+def build_bench_model(preset: str, device: torch.device, dtype: str, *, llm_size: str = "1b",
+                      seed: int = 0) -> MoVAModel:
+    """Build the preset's model directly on ``device`` (random weights, no download)."""
+    config = bench_config(preset, dtype=dtype, llm_size=llm_size)
+    if preset == "full":
+        if device.type == "cpu":
+            log.warning("the full preset on CPU is slow (billions of parameters); expect many "
+                        "minutes per batch size")
+        check_fits(config, device)
+    with torch.device(device):
+        return build_model(config, seed=seed)
+
+
+def bench_model(preset: str = "tiny", *, device: torch.device, dtype: str | None = None,
+                batch_sizes: Sequence[int] = (1, 8), repeats: int = 5, warmup: int = 2,
+                max_new_tokens: int = 32, llm_size: str = "1b", seed: int = 0
+                ) -> ModelBenchResult:
+    """Build the preset's model and benchmark it; ``dtype`` defaults to bfloat16 on CUDA and
+    float32 on CPU."""
+    from pipelines.bench.common import machine_info
+
+    dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    model = build_bench_model(preset, device, dtype, llm_size=llm_size, seed=seed)
+    result = run_model_bench(model, device=device, batch_sizes=batch_sizes, repeats=repeats,
+                             warmup=warmup, max_new_tokens=max_new_tokens, preset=preset,
+                             llm_size=llm_size if preset == "full" else None, seed=seed)
+    result.machine = machine_info(device)
+    return result
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def render_markdown(result: ModelBenchResult) -> str:
+    """The results as the markdown section (also what the CLI prints)."""
+    from pipelines.bench.common import markdown_table
+
+    r, names, bs = result, result.expert_names, result.batch_sizes
+    cols = [f"b={b} ms" for b in bs]
+    llm = f", LLM {r.llm_size}" if r.llm_size else ""
+    out = [f"## `mova bench model`: preset {r.preset}{llm} on {r.device} ({r.dtype})", "",
+           "Reproduce: `mova bench model --preset {} --device {} --dtype {} --batch-sizes {} "
+           "--repeats {} --warmup {}{}`".format(
+               r.preset, r.device, r.dtype, ",".join(map(str, bs)), r.repeats, r.warmup,
+               f" --llm-size {r.llm_size}" if r.llm_size else ""), "",
+           "Machine: " + "; ".join(f"{k}: {v}" for k, v in r.machine.items()), "",
+           "Parameters (M): " + ", ".join(f"{k} {v:g}" for k, v in r.params_m.items()), "",
+           f"Median of {r.repeats} timed calls after {r.warmup} warm-up calls "
+           "(`time.perf_counter`, `torch.inference_mode`, CUDA synchronised); inputs: "
+           f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} random RGB images and one question each. "
+           "The weights are random, so the routing replies and answer lengths are arbitrary; "
+           "the notes give the LLM decode steps each timing covers.", "",
+           "### Separable steps", ""]
+    labels = {"preprocess": f"preprocess: images -> tensors, base + {len(names)} experts",
+              "route": "route (LLM routing decode)", "generate:routed": "generate, routed",
+              "generate:forced_3": "generate, 3 costliest experts forced",
+              "generate:forced_all": f"generate, all {len(names)} experts forced"}
+    rows = []
+    for step in step_names(names):
+        timings = [r.step(step, b) for b in bs]
+        notes = "; ".join(f"b={t.batch}: {t.note}" for t in timings if t.note)
+        rows.append([labels.get(step, step)] + [_ms(t.median_ms) for t in timings] + [notes])
+    out += [markdown_table(["step", *cols, "notes"], rows), ""]
+    out += [f"### Expert cost: k of {len(names)} routed vs all {len(names)}", "",
+            "Expert features + fusion (`expert_features` of each routed expert, then `fuse`) "
+            "timed as one call; `fuse only` reuses precomputed features. The k experts are the "
+            "cheapest or the costliest by their measured `expert_features` time at that batch "
+            "size, bounding what a routing of k experts costs. Ratio = time / time of all "
+            f"{len(names)}.", ""]
+    rows = [[c.batch, c.order, c.k, ", ".join(c.experts) if c.order != "all" else "all",
+             _ms(c.median_ms), _ms(c.fuse_ms), f"{c.ratio:.3f}"] for c in r.expert_costs]
+    out += [markdown_table(["batch", "order", "k", "experts", "features + fuse ms",
+                            "fuse only ms", "ratio to all"], rows), ""]
+    out += ["### Vision path before the answer decode (sums of the medians above)", "",
+            "Fixed mixture = preprocessing of base and all experts + base and text encoding + "
+            "all experts + fusion; MoVA adds the routing pass and decode but preprocesses and "
+            "runs only the k routed experts.", ""]
+    rows = [[b, name, _ms(ms), f"{ratio:.3f}"] for b in bs for name, ms, ratio in
+            vision_path(r, b)]
+    out += [markdown_table(["batch", "configuration", "ms", "ratio to fixed"], rows), ""]
+    mem = "CUDA peak allocated since the step began" if r.device == "cuda" else \
+        "process peak RSS (a high-water mark over the whole run, never reset)"
+    out += ["### Peak memory", "", f"MiB, {mem}.", "",
+            markdown_table(["measured after", "batch", "peak MiB"],
+                           [[m.what, m.batch, f"{m.peak_mib:.0f}"] for m in r.memory])]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,1 @@
+"""Data: manifests (LLaVA-style records), validation, converters and the synthetic data set."""
