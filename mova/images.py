@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 MIN_SIDE = 8
 MAX_PIXELS = 64_000_000
@@ -90,7 +90,8 @@ def load_image(source: Any) -> Image.Image:
 
 
 def normalise_image(image: Image.Image, name: str = "image") -> Image.Image:
-    """Check the size of a PIL image and convert it to RGB."""
+    """Apply EXIF orientation, check the size of a PIL image and convert it to RGB."""
+    image = ImageOps.exif_transpose(image)
     width, height = image.size
     if min(width, height) < MIN_SIDE:
         raise ImageError(
@@ -103,6 +104,12 @@ def normalise_image(image: Image.Image, name: str = "image") -> Image.Image:
     if max(width, height) > WORKING_SIDE:
         image = image.copy()
         image.thumbnail((WORKING_SIDE, WORKING_SIDE), Image.Resampling.BICUBIC)
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit grayscale: scale to 8 bits (a plain convert clips everything above 255 to white)
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode != "I" or array.max() > 255:
+            array = array / 257.0
+        image = Image.fromarray(np.clip(array.round(), 0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

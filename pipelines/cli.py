@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pipelines import demo
+from pipelines import demo, features, model_cli
 from pipelines.bench import cli as bench_cli
 
 
@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.add_parser(sub)
+    model_cli.add_parser(sub)
+    features.add_parser(sub)
     bench_cli.add_parser(sub)
     return parser
 

@@ -321,4 +321,9 @@ def build_base_encoder(config) -> BaseEncoder:
             f"base encoder {config.pretrained!r} has width {encoder.hidden_size}, the config says "
             f"base.hidden_size={config.hidden_size}"
         )
+    if model.config.patch_size != config.patch_size:
+        raise ValueError(
+            f"base encoder {config.pretrained!r} has patch size {model.config.patch_size}, the "
+            f"config says base.patch_size={config.patch_size}"
+        )
     return encoder

@@ -134,6 +134,10 @@ def resolve_expert(config: Any) -> ResolvedExpert:
             "image_size" in overrides or "patch_size" in overrides
         ):
             size = dataclasses.replace(size, out_grid=size.image_size // size.patch_size)
+        if spec.family == "sam" and ("image_size" in overrides or "patch_size" in overrides):
+            grid = size.image_size // size.patch_size
+            size = dataclasses.replace(
+                size, out_grid=(grid + 1) // 2 if size.compress_channels else grid)
         if spec.family == "pix2struct" and "hidden_size" in overrides:
             size = dataclasses.replace(size, out_channels=size.hidden_size)
         if spec.family in ("clip", "dinov2") and "hidden_size" in overrides:

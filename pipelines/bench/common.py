@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = REPO_ROOT / "docs" / "benchmarks.md"
+IMAGE_SIZE = (640, 480)
 
 INTRO = """# Benchmarks
 
@@ -96,6 +98,32 @@ def peak_memory_mib(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return kib / 1024.0
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory on ``device`` (CUDA: free device memory; CPU: MemAvailable); 0 if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def synthetic_images(count: int, seed: int = 0) -> list[Image.Image]:
+    """Deterministic random RGB images of :data:`IMAGE_SIZE` (content does not change timing)."""
+    gen = torch.Generator().manual_seed(seed)
+    w, h = IMAGE_SIZE
+    return [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=gen,
+                                          dtype=torch.uint8).numpy()) for _ in range(count)]
+
+
+def fmt_ms(value: float) -> str:
+    """Milliseconds with about three significant digits."""
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.0f}"
 
 
 def cpu_model() -> str:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image
 
 from mova.config import (
     AdapterConfig,
@@ -28,10 +27,16 @@ from mova.config import (
 from mova.factory import build_model
 from mova.model import MoVAModel
 from pipelines.bench.common import (
+    IMAGE_SIZE,
+    available_bytes,
+    fmt_ms,
+    machine_info,
+    markdown_table,
     measure_ms,
     median,
     peak_memory_mib,
     reset_peak_memory,
+    synthetic_images,
 )
 
 log = logging.getLogger(__name__)
@@ -47,7 +52,6 @@ LLM_SIZES: dict[str, dict[str, int]] = {
                intermediate_size=11008),
 }
 K_VALUES = (1, 2, 3)
-IMAGE_SIZE = (640, 480)
 QUESTIONS = (
     "How many people are in the picture?",
     "What is the total shown in the bottom row of the receipt?",
@@ -94,15 +98,6 @@ def weight_bytes(config: MoVAConfig, dtype: torch.dtype = torch.float32) -> int:
     with torch.device("meta"):
         model = build_model(config)
     return sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
-
-
-def available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    for line in open("/proc/meminfo").read().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def check_fits(config: MoVAConfig, device: torch.device) -> None:
@@ -196,20 +191,12 @@ def step_names(expert_names: Sequence[str]) -> list[str]:
 
 
 # ---- the benchmark -------------------------------------------------------------------------
-def synthetic_images(count: int, seed: int = 0) -> list[Image.Image]:
-    """Deterministic random RGB images of :data:`IMAGE_SIZE` (content does not change timing)."""
-    gen = torch.Generator().manual_seed(seed)
-    w, h = IMAGE_SIZE
-    return [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=gen,
-                                          dtype=torch.uint8).numpy()) for _ in range(count)]
-
-
 class _StepCounter:
     """Counts LLM forward calls: one per decode step of ``generate`` (prefill included)."""
 
     def __init__(self, llm: torch.nn.Module) -> None:
         self.calls = 0
-        llm.register_forward_hook(self._hook)
+        self.handle = llm.register_forward_hook(self._hook)
 
     def _hook(self, *_: Any) -> None:
         self.calls += 1
@@ -235,10 +222,13 @@ def run_model_bench(model: MoVAModel, *, device: torch.device, batch_sizes: Sequ
         max_new_tokens=max_new_tokens, expert_names=model.expert_names,
         params_m=_param_counts(model))
     counter = _StepCounter(model.llm)
-    with torch.inference_mode():
-        for b in batch_sizes:
-            log.info("batch %d: timing the separable steps", b)
-            _bench_batch(model, result, counter, b, device, seed)
+    try:
+        with torch.inference_mode():
+            for b in batch_sizes:
+                log.info("batch %d: timing each step", b)
+                _bench_batch(model, result, counter, b, device, seed)
+    finally:
+        counter.handle.remove()
     return result
 
 
@@ -292,12 +282,16 @@ def _bench_batch(model: MoVAModel, result: ModelBenchResult, counter: _StepCount
 
     def features_and_fuse(chosen: Sequence[str]) -> tuple[float, float]:
         mask = model.mask_from_names([list(chosen)] * b).to(device)
-        both = measure_ms(lambda: model.fuse(base, text, {n: model.expert_features(n, inputs[n])
-                                                          for n in chosen}, mask),
-                          repeats=result.repeats, warmup=result.warmup, device=device)[0]
-        fuse = measure_ms(lambda: model.fuse(base, text, {n: feats[n] for n in chosen}, mask),
-                          repeats=result.repeats, warmup=result.warmup, device=device)[0]
-        return median(both), median(fuse)
+
+        def compute_and_fuse() -> Any:
+            return model.fuse(base, text, {n: model.expert_features(n, inputs[n])
+                                           for n in chosen}, mask)
+
+        def fuse_only() -> Any:
+            return model.fuse(base, text, {n: feats[n] for n in chosen}, mask)
+
+        kw = {"repeats": result.repeats, "warmup": result.warmup, "device": device}
+        return median(measure_ms(compute_and_fuse, **kw)[0]), median(measure_ms(fuse_only, **kw)[0])
 
     all_ms, all_fuse = features_and_fuse(names)
     result.expert_costs.append(ExpertCost(b, "all", len(names), list(names), all_ms, all_fuse,
@@ -366,8 +360,6 @@ def bench_model(preset: str = "tiny", *, device: torch.device, dtype: str | None
                 ) -> ModelBenchResult:
     """Build the preset's model and benchmark it; ``dtype`` defaults to bfloat16 on CUDA and
     float32 on CPU."""
-    from pipelines.bench.common import machine_info
-
     dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
     model = build_bench_model(preset, device, dtype, llm_size=llm_size, seed=seed)
     result = run_model_bench(model, device=device, batch_sizes=batch_sizes, repeats=repeats,
@@ -377,14 +369,22 @@ def bench_model(preset: str = "tiny", *, device: torch.device, dtype: str | None
     return result
 
 
-def _ms(value: float) -> str:
-    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.0f}"
+def step_label(step: str, pool_size: int) -> str:
+    """A readable table label for a step id."""
+    fixed = {"preprocess": f"preprocess: images -> tensors, base + {pool_size} experts",
+             "route": "route (LLM routing decode)", "generate:routed": "generate, routed",
+             "generate:forced_3": "generate, 3 costliest experts forced",
+             "generate:forced_all": f"generate, all {pool_size} experts forced"}
+    if step in fixed:
+        return fixed[step]
+    kind, _, name = step.partition(":")
+    if kind == "preprocess":
+        return f"preprocess: {name} only"
+    return f"{kind}({name})" if name else step
 
 
 def render_markdown(result: ModelBenchResult) -> str:
     """The results as the markdown section (also what the CLI prints)."""
-    from pipelines.bench.common import markdown_table
-
     r, names, bs = result, result.expert_names, result.batch_sizes
     cols = [f"b={b} ms" for b in bs]
     llm = f", LLM {r.llm_size}" if r.llm_size else ""
@@ -401,15 +401,12 @@ def render_markdown(result: ModelBenchResult) -> str:
            "The weights are random, so the routing replies and answer lengths are arbitrary; "
            "the notes give the LLM decode steps each timing covers.", "",
            "### Separable steps", ""]
-    labels = {"preprocess": f"preprocess: images -> tensors, base + {len(names)} experts",
-              "route": "route (LLM routing decode)", "generate:routed": "generate, routed",
-              "generate:forced_3": "generate, 3 costliest experts forced",
-              "generate:forced_all": f"generate, all {len(names)} experts forced"}
     rows = []
     for step in step_names(names):
         timings = [r.step(step, b) for b in bs]
         notes = "; ".join(f"b={t.batch}: {t.note}" for t in timings if t.note)
-        rows.append([labels.get(step, step)] + [_ms(t.median_ms) for t in timings] + [notes])
+        rows.append([step_label(step, len(names))] + [fmt_ms(t.median_ms) for t in timings]
+                    + [notes])
     out += [markdown_table(["step", *cols, "notes"], rows), ""]
     out += [f"### Expert cost: k of {len(names)} routed vs all {len(names)}", "",
             "Expert features + fusion (`expert_features` of each routed expert, then `fuse`) "
@@ -418,19 +415,20 @@ def render_markdown(result: ModelBenchResult) -> str:
             "size, bounding what a routing of k experts costs. Ratio = time / time of all "
             f"{len(names)}.", ""]
     rows = [[c.batch, c.order, c.k, ", ".join(c.experts) if c.order != "all" else "all",
-             _ms(c.median_ms), _ms(c.fuse_ms), f"{c.ratio:.3f}"] for c in r.expert_costs]
+             fmt_ms(c.median_ms), fmt_ms(c.fuse_ms), f"{c.ratio:.3f}"] for c in r.expert_costs]
     out += [markdown_table(["batch", "order", "k", "experts", "features + fuse ms",
                             "fuse only ms", "ratio to all"], rows), ""]
     out += ["### Vision path before the answer decode (sums of the medians above)", "",
             "Fixed mixture = preprocessing of base and all experts + base and text encoding + "
             "all experts + fusion; MoVA adds the routing pass and decode but preprocesses and "
             "runs only the k routed experts.", ""]
-    rows = [[b, name, _ms(ms), f"{ratio:.3f}"] for b in bs for name, ms, ratio in
+    rows = [[b, name, fmt_ms(ms), f"{ratio:.3f}"] for b in bs for name, ms, ratio in
             vision_path(r, b)]
     out += [markdown_table(["batch", "configuration", "ms", "ratio to fixed"], rows), ""]
     mem = "CUDA peak allocated since the step began" if r.device == "cuda" else \
         "process peak RSS (a high-water mark over the whole run, never reset)"
     out += ["### Peak memory", "", f"MiB, {mem}.", "",
             markdown_table(["measured after", "batch", "peak MiB"],
-                           [[m.what, m.batch, f"{m.peak_mib:.0f}"] for m in r.memory])]
+                           [[step_label(m.what, len(names)), m.batch, f"{m.peak_mib:.0f}"]
+                            for m in r.memory])]
     return "\n".join(out) + "\n"

@@ -260,3 +260,12 @@ def test_load_invalid_content_names_field(tmp_path: Path) -> None:
     path.write_text("adapter:\n  num_blocks: '3'\n")
     with pytest.raises(ValueError, match="adapter.num_blocks"):
         MoVAConfig.load(path)
+
+
+def test_yaml_exponent_without_dot_is_a_number():
+    import yaml
+
+    config = MoVAConfig.from_dict(yaml.safe_load("adapter: {layer_norm_eps: 1e-5}"))
+    assert config.adapter.layer_norm_eps == 1e-5
+    with pytest.raises(ValueError, match="adapter.layer_norm_eps"):
+        MoVAConfig.from_dict({"adapter": {"layer_norm_eps": "small"}})

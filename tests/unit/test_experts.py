@@ -150,6 +150,17 @@ def test_resolve_expert_overrides() -> None:
     assert full.pretrained == "/w"
 
 
+@pytest.mark.parametrize(("name", "grid"), [("sam", 16), ("vary", 8), ("biomedclip", 16)])
+def test_image_size_override_updates_out_grid(name: str, grid: int) -> None:
+    resolved = _tiny(name, image_size=112 if name == "biomedclip" else 128)
+    assert resolved.size.out_grid == grid
+    expert = build_expert(resolved)
+    with torch.no_grad():
+        out = expert(expert_input(_image(), resolved)[None])
+    assert out.shape == (1, grid * grid, resolved.channels)
+    assert expert.out_grid == grid
+
+
 def test_hidden_size_override_builds_wider_dinov2() -> None:
     resolved = _tiny("dinov2", hidden_size=32)
     expert = build_expert(resolved)
@@ -392,11 +403,12 @@ def test_head_weights(name: str, head_key: str, tmp_path: Path,
 
 
 # ---- base encoder ----------------------------------------------------------------------------
-def _save_clip(path: Path, config: VisionEncoderConfig, hidden: int | None = None
-               ) -> CLIPVisionModel:
+def _save_clip(path: Path, config: VisionEncoderConfig, hidden: int | None = None,
+               patch: int | None = None) -> CLIPVisionModel:
     hidden = hidden or config.hidden_size
     model = CLIPVisionModel(CLIPVisionConfig(
-        image_size=config.native_image_size, patch_size=config.patch_size, hidden_size=hidden,
+        image_size=config.native_image_size, patch_size=patch or config.patch_size,
+        hidden_size=hidden,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
         intermediate_size=config.intermediate_size,
     ))
@@ -458,4 +470,11 @@ def test_base_encoder_width_mismatch(tmp_path: Path) -> None:
     config = VisionEncoderConfig(pretrained=str(tmp_path))
     _save_clip(tmp_path, config, hidden=16)
     with pytest.raises(ValueError, match="width 16.*base.hidden_size=32"):
+        build_base_encoder(config)
+
+
+def test_base_encoder_patch_mismatch(tmp_path: Path) -> None:
+    config = VisionEncoderConfig(pretrained=str(tmp_path))
+    _save_clip(tmp_path, config, patch=14)
+    with pytest.raises(ValueError, match="patch size 14.*base.patch_size=7"):
         build_base_encoder(config)

@@ -1,0 +1,87 @@
+"""``mova data``: validate manifests and convert public formats to them.
+
+``add_parser`` returns the ``data`` sub-subparsers object so the hub can attach more
+subcommands to it (``synth`` comes from ``pipelines.data.synth.add_synth_parser``):
+
+    data_sub = data_cli.add_parser(sub)
+    add_synth_parser(data_sub)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipelines.data.convert import convert_llava, convert_vqa
+from pipelines.data.manifest import validate_manifest
+from pipelines.storage import StorageError
+
+ERROR_LIMIT = 50
+
+
+def _pool(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    """Validate a manifest; exit code 1 when any row is bad, 2 when storage fails."""
+    try:
+        report = validate_manifest(args.manifest, pool=_pool(args.pool),
+                                   check_images=not args.no_check_images)
+    except StorageError as exc:
+        print(f"mova data validate: error: {exc}", file=sys.stderr)
+        return 2
+    images = "images not checked" if args.no_check_images else "images checked"
+    print(f"{args.manifest}: {report.total} rows, {len(report.samples)} ok, "
+          f"{len(report.errors)} error(s) in {report.bad_rows} row(s) ({images})")
+    if report.ok:
+        return 0
+    print(report.format(limit=ERROR_LIMIT))
+    return 1
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert a LLaVA JSON or VQA JSONL file to a manifest."""
+    try:
+        if args.format == "llava":
+            count = convert_llava(args.src, args.out, image_root=args.image_root)
+        else:
+            count = convert_vqa(args.src, args.out, image_root=args.image_root,
+                                metric=args.metric)
+    except StorageError as exc:
+        print(f"mova data convert: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {count} sample(s) from {args.src} to {args.out}")
+    print(f"check it with: mova data validate {args.out}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add ``data`` with ``validate`` and ``convert``; returns the ``data`` subparsers."""
+    p = sub.add_parser("data", help="validate manifests, convert public data sets",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+
+    v = data_sub.add_parser("validate", help="check every row of a manifest (local or s3://)")
+    v.add_argument("manifest", help="a .jsonl/.json or .parquet manifest")
+    v.add_argument("--pool", metavar="A,B,C",
+                   help="comma-separated expert pool (default: the default pool)")
+    v.add_argument("--no-check-images", action="store_true",
+                   help="do not open and decode the images")
+    v.set_defaults(func=run_validate)
+
+    c = data_sub.add_parser("convert", help="convert LLaVA JSON or VQA JSONL to a manifest")
+    formats = c.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    llava = formats.add_parser("llava", help="LLaVA instruction JSON (a list of samples)")
+    vqa = formats.add_parser("vqa", help="VQA JSON lines (image, question, answers)")
+    for fp in (llava, vqa):
+        fp.add_argument("src", help="input file (local or s3://)")
+        fp.add_argument("out", help="output manifest (.jsonl or .parquet; local or s3://)")
+        fp.add_argument("--image-root", metavar="DIR",
+                        help="folder the input's image paths are relative to "
+                             "(default: the input's folder)")
+        fp.set_defaults(func=run_convert)
+    vqa.add_argument("--metric", default="vqa_accuracy", help="evaluation metric of the answers")
+    return data_sub

@@ -1,0 +1,411 @@
+"""Manifests: read, validate (reporting every bad row), load and write sample records.
+
+A manifest is JSON-lines (``.jsonl``/``.json``) or Parquet (``.parquet``), local or ``s3://``,
+with one :class:`~pipelines.data.schema.Sample` per line or row. Validation collects every
+problem with its line number and field, so a bad data set is fixed in one pass, not one error
+per run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mova.conversation import HUMAN, validate_turns
+from mova.experts.registry import DEFAULT_POOL, expert_names
+from mova.images import ImageError, load_image
+from mova.metrics import METRICS
+from mova.tokenizers import IMAGE_TOKEN
+from pipelines import storage
+from pipelines.data.schema import FIELDS, KINDS, Sample
+
+logger = logging.getLogger(__name__)
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+IMAGE_CHECK_THREADS = 8
+
+PARQUET_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("image", pa.string()),
+    ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))),
+    ("experts", pa.list_(pa.string())),
+    ("kind", pa.string()),
+    ("domain", pa.string()),
+    ("answers", pa.list_(pa.string())),
+    ("metric", pa.string()),
+    ("meta", pa.string()),  # a JSON object as text: free-form keys do not fit a fixed schema
+])
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read, or has bad rows; the message lists them."""
+
+
+@dataclass
+class RowError:
+    """One problem in one manifest row."""
+
+    line: int
+    id: str | None
+    field: str
+    message: str
+
+    def format(self) -> str:
+        where = f"line {self.line}" + (f" (id={self.id})" if self.id is not None else "")
+        return f"{where}: {self.field}: {self.message}"
+
+
+@dataclass
+class ValidationReport:
+    """The valid samples, every row error, and the number of rows read."""
+
+    samples: list[Sample]
+    errors: list[RowError]
+    total: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    @property
+    def bad_rows(self) -> int:
+        return len({e.line for e in self.errors})
+
+    def format(self, limit: int = 50) -> str:
+        """One line per error (the first ``limit``), then how many were left out."""
+        lines = [e.format() for e in self.errors[:limit]]
+        if len(self.errors) > limit:
+            lines.append(f"... and {len(self.errors) - limit} more error(s)")
+        return "\n".join(lines)
+
+
+def _format_of(uri: str) -> str:
+    name = str(uri).lower()
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    raise ValueError(
+        f"manifest {uri!r}: unknown format; expected a name ending in "
+        f"{', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}"
+    )
+
+
+def _parse_meta(row: dict, line: int) -> dict | RowError:
+    """Parquet stores ``meta`` as JSON text; decode it back to an object."""
+    meta = row.get("meta")
+    if not isinstance(meta, str):
+        return row
+    try:
+        row["meta"] = json.loads(meta)
+    except json.JSONDecodeError as exc:
+        ident = row.get("id") if isinstance(row.get("id"), str) else None
+        return RowError(line, ident, "meta", f"invalid JSON text in the meta column: {exc}")
+    return row
+
+
+def read_rows(uri: str) -> list[tuple[int, dict | RowError]]:
+    """The raw rows of a manifest with their line numbers (1-based; Parquet: row index + 1).
+
+    A JSON line that does not parse, or is not an object, comes back as a :class:`RowError`
+    in place of its dict, so one bad line never hides the rest. An unreadable manifest raises
+    :class:`ManifestError` naming ``uri``.
+    """
+    fmt = _format_of(uri)
+    try:
+        data = storage.read_bytes(uri)
+    except OSError as exc:
+        raise ManifestError(f"manifest {uri} cannot be read: {exc}") from exc
+    rows: list[tuple[int, dict | RowError]] = []
+    if fmt == "parquet":
+        try:
+            records = pq.read_table(io.BytesIO(data)).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise ManifestError(f"manifest {uri} is not a readable Parquet file: {exc}") from exc
+        for index, record in enumerate(records):
+            rows.append((index + 1, _parse_meta(record, index + 1)))
+        return rows
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"manifest {uri} is not UTF-8 text: {exc}") from exc
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            rows.append((number, RowError(number, None, "json", f"not valid JSON: {exc}")))
+            continue
+        if not isinstance(row, dict):
+            message = f"expected a JSON object, got {type(row).__name__}"
+            rows.append((number, RowError(number, None, "json", message)))
+            continue
+        rows.append((number, row))
+    return rows
+
+
+def resolve_image(manifest_uri: str, image: str) -> str:
+    """The image's full path or URI: relative paths are relative to the manifest's folder."""
+    if storage.is_remote(image) or os.path.isabs(image):
+        return image
+    return storage.join(storage.parent(manifest_uri), image)
+
+
+def _resolve_pool(pool: Sequence[str] | None) -> tuple[str, ...]:
+    names = tuple(DEFAULT_POOL if pool is None else pool)
+    unknown = [n for n in names if n not in expert_names()]
+    if unknown:
+        raise ValueError(f"pool: unknown expert(s) {unknown}; registered: {expert_names()}")
+    return names
+
+
+def _check_image_file(resolved: str) -> str | None:
+    """None if the image exists and decodes, else the reason. S3 outages propagate."""
+    try:
+        data = storage.read_bytes(resolved)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return f"image file not found: {resolved}"
+    try:
+        load_image(data)
+    except ImageError as exc:
+        return f"{resolved}: {exc}"
+    return None
+
+
+def _check_images(resolved: Iterable[str]) -> dict[str, str | None]:
+    unique = sorted(set(resolved))
+    if not unique:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(IMAGE_CHECK_THREADS, len(unique))) as pool:
+        return dict(zip(unique, pool.map(_check_image_file, unique), strict=True))
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _check_experts(experts: Any, pool: tuple[str, ...]) -> list[str]:
+    if experts is None:
+        return []
+    if not _is_str_list(experts):
+        return [f"expected null or a list of expert names, got {experts!r}"]
+    problems = []
+    for name in experts:
+        if name not in expert_names():
+            problems.append(f"unknown expert {name!r}; pool: {list(pool)}")
+        elif name not in pool:
+            problems.append(f"expert {name!r} is not in the pool {list(pool)}")
+    duplicates = sorted({n for n in experts if experts.count(n) > 1})
+    if duplicates:
+        problems.append(f"duplicate expert name(s) {duplicates}")
+    return problems
+
+
+def _check_placeholder(turns: list[dict], has_image: bool) -> str | None:
+    """The conversation must hold at most one ``<image>``, in a human turn, only with an image."""
+    counts = [t["value"].count(IMAGE_TOKEN) for t in turns]
+    if not has_image and sum(counts):
+        return f"{IMAGE_TOKEN!r} appears but the sample has no image (image is null)"
+    if sum(counts) > 1:
+        return f"{IMAGE_TOKEN!r} appears {sum(counts)} times; expected at most once"
+    if sum(counts) == 1 and turns[counts.index(1)]["from"] != HUMAN:
+        return f"turn {counts.index(1)}: {IMAGE_TOKEN!r} must be in a human turn"
+    return None
+
+
+def _check_row(
+    row: dict | RowError,
+    line: int,
+    pool: tuple[str, ...],
+    manifest_uri: str,
+    image_status: dict[str, str | None] | None,
+    seen_ids: dict[str, int] | None,
+) -> tuple[Sample | None, list[RowError]]:
+    """Validate one row; returns the sample (None if any error) and the errors."""
+    if isinstance(row, RowError):
+        return None, [row]
+    ident = row.get("id") if isinstance(row.get("id"), str) and row.get("id") else None
+    errors: list[RowError] = []
+
+    def bad(field: str, message: str) -> None:
+        errors.append(RowError(line, ident, field, message))
+
+    for key in sorted(set(row) - set(FIELDS)):
+        bad(key, f"unknown key; expected keys among {list(FIELDS)}")
+    if ident is None:
+        bad("id", f"expected a non-empty string, got {row.get('id')!r}")
+    elif seen_ids is not None:
+        if ident in seen_ids:
+            bad("id", f"duplicate id {ident!r} (first on line {seen_ids[ident]})")
+        else:
+            seen_ids[ident] = line
+
+    image = row.get("image")
+    if image is not None and (not isinstance(image, str) or not image):
+        bad("image", f"expected null or a non-empty path/URI string, got {image!r}")
+        image = None
+    elif image is not None and image_status is not None:
+        problem = image_status.get(resolve_image(manifest_uri, image))
+        if problem:
+            bad("image", problem)
+
+    turns: list[dict] = []
+    try:
+        turns = validate_turns(row.get("conversations"))
+    except ValueError as exc:
+        bad("conversations", str(exc))
+    else:
+        problem = _check_placeholder(turns, row.get("image") is not None)
+        if problem:
+            bad("conversations", problem)
+
+    for problem in _check_experts(row.get("experts"), pool):
+        bad("experts", problem)
+    kind = row.get("kind")
+    kind = "answer" if kind is None else kind
+    if kind not in KINDS:
+        bad("kind", f"expected one of {list(KINDS)}, got {kind!r}")
+    if row.get("domain") is not None and not isinstance(row.get("domain"), str):
+        bad("domain", f"expected null or a string, got {row.get('domain')!r}")
+    if row.get("answers") is not None and not _is_str_list(row.get("answers")):
+        bad("answers", f"expected null or a list of strings, got {row.get('answers')!r}")
+    metric = row.get("metric")
+    if metric is not None and metric not in METRICS:
+        bad("metric", f"unknown metric {metric!r}; expected null or one of {sorted(METRICS)}")
+    meta = row.get("meta")
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict):
+        bad("meta", f"expected null or an object, got {type(meta).__name__}")
+
+    if errors:
+        return None, errors
+    sample = Sample(
+        id=ident, image=image, conversations=turns, experts=row.get("experts"), kind=kind,
+        domain=row.get("domain"), answers=row.get("answers"), metric=metric, meta=meta,
+    )
+    return sample, []
+
+
+def validate_row(
+    row: dict | RowError,
+    line: int,
+    pool: Sequence[str] | None,
+    manifest_uri: str,
+    check_image: bool,
+    *,
+    seen_ids: dict[str, int] | None = None,
+) -> list[RowError]:
+    """Every problem with one row (empty when valid).
+
+    ``seen_ids`` (id -> first line) enables the duplicate-id check across rows; with
+    ``check_image`` the image must exist (relative to the manifest's folder, absolute or
+    ``s3://``) and decode.
+    """
+    status = None
+    image = row.get("image") if isinstance(row, dict) else None
+    if check_image and isinstance(image, str) and image:
+        status = _check_images([resolve_image(manifest_uri, image)])
+    return _check_row(row, line, _resolve_pool(pool), manifest_uri, status, seen_ids)[1]
+
+
+def validate_manifest(
+    uri: str, pool: Sequence[str] | None = None, check_images: bool = True
+) -> ValidationReport:
+    """Check every row of a manifest and report all problems (not just the first)."""
+    names = _resolve_pool(pool)
+    rows = read_rows(uri)
+    status = None
+    if check_images:
+        images = [resolve_image(uri, r["image"]) for _, r in rows
+                  if isinstance(r, dict) and isinstance(r.get("image"), str) and r["image"]]
+        status = _check_images(images)
+    seen: dict[str, int] = {}
+    samples: list[Sample] = []
+    errors: list[RowError] = []
+    for line, row in rows:
+        sample, row_errors = _check_row(row, line, names, uri, status, seen)
+        errors += row_errors
+        if sample is not None:
+            samples.append(sample)
+    logger.info("validated %s: %d rows, %d ok, %d error(s)", uri, len(rows), len(samples),
+                len(errors))
+    return ValidationReport(samples=samples, errors=errors, total=len(rows))
+
+
+def load_manifest(
+    uri: str,
+    pool: Sequence[str] | None = None,
+    check_images: bool = True,
+    skip_bad_rows: bool = False,
+    report_uri: str | None = None,
+) -> list[Sample]:
+    """The valid samples of a manifest.
+
+    With errors, raises :class:`ManifestError` listing them, unless ``skip_bad_rows``: then
+    the good rows are returned and, given ``report_uri``, the errors of the skipped rows are
+    written there as JSON lines (``line``, ``id``, ``field``, ``message``).
+    """
+    report = validate_manifest(uri, pool=pool, check_images=check_images)
+    if report.errors and not skip_bad_rows:
+        raise ManifestError(
+            f"manifest {uri}: {report.bad_rows} bad row(s) of {report.total}, "
+            f"{len(report.errors)} error(s):\n{report.format()}"
+        )
+    if report.errors:
+        logger.warning("manifest %s: skipping %d bad row(s) of %d", uri, report.bad_rows,
+                       report.total)
+    if report_uri is not None:
+        text = "".join(
+            json.dumps({"line": e.line, "id": e.id, "field": e.field, "message": e.message},
+                       ensure_ascii=False) + "\n"
+            for e in report.errors
+        )
+        storage.write_text_atomic(report_uri, text)
+        logger.info("wrote the bad-row report to %s", report_uri)
+    return report.samples
+
+
+def _as_sample(item: Sample | dict, index: int) -> Sample:
+    if isinstance(item, Sample):
+        return item
+    if not isinstance(item, dict):
+        raise ValueError(f"sample {index}: expected a Sample or a dict, got {type(item).__name__}")
+    unknown = sorted(set(item) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"sample {index}: unknown key(s) {unknown}; expected among {FIELDS}")
+    missing = [k for k in ("id", "conversations") if k not in item]
+    if missing:
+        raise ValueError(f"sample {index}: missing key(s) {missing}")
+    return Sample.from_dict({"image": None, **item})
+
+
+def write_manifest(samples: Iterable[Sample | dict], uri: str) -> str:
+    """Write samples as JSON lines or Parquet (by suffix), atomically; returns ``uri``.
+
+    Rows are written as given (not validated); run :func:`validate_manifest` on the result.
+    """
+    fmt = _format_of(uri)
+    rows = [_as_sample(s, i).to_dict() for i, s in enumerate(samples)]
+    if fmt == "jsonl":
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    else:
+        for r in rows:
+            r["meta"] = json.dumps(r["meta"] if r["meta"] is not None else {},
+                                   ensure_ascii=False)
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA), buffer)
+        data = buffer.getvalue()
+    storage.write_bytes_atomic(uri, data)
+    logger.info("wrote %d sample(s) to %s", len(rows), uri)
+    return uri

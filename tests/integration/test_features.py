@@ -1,0 +1,200 @@
+"""The Ray Data feature cache on a real local Ray: hits, misses, bad rows, kills, S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from mova.checkpoint import expert_cache_keys, from_pretrained
+from mova.factory import build_tiny_mova
+from mova.images import image_hash, load_image
+from pipelines import storage
+from pipelines.cache import FeatureCache
+from pipelines.features import run_features
+from pipelines.recipes import FeaturesRecipe
+
+pytestmark = pytest.mark.integration
+
+LABELS = [["dinov2", "codetr"], ["vary", "pix2struct"], ["deplot"], None, ["biomedclip"], []]
+
+
+def _write_dataset(folder: Path, n: int = 6, seed: int = 0) -> Path:
+    rng = np.random.RandomState(seed)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    with open(folder / "train.jsonl", "w") as f:
+        for i in range(n):
+            Image.fromarray((rng.rand(48, 56, 3) * 255).astype("uint8")).save(
+                folder / "img" / f"{i}.png")
+            f.write(json.dumps({
+                "id": f"s{i}", "image": f"img/{i}.png", "experts": LABELS[i % len(LABELS)],
+                "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                  {"from": "gpt", "value": "a thing"}],
+            }) + "\n")
+    return folder / "train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "init"
+    build_tiny_mova(seed=0).save_pretrained(path)
+    return path
+
+
+def _recipe(manifest, checkpoint, cache, **kw) -> FeaturesRecipe:
+    return FeaturesRecipe(manifest=str(manifest), checkpoint=str(checkpoint), cache=str(cache),
+                          batch_size=4, cpus_per_worker=0.5, **kw).validate()
+
+
+def _expected_counts(mode: str) -> dict[str, int]:
+    pool = ["dinov2", "vary", "codetr", "pix2struct", "deplot", "biomedclip", "sam"]
+    counts = dict.fromkeys(pool, 0)
+    for label in LABELS:
+        for e in (pool if label is None or mode == "all" else label):
+            counts[e] += 1
+    return counts
+
+
+def test_cache_miss_then_zero_work_rerun_and_equal_features(ray_session, tmp_path, checkpoint):
+    manifest = _write_dataset(tmp_path / "data")
+    cache_dir = tmp_path / "cache"
+    first = run_features(_recipe(manifest, checkpoint, cache_dir))
+    computed = {e.expert: e.computed for e in first.experts}
+    assert computed == _expected_counts("label")
+    assert first.skipped == 0 and first.images == 6
+    second = run_features(_recipe(manifest, checkpoint, cache_dir))
+    assert second.computed == 0
+    assert second.skipped == sum(computed.values())
+    # Cached features equal what the model library computes directly (fp16 storage).
+    model = from_pretrained(checkpoint)
+    keys = expert_cache_keys(checkpoint)
+    cache = FeatureCache(str(cache_dir))
+    image = load_image(manifest.parent / "img" / "1.png")
+    for name in ("vary", "pix2struct"):
+        direct = model.expert_features(name, model.processor.expert(name, [image]))[0]
+        cached = cache.get(name, keys[name], image_hash(image))
+        assert cached.dtype == torch.float16
+        torch.testing.assert_close(cached.float(), direct, atol=2e-3, rtol=2e-3)
+    # "all" computes the rest; a changed expert gets a new key and is recomputed.
+    third = run_features(_recipe(manifest, checkpoint, cache_dir, experts="all"))
+    assert {e.expert: e.computed + e.cached for e in third.experts} == _expected_counts("all")
+    assert third.skipped == sum(computed.values())
+
+
+def test_changed_expert_never_serves_stale_features(ray_session, tmp_path, checkpoint):
+    manifest = _write_dataset(tmp_path / "data")
+    other = tmp_path / "other"
+    model = from_pretrained(checkpoint)
+    with torch.no_grad():
+        next(model.experts["deplot"].parameters()).add_(0.5)
+    model.save_pretrained(other)
+    keys_a, keys_b = expert_cache_keys(checkpoint), expert_cache_keys(other)
+    assert keys_a["deplot"] != keys_b["deplot"]
+    assert keys_a["sam"] == keys_b["sam"]
+    cache_dir = tmp_path / "cache"
+    run_features(_recipe(manifest, checkpoint, cache_dir, only=["deplot", "sam"]))
+    rerun = run_features(_recipe(manifest, other, cache_dir, only=["deplot", "sam"]))
+    by_name = {e.expert: e for e in rerun.experts}
+    assert by_name["deplot"].computed == by_name["deplot"].needed > 0
+    assert by_name["sam"].computed == 0 and by_name["sam"].cached == by_name["sam"].needed
+
+
+def test_bad_rows_fail_clearly_or_are_skipped_with_a_report(ray_session, tmp_path, checkpoint):
+    manifest = _write_dataset(tmp_path / "data")
+    (tmp_path / "data" / "img" / "broken.png").write_bytes(b"\x89PNG not really")
+    with open(manifest, "a") as f:
+        f.write(json.dumps({"id": "bad1", "image": "img/broken.png", "experts": ["sam"],
+                            "conversations": [{"from": "human", "value": "<image>\nq"},
+                                              {"from": "gpt", "value": "a"}]}) + "\n")
+        f.write(json.dumps({"id": "bad2", "image": "img/0.png", "experts": ["nope"],
+                            "conversations": [{"from": "human", "value": "<image>\nq"},
+                                              {"from": "gpt", "value": "a"}]}) + "\n")
+    cache_dir = tmp_path / "cache"
+    with pytest.raises(ValueError, match="nope"):
+        run_features(_recipe(manifest, checkpoint, cache_dir))
+    assert not cache_dir.exists()
+    report = tmp_path / "skipped.jsonl"
+    summary = run_features(_recipe(manifest, checkpoint, cache_dir, skip_bad_rows=True,
+                                   report=str(report)))
+    assert summary.bad_images == 1
+    skipped = [json.loads(line) for line in report.read_text().splitlines()]
+    assert any("broken.png" in row.get("image", "") for row in skipped)
+    assert {e.expert: e.computed for e in summary.experts} == _expected_counts("label")
+
+
+def _ray_pids(marker: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker in (proc / "cmdline").read_bytes().decode(errors="ignore"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_killed_job_leaves_no_partial_shard_and_rerun_completes(ray_session, tmp_path,
+                                                                checkpoint):
+    manifest = _write_dataset(tmp_path / "data", n=24, seed=1)
+    cache_dir = tmp_path / "cache"
+    ray_tmp = f"/tmp/mova-kill-{os.getpid()}"
+    env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "pipelines.cli", "features", f"manifest={manifest}",
+           f"checkpoint={checkpoint}", f"cache={cache_dir}", "batch_size=1", "experts=all",
+           "ray.num_cpus=2", "cpus_per_worker=0.5", f"ray.temp_dir={ray_tmp}"]
+    proc = subprocess.Popen(cmd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            shards = list(cache_dir.rglob("shard-*.parquet"))
+            if len(shards) >= 3 or proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the job finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _ray_pids(ray_tmp):  # the killed driver's own Ray, by PID
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for shard in cache_dir.rglob("*.parquet"):
+        assert shard.name.startswith("shard-")
+        pq.read_table(shard)  # every visible shard is complete
+    summary = run_features(_recipe(manifest, checkpoint, cache_dir, experts="all"))
+    assert summary.skipped > 0
+    keys = expert_cache_keys(checkpoint)
+    cache = FeatureCache(str(cache_dir))
+    hashes = {image_hash(load_image(p)) for p in (tmp_path / "data" / "img").glob("*.png")}
+    for name, key in keys.items():
+        assert set(cache.index(name, key, refresh=True)) == hashes, name
+
+
+def test_cache_on_s3(ray_session, s3_endpoint, tmp_path, checkpoint):
+    manifest = _write_dataset(tmp_path / "data")
+    cache_uri = f"s3://mova-test/cache-{os.getpid()}"
+    first = run_features(_recipe(manifest, checkpoint, cache_uri, only=["sam", "dinov2"]))
+    assert first.computed == sum(_expected_counts("label")[e] for e in ("sam", "dinov2"))
+    assert any(p.endswith(".parquet") for p in storage.list_files(cache_uri))
+    second = run_features(_recipe(manifest, checkpoint, cache_uri, only=["sam", "dinov2"]))
+    assert second.computed == 0
+    keys = expert_cache_keys(checkpoint)
+    image = load_image(manifest.parent / "img" / "0.png")
+    feats = FeatureCache(cache_uri).get("dinov2", keys["dinov2"], image_hash(image))
+    assert feats.shape == (64, 24)
