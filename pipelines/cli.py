@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from pipelines import demo, features, model_cli
+from pipelines.data import cli as data_cli
+from pipelines.data.synth import add_synth_parser
 from pipelines.bench import cli as bench_cli
 
 
@@ -19,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.add_parser(sub)
     model_cli.add_parser(sub)
+    add_synth_parser(data_cli.add_parser(sub))
     features.add_parser(sub)
     bench_cli.add_parser(sub)
     return parser

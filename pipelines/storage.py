@@ -116,7 +116,7 @@ def _info(uri: str) -> pafs.FileInfo:
 
 
 def join(base: str, *parts: str) -> str:
-    """Join path parts onto a local folder or an S3 prefix (S3: ``/`` separators, ``..`` resolved)."""
+    """Join path parts onto a local folder or an S3 prefix (for S3, ``..`` is resolved)."""
     if is_remote(base):
         key = posixpath.join(base[len(S3_SCHEME):], *[p.lstrip("/") for p in parts])
         return S3_SCHEME + posixpath.normpath(key)

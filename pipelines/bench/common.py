@@ -13,7 +13,7 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,11 @@ replaced in place when its command is rerun (the HTML comments delimit the secti
 | `bench:serve:...` (planned) | `mova bench serve` |
 
 Read the results as **ratios measured side by side** in one process on one machine (for example
-the cost of k routed experts against all 7): absolute milliseconds depend on the machine, its
-load and the thread count, and the tiny preset's random weights say nothing about a trained
-model's quality. Each section names its machine, software versions and date.
+the cost of k routed experts against all 7; the calls compared are timed in interleaved rounds):
+absolute milliseconds depend on the machine, its load and the thread count (torch's default;
+set `OMP_NUM_THREADS` to change it). Random weights say nothing about a trained model's
+quality, and they make routing replies and answer lengths arbitrary (the notes give the decode
+steps each timing covers). Each section names its machine, software versions and date.
 """
 
 
@@ -61,25 +63,33 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def measure_ms(fn: Callable[[], Any], *, repeats: int, warmup: int,
-               device: torch.device) -> tuple[list[float], Any]:
-    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; returns the wall
-    times in ms and the last call's output."""
+def measure_interleaved(fns: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int,
+                        device: torch.device) -> dict[str, tuple[list[float], Any]]:
+    """Time several calls side by side: ``warmup`` untimed calls of each, then ``repeats``
+    rounds in which every call runs once (each round starts one further along the list), so
+    a slow spell on a shared machine hits them all alike. Returns name -> (ms list, last
+    output)."""
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
     if warmup < 0:
         raise ValueError(f"warmup={warmup} must be >= 0")
     sync = synchronizer(device)
-    for _ in range(warmup):
-        fn()
+    names = list(fns)
+    if not names:
+        return {}
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
     sync()
-    samples, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        sync()
-        samples.append((time.perf_counter() - start) * 1000.0)
-    return samples, out
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    outputs: dict[str, Any] = {}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            outputs[name] = fns[name]()
+            sync()
+            samples[name].append((time.perf_counter() - start) * 1000.0)
+    return {n: (samples[n], outputs[n]) for n in names}
 
 
 def median(samples: Sequence[float]) -> float:

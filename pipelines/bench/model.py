@@ -32,7 +32,7 @@ from pipelines.bench.common import (
     fmt_ms,
     machine_info,
     markdown_table,
-    measure_ms,
+    measure_interleaved,
     median,
     peak_memory_mib,
     reset_peak_memory,
@@ -122,11 +122,16 @@ class StepTiming:
     samples_ms: list[float]
     note: str = ""
 
+    @property
+    def min_ms(self) -> float:
+        return min(self.samples_ms)
+
 
 @dataclass
 class ExpertCost:
-    """Expert features + fusion of ``experts`` (timed as one call) and the ratio to all experts
-    at the same batch size. ``order`` says how the k experts were picked."""
+    """Expert features + fusion of ``experts`` (timed as one call) and its ratio to all experts
+    at the same batch size, from the medians and from the minima of the timed calls. ``order``
+    says how the k experts were picked."""
 
     batch: int
     order: str
@@ -135,6 +140,8 @@ class ExpertCost:
     median_ms: float
     fuse_ms: float
     ratio: float
+    min_ms: float
+    ratio_min: float
 
 
 @dataclass
@@ -202,10 +209,12 @@ class _StepCounter:
         self.calls += 1
 
 
-def _counted(counter: _StepCounter, fn: Callable[[], Any]) -> Callable[[], Any]:
-    def call() -> Any:
+def _counted(counter: _StepCounter, fn: Callable[[], Any]) -> Callable[[], tuple[Any, int]]:
+    """Wrap ``fn`` to also return how many LLM forward calls (decode steps) it made."""
+    def call() -> tuple[Any, int]:
         counter.calls = 0
-        return fn()
+        out = fn()
+        return out, counter.calls
     return call
 
 
@@ -244,96 +253,111 @@ def _param_counts(model: MoVAModel) -> dict[str, float]:
 
 def _bench_batch(model: MoVAModel, result: ModelBenchResult, counter: _StepCounter, b: int,
                  device: torch.device, seed: int) -> None:
-    names = model.expert_names
-
-    def timed(step: str, fn: Callable[[], Any], note: str = "") -> Any:
-        samples, out = measure_ms(fn, repeats=result.repeats, warmup=result.warmup,
-                                  device=device)
-        result.steps.append(StepTiming(step, b, median(samples), samples, note))
-        return out
-
+    names, pool = model.expert_names, len(model.expert_names)
+    kw = {"repeats": result.repeats, "warmup": result.warmup, "device": device}
     images = synthetic_images(b, seed)
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(b)]
-    reset_peak_memory(device)
+
+    # Every step's inputs are computed once first, so the steps can be timed side by side.
+    pil = model.prepare_images(images)
+    pixels = model.processor.base(pil).to(device, model.dtype)
+    inputs = {n: x.to(device, model.dtype if x.is_floating_point() else x.dtype)
+              for n, x in model.processor.experts_inputs(names, pil).items()}
+    base = model.encode_base(pixels)
+    text = model.encode_questions([[q] for q in questions])
+    tokens = model.routing_tokens(base, text)
+    feats = {n: model.expert_features(n, inputs[n]) for n in names}
 
     def preprocess_all() -> None:
-        pil = model.prepare_images(images)
-        model.processor.base(pil)
-        model.processor.experts_inputs(names, pil)
+        images_in = model.prepare_images(images)
+        model.processor.base(images_in)
+        model.processor.experts_inputs(names, images_in)
 
-    timed("preprocess", preprocess_all)
-    pil = model.prepare_images(images)
-    pixels = timed("preprocess:base", lambda: model.processor.base(pil))
-    inputs = {n: timed(f"preprocess:{n}", lambda n=n: model.processor.expert(n, pil))
-              for n in names}
-    pixels = pixels.to(device, model.dtype)
-    inputs = {n: x.to(device, model.dtype if x.is_floating_point() else x.dtype)
-              for n, x in inputs.items()}
-    base = timed("encode_base", lambda: model.encode_base(pixels))
-    text = timed("encode_questions", lambda: model.encode_questions([[q] for q in questions]))
-    tokens = timed("routing_tokens", lambda: model.routing_tokens(base, text))
-    routing = timed("route", _counted(counter, lambda: model.route(tokens, questions)))
-    picked = sorted({n for e in routing.experts for n in e}, key=names.index)
-    result.steps[-1].note = (f"{counter.calls} LLM steps (max {model.config.routing.max_new_tokens}"
-                             f"); routed: {', '.join(picked) or 'none'}")
-    feats = {n: timed(f"expert_features:{n}", lambda n=n: model.expert_features(n, inputs[n]))
-             for n in names}
+    steps: dict[str, Callable[[], Any]] = {
+        "preprocess": preprocess_all, "preprocess:base": lambda: model.processor.base(pil)}
+    steps.update({f"preprocess:{n}": (lambda n=n: model.processor.expert(n, pil)) for n in names})
+    steps.update({
+        "encode_base": lambda: model.encode_base(pixels),
+        "encode_questions": lambda: model.encode_questions([[q] for q in questions]),
+        "routing_tokens": lambda: model.routing_tokens(base, text),
+        "route": _counted(counter, lambda: model.route(tokens, questions)),
+    })
+    steps.update({f"expert_features:{n}": (lambda n=n: model.expert_features(n, inputs[n]))
+                  for n in names})
+    reset_peak_memory(device)
+    timed = measure_interleaved(steps, **kw)
     result.memory.append(MemoryUse("separable steps", b, peak_memory_mib(device)))
+    for step, (samples, _) in timed.items():
+        result.steps.append(StepTiming(step, b, median(samples), samples))
+    routing, calls = timed["route"][1]
+    picked = sorted({n for e in routing.experts for n in e}, key=names.index)
+    result.step("route", b).note = (f"{calls} LLM steps (max {model.config.routing.max_new_tokens})"
+                                    f"; routed: {', '.join(picked) or 'none'}")
 
-    def features_and_fuse(chosen: Sequence[str]) -> tuple[float, float]:
-        mask = model.mask_from_names([list(chosen)] * b).to(device)
-
-        def compute_and_fuse() -> Any:
-            return model.fuse(base, text, {n: model.expert_features(n, inputs[n])
-                                           for n in chosen}, mask)
-
-        def fuse_only() -> Any:
-            return model.fuse(base, text, {n: feats[n] for n in chosen}, mask)
-
-        kw = {"repeats": result.repeats, "warmup": result.warmup, "device": device}
-        return median(measure_ms(compute_and_fuse, **kw)[0]), median(measure_ms(fuse_only, **kw)[0])
-
-    all_ms, all_fuse = features_and_fuse(names)
-    result.expert_costs.append(ExpertCost(b, "all", len(names), list(names), all_ms, all_fuse,
-                                          1.0))
+    # k routed experts vs all: features + fusion, and fusion alone, all side by side.
     cost = {n: result.step(f"expert_features:{n}", b).median_ms for n in names}
     orders = {"cheapest": sorted(names, key=lambda n: cost[n]),
               "costliest": sorted(names, key=lambda n: -cost[n])}
-    for order, ranked in orders.items():
-        for k in (k for k in K_VALUES if k < len(names)):
-            ms, fuse_ms = features_and_fuse(ranked[:k])
-            result.expert_costs.append(ExpertCost(b, order, k, ranked[:k], ms, fuse_ms,
-                                                  ms / all_ms))
+    choices = {("all", pool): list(names)}
+    choices.update({(order, k): ranked[:k] for order, ranked in orders.items()
+                    for k in K_VALUES if k < pool})
+    fns: dict[str, Callable[[], Any]] = {}
+    for (order, k), chosen in choices.items():
+        mask = model.mask_from_names([chosen] * b).to(device)
+        fns[f"{order}:{k}:both"] = lambda c=chosen, m=mask: model.fuse(
+            base, text, {n: model.expert_features(n, inputs[n]) for n in c}, m)
+        fns[f"{order}:{k}:fuse"] = lambda c=chosen, m=mask: model.fuse(
+            base, text, {n: feats[n] for n in c}, m)
+    timed = measure_interleaved(fns, **kw)
+    all_both = timed[f"all:{pool}:both"][0]
+    for (order, k), chosen in choices.items():
+        both = timed[f"{order}:{k}:both"][0]
+        result.expert_costs.append(ExpertCost(
+            b, order, k, chosen, median(both), median(timed[f"{order}:{k}:fuse"][0]),
+            median(both) / median(all_both), min(both), min(both) / min(all_both)))
 
-    forced = orders["costliest"][:3]
-    gen_kw = {"max_new_tokens": result.max_new_tokens}
-    for step, experts in (("generate:routed", None), ("generate:forced_3", forced),
-                          ("generate:forced_all", names)):
-        reset_peak_memory(device)
-        out = timed(step, _counted(counter, lambda e=experts: model.generate(
-            images, questions, experts=e, **gen_kw)))
+    # End to end: the model's own routing vs forced experts (no routing decode when forced).
+    configs = {"generate:routed": None, "generate:forced_3": orders["costliest"][:3],
+               "generate:forced_all": list(names)}
+    gens = {step: _counted(counter, lambda e=experts: model.generate(
+        images, questions, experts=e, max_new_tokens=result.max_new_tokens))
+        for step, experts in configs.items()}
+    timed = measure_interleaved(gens, **kw)
+    for step, (samples, (out, calls)) in timed.items():
         used = sorted({n for r in out for n in r.experts}, key=names.index)
-        result.steps[-1].note = (f"experts: {', '.join(used) or 'none'}; {counter.calls} LLM "
-                                 f"steps; answer tokens {[r.num_generated_tokens for r in out]}")
+        result.steps.append(StepTiming(
+            step, b, median(samples), samples,
+            f"experts: {', '.join(used) or 'none'}; {calls} LLM steps; answer tokens "
+            f"{[r.num_generated_tokens for r in out]}"))
+        reset_peak_memory(device)  # one more untimed call for this configuration's peak
+        gens[step]()
         result.memory.append(MemoryUse(step, b, peak_memory_mib(device)))
 
 
-def vision_path(result: ModelBenchResult, batch: int) -> list[tuple[str, float, float]]:
+def vision_path(result: ModelBenchResult, batch: int, stat: str = "median"
+                ) -> list[tuple[str, float, float]]:
     """(configuration, ms, ratio to the fixed mixture) for everything before the answer
     decode, as sums of the measured medians: the fixed mixture preprocesses and runs all
-    experts without routing; MoVA adds the routing pass + decode and runs only k experts."""
+    experts without routing; MoVA adds the routing pass + decode and runs only k experts.
+    ``stat`` is ``median`` or ``min`` (of each step's timed calls)."""
+    if stat not in ("median", "min"):
+        raise ValueError(f"stat={stat!r}; expected 'median' or 'min'")
+
     def ms(name: str) -> float:
-        return result.step(name, batch).median_ms
+        return getattr(result.step(name, batch), f"{stat}_ms")
+
+    def cost_ms(c: ExpertCost) -> float:
+        return getattr(c, f"{stat}_ms")
 
     names = result.expert_names
     shared = ms("preprocess:base") + ms("encode_base") + ms("encode_questions")
-    fixed = shared + sum(ms(f"preprocess:{n}") for n in names) + result.cost(
-        batch, "all", len(names)).median_ms
+    fixed = shared + sum(ms(f"preprocess:{n}") for n in names) + cost_ms(result.cost(
+        batch, "all", len(names)))
     rows = [(f"fixed mixture: all {len(names)} experts, no routing", fixed, 1.0)]
     for c in result.expert_costs:
         if c.batch != batch or c.order == "all":
             continue
-        total = (shared + ms("routing_tokens") + ms("route") + c.median_ms
+        total = (shared + ms("routing_tokens") + ms("route") + cost_ms(c)
                  + sum(ms(f"preprocess:{n}") for n in c.experts))
         rows.append((f"MoVA: routing + {c.k} {c.order} ({', '.join(c.experts)})", total,
                      total / fixed))
@@ -386,7 +410,7 @@ def step_label(step: str, pool_size: int) -> str:
 def render_markdown(result: ModelBenchResult) -> str:
     """The results as the markdown section (also what the CLI prints)."""
     r, names, bs = result, result.expert_names, result.batch_sizes
-    cols = [f"b={b} ms" for b in bs]
+    cols = [f"b={b} ms: median (min)" for b in bs]
     llm = f", LLM {r.llm_size}" if r.llm_size else ""
     out = [f"## `mova bench model`: preset {r.preset}{llm} on {r.device} ({r.dtype})", "",
            "Reproduce: `mova bench model --preset {} --device {} --dtype {} --batch-sizes {} "
@@ -395,17 +419,20 @@ def render_markdown(result: ModelBenchResult) -> str:
                f" --llm-size {r.llm_size}" if r.llm_size else ""), "",
            "Machine: " + "; ".join(f"{k}: {v}" for k, v in r.machine.items()), "",
            "Parameters (M): " + ", ".join(f"{k} {v:g}" for k, v in r.params_m.items()), "",
-           f"Median of {r.repeats} timed calls after {r.warmup} warm-up calls "
-           "(`time.perf_counter`, `torch.inference_mode`, CUDA synchronised); inputs: "
-           f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} random RGB images and one question each. "
-           "The weights are random, so the routing replies and answer lengths are arbitrary; "
-           "the notes give the LLM decode steps each timing covers.", "",
+           f"Median (and minimum) of {r.repeats} timed calls after {r.warmup} warm-up calls, "
+           "the calls of each table timed in interleaved rounds (`time.perf_counter`, "
+           "`torch.inference_mode`, CUDA synchronised); inputs: "
+           f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} random RGB images and one question each. A median "
+           "far above its minimum means the machine was busy; the minima are then the steadier "
+           "figures. The weights are random, so the routing replies and answer lengths are "
+           "arbitrary; the notes give the LLM decode steps each timing covers.", "",
            "### Separable steps", ""]
     rows = []
     for step in step_names(names):
         timings = [r.step(step, b) for b in bs]
         notes = "; ".join(f"b={t.batch}: {t.note}" for t in timings if t.note)
-        rows.append([step_label(step, len(names))] + [fmt_ms(t.median_ms) for t in timings]
+        rows.append([step_label(step, len(names))]
+                    + [f"{fmt_ms(t.median_ms)} ({fmt_ms(t.min_ms)})" for t in timings]
                     + [notes])
     out += [markdown_table(["step", *cols, "notes"], rows), ""]
     out += [f"### Expert cost: k of {len(names)} routed vs all {len(names)}", "",
@@ -415,16 +442,19 @@ def render_markdown(result: ModelBenchResult) -> str:
             "size, bounding what a routing of k experts costs. Ratio = time / time of all "
             f"{len(names)}.", ""]
     rows = [[c.batch, c.order, c.k, ", ".join(c.experts) if c.order != "all" else "all",
-             fmt_ms(c.median_ms), fmt_ms(c.fuse_ms), f"{c.ratio:.3f}"] for c in r.expert_costs]
+             f"{fmt_ms(c.median_ms)} ({fmt_ms(c.min_ms)})", fmt_ms(c.fuse_ms), f"{c.ratio:.3f}",
+             f"{c.ratio_min:.3f}"] for c in r.expert_costs]
     out += [markdown_table(["batch", "order", "k", "experts", "features + fuse ms",
-                            "fuse only ms", "ratio to all"], rows), ""]
+                            "fuse only ms", "ratio to all", "ratio of minima"], rows), ""]
     out += ["### Vision path before the answer decode (sums of the medians above)", "",
             "Fixed mixture = preprocessing of base and all experts + base and text encoding + "
             "all experts + fusion; MoVA adds the routing pass and decode but preprocesses and "
             "runs only the k routed experts.", ""]
-    rows = [[b, name, fmt_ms(ms), f"{ratio:.3f}"] for b in bs for name, ms, ratio in
-            vision_path(r, b)]
-    out += [markdown_table(["batch", "configuration", "ms", "ratio to fixed"], rows), ""]
+    rows = [[b, name, fmt_ms(ms), f"{ratio:.3f}", fmt_ms(ms_min), f"{ratio_min:.3f}"]
+            for b in bs for (name, ms, ratio), (_, ms_min, ratio_min) in
+            zip(vision_path(r, b), vision_path(r, b, "min"), strict=True)]
+    out += [markdown_table(["batch", "configuration", "ms (medians)", "ratio to fixed",
+                            "ms (minima)", "ratio to fixed (minima)"], rows), ""]
     mem = "CUDA peak allocated since the step began" if r.device == "cuda" else \
         "process peak RSS (a high-water mark over the whole run, never reset)"
     out += ["### Peak memory", "", f"MiB, {mem}.", "",

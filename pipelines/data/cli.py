@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mova.metrics import METRICS
 from pipelines.data.convert import convert_llava, convert_vqa
 from pipelines.data.manifest import validate_manifest
 from pipelines.storage import StorageError
@@ -61,7 +62,8 @@ def run_convert(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """Add ``data`` with ``validate`` and ``convert``; returns the ``data`` subparsers."""
     p = sub.add_parser("data", help="validate manifests, convert public data sets",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description="Validate manifests (JSONL/Parquet, local or s3://) and "
+                                   "convert public data sets to them.")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
 
     v = data_sub.add_parser("validate", help="check every row of a manifest (local or s3://)")
@@ -83,5 +85,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
                         help="folder the input's image paths are relative to "
                              "(default: the input's folder)")
         fp.set_defaults(func=run_convert)
-    vqa.add_argument("--metric", default="vqa_accuracy", help="evaluation metric of the answers")
+    vqa.add_argument("--metric", default="vqa_accuracy", choices=sorted(METRICS),
+                     help="evaluation metric of the answers (default: vqa_accuracy)")
     return data_sub

@@ -106,8 +106,8 @@ def draw_document(rng: random.Random, size: int, yes: bool) -> Drawn:
     fields = [(label, rng.randint(0, 99)) for label in labels]
     layout = {
         "margin": rng.randint(round(size * 0.06), round(size * 0.12)),
-        "title_size": round(size * rng.uniform(0.12, 0.15)),
-        "line_size": round(size * rng.uniform(0.085, 0.1)),
+        "title_size": max(10, round(size * rng.uniform(0.12, 0.15))),
+        "line_size": max(8, round(size * rng.uniform(0.085, 0.1))),
         "line_gap": max(2, round(size * 0.03)),
     }
     block = (layout["title_size"] + max(2, layout["line_gap"] // 2) + layout["line_gap"]

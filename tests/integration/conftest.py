@@ -82,3 +82,21 @@ def s3_endpoint(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    """One private local Ray (2 CPUs, own temp dir) shared by the integration tests.
+
+    It starts after the S3 server so its workers inherit the S3 environment.
+    """
+    import ray
+
+    from pipelines.ray_utils import init_ray
+
+    temp_dir = f"/tmp/mova-test-ray-{os.getpid()}"
+    init_ray("local", num_cpus=2, object_store_memory=300 * 1024 * 1024, temp_dir=temp_dir)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

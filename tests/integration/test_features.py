@@ -26,7 +26,10 @@ from pipelines.recipes import FeaturesRecipe
 
 pytestmark = pytest.mark.integration
 
-LABELS = [["dinov2", "codetr"], ["vary", "pix2struct"], ["deplot"], None, ["biomedclip"], []]
+LABELS = [["dinov2", "codetr"], ["vary", "pix2struct"], ["deplot"], None, ["pix2struct"], []]
+# Each expert's actor pool costs a worker start (torch + transformers imports): tests use a
+# subset of the pool to stay quick on 2 cores.
+ONLY = ["dinov2", "vary", "pix2struct"]
 
 
 def _write_dataset(folder: Path, n: int = 6, seed: int = 0) -> Path:
@@ -56,23 +59,23 @@ def _recipe(manifest, checkpoint, cache, **kw) -> FeaturesRecipe:
                           batch_size=4, cpus_per_worker=0.5, **kw).validate()
 
 
-def _expected_counts(mode: str) -> dict[str, int]:
+def _expected_counts(mode: str, only: list[str] = ONLY) -> dict[str, int]:
     pool = ["dinov2", "vary", "codetr", "pix2struct", "deplot", "biomedclip", "sam"]
     counts = dict.fromkeys(pool, 0)
     for label in LABELS:
         for e in (pool if label is None or mode == "all" else label):
-            counts[e] += 1
+            counts[e] += e in only
     return counts
 
 
 def test_cache_miss_then_zero_work_rerun_and_equal_features(ray_session, tmp_path, checkpoint):
     manifest = _write_dataset(tmp_path / "data")
     cache_dir = tmp_path / "cache"
-    first = run_features(_recipe(manifest, checkpoint, cache_dir))
+    first = run_features(_recipe(manifest, checkpoint, cache_dir, only=ONLY))
     computed = {e.expert: e.computed for e in first.experts}
     assert computed == _expected_counts("label")
     assert first.skipped == 0 and first.images == 6
-    second = run_features(_recipe(manifest, checkpoint, cache_dir))
+    second = run_features(_recipe(manifest, checkpoint, cache_dir, only=ONLY))
     assert second.computed == 0
     assert second.skipped == sum(computed.values())
     # Cached features equal what the model library computes directly (fp16 storage).
@@ -86,7 +89,7 @@ def test_cache_miss_then_zero_work_rerun_and_equal_features(ray_session, tmp_pat
         assert cached.dtype == torch.float16
         torch.testing.assert_close(cached.float(), direct, atol=2e-3, rtol=2e-3)
     # "all" computes the rest; a changed expert gets a new key and is recomputed.
-    third = run_features(_recipe(manifest, checkpoint, cache_dir, experts="all"))
+    third = run_features(_recipe(manifest, checkpoint, cache_dir, experts="all", only=ONLY))
     assert {e.expert: e.computed + e.cached for e in third.experts} == _expected_counts("all")
     assert third.skipped == sum(computed.values())
 
@@ -102,18 +105,18 @@ def test_changed_expert_never_serves_stale_features(ray_session, tmp_path, check
     assert keys_a["deplot"] != keys_b["deplot"]
     assert keys_a["sam"] == keys_b["sam"]
     cache_dir = tmp_path / "cache"
-    run_features(_recipe(manifest, checkpoint, cache_dir, only=["deplot", "sam"]))
-    rerun = run_features(_recipe(manifest, other, cache_dir, only=["deplot", "sam"]))
+    run_features(_recipe(manifest, checkpoint, cache_dir, only=["deplot", "vary"]))
+    rerun = run_features(_recipe(manifest, other, cache_dir, only=["deplot", "vary"]))
     by_name = {e.expert: e for e in rerun.experts}
     assert by_name["deplot"].computed == by_name["deplot"].needed > 0
-    assert by_name["sam"].computed == 0 and by_name["sam"].cached == by_name["sam"].needed
+    assert by_name["vary"].computed == 0 and by_name["vary"].cached == by_name["vary"].needed > 0
 
 
 def test_bad_rows_fail_clearly_or_are_skipped_with_a_report(ray_session, tmp_path, checkpoint):
     manifest = _write_dataset(tmp_path / "data")
     (tmp_path / "data" / "img" / "broken.png").write_bytes(b"\x89PNG not really")
     with open(manifest, "a") as f:
-        f.write(json.dumps({"id": "bad1", "image": "img/broken.png", "experts": ["sam"],
+        f.write(json.dumps({"id": "bad1", "image": "img/broken.png", "experts": ["vary"],
                             "conversations": [{"from": "human", "value": "<image>\nq"},
                                               {"from": "gpt", "value": "a"}]}) + "\n")
         f.write(json.dumps({"id": "bad2", "image": "img/0.png", "experts": ["nope"],
@@ -125,7 +128,7 @@ def test_bad_rows_fail_clearly_or_are_skipped_with_a_report(ray_session, tmp_pat
     assert not cache_dir.exists()
     report = tmp_path / "skipped.jsonl"
     summary = run_features(_recipe(manifest, checkpoint, cache_dir, skip_bad_rows=True,
-                                   report=str(report)))
+                                   report=str(report), only=ONLY))
     assert summary.bad_images == 1
     skipped = [json.loads(line) for line in report.read_text().splitlines()]
     assert any("broken.png" in row.get("image", "") for row in skipped)
@@ -152,6 +155,7 @@ def test_killed_job_leaves_no_partial_shard_and_rerun_completes(ray_session, tmp
     env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "pipelines.cli", "features", f"manifest={manifest}",
            f"checkpoint={checkpoint}", f"cache={cache_dir}", "batch_size=1", "experts=all",
+           "only=[dinov2,vary]",
            "ray.num_cpus=2", "cpus_per_worker=0.5", f"ray.temp_dir={ray_tmp}"]
     proc = subprocess.Popen(cmd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -177,22 +181,23 @@ def test_killed_job_leaves_no_partial_shard_and_rerun_completes(ray_session, tmp
     for shard in cache_dir.rglob("*.parquet"):
         assert shard.name.startswith("shard-")
         pq.read_table(shard)  # every visible shard is complete
-    summary = run_features(_recipe(manifest, checkpoint, cache_dir, experts="all"))
+    summary = run_features(_recipe(manifest, checkpoint, cache_dir, experts="all",
+                                   only=["dinov2", "vary"]))
     assert summary.skipped > 0
     keys = expert_cache_keys(checkpoint)
     cache = FeatureCache(str(cache_dir))
     hashes = {image_hash(load_image(p)) for p in (tmp_path / "data" / "img").glob("*.png")}
-    for name, key in keys.items():
-        assert set(cache.index(name, key, refresh=True)) == hashes, name
+    for name in ("dinov2", "vary"):
+        assert set(cache.index(name, keys[name], refresh=True)) == hashes, name
 
 
 def test_cache_on_s3(ray_session, s3_endpoint, tmp_path, checkpoint):
     manifest = _write_dataset(tmp_path / "data")
     cache_uri = f"s3://mova-test/cache-{os.getpid()}"
-    first = run_features(_recipe(manifest, checkpoint, cache_uri, only=["sam", "dinov2"]))
-    assert first.computed == sum(_expected_counts("label")[e] for e in ("sam", "dinov2"))
+    first = run_features(_recipe(manifest, checkpoint, cache_uri, only=["dinov2"]))
+    assert first.computed == _expected_counts("label", ["dinov2"])["dinov2"] > 0
     assert any(p.endswith(".parquet") for p in storage.list_files(cache_uri))
-    second = run_features(_recipe(manifest, checkpoint, cache_uri, only=["sam", "dinov2"]))
+    second = run_features(_recipe(manifest, checkpoint, cache_uri, only=["dinov2"]))
     assert second.computed == 0
     keys = expert_cache_keys(checkpoint)
     image = load_image(manifest.parent / "img" / "0.png")

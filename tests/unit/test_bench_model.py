@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from pipelines.bench.common import markers, measure_ms, write_section
+from pipelines.bench.common import markers, measure_interleaved, write_section
 from pipelines.bench.model import (
     K_VALUES,
     bench_model,
@@ -20,6 +20,15 @@ from pipelines.bench.model import (
 )
 
 BATCHES = (1, 2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors on a shared, busy CPU run many times faster on one thread; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +66,22 @@ def test_k_of_7_ratios_come_from_the_measured_times(result):
                 c = result.cost(b, order, k)
                 assert len(c.experts) == k and c.median_ms > 0 and c.fuse_ms > 0
                 assert c.ratio == pytest.approx(c.median_ms / all7.median_ms, rel=1e-12)
+                assert c.ratio_min == pytest.approx(c.min_ms / all7.min_ms, rel=1e-12)
             chosen = result.cost(b, order, max(K_VALUES)).experts
             others = [per_expert[n] for n in names if n not in chosen]
             if order == "cheapest":
                 assert max(per_expert[n] for n in chosen) <= min(others)
             else:
                 assert min(per_expert[n] for n in chosen) >= max(others)
-        rows = vision_path(result, b)
-        assert rows[0][2] == 1.0 and len(rows) == 1 + 2 * len(K_VALUES)
-        assert all(ratio == pytest.approx(ms / rows[0][1]) for _, ms, ratio in rows)
+        for stat in ("median", "min"):
+            rows = vision_path(result, b, stat)
+            assert rows[0][2] == 1.0 and len(rows) == 1 + 2 * len(K_VALUES)
+            assert all(ratio == pytest.approx(ms / rows[0][1]) for _, ms, ratio in rows)
+        # the fixed mixture = base + all experts' preprocessing, base + text encoding, all experts
+        parts = ["preprocess:base", "encode_base", "encode_questions"] + [
+            f"preprocess:{n}" for n in names]
+        fixed = sum(result.step(p, b).median_ms for p in parts) + all7.median_ms
+        assert vision_path(result, b)[0][1] == pytest.approx(fixed)
 
 
 def test_markdown_section_is_replaced_in_place(result, tmp_path):
@@ -99,13 +115,16 @@ def test_write_section_creates_the_file_and_rejects_an_unmatched_marker(tmp_path
         write_section(path, "bench:model:tiny:cpu", "numbers")
 
 
-def test_measure_ms_counts_warmup_and_repeats():
+def test_measure_interleaved_runs_every_call_side_by_side():
     calls = []
-    samples, out = measure_ms(lambda: calls.append(1) or len(calls), repeats=3, warmup=2,
-                              device=torch.device("cpu"))
-    assert len(samples) == 3 and len(calls) == 5 and out == 5
+    fns = {name: (lambda name=name: calls.append(name) or len(calls)) for name in "abc"}
+    timed = measure_interleaved(fns, repeats=3, warmup=2, device=torch.device("cpu"))
+    assert calls[:6] == list("aabbcc")  # warm-up
+    assert calls[6:] == list("abc" "bca" "cab")  # rounds, each starting one further along
+    assert {n: len(s) for n, (s, _) in timed.items()} == {"a": 3, "b": 3, "c": 3}
+    assert timed["b"][1] == 15 and all(ms >= 0 for s, _ in timed.values() for ms in s)
     with pytest.raises(ValueError, match="repeats"):
-        measure_ms(lambda: None, repeats=0, warmup=0, device=torch.device("cpu"))
+        measure_interleaved(fns, repeats=0, warmup=0, device=torch.device("cpu"))
 
 
 def test_full_config_has_the_paper_shapes():

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import random
 import shutil
 import subprocess
 from pathlib import Path
@@ -121,6 +122,8 @@ def _check_document(row: dict, meta: dict, answer: str, pixels: np.ndarray) -> N
         assert answer == str(dict(meta["fields"])[meta["ask"]])
         assert 0 <= int(answer) <= 99
     assert (pixels.min(axis=2) < 100).any()  # dark ink on the page
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    assert (border == 255).all()  # nothing written runs off the page
 
 
 def _check_chart(row: dict, meta: dict, answer: str, pixels: np.ndarray) -> None:
@@ -253,3 +256,20 @@ def test_cli_synth(tmp_path, capsys):
     assert str(tmp_path / "train.jsonl") in printed
     train = _rows(tmp_path / "train.jsonl")
     assert len(train) == 2 * 2 + 3 and len(_rows(tmp_path / "test.jsonl")) == 2
+
+
+def test_a_repeated_image_is_redrawn_then_refused(tmp_path, monkeypatch):
+    from pipelines.data import synth
+
+    real = synth.GENERATORS["charts"]
+    calls = []
+
+    def same_chart(rng, size, yes):
+        calls.append(1)
+        return real(random.Random(0), size, yes)
+
+    monkeypatch.setitem(synth.GENERATORS, "charts", same_chart)
+    with pytest.raises(ValueError, match="no new image"):
+        generate(_config(tmp_path, per_domain=2, test_per_domain=0, routing_samples=0,
+                         domains=("charts",)))
+    assert len(calls) == 1 + synth.MAX_TRIES

@@ -1,0 +1,37 @@
+"""Every recipe under jobs/ loads and validates, so a recipe can't rot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.recipes import FeaturesRecipe, load_recipe
+
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
+RECIPES = {"features.yaml": FeaturesRecipe}
+
+
+def test_every_recipe_file_has_a_schema():
+    assert {p.name for p in JOBS.glob("*.yaml")} <= set(RECIPES) | {"model-tiny.yaml"}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_loads(name):
+    recipe = load_recipe(RECIPES[name], JOBS / name)
+    assert recipe is not None
+
+
+def test_overrides_and_errors():
+    recipe = load_recipe(FeaturesRecipe, JOBS / "features.yaml",
+                         ["batch_size=4", "only=[sam,vary]", "ray.num_cpus=2"])
+    assert recipe.batch_size == 4 and recipe.only == ["sam", "vary"]
+    assert recipe.ray.num_cpus == 2
+    with pytest.raises(ValueError, match="unknown config key.*batchsize"):
+        load_recipe(FeaturesRecipe, JOBS / "features.yaml", ["batchsize=4"])
+    with pytest.raises(ValueError, match="batch_size must be an integer"):
+        load_recipe(FeaturesRecipe, JOBS / "features.yaml", ["batch_size=four"])
+    with pytest.raises(ValueError, match="experts='some'"):
+        load_recipe(FeaturesRecipe, JOBS / "features.yaml", ["experts=some"])
+    with pytest.raises(FileNotFoundError, match="recipe not found"):
+        load_recipe(FeaturesRecipe, JOBS / "nope.yaml")
