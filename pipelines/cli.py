@@ -8,9 +8,9 @@ import sys
 from collections.abc import Sequence
 
 from pipelines import demo, features, model_cli
+from pipelines.bench import cli as bench_cli
 from pipelines.data import cli as data_cli
 from pipelines.data.synth import add_synth_parser
-from pipelines.bench import cli as bench_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
