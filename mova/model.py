@@ -195,8 +195,12 @@ class MoVAModel(nn.Module):
         return pool_routing_tokens(out.image_tokens, self.config.adapter.routing_pool)
 
     # ---- LLM input assembly --------------------------------------------------------------
-    def embed(self, input_ids: Tensor, image_tokens: Tensor | None) -> Tensor:
-        """LLM input embeddings with each sample's image-token run replaced by its tokens."""
+    def embed(self, input_ids: Tensor, image_tokens: Tensor | Sequence[Tensor] | None) -> Tensor:
+        """LLM input embeddings with each sample's image-token run replaced by its tokens.
+
+        ``image_tokens`` is (B, L, D), or one (L_i, D) tensor per sample when samples carry
+        different numbers of image tokens (routing-instruction rows next to answer rows).
+        """
         input_ids = input_ids.to(self.device)
         embeds = self.llm.get_input_embeddings()(input_ids)
         is_image = input_ids == self.image_token_id
@@ -204,15 +208,15 @@ class MoVAModel(nn.Module):
             if is_image.any():
                 raise ValueError("input_ids hold image tokens but no image features were given")
             return embeds
-        counts = is_image.sum(1)
-        expected = image_tokens.shape[1]
-        bad = (counts != expected).nonzero().flatten().tolist()
+        counts = is_image.sum(1).tolist()
+        expected = [int(t.shape[-2]) for t in image_tokens]
+        bad = [i for i, (c, e) in enumerate(zip(counts, expected, strict=True)) if c != e]
         if bad:
-            raise ValueError(
-                f"samples {bad} have {counts[bad].tolist()} image tokens; expected {expected} each"
-            )
+            raise ValueError(f"samples {bad} have {[counts[i] for i in bad]} image tokens; "
+                             f"expected {[expected[i] for i in bad]}")
+        flat = torch.cat([t.reshape(-1, embeds.shape[-1]) for t in image_tokens])
         embeds = embeds.clone()
-        embeds[is_image] = image_tokens.to(embeds.dtype).reshape(-1, embeds.shape[-1])
+        embeds[is_image] = flat.to(embeds.dtype)
         return embeds
 
     # ---- training ------------------------------------------------------------------------
@@ -220,25 +224,40 @@ class MoVAModel(nn.Module):
                 gate_input_ids: Tensor, gate_attention_mask: Tensor, expert_mask: Tensor,
                 labels: Tensor | None = None,
                 expert_features: Mapping[str, Tensor] | None = None,
-                expert_inputs: Mapping[str, Tensor] | None = None) -> MoVAOutput:
+                expert_inputs: Mapping[str, Tensor] | None = None,
+                routing_rows: Tensor | None = None) -> MoVAOutput:
         """Training/teacher-forced step. Expert features are either given (native grids, e.g.
         from the feature cache) or computed from ``expert_inputs``; only routed experts are
-        needed."""
+        needed. ``routing_rows`` (B,) marks routing-instruction samples: their image is the
+        routing pass (all-zero mask, pooled), as at inference."""
         mask = expert_mask.to(self.device).bool()
+        if routing_rows is not None:
+            routing_rows = routing_rows.to(self.device).bool()
+            mask = mask & ~routing_rows[:, None]
         routed = [n for j, n in enumerate(self.expert_names) if bool(mask[:, j].any())]
         feats: dict[str, Tensor] = {}
-        for name in routed:
+        to_compute = torch.zeros_like(mask)
+        for j, name in enumerate(self.expert_names):
+            if name not in routed:
+                continue
             if expert_features is not None and name in expert_features:
                 feats[name] = expert_features[name]
             elif expert_inputs is not None and name in expert_inputs:
-                feats[name] = self.expert_features(name, expert_inputs[name])
+                to_compute[:, j] = mask[:, j]
             else:
                 raise ValueError(f"expert {name!r} is routed in this batch but neither its "
                                  "features nor its inputs were given")
+        if bool(to_compute.any()):
+            feats.update(self.routed_expert_features(expert_inputs or {}, to_compute))
         base = self.encode_base(pixel_values)
         text = self.encode_text(gate_input_ids, gate_attention_mask)
         fused = self.fuse(base, text, feats, mask)
-        embeds = self.embed(input_ids, fused.image_tokens)
+        image_tokens: Tensor | list[Tensor] = fused.image_tokens
+        if routing_rows is not None and bool(routing_rows.any()):
+            pooled = pool_routing_tokens(fused.image_tokens, self.config.adapter.routing_pool)
+            image_tokens = [pooled[i] if bool(r) else fused.image_tokens[i]
+                            for i, r in enumerate(routing_rows)]
+        embeds = self.embed(input_ids, image_tokens)
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask.to(self.device),
                        labels=None if labels is None else labels.to(self.device))
         return MoVAOutput(loss=out.loss, logits=out.logits, gate_weights=fused.gate_weights)

@@ -412,11 +412,13 @@ def render_markdown(result: ModelBenchResult) -> str:
     r, names, bs = result, result.expert_names, result.batch_sizes
     cols = [f"b={b} ms: median (min)" for b in bs]
     llm = f", LLM {r.llm_size}" if r.llm_size else ""
+    llm_flag = f" --llm-size {r.llm_size}" if r.llm_size else ""
+    cpu_threads = r.machine.get("torch threads") if r.device == "cpu" else None
+    threads = f"OMP_NUM_THREADS={cpu_threads} " if cpu_threads else ""
     out = [f"## `mova bench model`: preset {r.preset}{llm} on {r.device} ({r.dtype})", "",
-           "Reproduce: `mova bench model --preset {} --device {} --dtype {} --batch-sizes {} "
-           "--repeats {} --warmup {}{}`".format(
-               r.preset, r.device, r.dtype, ",".join(map(str, bs)), r.repeats, r.warmup,
-               f" --llm-size {r.llm_size}" if r.llm_size else ""), "",
+           f"Reproduce: `{threads}mova bench model --preset {r.preset} --device {r.device} "
+           f"--dtype {r.dtype} --batch-sizes {','.join(map(str, bs))} --repeats {r.repeats} "
+           f"--warmup {r.warmup} --max-new-tokens {r.max_new_tokens}{llm_flag}`", "",
            "Machine: " + "; ".join(f"{k}: {v}" for k, v in r.machine.items()), "",
            "Parameters (M): " + ", ".join(f"{k} {v:g}" for k, v in r.params_m.items()), "",
            f"Median (and minimum) of {r.repeats} timed calls after {r.warmup} warm-up calls, "

@@ -188,3 +188,32 @@ def test_route_parses_what_the_llm_says():
     full = model.generate(images, [question], max_new_tokens=2)[0]
     assert full.experts == ["pix2struct", "deplot"]
     assert full.routing_reply == target
+
+
+def test_routing_rows_train_on_the_routing_pass(model):
+    """A routing-instruction row sees the pooled zero-mask adapter output, like route()."""
+    images = [_image(14), _image(15)]
+    question = "What is in the picture?"
+    prompt = build_routing_prompt(question, model.routing_descriptions(), image_token=IMAGE_TOKEN)
+    routing_sample = tokenize_conversation(
+        [{"from": "human", "value": prompt}, {"from": "gpt", "value": "A, C"}],
+        model.tokenizer, model.template, model.config.num_routing_tokens)
+    answer_sample = tokenize_conversation(
+        [{"from": "human", "value": question}, {"from": "gpt", "value": "a cat"}],
+        model.tokenizer, model.template, model.config.num_image_tokens)
+    batch = collate([routing_sample, answer_sample], model.tokenizer.pad_token_id)
+    gate = model.tokenize_gate_text([[prompt], [question]])
+    inputs = model.processor.experts_inputs(["dinov2", "codetr"], images)
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=model.processor.base(images),
+                    gate_input_ids=gate["input_ids"], gate_attention_mask=gate["attention_mask"],
+                    expert_mask=model.mask_from_names([["dinov2", "codetr"], ["dinov2"]]),
+                    expert_inputs=inputs, routing_rows=torch.tensor([True, False]))
+        base = model.encode_base(model.processor.base(images[:1]))
+        text = model.encode_questions([[prompt]])
+        ids = torch.tensor([routing_sample["input_ids"]])
+        expected = model.llm(inputs_embeds=model.embed(ids, model.routing_tokens(base, text)))
+    n = len(routing_sample["input_ids"])
+    torch.testing.assert_close(out.logits[0, :n], expected.logits[0], atol=1e-5, rtol=1e-5)
+    assert out.gate_weights[0].sum() == 0  # the routing row routes no expert
