@@ -260,7 +260,15 @@ class MoVAModel(nn.Module):
         embeds = self.embed(input_ids, image_tokens)
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask.to(self.device),
                        labels=None if labels is None else labels.to(self.device))
-        return MoVAOutput(loss=out.loss, logits=out.logits, gate_weights=fused.gate_weights)
+        loss = out.loss
+        if loss is not None and self.training and torch.is_grad_enabled():
+            # Unrouted experts' adapter branches are skipped, so their parameters would get no
+            # gradient on this rank while another rank's batch routes them: data-parallel
+            # reductions (DDP, DeepSpeed ZeRO) need the same gradients on every rank. A zero
+            # multiple of every trainable adapter parameter keeps the graph identical.
+            anchor = sum(p.sum() for p in self.adapter.parameters() if p.requires_grad)
+            loss = loss + 0.0 * anchor
+        return MoVAOutput(loss=loss, logits=out.logits, gate_weights=fused.gate_weights)
 
     # ---- inference (implemented in mova.generation) --------------------------------------
     def route(self, routing_tokens: Tensor, questions: Sequence[str]) -> RoutingResult:

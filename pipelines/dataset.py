@@ -160,7 +160,8 @@ def _plain(row: dict) -> dict:
 def build_dataset(manifest: str, checkpoint: str, *, cache: str | None = None,
                   features: str = "cached", max_length: int | None = None,
                   skip_bad_rows: bool = False, batch_size: int = 16):
-    """The prepared Ray Dataset of a manifest (validated first, before any Ray work)."""
+    """The prepared Ray Dataset of a manifest (validated first, before any Ray work) and its
+    number of samples."""
     import ray
 
     from mova.checkpoint import load_config
@@ -178,8 +179,9 @@ def build_dataset(manifest: str, checkpoint: str, *, cache: str | None = None,
                        max_length=max_length)
     rows = [{"id": s.id, "image": s.image, "kind": s.kind, "experts": s.experts,
              "conversations": s.conversations} for s in samples]
-    return ray.data.from_items(rows).map_batches(prepare_batch, fn_kwargs={"spec": spec},
-                                                 batch_size=batch_size)
+    dataset = ray.data.from_items(rows).map_batches(prepare_batch, fn_kwargs={"spec": spec},
+                                                    batch_size=batch_size)
+    return dataset, len(rows)
 
 
 def collate(batch: dict[str, Sequence], expert_names: Sequence[str], pad_id: int,

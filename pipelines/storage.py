@@ -244,3 +244,30 @@ def makedirs(uri: str) -> None:
         fs.create_dir(path, recursive=True)
     except OSError as exc:
         raise _wrap(uri, "create-folder", exc) from exc
+
+
+def upload_folder(local_dir: str, uri: str) -> str:
+    """Copy a local folder to ``uri`` (local or s3://), replacing what was there.
+
+    Locally the copy lands in a hidden sibling first and is renamed into place, so readers
+    never see half a folder. On S3 every object is one atomic put; ``components.json``-style
+    manifests should be written last by the caller's layout (files are put in sorted order).
+    """
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    src = Path(local_dir)
+    if not is_remote(uri):
+        dest = Path(_local_path(uri))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        shutil.rmtree(tmp)
+        shutil.copytree(src, tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+        return str(dest)
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        write_bytes_atomic(join(uri, path.relative_to(src).as_posix()), path.read_bytes())
+    return uri

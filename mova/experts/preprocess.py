@@ -72,7 +72,7 @@ def expert_input(image: Image.Image, resolved: ResolvedExpert) -> Tensor:
     size = resolved.size
     if spec.kind == "patches":
         return flattened_patches(image, size.out_grid, size.patch_size)
-    pixels = resize_pixels(image, size.image_size, spec.resample, spec.source_size)
+    pixels = resize_pixels(image, size.image_size, spec.resample, size.source_size)
     return normalise(pixels, spec.mean, spec.std)
 
 

@@ -25,14 +25,12 @@ class ImageInput:
     """How an expert's input is made from the request image.
 
     ``kind`` is ``pixels`` (a normalised C x H x W tensor) or ``patches`` (Pix2Struct's
-    flattened patches). ``source_size`` is the square size the image is first resized to
-    (bicubic) before the expert's own ``resample`` to ``image_size``; the released code feeds
-    DINOv2 from the 672 base image and Co-DETR from the 1024 SAM-sized image.
+    flattened patches); ``resample`` is how the image reaches the expert's ``image_size``
+    (from the preset's ``source_size`` when it has one).
     """
 
     kind: str = "pixels"
     resample: str = "bilinear"
-    source_size: int | None = None
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
 
@@ -50,6 +48,9 @@ class ExpertSize:
     out_grid: int
     feature_layer: int = -1
     compress_channels: int | None = None
+    # The square size (bicubic) the image is resized to before the expert's own resample:
+    # the released code feeds DINOv2 from the 672 base image, Co-DETR from the 1024 image.
+    source_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -151,11 +152,11 @@ DEFAULT_POOL = ("dinov2", "vary", "codetr", "pix2struct", "deplot", "biomedclip"
 register(ExpertSpec(
     name="dinov2",
     family="dinov2",
-    input=ImageInput(resample="bilinear", source_size=672, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    input=ImageInput(resample="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD),
     presets={
-        "full": ExpertSize(518, 14, 1536, 40, 24, 1536, 37, feature_layer=-2,
+        "full": ExpertSize(518, 14, 1536, 40, 24, 1536, 37, feature_layer=-2, source_size=672,
                            extra={"mlp_ratio": 4, "use_swiglu_ffn": True}),
-        "tiny": ExpertSize(56, 7, 24, 2, 2, 24, 8, feature_layer=-2),
+        "tiny": ExpertSize(56, 7, 24, 2, 2, 24, 8, feature_layer=-2, source_size=112),
     },
     descriptions=(
         "strong general visual features for natural images: objects, scenes, spatial layout and "
@@ -194,12 +195,12 @@ register(ExpertSpec(
 register(ExpertSpec(
     name="codetr",
     family="vitdet",
-    input=ImageInput(resample="nearest", source_size=1024, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    input=ImageInput(resample="nearest", mean=IMAGENET_MEAN, std=IMAGENET_STD),
     presets={
-        "full": ExpertSize(1280, 16, 1024, 24, 16, 256, 37,
+        "full": ExpertSize(1280, 16, 1024, 24, 16, 256, 37, source_size=1024,
                            extra={"window_size": 16, "window_block_indices": [
                                0, 1, 3, 4, 6, 7, 9, 10, 12, 13, 15, 16, 18, 19, 21, 22]}),
-        "tiny": ExpertSize(64, 8, 24, 2, 2, 16, 8,
+        "tiny": ExpertSize(64, 8, 24, 2, 2, 16, 8, source_size=48,
                            extra={"window_size": 4, "window_block_indices": [0]}),
     },
     descriptions=(
@@ -257,10 +258,10 @@ register(ExpertSpec(
 register(ExpertSpec(
     name="biomedclip",
     family="clip",
-    input=ImageInput(resample="bilinear", source_size=672),
+    input=ImageInput(resample="bilinear"),
     presets={
-        "full": ExpertSize(224, 16, 768, 12, 12, 768, 14),
-        "tiny": ExpertSize(56, 7, 16, 2, 2, 16, 8),
+        "full": ExpertSize(224, 16, 768, 12, 12, 768, 14, source_size=672),
+        "tiny": ExpertSize(56, 7, 16, 2, 2, 16, 8, source_size=112),
     },
     descriptions=(
         "understands biomedical images: radiology scans, CT, MRI, X-rays, microscopy and "

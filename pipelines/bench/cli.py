@@ -101,7 +101,8 @@ BENCHMARKS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_mod
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``bench`` and its benchmark subcommands to the ``mova`` parser."""
     p = sub.add_parser("bench", help="benchmarks; results go to docs/benchmarks.md",
-                       description=__doc__)
+                       description="Run a benchmark and write its section of "
+                                   "docs/benchmarks.md (see the intro there).")
     bench_sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for add in BENCHMARKS:
         add(bench_sub)

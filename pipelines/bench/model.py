@@ -384,6 +384,12 @@ def bench_model(preset: str = "tiny", *, device: torch.device, dtype: str | None
                 ) -> ModelBenchResult:
     """Build the preset's model and benchmark it; ``dtype`` defaults to bfloat16 on CUDA and
     float32 on CPU."""
+    for name, value, low in (("repeats", repeats, 1), ("warmup", warmup, 0),
+                             ("max_new_tokens", max_new_tokens, 1)):
+        if value < low:
+            raise ValueError(f"{name}={value} must be >= {low}")
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise ValueError(f"batch_sizes={list(batch_sizes)} must be a non-empty list of ints >= 1")
     dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
     model = build_bench_model(preset, device, dtype, llm_size=llm_size, seed=seed)
     result = run_model_bench(model, device=device, batch_sizes=batch_sizes, repeats=repeats,

@@ -236,11 +236,11 @@ def test_full_preset_matches_method_table(name: str) -> None:
 def test_full_preset_inputs() -> None:
     dino = get_expert_spec("dinov2")
     assert (dino.size("full").image_size, dino.size("full").patch_size) == (518, 14)
-    assert (dino.input.source_size, dino.input.resample) == (672, "bilinear")
+    assert (dino.size("full").source_size, dino.input.resample) == (672, "bilinear")
     codetr = get_expert_spec("codetr")
     assert codetr.size("full").image_size == 1280
     assert codetr.size("full").image_size // codetr.size("full").patch_size == 80
-    assert (codetr.input.source_size, codetr.input.resample) == (1024, "nearest")
+    assert (codetr.size("full").source_size, codetr.input.resample) == (1024, "nearest")
     for name in ("sam", "vary"):
         assert get_expert_spec(name).size("full").image_size == 1024
     assert get_expert_spec("sam").size("full").patch_size == 16
@@ -286,7 +286,9 @@ def test_resize_pixels_bad_mode() -> None:
 def test_codetr_input_is_nearest_from_source() -> None:
     resolved = _tiny("codetr")
     image = _image(30, 20)
-    source = _pil_tensor(image.resize((1024, 1024), Image.Resampling.BICUBIC))
+    src = resolved.size.source_size
+    assert src == 48  # smaller than image_size: nearest upsampling, as 1024 -> 1280 at full
+    source = _pil_tensor(image.resize((src, src), Image.Resampling.BICUBIC))
     size = resolved.size.image_size
     manual = F.interpolate(source[None], size=(size, size), mode="nearest")[0].clamp(0, 1)
     expected = normalise(manual, IMAGENET_MEAN, IMAGENET_STD)
@@ -296,7 +298,7 @@ def test_codetr_input_is_nearest_from_source() -> None:
 def test_dinov2_input_normalised_with_imagenet_stats() -> None:
     resolved = _tiny("dinov2")
     image = _image()
-    pixels = resize_pixels(image, 56, "bilinear", source_size=672)
+    pixels = resize_pixels(image, 56, "bilinear", source_size=resolved.size.source_size)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     assert torch.allclose(expert_input(image, resolved), (pixels - mean) / std, atol=1e-6)

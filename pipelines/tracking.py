@@ -1,0 +1,100 @@
+"""MLflow tracking from rank 0: run creation/resume, batched metrics, artifacts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def default_tracking_uri(output_root: str) -> str:
+    """A sqlite file beside the outputs (absolute: Ray workers run in other folders)."""
+    return f"sqlite:///{Path(output_root).resolve() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(configured: str | None, output_root: str) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(
+        output_root)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested recipe -> {"a.b.c": "value"} for ``log_params`` (values cut to 500 chars)."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:500]
+    return out
+
+
+class Tracker:
+    """One MLflow run; metrics are buffered and sent in batches."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: str,
+                 run_name: str | None, run_id: str | None = None,
+                 system_metrics: bool = True) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            exp_id = self.client.create_experiment(
+                experiment, artifact_location=_artifact_location(tracking_uri, artifact_root))
+        else:
+            exp_id = exp.experiment_id
+        self.run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
+                                    run_name=None if run_id else run_name,
+                                    log_system_metrics=system_metrics)
+        self.run_id = self.run.info.run_id
+        self.tracking_uri = tracking_uri
+        self.experiment_id = self.run.info.experiment_id
+        self._buffer: list = []
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, params=new[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        if len(self._buffer) >= 200:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self._buffer), 500):
+            self.client.log_batch(self.run_id, metrics=self._buffer[i:i + 500])
+        self._buffer = []
+
+    def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
+        self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+
+    def log_artifact(self, local_file: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, local_file, artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self.mlflow.end_run(status=status)
+
+
+def _artifact_location(tracking_uri: str, artifact_root: str) -> str | None:
+    """Explicit artifact location for file-based stores (the default would be the CWD)."""
+    if tracking_uri.startswith(("http://", "https://", "databricks")):
+        return None
+    if artifact_root.startswith("s3://"):
+        return artifact_root
+    return Path(artifact_root).resolve().as_uri()
