@@ -182,10 +182,12 @@ class MoVAModel(nn.Module):
         return {k: align_to_grid(v.to(self.device), grid, self.dtype) for k, v in features.items()}
 
     def fuse(self, base_features: Tensor, text_features: Tensor,
-             expert_features: Mapping[str, Tensor] | None, mask: Tensor) -> AdapterOutput:
+             expert_features: Mapping[str, Tensor] | None, mask: Tensor,
+             compute_experts: Sequence[str] = ()) -> AdapterOutput:
         """MoV-Adapter over base + (native-grid) expert features -> LLM-width image tokens."""
         aligned = self.align(expert_features or {})
-        return self.adapter(base_features, text_features, aligned, mask.to(self.device))
+        return self.adapter(base_features, text_features, aligned, mask.to(self.device),
+                            compute_experts=compute_experts)
 
     def routing_tokens(self, base_features: Tensor, text_features: Tensor) -> Tensor:
         """The routing pass: adapter with an all-zero mask, pooled (e.g. 24x24 -> 12x12)."""
@@ -225,11 +227,15 @@ class MoVAModel(nn.Module):
                 labels: Tensor | None = None,
                 expert_features: Mapping[str, Tensor] | None = None,
                 expert_inputs: Mapping[str, Tensor] | None = None,
-                routing_rows: Tensor | None = None) -> MoVAOutput:
+                routing_rows: Tensor | None = None,
+                sync_experts: Sequence[str] = ()) -> MoVAOutput:
         """Training/teacher-forced step. Expert features are either given (native grids, e.g.
         from the feature cache) or computed from ``expert_inputs``; only routed experts are
         needed. ``routing_rows`` (B,) marks routing-instruction samples: their image is the
-        routing pass (all-zero mask, pooled), as at inference."""
+        routing pass (all-zero mask, pooled), as at inference. ``sync_experts`` are experts
+        whose adapter branch runs even when no local sample routes them (with zero features and
+        weight): data-parallel training passes the union routed over all ranks, so every rank
+        runs the same graph and gradient reductions line up."""
         mask = expert_mask.to(self.device).bool()
         if routing_rows is not None:
             routing_rows = routing_rows.to(self.device).bool()
@@ -249,9 +255,15 @@ class MoVAModel(nn.Module):
                                  "features nor its inputs were given")
         if bool(to_compute.any()):
             feats.update(self.routed_expert_features(expert_inputs or {}, to_compute))
+        batch = mask.shape[0]
+        for name in sync_experts:
+            if name not in feats:
+                size = self.resolved[name]
+                feats[name] = torch.zeros(batch, size.size.out_grid ** 2, size.channels,
+                                          device=self.device, dtype=self.dtype)
         base = self.encode_base(pixel_values)
         text = self.encode_text(gate_input_ids, gate_attention_mask)
-        fused = self.fuse(base, text, feats, mask)
+        fused = self.fuse(base, text, feats, mask, compute_experts=sync_experts)
         image_tokens: Tensor | list[Tensor] = fused.image_tokens
         if routing_rows is not None and bool(routing_rows.any()):
             pooled = pool_routing_tokens(fused.image_tokens, self.config.adapter.routing_pool)
@@ -260,15 +272,7 @@ class MoVAModel(nn.Module):
         embeds = self.embed(input_ids, image_tokens)
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask.to(self.device),
                        labels=None if labels is None else labels.to(self.device))
-        loss = out.loss
-        if loss is not None and self.training and torch.is_grad_enabled():
-            # Unrouted experts' adapter branches are skipped, so their parameters would get no
-            # gradient on this rank while another rank's batch routes them: data-parallel
-            # reductions (DDP, DeepSpeed ZeRO) need the same gradients on every rank. A zero
-            # multiple of every trainable adapter parameter keeps the graph identical.
-            anchor = sum(p.sum() for p in self.adapter.parameters() if p.requires_grad)
-            loss = loss + 0.0 * anchor
-        return MoVAOutput(loss=loss, logits=out.logits, gate_weights=fused.gate_weights)
+        return MoVAOutput(loss=out.loss, logits=out.logits, gate_weights=fused.gate_weights)
 
     # ---- inference (implemented in mova.generation) --------------------------------------
     def route(self, routing_tokens: Tensor, questions: Sequence[str]) -> RoutingResult:

@@ -11,6 +11,7 @@ from pipelines import demo, features, model_cli, train
 from pipelines.bench import cli as bench_cli
 from pipelines.data import cli as data_cli
 from pipelines.data.synth import add_synth_parser
+from pipelines.serve import cli as serve_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_parser(sub)
     train.add_parser(sub)
     bench_cli.add_parser(sub)
+    serve_cli.add_parser(sub)
     return parser
 
 

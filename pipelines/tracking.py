@@ -83,6 +83,9 @@ class Tracker:
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, local_dir, artifact_path)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
     def log_artifact(self, local_file: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, local_file, artifact_path)
 

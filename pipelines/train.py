@@ -128,7 +128,10 @@ def run_train(recipe: TrainRecipe) -> TrainResult:
         datasets={"train": dataset},
         torch_config=TorchConfig(backend="nccl" if recipe.use_gpu else "gloo"),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray Train raises its WorkerGroupError from fit()
+        raise RuntimeError(f"training failed: {exc}") from exc
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     metrics = result.metrics or {}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -101,7 +100,7 @@ def train_loop(config: dict) -> None:
                                  recipe.optim.min_lr_ratio))
     _skip_shm_build()
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        model=_without_experts(model), optimizer=optimizer, lr_scheduler=scheduler,
         config=_deepspeed_config(recipe, bf16))
 
     state = {"step": 0, "epoch": 0, "batch": 0, "mlflow_run_id": None}
@@ -121,11 +120,17 @@ def train_loop(config: dict) -> None:
                           config["artifact_root"], recipe.mlflow.run_name or recipe.name,
                           run_id=state["mlflow_run_id"],
                           system_metrics=recipe.mlflow.system_metrics)
+        if state["mlflow_run_id"] is None:
+            import yaml
+
+            tracker.log_text(yaml.safe_dump(config["recipe"], sort_keys=False), "recipe.yaml")
         state["mlflow_run_id"] = tracker.run_id
         tracker.log_params({**flatten(config["recipe"]), "total_steps": str(total_steps),
                             "trainable_params": str(trainable), "total_params": str(total),
                             "world_size": str(ctx.get_world_size())})
     run_id = _broadcast_text(state["mlflow_run_id"] or "")
+    if tracker is not None and checkpoint:
+        tracker.log_metrics({"resumed_from_step": state["step"]}, state["step"])
 
     shard = ray.train.get_dataset_shard("train")
     step = state["step"]
@@ -138,6 +143,36 @@ def train_loop(config: dict) -> None:
     finally:
         if tracker is not None:
             tracker.end(status)
+
+
+def _without_experts(model):
+    """The module DeepSpeed manages: every part of ``model`` but the frozen experts.
+
+    Experts only run inference, on the samples routed to them; under ZeRO-3 their
+    parameters would be partitioned and gathered collectively, and ranks whose batches route
+    different experts would then disagree on the collectives. The wrapper's forward is the
+    model's forward; the parts are the same module objects, so hooks and weights are shared.
+    """
+    import torch
+
+    class TrainableParts(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.llm = model.llm
+            self.text_encoder = model.text_encoder
+            self.base_encoder = model.base_encoder
+            self.adapter = model.adapter
+            self.__dict__["mova"] = model  # not registered: experts stay outside
+
+        def forward(self, **kwargs):
+            return self.mova(**kwargs)
+
+        def train(self, mode: bool = True):
+            super().train(mode)
+            self.mova.train(mode)
+            return self
+
+    return TrainableParts()
 
 
 def _broadcast_text(text: str) -> str:
@@ -165,6 +200,7 @@ def _epochs(recipe, engine, scheduler, shard, state, total_steps, names, pad_id,
             if i < skip:
                 continue
             inputs = collate(batch, names, pad_id, recipe.features)
+            inputs["sync_experts"] = _routed_on_any_rank(inputs, names)
             engine.train()
             out = engine(**inputs)
             engine.backward(out.loss)
@@ -199,6 +235,23 @@ def _epochs(recipe, engine, scheduler, shard, state, total_steps, names, pad_id,
     return step
 
 
+def _routed_on_any_rank(inputs: dict, names: list[str]) -> list[str]:
+    """Experts routed by any sample on any rank this micro step (one small all-reduce).
+
+    Each rank then runs the adapter branches of exactly these experts, so the backward graphs
+    and the order of gradient reductions match across ranks (ZeRO-2/3 need that)."""
+    import torch
+    import torch.distributed as dist
+
+    mask = inputs["expert_mask"].bool()
+    if "routing_rows" in inputs:
+        mask = mask & ~inputs["routing_rows"].bool()[:, None]
+    used = mask.any(0).to(torch.int32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(used, op=dist.ReduceOp.MAX)
+    return [n for n, u in zip(names, used.tolist(), strict=True) if u]
+
+
 def _world() -> int:
     import torch.distributed as dist
 
@@ -225,7 +278,8 @@ def _export(recipe, engine, model, rank, tracker, step, run_id, config) -> None:
     from mova.training import merge_lora
     from pipelines import storage
 
-    gather = (deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0)
+    gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()),
+                                                modifier_rank=0)
               if recipe.deepspeed.zero_stage == 3 else contextlib.nullcontext())
     with gather:
         if rank != 0:
@@ -242,5 +296,3 @@ def _export(recipe, engine, model, rank, tracker, step, run_id, config) -> None:
             if tracker is not None:
                 tracker.log_artifacts(str(folder), "model")
             storage.upload_folder(str(folder), recipe.output)
-    del engine
-    shutil.rmtree(os.path.join(tempfile.gettempdir(), "mova-none"), ignore_errors=True)

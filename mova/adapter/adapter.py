@@ -8,7 +8,7 @@ expert mask (the routing pass) the expert branch is exactly zero and no expert f
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +31,21 @@ class AdapterOutput:
     """``(B, (G / downsample)**2, D)``."""
     gate_weights: Tensor | None = None
     """``(B, num_blocks, N)`` fp32 renormalised top-k weights; zeros for a sample routing none."""
+
+
+class PositionEmbedding(nn.Module):
+    """Learned, zero-initialised position embedding added to the base tokens.
+
+    A leaf module of its own (not a bare parameter of the adapter) so that sharded data
+    parallelism (ZeRO-3) gathers it around its own forward and backward like any layer.
+    """
+
+    def __init__(self, tokens: int, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, tokens, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.weight
 
 
 class MoVAdapter(nn.Module):
@@ -62,7 +77,7 @@ class MoVAdapter(nn.Module):
         self.gradient_checkpointing: bool = False
         eps = config.layer_norm_eps
         self.rotary = Rotary2D(hidden_size // config.num_heads, grid_size, config.rope_theta)
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid_size * grid_size, hidden_size))
+        self.pos_embed = PositionEmbedding(grid_size * grid_size, hidden_size)
         self.blocks = nn.ModuleList(
             MoVBlock(hidden_size, text_hidden_size, self.expert_channels, config.num_heads,
                      config.top_k, int(config.mlp_ratio * hidden_size), self.rotary, eps)
@@ -81,20 +96,27 @@ class MoVAdapter(nn.Module):
 
     def forward(self, base_features: Tensor, text_features: Tensor,
                 expert_features: Mapping[str, Tensor] | None, expert_mask: Tensor,
-                *, return_gates: bool = True) -> AdapterOutput:
+                *, return_gates: bool = True,
+                compute_experts: Sequence[str] = ()) -> AdapterOutput:
         """Fuse the experts routed in ``expert_mask (B, N)`` (columns in ``expert_names`` order).
 
         ``expert_features`` maps names to ``(B, G*G, C_j)`` maps already aligned to the base grid;
-        only experts routed for at least one sample are read.
+        only experts routed for at least one sample are read. ``compute_experts`` names experts
+        whose branch runs even if no sample here routes them (their weight is exactly 0): data-
+        parallel training passes the union over ranks so every rank builds the same graph.
         """
-        dtype = self.pos_embed.dtype
+        dtype = self.pos_embed.weight.dtype
         mask = self._check_mask(expert_mask, base_features)
         routed = mask.any(dim=0).tolist()
-        active = [n for n, used in zip(self.expert_names, routed, strict=True) if used]
+        unknown = sorted(set(compute_experts) - set(self.expert_names))
+        if unknown:
+            raise ValueError(f"compute_experts has unknown expert(s) {unknown}")
+        active = [n for n, used in zip(self.expert_names, routed, strict=True)
+                  if used or n in compute_experts]
         features = self._check_features(expert_features or {}, active, mask.shape[0])
         text = self._check_text(text_features, mask.shape[0]).to(dtype)
         base = base_features.to(dtype)
-        x = base + self.pos_embed
+        x = self.pos_embed(base)
         gates = []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -153,5 +175,5 @@ class MoVAdapter(nn.Module):
             if tuple(feat.shape) != expected:
                 raise ValueError(f"expert_features[{name!r}] must be {expected} (aligned to the "
                                  f"base grid), got {tuple(feat.shape)}")
-            out[name] = feat.to(self.pos_embed.dtype)
+            out[name] = feat.to(self.pos_embed.weight.dtype)
         return out

@@ -7,9 +7,11 @@ Each benchmark is one ``_add_<name>(sub)`` function listed in :data:`BENCHMARKS`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pipelines.bench.common import DEFAULT_RESULTS, resolve_device, write_section
@@ -95,7 +97,156 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_model)
 
 
-BENCHMARKS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_model,)
+# ---- mova bench features / train: shared options -----------------------------------------------
+def _output_options(p: argparse.ArgumentParser, quick_help: str) -> None:
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="keep the data, checkpoint and caches here (default: a temporary "
+                        "folder, removed afterwards)")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"markdown file whose section is replaced (default {DEFAULT_RESULTS}; "
+                        "with --quick only when given)")
+    p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+
+
+def _fill(args: argparse.Namespace, quick: dict, full: dict) -> None:
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+@contextlib.contextmanager
+def _workdir(path: Path | None, prefix: str) -> Iterator[Path]:
+    """``path`` (created, kept), or a temporary folder removed afterwards."""
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
+
+
+def zero_stages(text: str) -> list[int]:
+    """Parse ``"1,2,3"`` (or ``"none"``) into ZeRO stages."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    try:
+        stages = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        stages = [-1]
+    if any(s not in (0, 1, 2, 3) for s in stages):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ZeRO "
+                                         "stages 0-3 (or 'none'), e.g. 1,2,3")
+    return stages
+
+
+# ---- mova bench features ---------------------------------------------------------------------
+FEATURES_QUICK = {"images": 16, "repeats": 1}
+FEATURES_FULL = {"images": 4096, "repeats": 3}
+
+
+def _run_features(args: argparse.Namespace) -> int:
+    from pipelines.bench.features import bench_features, render_markdown
+
+    _fill(args, FEATURES_QUICK, FEATURES_FULL)
+    with _workdir(args.workdir, "mova-bench-features-") as root:
+        result = bench_features(root, images=args.images, expert=args.expert,
+                                batch_size=args.batch_size, workers=args.workers,
+                                repeats=args.repeats, image_size=args.image_size,
+                                seed=args.seed)
+    _output(args, result.key, render_markdown(result), result.to_dict())
+    return 0
+
+
+def _add_features(sub: argparse._SubParsersAction) -> None:
+    from pipelines.bench.features import DEFAULT_EXPERT
+
+    p = sub.add_parser("features", help="the Ray Data feature-cache job vs a plain PyTorch loop",
+                       description="Cache one tiny expert's features for the same synthetic "
+                                   "images with a plain batched loop and with the Ray Data job "
+                                   "(run_features); report images/s, Ray's fixed start-up, "
+                                   "the ratios and a fully cached re-run.")
+    p.add_argument("--images", type=int, default=None, help="synthetic images (default 4096)")
+    p.add_argument("--expert", default=DEFAULT_EXPERT, help=f"default {DEFAULT_EXPERT}")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch and shard")
+    p.add_argument("--workers", type=int, default=1,
+                   help="actors in the expert's pool (1 CPU each; default 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    _output_options(p, "smoke-test settings: 16 images, 1 round")
+    p.set_defaults(func=_run_features)
+
+
+# ---- mova bench train ------------------------------------------------------------------------
+TRAIN_QUICK = {"steps": 2, "batch_size": 2, "zero_stages": [2]}
+TRAIN_FULL = {"steps": 20, "batch_size": 8, "zero_stages": [1, 2, 3]}
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from pipelines.bench.train import bench_train, render_markdown
+
+    _fill(args, TRAIN_QUICK, TRAIN_FULL)
+    with _workdir(args.workdir, "mova-bench-train-") as root:
+        result = bench_train(root, steps=args.steps, batch_size=args.batch_size,
+                             zero_stages=args.zero_stages, stage=args.stage,
+                             image_size=args.image_size, seed=args.seed)
+    _output(args, result.key, render_markdown(result), result.to_dict())
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="training steps: cached vs computed expert features, ZeRO",
+                       description="Steps/s and tokens/s of the tiny MoVA on CPU with cached "
+                                   "expert features vs experts computed each step (in one "
+                                   "process), and of run_train (Ray Train + DeepSpeed, 2 "
+                                   "workers) per ZeRO stage.")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps per configuration, after 1 warm-up step (default 20)")
+    p.add_argument("--batch-size", type=int, default=None, help="per step/worker (default 8)")
+    p.add_argument("--zero-stages", type=zero_stages, default=None,
+                   help="ZeRO stages to run with run_train, or 'none' (default 1,2,3)")
+    p.add_argument("--stage", choices=["pretrain", "sft"], default="pretrain")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    _output_options(p, "smoke-test settings: 2 steps of batch 2, ZeRO-2 only")
+    p.set_defaults(func=_run_train)
+
+
+# ---- mova bench serve ------------------------------------------------------------------------
+def _run_serve(args: argparse.Namespace) -> int:
+    from pipelines.bench.serve import CONCURRENCY, bench_serve, render_markdown
+
+    levels = args.concurrency or ([1, 4] if args.quick else list(CONCURRENCY))
+    result = bench_serve(levels=levels, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                         quick=args.quick, port=args.port)
+    _output(args, result.key, render_markdown(result), result.to_dict())
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="the Serve app under 1-16 concurrent clients vs a "
+                                     "sequential batch-1 loop",
+                       description="Throughput and p50/p95 latency of `mova serve` (tiny model, "
+                                   "local Ray) against the reference-style sequential batch-1 "
+                                   "loop in one process; expert cost of k forced experts vs "
+                                   "all; memory per deployment. Starts Ray: run it alone.")
+    p.add_argument("--concurrency", type=batch_sizes, default=None,
+                   help="client counts (default 1,4,8,16; with --quick 1,4)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer tokens (default 32)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: a free one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"markdown file whose section is replaced (default {DEFAULT_RESULTS}; "
+                        "with --quick only when given)")
+    p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke-test settings: fewer clients, requests and expert sets")
+    p.set_defaults(func=_run_serve)
+
+
+BENCHMARKS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_model, _add_features, _add_train, _add_serve)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

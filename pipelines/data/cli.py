@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from mova.metrics import METRICS
+from pipelines.data.benchmarks import BENCHMARK_CONVERTERS, BENCHMARK_METRICS, convert_benchmark
 from pipelines.data.convert import convert_llava, convert_vqa
 from pipelines.data.manifest import validate_manifest
 from pipelines.storage import StorageError
@@ -44,17 +45,24 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    """Convert a LLaVA JSON or VQA JSONL file to a manifest."""
+    """Convert a LLaVA JSON, VQA JSONL or public benchmark file to a manifest."""
+    src = getattr(args, "src", None)
     try:
         if args.format == "llava":
-            count = convert_llava(args.src, args.out, image_root=args.image_root)
-        else:
-            count = convert_vqa(args.src, args.out, image_root=args.image_root,
+            count = convert_llava(src, args.out, image_root=args.image_root)
+        elif args.format == "vqa":
+            count = convert_vqa(src, args.out, image_root=args.image_root,
                                 metric=args.metric)
-    except StorageError as exc:
+        else:
+            options = {k: getattr(args, k) for k in ("annotations", "split", "limit")
+                       if getattr(args, k, None) is not None}
+            count = convert_benchmark(args.format, src, args.out,
+                                      image_root=getattr(args, "image_root", None), **options)
+            src = src or f"easy-VQA {args.split}"
+    except (StorageError, ImportError) as exc:
         print(f"mova data convert: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {count} sample(s) from {args.src} to {args.out}")
+    print(f"wrote {count} sample(s) from {src} to {args.out}")
     print(f"check it with: mova data validate {args.out}")
     return 0
 
@@ -74,7 +82,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
                    help="do not open and decode the images")
     v.set_defaults(func=run_validate)
 
-    c = data_sub.add_parser("convert", help="convert LLaVA JSON or VQA JSONL to a manifest")
+    c = data_sub.add_parser("convert", help="convert LLaVA JSON, VQA JSONL or a public "
+                                            "benchmark to a manifest")
     formats = c.add_subparsers(dest="format", required=True, metavar="FORMAT")
     llava = formats.add_parser("llava", help="LLaVA instruction JSON (a list of samples)")
     vqa = formats.add_parser("vqa", help="VQA JSON lines (image, question, answers)")
@@ -87,4 +96,32 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
         fp.set_defaults(func=run_convert)
     vqa.add_argument("--metric", default="vqa_accuracy", choices=sorted(METRICS),
                      help="evaluation metric of the answers (default: vqa_accuracy)")
+    _add_benchmark_parsers(formats)
     return data_sub
+
+
+def _add_benchmark_parsers(formats: argparse._SubParsersAction) -> None:
+    """One ``convert`` format per public benchmark (``pipelines.data.benchmarks``)."""
+    for name in BENCHMARK_CONVERTERS:
+        fp = formats.add_parser(name, help=f"the {name} benchmark's public format "
+                                           f"(metric: {BENCHMARK_METRICS[name]})")
+        if name == "easyvqa":
+            fp.add_argument("split", choices=("train", "test"),
+                            help="easy-VQA split (from the installed easy-vqa package)")
+            fp.add_argument("out", help="output manifest (.jsonl or .parquet; local or s3://)")
+            fp.add_argument("--limit", type=int, metavar="N", help="keep the first N questions")
+            fp.set_defaults(func=run_convert)
+            continue
+        src_help = "the MME release folder" if name == "mme" else (
+            "a POPE .json(l) file or a folder of them" if name == "pope" else
+            "the questions file (local or s3://)")
+        fp.add_argument("src", help=src_help)
+        fp.add_argument("out", help="output manifest (.jsonl or .parquet; local or s3://)")
+        if name != "mme":
+            fp.add_argument("--image-root", metavar="DIR",
+                            help="folder of the benchmark's images (default: the input's "
+                                 "folder)")
+        if name == "vqav2":
+            fp.add_argument("--annotations", metavar="FILE",
+                            help="the annotations JSON (default: the official sibling name)")
+        fp.set_defaults(func=run_convert)

@@ -53,7 +53,7 @@ def make_inputs(batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, 
 
 def expected_at_init(model: MoVAdapter, base: torch.Tensor) -> torch.Tensor:
     """mlp(avg_pool((B0 + pos + B0) / 2)) by hand: blocks and downsampler stages are identities."""
-    x = (base + model.pos_embed + base) / 2
+    x = (base + model.pos_embed.weight + base) / 2
     grid = x.transpose(1, 2).reshape(base.shape[0], C, G, G)
     pooled = F.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
     fc1, fc2 = model.projector[0], model.projector[2]
@@ -158,7 +158,7 @@ def test_adapter_at_init_is_mlp_of_pooled_base() -> None:
         out = model(base, text, feats, mask).image_tokens
         torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
     with torch.no_grad():  # the final residual adds B0 without pos_embed
-        model.pos_embed.normal_()
+        model.pos_embed.weight.normal_()
     out = model(base, text, None, torch.zeros(2, 3)).image_tokens
     torch.testing.assert_close(out, expected_at_init(model, base), atol=1e-6, rtol=1e-6)
 

@@ -217,3 +217,23 @@ def test_routing_rows_train_on_the_routing_pass(model):
     n = len(routing_sample["input_ids"])
     torch.testing.assert_close(out.logits[0, :n], expected.logits[0], atol=1e-5, rtol=1e-5)
     assert out.gate_weights[0].sum() == 0  # the routing row routes no expert
+
+
+def test_sync_experts_change_the_graph_not_the_result(model):
+    """Branches run for experts another rank routed leave this rank's loss unchanged."""
+    images = [_image(16), _image(17)]
+    batch = _batch(model, images, ["q one?", "q two?"], ["a", "b"], [["sam"], []])
+    inputs = model.processor.experts_inputs(["sam"], images)
+    plain = model(**batch, expert_inputs=inputs)
+    synced = model(**batch, expert_inputs=inputs, sync_experts=["sam", "vary", "deplot"])
+    torch.testing.assert_close(plain.loss, synced.loss, rtol=0, atol=1e-6)
+    model.train()
+    try:
+        out = model(**batch, expert_inputs=inputs, sync_experts=["sam", "vary"])
+        out.loss.backward()
+        extractor = [n for n, p in model.adapter.named_parameters()
+                     if "vary" in n and p.grad is not None]
+        assert extractor, "the synced expert's branch is in the graph"
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 
 from pipelines.recipes import FeaturesRecipe, load_recipe
+from pipelines.train_recipe import TrainRecipe
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
-RECIPES = {"features.yaml": FeaturesRecipe}
+RECIPES = {"features.yaml": FeaturesRecipe, "pretrain.yaml": TrainRecipe,
+           "sft.yaml": TrainRecipe}
 
 
 def test_every_recipe_file_has_a_schema():
@@ -35,3 +37,28 @@ def test_overrides_and_errors():
         load_recipe(FeaturesRecipe, JOBS / "features.yaml", ["experts=some"])
     with pytest.raises(FileNotFoundError, match="recipe not found"):
         load_recipe(FeaturesRecipe, JOBS / "nope.yaml")
+
+
+def test_train_recipes_agree_on_stage_and_chain():
+    pre = load_recipe(TrainRecipe, JOBS / "pretrain.yaml")
+    sft = load_recipe(TrainRecipe, JOBS / "sft.yaml")
+    assert (pre.stage, sft.stage) == ("pretrain", "sft")
+    assert sft.init_from == pre.output
+    assert sft.optim.lr < pre.optim.lr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stage=finetune", "stage='finetune'"),
+    ("deepspeed.zero_stage=4", "zero_stage=4"),
+    ("lora.enabled=true", "lora.enabled is for stage sft"),
+    ("features=cached", None),
+    ("optim.lr=-1", "optim.lr must be > 0"),
+    ("deepspeed.offload_param=true", "offload_param needs zero_stage 3"),
+    ("optim.betas=0.9", "optim.betas must be a list"),
+])
+def test_train_recipe_errors(override, message):
+    if message is None:
+        load_recipe(TrainRecipe, JOBS / "pretrain.yaml", [override])
+        return
+    with pytest.raises(ValueError, match=message):
+        load_recipe(TrainRecipe, JOBS / "pretrain.yaml", [override])

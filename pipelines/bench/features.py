@@ -1,0 +1,372 @@
+"""`mova bench features`: the Ray Data feature-cache job against a plain PyTorch loop.
+
+Both compute the same tiny expert's features for the same synthetic images and write them with
+:meth:`FeatureCache.write_shard`: (a) one process, batch by batch (decode, hash, preprocess with
+``expert_input``, run the expert, write a shard); (b) :func:`pipelines.features.run_features` on
+a fresh cache. Ray's fixed start-up (``ray.init``, the hashing stage's workers, the expert
+actor's start) is separated from its steady throughput by timing the job on the full manifest
+and on a quarter of it with Ray already running: the difference is the marginal cost of the
+extra images. (c) A re-run on a complete cache measures the zero-work path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines import storage
+from pipelines.bench.common import machine_info, markdown_table
+from pipelines.cache import FeatureCache
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERT = "dinov2"
+SMALL_FRACTION = 4  # the small manifest holds 1/SMALL_FRACTION of the images
+
+
+# ---- the workspace: synthetic images and a tiny checkpoint -----------------------------------
+def make_workspace(root: str | Path, images: int, *, image_size: int = 128, seed: int = 0,
+                   routing_samples: int = 0) -> tuple[str, str]:
+    """Write ``images`` synthetic samples (split over the 4 domains) and a tiny MoVA checkpoint
+    under ``root``; returns (train manifest, checkpoint folder)."""
+    from mova.factory import build_tiny_mova
+    from pipelines.data.synth import DOMAINS, SynthConfig, generate
+
+    if images < 1:
+        raise ValueError(f"images={images} must be >= 1")
+    root = Path(root)
+    per_domain = -(-images // len(DOMAINS))
+    result = generate(SynthConfig(out=str(root / "data"), seed=seed, per_domain=per_domain,
+                                  test_per_domain=0, image_size=image_size,
+                                  routing_samples=routing_samples))
+    # Domains interleaved, so any prefix (the small manifest, a few steps) mixes them.
+    by_domain: dict[str, list[str]] = {d: [] for d in DOMAINS}
+    routing = []
+    for line in result.train_manifest.read_text().splitlines():
+        row = json.loads(line)
+        (routing if row.get("kind") == "routing" else by_domain[row["domain"]]).append(line)
+    answers = [rows[i] for i in range(per_domain) for rows in by_domain.values()][:images]
+    result.train_manifest.write_text("\n".join(answers + routing) + "\n")
+    checkpoint = root / "checkpoint"
+    build_tiny_mova(seed=seed).save_pretrained(checkpoint)
+    return str(result.train_manifest), str(checkpoint)
+
+
+def subset_manifest(manifest: str, count: int, name: str) -> str:
+    """The first ``count`` rows of ``manifest`` as a sibling manifest (same image paths)."""
+    path = Path(manifest).with_name(name)
+    path.write_text("\n".join(Path(manifest).read_text().splitlines()[:count]) + "\n")
+    return str(path)
+
+
+def manifest_images(manifest: str) -> list[str]:
+    """Distinct image URIs of a manifest, sorted (what the job plans over)."""
+    from pipelines.data.manifest import load_manifest, resolve_image
+
+    samples = load_manifest(manifest, check_images=False)
+    return sorted({resolve_image(manifest, s.image) for s in samples if s.image})
+
+
+# ---- (a) the plain loop -------------------------------------------------------------------
+@dataclass
+class PlainRun:
+    """One plain-loop run: ``seconds`` covers reading the manifest, loading the expert and every
+    batch; ``batch_seconds`` the batches alone."""
+
+    images: int
+    seconds: float
+    setup_seconds: float
+    batch_seconds: list[float]
+    bytes_written: int
+
+
+def plain_features(uris: Sequence[str], checkpoint: str, expert: str, cache_root: str, *,
+                   batch_size: int = 16, dtype: str = "float16") -> PlainRun:
+    """Compute and cache ``expert``'s features of ``uris`` in this process, batch by batch:
+    decode + hash, ``expert_input``, the expert, ``write_shard`` (what the Ray job's actor does,
+    plus the hashing its first stage does)."""
+    from mova.checkpoint import load_expert
+    from mova.experts.preprocess import expert_input
+    from mova.images import image_hash, load_image
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    start = time.perf_counter()
+    model, resolved, key = load_expert(checkpoint, expert)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        model.to(device, torch.bfloat16)  # as the job's actor does
+    param = next(model.parameters())
+    cache = FeatureCache(cache_root)
+    cache.describe(expert, key, {"expert": expert, "key": key, "checkpoint": checkpoint})
+    setup = time.perf_counter() - start
+    batch_seconds, nbytes = [], 0
+    for i in range(0, len(uris), batch_size):
+        t0 = time.perf_counter()
+        images = [load_image(storage.read_bytes(u)) for u in uris[i:i + batch_size]]
+        hashes = [image_hash(im) for im in images]
+        inputs = torch.stack([expert_input(im, resolved) for im in images])
+        if inputs.is_floating_point():
+            inputs = inputs.to(device, param.dtype)
+        with torch.inference_mode():
+            feats = model(inputs)
+        nbytes += cache.write_shard(expert, key, hashes, feats, dtype)[1]
+        batch_seconds.append(time.perf_counter() - t0)
+    return PlainRun(len(uris), time.perf_counter() - start, setup, batch_seconds, nbytes)
+
+
+def plain_run(manifest: str, checkpoint: str, expert: str, cache_root: str, *,
+              batch_size: int, dtype: str = "float16") -> PlainRun:
+    """:func:`plain_features` over a manifest; the manifest read is timed too."""
+    start = time.perf_counter()
+    uris = manifest_images(manifest)
+    run = plain_features(uris, checkpoint, expert, cache_root, batch_size=batch_size,
+                         dtype=dtype)
+    read = time.perf_counter() - start - run.seconds
+    return dataclasses.replace(run, seconds=run.seconds + read,
+                               setup_seconds=run.setup_seconds + read)
+
+
+# ---- results ----------------------------------------------------------------------------
+@dataclass
+class RunTiming:
+    """One timed run. ``kind``: plain, ray_cold (Ray started by the job), ray (Ray already
+    running), ray_small (the small manifest), ray_cached (nothing left to compute).
+    ``stage_seconds``: plain: the batches; Ray: the expert's actor-pool stage (actor start +
+    batches), as ``ExpertSummary.seconds``."""
+
+    kind: str
+    images: int
+    computed: int
+    seconds: float
+    stage_seconds: float
+
+
+@dataclass
+class FeaturesBenchResult:
+    expert: str
+    images: int
+    small_images: int
+    batch_size: int
+    workers: int
+    repeats: int
+    image_size: int
+    dtype: str
+    machine: dict[str, str] = field(default_factory=dict)
+    runs: list[RunTiming] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """The docs section key, ``bench:features:cpu`` (``:workers=N`` when N != 1)."""
+        device = "cuda" if self.machine.get("gpu", "none") != "none" else "cpu"
+        return f"bench:features:{device}" + (f":workers={self.workers}" if self.workers != 1
+                                             else "")
+
+    def of(self, kind: str) -> list[RunTiming]:
+        return [r for r in self.runs if r.kind == kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "throughput": throughput(self),
+                "ratios": ratios(self)}
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return float(statistics.median(values)) if values else None
+
+
+def _rate(images: float, seconds: float | None) -> float | None:
+    return images / seconds if seconds and seconds > 0 else None
+
+
+def throughput(r: FeaturesBenchResult) -> dict[str, float | None]:
+    """Images/s from the medians of the runs (None where not measured or not positive).
+
+    ``ray_steady`` is the marginal rate (N - n) / (stage(N) - stage(n)) of the actor-pool
+    stage, which cancels every fixed cost; ``ray_fixed_s`` the stage's fixed cost (intercept).
+    """
+    def med(kind: str, attr: str) -> float | None:
+        return _median([getattr(x, attr) for x in r.of(kind)])
+
+    out = {
+        "plain": _rate(r.images, med("plain", "seconds")),
+        "plain_batches": _rate(r.images, med("plain", "stage_seconds")),
+        "ray_cold": _rate(r.images, med("ray_cold", "seconds")),
+        "ray": _rate(r.images, med("ray", "seconds")),
+        "ray_stage": _rate(r.images, med("ray", "stage_seconds")),
+        "ray_small": _rate(r.small_images, med("ray_small", "seconds")),
+        "ray_steady": None, "ray_fixed_s": None,
+    }
+    big, small = med("ray", "stage_seconds"), med("ray_small", "stage_seconds")
+    if big is not None and small is not None and r.images > r.small_images:
+        out["ray_steady"] = _rate(r.images - r.small_images, big - small)
+        if out["ray_steady"]:
+            out["ray_fixed_s"] = big - r.images / out["ray_steady"]
+    return out
+
+
+RATIOS = (
+    ("ray_cold", "plain", "end to end, Ray started by the job (ray.init included)"),
+    ("ray", "plain", "end to end, Ray already running"),
+    ("ray_stage", "plain", "expert stage (actor start + batches) vs the whole plain run"),
+    ("ray_steady", "plain_batches", "steady state: marginal rate vs the plain batches"),
+)
+
+
+def ratios(r: FeaturesBenchResult) -> dict[str, float | None]:
+    """Ray Data / plain loop throughput for each pair of :data:`RATIOS`, and the cached
+    re-run's time over the computing run's (``cached_vs_compute``)."""
+    tp = throughput(r)
+    out = {f"{ray}/{plain}": (tp[ray] / tp[plain] if tp[ray] and tp[plain] else None)
+           for ray, plain, _ in RATIOS}
+    cached = _median([x.seconds for x in r.of("ray_cached")])
+    compute = _median([x.seconds for x in r.of("ray")])
+    out["cached_vs_compute"] = cached / compute if cached and compute else None
+    return out
+
+
+# ---- the benchmark ------------------------------------------------------------------------
+def _ray_run(kind: str, manifest: str, checkpoint: str, cache: str, expert: str,
+             batch_size: int, workers: int, dtype: str, images: int) -> RunTiming:
+    from pipelines.features import run_features
+    from pipelines.recipes import FeaturesRecipe
+
+    recipe = FeaturesRecipe(manifest=manifest, checkpoint=checkpoint, cache=cache,
+                            experts="all", only=[expert], dtype=dtype, batch_size=batch_size,
+                            workers_per_expert=workers, cpus_per_worker=1.0).validate()
+    start = time.perf_counter()
+    summary = run_features(recipe)
+    seconds = time.perf_counter() - start
+    (stage,) = [e for e in summary.experts if e.expert == expert]
+    if stage.needed != images:
+        raise RuntimeError(f"the job planned {stage.needed} images for {expert}; expected "
+                           f"{images}")
+    log.info("%s: %d computed, %.2f s (stage %.2f s)", kind, stage.computed, seconds,
+             stage.seconds)
+    return RunTiming(kind, images, stage.computed, seconds, stage.seconds)
+
+
+def bench_features(workdir: str | Path, *, images: int = 4096, expert: str = DEFAULT_EXPERT,
+                   batch_size: int = 16, workers: int = 1, repeats: int = 3,
+                   image_size: int = 128, dtype: str = "float16", seed: int = 0
+                   ) -> FeaturesBenchResult:
+    """Run the whole comparison under ``workdir`` (which receives data, checkpoint and caches).
+
+    Order: an untimed plain warm-up batch; the cold Ray run if Ray is not running yet (the
+    job then starts it; shut down at the end); ``repeats`` rounds of plain / Ray on the full
+    manifest / Ray on the small one; a cached re-run.
+    """
+    import ray
+
+    from mova.experts.registry import DEFAULT_POOL
+    from pipelines.ray_utils import prepare_env
+
+    if expert not in DEFAULT_POOL:
+        raise ValueError(f"expert={expert!r}; expected one of {list(DEFAULT_POOL)}")
+    for name, value, low in (("images", images, 2), ("batch_size", batch_size, 1),
+                             ("workers", workers, 1), ("repeats", repeats, 1)):
+        if value < low:
+            raise ValueError(f"{name}={value} must be >= {low}")
+    prepare_env()
+    root = Path(workdir)
+    manifest, checkpoint = make_workspace(root, images, image_size=image_size, seed=seed)
+    small = max(1, images // SMALL_FRACTION)
+    small_manifest = subset_manifest(manifest, small, "small.jsonl")
+    result = FeaturesBenchResult(expert, images, small, batch_size, workers, repeats,
+                                 image_size, dtype)
+    uris = manifest_images(manifest)
+    if len(uris) != images:
+        raise RuntimeError(f"{manifest} has {len(uris)} distinct images; expected {images}")
+    plain_features(uris[:batch_size], checkpoint, expert, str(root / "cache-warmup"),
+                   batch_size=batch_size, dtype=dtype)  # imports and first-call costs
+
+    counter = iter(range(10**6))
+
+    def cache_dir(kind: str) -> str:
+        return str(root / f"cache-{kind}-{next(counter)}")
+
+    def ray_run(kind: str, path: str, count: int, cache: str | None = None) -> RunTiming:
+        return _ray_run(kind, path, checkpoint, cache or cache_dir(kind), expert, batch_size,
+                        workers, dtype, count)
+
+    started = not ray.is_initialized()
+    try:
+        if started:
+            result.runs.append(ray_run("ray_cold", manifest, images))
+        last = ""
+        for _ in range(repeats):
+            plain = plain_run(manifest, checkpoint, expert, cache_dir("plain"),
+                              batch_size=batch_size, dtype=dtype)
+            result.runs.append(RunTiming("plain", images, images, plain.seconds,
+                                         sum(plain.batch_seconds)))
+            last = cache_dir("ray")
+            result.runs.append(ray_run("ray", manifest, images, last))
+            result.runs.append(ray_run("ray_small", small_manifest, small))
+        result.runs.append(ray_run("ray_cached", manifest, images, last))
+        result.machine = machine_info(torch.device("cpu"))
+        result.machine["Ray CPUs"] = str(int(ray.cluster_resources().get("CPU", 0)))
+    finally:
+        if started:
+            ray.shutdown()
+    return result
+
+
+# ---- reporting ----------------------------------------------------------------------------
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def render_markdown(r: FeaturesBenchResult) -> str:
+    """The results as the markdown section (also what the CLI prints)."""
+    tp, rt = throughput(r), ratios(r)
+    threads = r.machine.get("torch threads")
+    env = f"OMP_NUM_THREADS={threads} " if threads else ""
+    out = [f"## `mova bench features`: Ray Data job vs a plain loop, expert {r.expert}", "",
+           f"Reproduce: `{env}mova bench features --images {r.images} --expert {r.expert} "
+           f"--batch-size {r.batch_size} --workers {r.workers} --repeats {r.repeats}`", "",
+           "Machine: " + "; ".join(f"{k}: {v}" for k, v in r.machine.items()), "",
+           f"{r.images} synthetic {r.image_size}x{r.image_size} images (4 domains), the tiny "
+           f"`{r.expert}` expert, batches of {r.batch_size}, {r.dtype} cache shards. Plain loop: "
+           "one process (torch threads as above), per batch decode + hash, `expert_input`, the "
+           "expert, `FeatureCache.write_shard`. Ray Data: `run_features` (`experts=all`, "
+           f"`only=[{r.expert}]`, {r.workers} actor(s) x 1 CPU, which Ray runs with "
+           "OMP_NUM_THREADS=1 unless set) on a fresh cache each run: manifest read, a hashing "
+           "stage (Ray tasks), then the expert's actor pool. Medians of "
+           f"{r.repeats} run(s), interleaved (plain, Ray full, Ray small).", "",
+           "### Throughput", ""]
+    small = f"{r.small_images} images"
+    rows = [
+        ["plain loop, whole run (manifest, expert load, batches)", _fmt(tp["plain"])],
+        ["plain loop, batches only", _fmt(tp["plain_batches"])],
+        ["Ray job, whole run, Ray started by the job", _fmt(tp["ray_cold"])],
+        ["Ray job, whole run, Ray already running", _fmt(tp["ray"])],
+        ["Ray job, expert stage only (actor start + batches)", _fmt(tp["ray_stage"])],
+        [f"Ray job, whole run on the small manifest ({small})", _fmt(tp["ray_small"])],
+        [f"Ray job, steady state: marginal rate between {r.images} and {small}",
+         _fmt(tp["ray_steady"])],
+    ]
+    out += [markdown_table(["measurement", "images/s"], rows), "",
+            f"Fixed cost of the expert stage (intercept of the two sizes: actor start, expert "
+            f"load, scheduling): {_fmt(tp['ray_fixed_s'], '.2f')} s.", "",
+            "### Ray Data / plain loop", ""]
+    rows = [[what, f"`{ray}` / `{plain}`", _fmt(rt[f"{ray}/{plain}"], ".2f")]
+            for ray, plain, what in RATIOS]
+    out += [markdown_table(["comparison", "throughputs", "ratio"], rows), "",
+            "A ratio >= 0.9 meets the goal for that comparison.", "",
+            "### Runs", ""]
+    rows = [[x.kind, x.images, x.computed, f"{x.seconds:.2f}", f"{x.stage_seconds:.2f}"]
+            for x in r.runs]
+    out += [markdown_table(["run", "images", "computed", "seconds", "stage seconds"], rows), "",
+            f"The cached re-run (`ray_cached`, nothing computed) took "
+            f"{_fmt(rt['cached_vs_compute'], '.2f')}x the time of a computing run with Ray "
+            "running: its cost is reading the manifest, hashing every image and the cache "
+            "index."]
+    return "\n".join(out) + "\n"

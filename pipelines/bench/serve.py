@@ -1,0 +1,318 @@
+"""`mova bench serve`: the Serve app under load, side by side with the reference-style server.
+
+The reference (the released code's way) answers one request at a time in one process:
+``model.generate`` at batch size 1, each request waiting for the previous one. The Serve app
+runs every part in its own replicas and batches concurrent requests. Both get the same closed-
+loop clients (each sends its next request when the previous answer arrives) at 1, 4, 8 and 16
+concurrent clients, the same JPEG data-URI images, questions and greedy decoding. Then the
+cost of k forced experts against all of them, and the memory of each deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines.bench.common import IMAGE_SIZE, fmt_ms, machine_info, markdown_table, peak_memory_mib
+
+log = logging.getLogger(__name__)
+
+CONCURRENCY = (1, 4, 8, 16)
+QUESTIONS = ("How many people are in the picture?", "Which bar in the chart is the highest?",
+             "What is written on the sign?", "Where exactly is the red car?")
+# k forced experts: none, the costliest one, the three costliest (see `mova bench model`), all.
+EXPERT_SETS: tuple[tuple[str, tuple[str, ...] | None], ...] = (
+    ("0", ()), ("1", ("codetr",)), ("3", ("vary", "codetr", "sam")), ("7 (all)", None))
+
+
+@dataclass
+class LoadResult:
+    """One closed-loop load level."""
+
+    clients: int
+    requests: int
+    seconds: float
+    latencies_ms: list[float]
+    errors: int = 0
+    identical: int = 0
+    vision_ms: list[float] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def pct(self, q: float, values: Sequence[float] | None = None) -> float:
+        values = self.latencies_ms if values is None else values
+        return float(np.percentile(values, q)) if values else float("nan")
+
+
+@dataclass
+class ServeBenchResult:
+    machine: dict[str, str]
+    settings: dict[str, Any]
+    reference: list[LoadResult] = field(default_factory=list)
+    served: list[LoadResult] = field(default_factory=list)
+    experts: dict[str, list[LoadResult]] = field(default_factory=dict)
+    memory_mib: dict[str, float] = field(default_factory=dict)
+    reference_peak_rss_mib: float = 0.0
+
+    key: str = "bench:serve:tiny:cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def bench_inputs(count: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(JPEG data URI, question) pairs: smooth synthetic images of :data:`IMAGE_SIZE`."""
+    rng = np.random.default_rng(seed)
+    w, h = IMAGE_SIZE
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    out = []
+    for i in range(count):
+        a, b, c = rng.uniform(1, 6, 3)
+        rgb = np.stack([np.sin(a * xx + b * yy), np.cos(b * xx - c * yy), np.sin(c * xx * yy)])
+        pixels = ((rgb.transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+        uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+        out.append((uri, QUESTIONS[i % len(QUESTIONS)]))
+    return out
+
+
+def requests_for(clients: int, quick: bool) -> int:
+    return max(8, 2 * clients) if quick else max(16, 4 * clients)
+
+
+# ---- the reference: one process, batch size 1, one request at a time -----------------------
+def run_reference(model, inputs: list[tuple[str, str]], levels: Sequence[int], *,
+                  max_new_tokens: int, quick: bool) -> tuple[list[LoadResult], dict[int, str]]:
+    lock = threading.Lock()
+    answers: dict[int, str] = {}
+
+    def call(i: int) -> float:
+        uri, question = inputs[i % len(inputs)]
+        start = time.perf_counter()
+        with lock:
+            out = model.generate([uri], [question], max_new_tokens=max_new_tokens)[0]
+        answers.setdefault(i % len(inputs), out.answer)
+        return (time.perf_counter() - start) * 1e3
+
+    call(0)  # warm-up
+    results = []
+    for clients in levels:
+        n = requests_for(clients, quick)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            latencies = list(pool.map(call, range(n)))
+        results.append(LoadResult(clients, n, time.perf_counter() - start, latencies))
+        log.info("reference, %d clients: %.1f req/s", clients, results[-1].throughput)
+    return results, answers
+
+
+# ---- the Serve app -----------------------------------------------------------------------------
+async def _load(url: str, clients: int, n: int, body: Callable[[int], dict],
+                answers: dict[int, str] | None, count: int) -> LoadResult:
+    import httpx
+
+    latencies, vision, errors, identical = [], [], 0, 0
+    next_index = iter(range(n))
+    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        async def worker() -> None:
+            nonlocal errors, identical
+            for i in next_index:
+                start = time.perf_counter()
+                resp = await http.post("/v1/chat/completions", json=body(i))
+                latencies.append((time.perf_counter() - start) * 1e3)
+                if resp.status_code != 200:
+                    errors += 1
+                    continue
+                data = resp.json()
+                vision.append(data["mova"]["vision_ms"])
+                if answers is not None:
+                    identical += data["choices"][0]["message"]["content"] == answers[i % count]
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return LoadResult(clients, n, time.perf_counter() - start, latencies, errors, identical,
+                      vision)
+
+
+def _body(inputs: list[tuple[str, str]], max_tokens: int,
+          experts: Sequence[str] | None = None) -> Callable[[int], dict]:
+    def make(i: int) -> dict:
+        uri, question = inputs[i % len(inputs)]
+        body = {"model": "mova", "max_tokens": max_tokens, "temperature": 0,
+                "messages": [{"role": "user", "content": [
+                    {"type": "text", "text": question},
+                    {"type": "image_url", "image_url": {"url": uri}}]}]}
+        if experts is not None:
+            body["mova"] = {"experts": list(experts)}
+        return body
+    return make
+
+
+def _memory() -> dict[str, float]:
+    from ray import serve
+
+    status = serve.status().applications["mova"].deployments
+    out = {}
+    for name in status:
+        info = serve.get_deployment_handle(name, app_name="mova").info.remote().result()
+        out[name] = info["rss_bytes"] / 2**20
+    return out
+
+
+def run_served(checkpoint: str, inputs: list[tuple[str, str]], levels: Sequence[int],
+               answers: dict[int, str], result: ServeBenchResult, *, max_new_tokens: int,
+               quick: bool, port: int) -> None:
+    import ray
+    from ray import serve
+
+    from pipelines.ray_utils import init_ray
+    from pipelines.recipes import load_recipe
+    from pipelines.serve.app import start
+    from pipelines.serve.recipe import ServeRecipe
+
+    recipe = load_recipe(ServeRecipe, None, [
+        f"checkpoint={checkpoint}", f"port={port}", "limits.max_inflight=256",
+        f"limits.max_tokens={max(64, max_new_tokens)}", "experts.default.num_replicas=1",
+        "experts.default.autoscaling=null"])
+    init_ray("local", num_cpus=os.cpu_count() or 2,
+             temp_dir=tempfile.mkdtemp(prefix="mova-bench-serve-", dir="/tmp"))
+    try:
+        url = start(recipe)
+        warm = _body(inputs, 4, experts=None)
+        asyncio.run(_load(url, 4, 8, warm, None, len(inputs)))
+        asyncio.run(_load(url, 2, 4, _body(inputs, 4, experts=_all_experts(checkpoint)),
+                          None, len(inputs)))
+        for clients in levels:
+            n = requests_for(clients, quick)
+            res = asyncio.run(_load(url, clients, n, _body(inputs, max_new_tokens), answers,
+                                    len(inputs)))
+            result.served.append(res)
+            log.info("serve, %d clients: %.1f req/s (%d errors)", clients, res.throughput,
+                     res.errors)
+        sets = EXPERT_SETS[::3] if quick else EXPERT_SETS
+        for label, names in sets:
+            experts = _all_experts(checkpoint) if names is None else list(names)
+            body = _body(inputs, 8, experts=experts)
+            result.experts[label] = [
+                asyncio.run(_load(url, c, requests_for(c, quick), body, None, len(inputs)))
+                for c in (1, 8)]
+        result.memory_mib = _memory()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _all_experts(checkpoint: str) -> list[str]:
+    from mova.checkpoint import load_config
+
+    return load_config(checkpoint).expert_names
+
+
+def bench_serve(*, levels: Sequence[int] = CONCURRENCY, max_new_tokens: int = 32,
+                seed: int = 0, quick: bool = False, port: int | None = None) -> ServeBenchResult:
+    """Run the reference loop, then the Serve app, on the same tiny model and inputs."""
+    from mova.factory import build_tiny_mova
+
+    result = ServeBenchResult(machine=machine_info(torch.device("cpu")),
+                              settings={"levels": list(levels), "max_new_tokens": max_new_tokens,
+                                        "seed": seed, "quick": quick})
+    model = build_tiny_mova(seed=seed)
+    inputs = bench_inputs(16, seed)
+    with tempfile.TemporaryDirectory(prefix="mova-bench-serve-") as tmp:
+        checkpoint = str(model.save_pretrained(f"{tmp}/ckpt"))
+        with torch.inference_mode():
+            result.reference, answers = run_reference(model, inputs, levels,
+                                                      max_new_tokens=max_new_tokens,
+                                                      quick=quick)
+        result.reference_peak_rss_mib = peak_memory_mib(torch.device("cpu"))
+        del model
+        run_served(checkpoint, inputs, levels, answers, result, max_new_tokens=max_new_tokens,
+                   quick=quick, port=port or _free_port())
+    return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def render_markdown(r: ServeBenchResult) -> str:
+    """The results as the markdown section (also what the CLI prints)."""
+    s = r.settings
+    levels = ",".join(map(str, s["levels"]))
+    out = ["## `mova bench serve`: tiny model on cpu", "",
+           f"Reproduce: `mova bench serve --concurrency {levels} --max-new-tokens "
+           f"{s['max_new_tokens']}{' --quick' if s['quick'] else ''}`", "",
+           "Machine: " + "; ".join(f"{k}: {v}" for k, v in r.machine.items()), "",
+           "Closed-loop clients (each sends its next request when its answer arrives), "
+           f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEG data URIs (16 distinct), one question each, "
+           f"greedy decoding of {s['max_new_tokens']} answer tokens after the routing decode "
+           "(the random tiny model routes to no expert and never stops early). **Reference**: "
+           "the released code's way, `model.generate` at batch size 1 in one process, one "
+           "request at a time (latency includes the wait for earlier requests; torch's default "
+           "threads). **Serve**: `mova serve` on a local Ray over HTTP (ingress, adapter, LLM "
+           "and 7 expert deployments, 1 replica each, 0.1 CPU each, so one torch thread each; "
+           "the clients run in the benchmark process). `identical` counts served answers equal "
+           "to the reference's answer for the same input.", "",
+           "### Throughput and latency", ""]
+    rows = []
+    for ref, srv in zip(r.reference, r.served, strict=True):
+        rows.append([ref.clients, ref.requests, f"{ref.throughput:.1f}", fmt_ms(ref.pct(50)),
+                     fmt_ms(ref.pct(95)), f"{srv.throughput:.1f}", fmt_ms(srv.pct(50)),
+                     fmt_ms(srv.pct(95)), f"{srv.throughput / ref.throughput:.2f}x",
+                     f"{srv.identical}/{srv.requests}", srv.errors])
+    out += [markdown_table(["clients", "requests", "reference req/s", "reference p50 ms",
+                            "reference p95 ms", "serve req/s", "serve p50 ms", "serve p95 ms",
+                            "speed-up", "identical", "errors"], rows), ""]
+    out += ["### Expert cost: k forced experts vs all 7", "",
+            "The same requests with the experts forced (`mova.experts`; the routing decode is "
+            "skipped), 8 answer tokens. `vision ms` is the server-side time from the request's "
+            "first model call to its fused image tokens (encoders, experts in parallel, fusion), "
+            "from the response's `mova.vision_ms`. Ratios are against all 7.", ""]
+    rows = []
+    all_key = EXPERT_SETS[-1][0]
+    base = r.experts.get(all_key)
+    for label, names in EXPERT_SETS:
+        if label not in r.experts:
+            continue
+        one, eight = r.experts[label]
+        v1 = statistics.median(one.vision_ms) if one.vision_ms else float("nan")
+        ratio = (f"{v1 / statistics.median(base[0].vision_ms):.2f}" if base and
+                 base[0].vision_ms else "")
+        rows.append([label, ", ".join(names) if names else ("none" if names == () else "all"),
+                     fmt_ms(one.pct(50)), fmt_ms(v1), ratio, f"{eight.throughput:.1f}",
+                     fmt_ms(eight.pct(50, eight.vision_ms)), one.errors + eight.errors])
+    out += [markdown_table(["k", "experts", "1 client: p50 ms", "1 client: vision ms p50",
+                            "vision ratio to all", "8 clients: req/s",
+                            "8 clients: vision ms p50", "errors"], rows), ""]
+    out += ["### Memory per deployment", "",
+            "Resident set size of each replica's process after the runs (includes torch and "
+            "Ray's worker runtime, about 250 MiB of it before any weights); the reference is "
+            "the benchmark process's peak RSS before Ray started.", ""]
+    rows = [[name, f"{mib:.0f}"] for name, mib in sorted(r.memory_mib.items())]
+    rows.append(["all replicas", f"{sum(r.memory_mib.values()):.0f}"])
+    rows.append(["reference process (peak)", f"{r.reference_peak_rss_mib:.0f}"])
+    out += [markdown_table(["deployment", "RSS MiB"], rows)]
+    return "\n".join(out)

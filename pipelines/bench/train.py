@@ -1,0 +1,352 @@
+"""`mova bench train`: training steps with cached expert features vs experts run every step,
+and the Ray Train + DeepSpeed loop per ZeRO stage.
+
+In-process part (one process, no Ray): the same synthetic samples are prepared by
+:func:`pipelines.dataset.prepare_batch` (the function ``build_dataset`` maps over the manifest)
+with ``features=cached`` and ``features=compute``, once with each sample's routing label
+(1-2 experts) and once with all 7 experts routed; batches are made with
+:func:`pipelines.dataset.collate`. Each configuration has its own model and AdamW, and the four
+are stepped in interleaved rounds (``model(**batch)``, backward, ``optimizer.step``); the first
+step of each is a warm-up and is not timed. Ray part: :func:`pipelines.train.run_train` with 2
+workers for each ZeRO stage, timed from the loop's own per-step MLflow records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.bench.common import machine_info, markdown_table
+from pipelines.bench.features import make_workspace, plain_features
+
+log = logging.getLogger(__name__)
+
+MASKS = ("label", "all")
+FEATURES = ("cached", "compute")
+ZERO_WORKERS = 2
+ZERO_CPUS_PER_WORKER = 0.5  # leaves Ray Data a CPU on a 2-CPU Ray (1.0 each starves it)
+
+
+@dataclass
+class ConfigTiming:
+    """One in-process configuration: ``step_ms`` and ``tokens`` of each timed step."""
+
+    masks: str
+    features: str
+    step_ms: list[float]
+    tokens: list[int]
+    experts_per_sample: float
+    prepare_ms_per_sample: float
+    collate_ms: float
+
+    @property
+    def steps_per_s(self) -> float:
+        return 1000.0 * len(self.step_ms) / sum(self.step_ms)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1000.0 * sum(self.tokens) / sum(self.step_ms)
+
+    @property
+    def median_ms(self) -> float:
+        return float(statistics.median(self.step_ms))
+
+
+@dataclass
+class ZeroTiming:
+    """One ``run_train`` run. ``loop_seconds`` spans the MLflow records of the first and the
+    last step (so it covers steps 2..N); rates are over those steps; ``tokens_per_s`` is the
+    median of the loop's own ``tokens_per_s`` metric (all workers) over steps 2..N."""
+
+    zero_stage: int
+    workers: int
+    batch_size: int
+    steps: int
+    loop_seconds: float
+    steps_per_s: float
+    tokens_per_s: float
+    wall_seconds: float
+    final_loss: float | None
+
+
+@dataclass
+class TrainBenchResult:
+    steps: int
+    batch_size: int
+    stage: str
+    samples: int
+    image_size: int
+    machine: dict[str, str] = field(default_factory=dict)
+    configs: list[ConfigTiming] = field(default_factory=list)
+    zero: list[ZeroTiming] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        device = "cuda" if self.machine.get("gpu", "none") != "none" else "cpu"
+        return f"bench:train:{device}"
+
+    def config(self, masks: str, features: str) -> ConfigTiming:
+        for c in self.configs:
+            if (c.masks, c.features) == (masks, features):
+                return c
+        raise ValueError(f"no timing for masks={masks!r}, features={features!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for c, d in zip(self.configs, data["configs"], strict=True):
+            d.update(steps_per_s=c.steps_per_s, tokens_per_s=c.tokens_per_s,
+                     median_ms=c.median_ms)
+        return {**data, "speedups": speedups(self)}
+
+
+def speedups(r: TrainBenchResult) -> dict[str, dict[str, float]]:
+    """Per mask variant: cached / compute steps per second (from the total time of the timed
+    steps) and the same from the median step times."""
+    out = {}
+    for masks in MASKS:
+        try:
+            cached, compute = r.config(masks, "cached"), r.config(masks, "compute")
+        except ValueError:
+            continue
+        out[masks] = {"steps_per_s": cached.steps_per_s / compute.steps_per_s,
+                      "median": compute.median_ms / cached.median_ms}
+    return out
+
+
+# ---- data -----------------------------------------------------------------------------------
+def manifest_rows(manifest: str, masks: str, pool: Sequence[str]) -> list[dict]:
+    """The rows ``build_dataset`` maps, all experts routed when ``masks == "all"``."""
+    from pipelines.data.manifest import load_manifest
+
+    if masks not in MASKS:
+        raise ValueError(f"masks={masks!r}; expected one of {MASKS}")
+    rows = [{"id": s.id, "image": s.image, "kind": s.kind, "experts": s.experts,
+             "conversations": s.conversations} for s in load_manifest(manifest, pool=pool,
+                                                                        check_images=False)]
+    if masks == "all":
+        rows = [{**row, "experts": list(pool)} for row in rows]
+    return rows
+
+
+def fill_cache(manifest: str, checkpoint: str, cache: str, rows_all: int,
+               batch_size: int = 16) -> None:
+    """Cache, in this process, each sample's label experts and all experts of the first
+    ``rows_all`` samples (what the cached configurations and the ZeRO runs read)."""
+    from mova.checkpoint import load_config
+    from pipelines.data.manifest import resolve_image
+
+    pool = load_config(checkpoint).expert_names
+    label = manifest_rows(manifest, "label", pool)
+    for name in pool:
+        uris = sorted({resolve_image(manifest, row["image"]) for i, row in enumerate(label)
+                       if i < rows_all or name in (row["experts"] or pool)})
+        if uris:
+            plain_features(uris, checkpoint, name, cache, batch_size=batch_size)
+
+
+def prepared_rows(manifest: str, checkpoint: str, cache: str, masks: str, features: str,
+                  count: int) -> tuple[dict[str, list], float]:
+    """The first ``count`` samples prepared by ``prepare_batch``; returns (columns, seconds)."""
+    from mova.checkpoint import load_config
+    from pipelines.dataset import PrepareSpec, prepare_batch
+
+    rows = manifest_rows(manifest, masks, load_config(checkpoint).expert_names)[:count]
+    spec = PrepareSpec(checkpoint=checkpoint, manifest=manifest, cache=cache, features=features,
+                       max_length=None)
+    columns = {k: [row[k] for row in rows] for k in rows[0]}
+    prepare_batch({k: v[:1] for k, v in columns.items()}, spec)  # tokenizers, cache index
+    start = time.perf_counter()
+    prepared = prepare_batch(columns, spec)
+    return prepared, time.perf_counter() - start
+
+
+# ---- in-process timing ------------------------------------------------------------------------
+def bench_in_process(manifest: str, checkpoint: str, cache: str, *, steps: int, batch_size: int,
+                     stage: str = "pretrain", lr: float = 2e-4) -> list[ConfigTiming]:
+    """Time ``steps`` optimizer steps (after one warm-up step) of each (masks, features)
+    configuration, interleaved round by round."""
+    from mova.checkpoint import from_pretrained
+    from mova.training import set_stage, trainable_parameters
+    from pipelines.dataset import collate
+
+    count = batch_size * (steps + 1)
+    runs: dict[tuple[str, str], dict[str, Any]] = {}
+    for masks in MASKS:
+        for features in FEATURES:
+            columns, seconds = prepared_rows(manifest, checkpoint, cache, masks, features, count)
+            n = len(columns["id"])
+            model = from_pretrained(checkpoint)
+            set_stage(model, stage)
+            model.train()
+            batches, collate_s = [], []
+            for s in range(steps + 1):
+                idx = [(s * batch_size + j) % n for j in range(batch_size)]
+                t0 = time.perf_counter()
+                batches.append(collate({k: [v[i] for i in idx] for k, v in columns.items()},
+                                       model.expert_names, model.tokenizer.pad_token_id,
+                                       features))
+                collate_s.append(time.perf_counter() - t0)
+            runs[(masks, features)] = {
+                "model": model, "batches": batches, "step_ms": [], "tokens": [],
+                "optimizer": torch.optim.AdamW(trainable_parameters(model), lr=lr),
+                "prepare_ms": 1000.0 * seconds / n,
+                "collate_ms": 1000.0 * statistics.median(collate_s),
+                "experts": float(torch.stack([b["expert_mask"].float().sum(1)
+                                              for b in batches]).mean()),
+            }
+    keys = list(runs)
+    for s in range(steps + 1):
+        for key in keys[s % len(keys):] + keys[:s % len(keys)]:
+            run, batch = runs[key], runs[key]["batches"][s]
+            start = time.perf_counter()
+            run["optimizer"].zero_grad(set_to_none=True)
+            out = run["model"](**batch)
+            out.loss.backward()
+            run["optimizer"].step()
+            elapsed = time.perf_counter() - start
+            if s:  # the first step of each configuration is a warm-up
+                run["step_ms"].append(1000.0 * elapsed)
+                run["tokens"].append(int(batch["attention_mask"].sum()))
+    return [ConfigTiming(m, f, run["step_ms"], run["tokens"], run["experts"],
+                         run["prepare_ms"], run["collate_ms"]) for (m, f), run in runs.items()]
+
+
+# ---- Ray Train per ZeRO stage -----------------------------------------------------------------
+def zero_run(zero_stage: int, manifest: str, checkpoint: str, cache: str, workdir: str | Path,
+             *, steps: int, batch_size: int, stage: str = "pretrain",
+             log_every: int = 1) -> ZeroTiming:
+    """One ``run_train`` (2 workers, ``steps + 1`` optimizer steps, cached features). The
+    loop reports (MLflow + ``ray.train.report``) every ``log_every`` steps and at the end."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.recipes import RayConfig
+    from pipelines.train import run_train
+    from pipelines.train_recipe import DeepSpeedConfig, MlflowConfig, TrainRecipe
+
+    root = Path(workdir).resolve()
+    tag = f"zero{zero_stage}-{uuid.uuid4().hex[:8]}"
+    recipe = TrainRecipe(
+        stage=stage, init_from=checkpoint, manifest=manifest, cache=cache, features="cached",
+        output=str(root / "models" / tag), name=f"bench-{tag}",
+        storage_path=str(root / "ray_results"), num_workers=ZERO_WORKERS,
+        cpus_per_worker=ZERO_CPUS_PER_WORKER, deepspeed=DeepSpeedConfig(zero_stage=zero_stage),
+        batch_size=batch_size, max_steps=steps + 1, checkpoint_every=10**6,
+        keep_checkpoints=1, log_every=log_every, max_failures=0,
+        mlflow=MlflowConfig(tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+                            experiment="bench-train", system_metrics=False),
+        ray=RayConfig()).validate()
+    start = time.perf_counter()
+    result = run_train(recipe)
+    wall = time.perf_counter() - start
+    history = sorted(MlflowClient(result.tracking_uri).get_metric_history(
+        result.mlflow_run_id, "tokens_per_s"), key=lambda m: m.step)
+    if len(history) < 2:
+        raise RuntimeError(f"ZeRO-{zero_stage}: {len(history)} step record(s); expected "
+                           f"{steps + 1}")
+    span = (history[-1].timestamp - history[0].timestamp) / 1000.0
+    timed = history[1:]
+    count = history[-1].step - history[0].step
+    return ZeroTiming(zero_stage, ZERO_WORKERS, batch_size, count, span,
+                      count / span if span > 0 else float("nan"),
+                      float(statistics.median(m.value for m in timed)), wall,
+                      result.final_loss)
+
+
+# ---- the benchmark ----------------------------------------------------------------------------
+def bench_train(workdir: str | Path, *, steps: int = 20, batch_size: int = 8,
+                zero_stages: Sequence[int] = (1, 2, 3), stage: str = "pretrain",
+                image_size: int = 128, seed: int = 0) -> TrainBenchResult:
+    """Make the workspace (enough samples for ``steps + 1`` steps on each of 2 workers), fill
+    the cache in-process, time the in-process configurations, then each ZeRO stage."""
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+    if any(z not in (0, 1, 2, 3) for z in zero_stages):
+        raise ValueError(f"zero_stages={list(zero_stages)}; expected some of 0, 1, 2, 3")
+    root = Path(workdir)
+    samples = ZERO_WORKERS * batch_size * (steps + 1)
+    manifest, checkpoint = make_workspace(root, samples, image_size=image_size, seed=seed)
+    cache = str(root / "features")
+    fill_cache(manifest, checkpoint, cache, rows_all=batch_size * (steps + 1))
+    result = TrainBenchResult(steps, batch_size, stage, samples, image_size)
+    result.configs = bench_in_process(manifest, checkpoint, cache, steps=steps,
+                                      batch_size=batch_size, stage=stage)
+    result.machine = machine_info(torch.device("cpu"))
+    if zero_stages:
+        import ray
+
+        from pipelines.ray_utils import prepare_env
+
+        prepare_env()
+        started = not ray.is_initialized()
+        try:
+            for z in zero_stages:
+                log.info("ZeRO-%d: run_train with %d workers", z, ZERO_WORKERS)
+                result.zero.append(zero_run(z, manifest, checkpoint, cache, root, steps=steps,
+                                            batch_size=batch_size, stage=stage))
+        finally:
+            if started:
+                ray.shutdown()
+    return result
+
+
+def render_markdown(r: TrainBenchResult) -> str:
+    """The results as the markdown section (also what the CLI prints)."""
+    threads = r.machine.get("torch threads")
+    env = f"OMP_NUM_THREADS={threads} " if threads else ""
+    stages = ",".join(str(z.zero_stage) for z in r.zero) or "none"
+    out = [f"## `mova bench train`: cached expert features vs computed, and ZeRO stages "
+           f"({r.stage})", "",
+           f"Reproduce: `{env}mova bench train --steps {r.steps} --batch-size {r.batch_size} "
+           f"--zero-stages {stages}`", "",
+           "Machine: " + "; ".join(f"{k}: {v}" for k, v in r.machine.items()), "",
+           f"Tiny MoVA (random init), stage `{r.stage}` (what it trains: `set_stage`), fp32 on "
+           f"CPU, {r.samples} synthetic {r.image_size}x{r.image_size} samples (4 domains, "
+           "interleaved). MFU is not measured: no GPU here, and the tiny shapes would make it "
+           "meaningless.", "",
+           "### In one process: cached features vs experts computed each step", "",
+           f"Batch {r.batch_size}; {r.steps} timed steps per configuration after 1 warm-up "
+           "step; the four configurations (own model + AdamW each) stepped in interleaved "
+           "rounds. Step = `model(**batch)` + `loss.backward()` + `AdamW.step()`; rows come "
+           "from `prepare_batch` (the function `build_dataset` maps: compute mode prepares "
+           "each routed expert's input there), batches from `collate`; both timed apart "
+           "(they run in Ray Data workers / the loop, not in the step). Tokens = "
+           "`attention_mask.sum()` (text + image tokens), as the training loop counts them. "
+           "`label`: the synthetic routing labels; `all`: every sample routes all 7 experts.",
+           ""]
+    rows = [[c.masks, c.features, f"{c.experts_per_sample:.2f}", f"{c.median_ms:.1f}",
+             f"{c.steps_per_s:.2f}", f"{c.tokens_per_s:.0f}", f"{c.prepare_ms_per_sample:.2f}",
+             f"{c.collate_ms:.2f}"] for c in r.configs]
+    out += [markdown_table(["masks", "features", "experts/sample", "median step ms",
+                            "steps/s", "tokens/s", "prepare ms/sample", "collate ms/batch"],
+                           rows), ""]
+    rows = [[masks, f"{s['steps_per_s']:.2f}", f"{s['median']:.2f}"]
+            for masks, s in speedups(r).items()]
+    out += ["Cached / compute speed-up (goal >= 2x):", "",
+            markdown_table(["masks", "steps/s ratio", "median step-time ratio"], rows), ""]
+    if r.zero:
+        out += ["### Ray Train + DeepSpeed per ZeRO stage (cached features)", "",
+                f"`run_train`, {ZERO_WORKERS} workers x {ZERO_CPUS_PER_WORKER} CPU, batch "
+                f"{r.batch_size} per worker, {r.steps + 1} steps, gloo, fp32, client AdamW. "
+                "Steps/s = steps 2..N over the time between the loop's MLflow records of step 1 "
+                "and step N (each record is taken after the step's optimizer update; the whole "
+                "loop is covered: Ray Data rows, collate, forward, backward, ZeRO reductions). "
+                "Tokens/s = median over steps 2..N of the loop's own `tokens_per_s` (all "
+                "workers). Wall = the whole `run_train` call (Ray, worker and DeepSpeed "
+                "start-up, MLflow, export).", ""]
+        rows = [[z.zero_stage, z.steps, f"{z.steps_per_s:.2f}", f"{z.tokens_per_s:.0f}",
+                 f"{z.loop_seconds:.2f}", f"{z.wall_seconds:.1f}",
+                 "n/a" if z.final_loss is None else f"{z.final_loss:.3f}"] for z in r.zero]
+        out += [markdown_table(["ZeRO stage", "timed steps", "steps/s", "tokens/s",
+                                "loop s", "wall s", "final loss"], rows)]
+    return "\n".join(out) + "\n"
+

@@ -1,0 +1,198 @@
+"""The OpenAI chat-completions wire format: strict request parsing and response builders.
+
+Requests are checked here, before any model work, so every bad field is a 400 naming it. The
+MoVA extension travels in a ``mova`` field: in a request ``{"experts": [...]}`` forces the
+routing (``[]`` forces none) and ``timeout_s`` shortens the deadline; in a response it holds
+the routing decision and the gate weights.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipelines.serve.errors import APIError, bad_request
+
+_STRICT = ConfigDict(strict=True, extra="forbid")
+MAX_STOP = 4
+# Fields OpenAI clients may send that this server cannot honour unless left at their default.
+_UNSUPPORTED: dict[str, Any] = {
+    "n": 1, "logprobs": False, "top_logprobs": None, "tools": None, "tool_choice": None,
+    "functions": None, "function_call": None, "response_format": None, "logit_bias": None,
+    "presence_penalty": 0, "frequency_penalty": 0, "audio": None, "modalities": None,
+    "prediction": None,
+}
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    url: str
+    detail: str | None = None
+
+
+class TextPart(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(BaseModel):
+    model_config = _STRICT
+    type: Literal["image_url"]
+    image_url: ImageURL | str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False
+
+
+class MoVAOptions(BaseModel):
+    model_config = _STRICT
+    experts: list[str] | None = None
+    timeout_s: float | None = Field(default=None, gt=0)
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    mova: MoVAOptions | None = None
+
+
+@dataclass
+class Conversation:
+    """A request's messages as MoVA turns plus its one image source."""
+
+    turns: list[dict[str, str]]
+    image_url: str
+    image_param: str
+    questions: list[str] = field(default_factory=list)
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    """Validate a decoded JSON body; the first problem becomes a 400 naming its field."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object", code="invalid_json")
+    try:
+        req = ChatRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise bad_request(f"{param}: {first['msg']}" if param else first["msg"],
+                          param=param) from None
+    for name, default in _UNSUPPORTED.items():
+        value = (req.model_extra or {}).get(name, default)
+        if value is not None and value != default:
+            raise bad_request(f"{name}={value!r} is not supported by this server",
+                              param=name, code="unsupported_parameter")
+    if req.max_tokens is not None and req.max_completion_tokens is not None \
+            and req.max_tokens != req.max_completion_tokens:
+        raise bad_request("max_tokens and max_completion_tokens disagree", param="max_tokens")
+    stops = stop_list(req.stop)
+    if len(stops) > MAX_STOP or any(not s for s in stops):
+        raise bad_request(f"stop must hold 1 to {MAX_STOP} non-empty strings", param="stop")
+    return req
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def to_conversation(messages: list[Message], max_images: int) -> Conversation:
+    """OpenAI messages -> LLaVA-style turns (image placeholder added later) and the image."""
+    turns: list[dict[str, str]] = []
+    images: list[tuple[str, str]] = []
+    roles = {"system": "system", "developer": "system", "user": "human", "assistant": "gpt"}
+    for i, msg in enumerate(messages):
+        texts: list[str] = []
+        if isinstance(msg.content, str):
+            texts.append(msg.content)
+        else:
+            for j, part in enumerate(msg.content):
+                if isinstance(part, TextPart):
+                    texts.append(part.text)
+                    continue
+                if msg.role != "user":
+                    raise bad_request(f"messages[{i}]: images are allowed in user messages "
+                                      f"only, not in a {msg.role!r} message",
+                                      param=f"messages.{i}.content.{j}")
+                url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
+                images.append((url, f"messages.{i}.content.{j}.image_url"))
+        turns.append({"from": roles[msg.role], "value": "\n".join(t for t in texts if t)})
+    if len(images) > max_images:
+        raise bad_request(f"the messages hold {len(images)} images; at most {max_images} "
+                          "allowed", param="messages", code="too_many_images")
+    if not images:
+        raise bad_request("the messages hold no image_url part; a MoVA request needs one image",
+                          param="messages", code="missing_image")
+    if turns[-1]["from"] != "human":
+        raise bad_request("the last message must be a user message", param="messages")
+    url, param = images[0]
+    questions = [t["value"] for t in turns if t["from"] == "human"]
+    return Conversation(turns=turns, image_url=url, image_param=param, questions=questions)
+
+
+def new_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def completion_body(*, id: str, model: str, text: str, finish_reason: str,
+                    prompt_tokens: int, completion_tokens: int,
+                    mova: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": finish_reason, "logprobs": None}],
+        "usage": usage(prompt_tokens, completion_tokens),
+        "mova": mova,
+    }
+
+
+def chunk_body(*, id: str, model: str, created: int, delta: dict[str, Any],
+               finish_reason: str | None = None, **extra: Any) -> dict[str, Any]:
+    body = {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                         "logprobs": None}]}
+    body.update(extra)
+    return body
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def models_body(model: str, created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(model, created)]}
+
+
+def model_card(model: str, created: int) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": created, "owned_by": "mova"}
+
+
+def unknown_model(name: str, served: str) -> APIError:
+    return APIError(404, f"the model {name!r} does not exist; this server serves {served!r}",
+                    param="model", code="model_not_found")

@@ -1,0 +1,246 @@
+"""The serving recipe (`mova serve --config jobs/serve.yaml`).
+
+One typed dataclass tree: the checkpoint, HTTP address, request limits, and for each deployment
+(ingress, adapter, LLM, one per expert) its replicas or autoscaling, resources and batching.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from mova.config import from_dict
+from pipelines.recipes import RayConfig
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class AutoscalingRecipe:
+    """Ray Serve autoscaling of one deployment; ``min_replicas: 0`` allows scale to zero."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    initial_replicas: int | None = None
+    target_ongoing_requests: float = 2.0
+    upscale_delay_s: float = 0.0
+    downscale_delay_s: float = 60.0
+    downscale_to_zero_delay_s: float | None = None
+    metrics_interval_s: float = 10.0
+    look_back_period_s: float = 30.0
+
+    def validate(self, prefix: str) -> None:
+        if self.min_replicas < 0 or self.max_replicas < 1:
+            raise ValueError(f"{prefix}.min_replicas must be >= 0 and {prefix}.max_replicas >= 1")
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"{prefix}.max_replicas={self.max_replicas} is below "
+                             f"{prefix}.min_replicas={self.min_replicas}")
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(f"{prefix}.initial_replicas={initial} must lie within "
+                             f"[min_replicas, max_replicas]")
+        for name in ("target_ongoing_requests", "metrics_interval_s", "look_back_period_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{prefix}.{name} must be > 0")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(f"{prefix}.look_back_period_s must exceed metrics_interval_s")
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{prefix}.{name} must be >= 0")
+
+    def to_serve(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: getattr(self, k) for k in (
+            "min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
+            "downscale_delay_s", "metrics_interval_s", "look_back_period_s")}
+        if self.initial_replicas is not None:
+            out["initial_replicas"] = self.initial_replicas
+        if self.downscale_to_zero_delay_s is not None:
+            out["downscale_to_zero_delay_s"] = self.downscale_to_zero_delay_s
+        return out
+
+
+@dataclass
+class DeploymentRecipe:
+    """Replicas (fixed, or ``autoscaling``), resources, queue limits and batching of one
+    deployment. ``max_queued_requests: -1`` means unbounded."""
+
+    num_replicas: int = 1
+    autoscaling: AutoscalingRecipe | None = None
+    num_cpus: float = 0.1
+    num_gpus: float = 0.0
+    max_ongoing_requests: int = 32
+    max_queued_requests: int = 64
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.005
+
+    def validate(self, prefix: str) -> None:
+        if self.num_replicas < 1:
+            raise ValueError(f"{prefix}.num_replicas must be >= 1 (use autoscaling with "
+                             "min_replicas: 0 to scale to zero)")
+        if self.autoscaling is not None:
+            self.autoscaling.validate(f"{prefix}.autoscaling")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError(f"{prefix}.num_cpus and {prefix}.num_gpus must be >= 0")
+        if self.max_ongoing_requests < 1:
+            raise ValueError(f"{prefix}.max_ongoing_requests must be >= 1")
+        if self.max_queued_requests < -1 or self.max_queued_requests == 0:
+            raise ValueError(f"{prefix}.max_queued_requests must be -1 (unbounded) or >= 1")
+        if self.max_batch_size < 1:
+            raise ValueError(f"{prefix}.max_batch_size must be >= 1")
+        if self.batch_wait_timeout_s < 0:
+            raise ValueError(f"{prefix}.batch_wait_timeout_s must be >= 0")
+
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
+
+    def options(self) -> dict[str, Any]:
+        """Ray Serve deployment options (as ``.options(**)`` and the config file take them)."""
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            actor["num_gpus"] = self.num_gpus
+        out: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": actor,
+            "graceful_shutdown_wait_loop_s": 0.2,
+            "graceful_shutdown_timeout_s": 5.0,
+            "user_config": {"max_batch_size": self.max_batch_size,
+                            "batch_wait_timeout_s": self.batch_wait_timeout_s},
+        }
+        if self.autoscaling is not None:
+            out["autoscaling_config"] = self.autoscaling.to_serve()
+        else:
+            out["num_replicas"] = self.num_replicas
+        return out
+
+
+def _expert_default() -> DeploymentRecipe:
+    return DeploymentRecipe(autoscaling=AutoscalingRecipe(min_replicas=0, max_replicas=1,
+                                                          initial_replicas=1))
+
+
+@dataclass
+class ExpertsRecipe:
+    """Every expert deployment gets ``default``; ``overrides`` maps an expert name to the keys
+    that differ (e.g. ``{sam: {num_gpus: 1}}``)."""
+
+    default: DeploymentRecipe = field(default_factory=_expert_default)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def for_expert(self, name: str) -> DeploymentRecipe:
+        base = _as_dict(self.default)
+        extra = self.overrides.get(name) or {}
+        if not isinstance(extra, dict):
+            raise ValueError(f"experts.overrides.{name} must be a mapping")
+        merged = _merge(base, extra)
+        recipe = from_dict(DeploymentRecipe, merged, prefix=f"experts.overrides.{name}")
+        recipe.validate(f"experts.overrides.{name}")
+        return recipe
+
+
+@dataclass
+class LimitsRecipe:
+    """What one request may ask for; anything beyond is a 400 (or 408/503 for time/load)."""
+
+    max_images: int = 1
+    max_image_bytes: int = 20_000_000
+    max_tokens: int = 1024
+    max_inflight: int = 64
+    request_timeout_s: float = 60.0
+    allow_remote_images: bool = False
+    remote_image_timeout_s: float = 10.0
+    allowed_image_dirs: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.max_images != 1:
+            raise ValueError("limits.max_images must be 1: a MoVA prompt holds one image")
+        for name in ("max_image_bytes", "max_tokens", "max_inflight"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"limits.{name} must be >= 1")
+        for name in ("request_timeout_s", "remote_image_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"limits.{name} must be > 0")
+
+
+@dataclass
+class ServeRecipe:
+    """`mova serve`: an OpenAI-compatible MoVA endpoint on Ray Serve."""
+
+    checkpoint: str = ""
+    model_name: str = "mova"
+    app_name: str = "mova"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route_prefix: str = "/"
+    api_key: str | None = None
+    api_key_env: str = "MOVA_API_KEY"
+    device: str = "auto"
+    limits: LimitsRecipe = field(default_factory=LimitsRecipe)
+    ingress: DeploymentRecipe = field(default_factory=lambda: DeploymentRecipe(
+        max_ongoing_requests=256, max_queued_requests=-1))
+    adapter: DeploymentRecipe = field(default_factory=DeploymentRecipe)
+    llm: DeploymentRecipe = field(default_factory=lambda: DeploymentRecipe(
+        max_batch_size=16, max_ongoing_requests=64, max_queued_requests=128))
+    experts: ExpertsRecipe = field(default_factory=ExpertsRecipe)
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> ServeRecipe:
+        if not self.checkpoint:
+            raise ValueError("serve recipe: checkpoint must be set")
+        if not self.model_name or not self.app_name:
+            raise ValueError("serve recipe: model_name and app_name must be non-empty")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"serve recipe: port={self.port} must be in 1..65535")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(f"serve recipe: route_prefix={self.route_prefix!r} must start "
+                             "with '/'")
+        if self.device not in DEVICES:
+            raise ValueError(f"serve recipe: device={self.device!r}; expected one of "
+                             f"{list(DEVICES)}")
+        self.limits.validate()
+        for name in ("ingress", "adapter", "llm"):
+            getattr(self, name).validate(name)
+        self.experts.default.validate("experts.default")
+        for name in self.experts.overrides:
+            self.experts.for_expert(name)
+        if self.llm.max_ongoing_requests < 2 * self.llm.max_batch_size:
+            raise ValueError("llm.max_ongoing_requests must be >= 2 * llm.max_batch_size "
+                             "(two answer batches run at once)")
+        return self
+
+    def check_pool(self, pool: list[str]) -> None:
+        """Overrides must name experts of the checkpoint's pool."""
+        unknown = sorted(set(self.experts.overrides) - set(pool))
+        if unknown:
+            raise ValueError(f"serve recipe: experts.overrides names {unknown}, which are not "
+                             f"in the checkpoint's pool {pool}")
+
+    def max_cpus(self, pool: list[str]) -> float:
+        """CPUs the app holds with every deployment at its maximum replica count."""
+        parts = [self.ingress, self.adapter, self.llm, *(self.experts.for_expert(n)
+                                                          for n in pool)]
+        return sum(p.num_cpus * p.max_replicas for p in parts)
+
+
+def _as_dict(obj: Any) -> Any:
+    import dataclasses
+
+    return copy.deepcopy(dataclasses.asdict(obj))
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def recipe_dict(recipe: ServeRecipe) -> dict[str, Any]:
+    """The recipe as plain JSON-able data (the Serve config file's ``args``)."""
+    return _as_dict(recipe)

@@ -1,0 +1,62 @@
+"""`mova bench features` and `mova bench train` on a real local Ray, at smoke-test sizes: the
+runs they time did the work they claim, and the ratios come from the measured numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mova.checkpoint import expert_cache_keys
+from pipelines.bench.common import write_section
+from pipelines.bench.features import bench_features, make_workspace, ratios, throughput
+from pipelines.bench.features import render_markdown as features_markdown
+from pipelines.bench.train import TrainBenchResult, fill_cache, zero_run
+from pipelines.bench.train import render_markdown as train_markdown
+from pipelines.cache import FeatureCache
+
+pytestmark = pytest.mark.integration
+
+
+def test_features_bench_on_ray(ray_session, tmp_path):
+    result = bench_features(tmp_path, images=8, expert="deplot", batch_size=4, repeats=1,
+                            image_size=64)
+    # Ray was already running (the session fixture), so there is no cold run to time.
+    assert [r.kind for r in result.runs] == ["plain", "ray", "ray_small", "ray_cached"]
+    computed = {r.kind: (r.images, r.computed) for r in result.runs}
+    assert computed == {"plain": (8, 8), "ray": (8, 8), "ray_small": (2, 2),
+                        "ray_cached": (8, 0)}
+    assert all(r.seconds > 0 for r in result.runs)
+    # Both sides did the same work: equal features for every image, in their own caches.
+    key = expert_cache_keys(tmp_path / "checkpoint")["deplot"]
+    plain = FeatureCache(str(next(tmp_path.glob("cache-plain-*"))))
+    ray = FeatureCache(str(next(tmp_path.glob("cache-ray-*"))))
+    hashes = set(plain.index("deplot", key))
+    assert len(hashes) == 8 and set(ray.index("deplot", key)) == hashes
+    for h in hashes:
+        torch.testing.assert_close(ray.get("deplot", key, h), plain.get("deplot", key, h),
+                                   atol=2e-3, rtol=2e-3)
+    tp, rt = throughput(result), ratios(result)
+    assert tp["ray_cold"] is None
+    assert rt["ray/plain"] == pytest.approx(tp["ray"] / tp["plain"])
+    assert rt["ray_stage/plain"] == pytest.approx(tp["ray_stage"] / tp["plain"])
+    text = write_section(tmp_path / "b.md", result.key, features_markdown(result)).read_text()
+    assert "<!-- bench:features:cpu -->" in text and "Ray CPUs: 2" in text
+
+
+def test_train_bench_zero_2_run_on_ray_train(ray_session, tmp_path):
+    """The Ray part of `mova bench train` (the in-process part is a unit test)."""
+    manifest, checkpoint = make_workspace(tmp_path, 2 * 2 * 3, image_size=64)
+    cache = str(tmp_path / "features")
+    fill_cache(manifest, checkpoint, cache, rows_all=0)  # each sample's label experts
+    zero = zero_run(2, manifest, checkpoint, cache, tmp_path, steps=2, batch_size=2)
+    assert (zero.zero_stage, zero.workers, zero.batch_size, zero.steps) == (2, 2, 2, 2)
+    assert zero.steps_per_s == pytest.approx(zero.steps / zero.loop_seconds)
+    assert zero.tokens_per_s > 0 and zero.wall_seconds > zero.loop_seconds
+    assert zero.final_loss is not None and math.isfinite(zero.final_loss)
+    result = TrainBenchResult(steps=2, batch_size=2, stage="pretrain", samples=12,
+                              image_size=64, zero=[zero])
+    text = train_markdown(result)
+    assert "### Ray Train + DeepSpeed per ZeRO stage" in text and "--zero-stages 2" in text
+    assert f"| 2 | 2 | {zero.steps_per_s:.2f} |" in text

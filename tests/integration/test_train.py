@@ -1,0 +1,195 @@
+"""Training on a real local Ray: Ray Train + DeepSpeed + MLflow, stages, resume, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from mova.checkpoint import from_pretrained
+from mova.factory import build_tiny_mova
+from pipelines.dataset import build_dataset, collate
+from pipelines.features import run_features
+from pipelines.recipes import FeaturesRecipe
+from pipelines.train import run_train
+from pipelines.train_recipe import TrainRecipe
+
+pytestmark = pytest.mark.integration
+
+DOMAINS = ("charts", "scenes")  # routes deplot/pix2struct and dinov2/codetr only
+
+
+@pytest.fixture(scope="module")
+def workspace(ray_session, tmp_path_factory):
+    """Synthetic data, an initial tiny model and its feature cache, shared by the tests."""
+    from pipelines.data.synth import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("train")
+    data = generate(SynthConfig(out=str(root / "data"), per_domain=12, test_per_domain=2,
+                                routing_samples=8, domains=DOMAINS, image_size=64))
+    init = root / "init"
+    build_tiny_mova(seed=0).save_pretrained(init)
+    run_features(FeaturesRecipe(manifest=str(data.train_manifest), checkpoint=str(init),
+                                cache=str(root / "cache"), batch_size=16, cpus_per_worker=0.5,
+                                dtype="float32").validate())
+    return {"root": root, "manifest": data.train_manifest, "init": init,
+            "cache": root / "cache"}
+
+
+def _recipe(ws, name: str, **kw) -> TrainRecipe:
+    base = {"stage": "pretrain", "init_from": str(ws["init"]), "manifest": str(ws["manifest"]),
+            "cache": str(ws["cache"]), "output": str(ws["root"] / name / "model"),
+            "name": name, "storage_path": str(ws["root"] / "ray_results"),
+            "num_workers": 2, "cpus_per_worker": 0.5, "batch_size": 4, "max_steps": 6,
+            "checkpoint_every": 3}
+    base.update(kw)
+    recipe = TrainRecipe(**{k: v for k, v in base.items() if "." not in k})
+    for key, value in base.items():
+        if "." in key:
+            section, field = key.split(".")
+            setattr(getattr(recipe, section), field, value)
+    return recipe.validate()
+
+
+def test_cached_and_computed_features_give_the_same_loss(workspace):
+    cached, n = build_dataset(str(workspace["manifest"]), str(workspace["init"]),
+                              cache=str(workspace["cache"]), features="cached")
+    computed, _ = build_dataset(str(workspace["manifest"]), str(workspace["init"]),
+                                features="compute")
+    assert n == 12 * len(DOMAINS) + 8
+    rows_a = sorted(cached.take(6), key=lambda r: r["id"])
+    rows_b = sorted(computed.take(6), key=lambda r: r["id"])
+    assert [r["id"] for r in rows_a] == [r["id"] for r in rows_b]
+    model = from_pretrained(workspace["init"])
+    names, pad = model.expert_names, model.tokenizer.pad_token_id
+
+    def batch(rows, mode):
+        return collate({k: [r[k] for r in rows] for k in rows[0]}, names, pad, mode)
+
+    a, b = batch(rows_a, "cached"), batch(rows_b, "compute")
+    assert a["expert_features"] and b["expert_inputs"] and "expert_inputs" not in a
+    with torch.no_grad():
+        loss_a = model(**a).loss
+        loss_b = model(**b).loss
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-5)
+
+
+def test_pretrain_then_sft_with_lora_and_zero3(workspace):
+    pre = run_train(_recipe(workspace, "pre"))
+    assert pre.steps == 6
+    init, trained = from_pretrained(workspace["init"]), from_pretrained(pre.output)
+    for part, should_change in (("llm", False), ("adapter", True), ("text_encoder", True),
+                                ("experts", False)):
+        a, b = getattr(init, part).state_dict(), getattr(trained, part).state_dict()
+        changed = any(not torch.equal(a[k], b[k]) for k in a)
+        assert changed == should_change, part
+    meta = json.loads((Path(pre.output) / "training.json").read_text())
+    assert meta["stage"] == "pretrain" and meta["steps"] == 6
+    client = MlflowClient(pre.tracking_uri)
+    run = client.get_run(pre.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["stage"] == "pretrain" and run.data.params["deepspeed.zero_stage"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(
+        range(1, 7))
+    for key in ("lr", "grad_norm", "tokens_per_s", "routing/experts_per_sample"):
+        assert key in run.data.metrics, key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model", "recipe.yaml"} <= artifacts
+
+    sft = run_train(_recipe(workspace, "sft", stage="sft", init_from=pre.output,
+                            features="compute", max_steps=4, checkpoint_every=4,
+                            **{"deepspeed.zero_stage": 3, "lora.enabled": True,
+                               "lora.target_modules": ["q_proj", "v_proj"]}))
+    assert sft.steps == 4
+    tuned = from_pretrained(sft.output)  # LoRA merged: a plain transformers Llama again
+    assert type(tuned.llm).__name__ == "LlamaForCausalLM"
+    a, b = trained.llm.state_dict(), tuned.llm.state_dict()
+    assert a.keys() == b.keys()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+    assert all(torch.equal(trained.experts.state_dict()[k], v)
+               for k, v in tuned.experts.state_dict().items())
+    with pytest.raises(ValueError, match="already holds a model"):
+        run_train(_recipe(workspace, "sft", stage="sft", init_from=pre.output))
+
+
+def _train_worker_pids(ray) -> list[int]:
+    """PIDs of this Ray's live training workers, from the GCS actor table."""
+    from ray._private import state
+
+    return [a["Pid"] for a in state.actors().values()
+            if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE" and a["Pid"]]
+
+
+def _kill_a_worker_after_checkpoint(ray, storage: Path, name: str) -> threading.Thread:
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            # The second checkpoint's folder appears only after the first was registered.
+            if len(list((storage / name).glob("checkpoint_*"))) >= 2:
+                pids = _train_worker_pids(ray)
+                if pids:
+                    os.kill(pids[-1], signal.SIGKILL)
+                    return
+                raise RuntimeError("no live RayTrainWorker found")
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    return thread
+
+
+def _assert_killed(thread: threading.Thread) -> None:
+    thread.join(timeout=5)
+    assert not thread.is_alive(), "the worker was never killed"
+
+
+def test_killed_worker_restarts_from_checkpoint(workspace, ray_session):
+    recipe = _recipe(workspace, "faulty", max_steps=9, max_failures=1)
+    killer = _kill_a_worker_after_checkpoint(ray_session, workspace["root"] / "ray_results",
+                                             "faulty")
+    result = run_train(recipe)
+    _assert_killed(killer)
+    assert result.steps == 9
+    client = MlflowClient(result.tracking_uri)
+    steps = [m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")]
+    assert max(steps) == 9
+    resumed = client.get_metric_history(result.mlflow_run_id, "resumed_from_step")
+    assert [m.value for m in resumed] in ([3.0], [6.0]), "the run restarted from a checkpoint"
+
+
+def test_rerunning_the_same_command_resumes(workspace, ray_session):
+    recipe = _recipe(workspace, "rerun", max_steps=9, max_failures=0)
+    killer = _kill_a_worker_after_checkpoint(ray_session, workspace["root"] / "ray_results",
+                                             "rerun")
+    with pytest.raises(RuntimeError, match="training failed"):
+        run_train(recipe)
+    _assert_killed(killer)
+    assert not Path(recipe.output).exists()
+    checkpoints = sorted((workspace["root"] / "ray_results" / "rerun").glob("checkpoint_*"))
+    assert checkpoints
+    first_run = MlflowClient(f"sqlite:///{workspace['root'] / 'rerun' / 'mlflow.db'}")
+    result = run_train(recipe)
+    assert result.steps == 9
+    runs = first_run.search_runs([first_run.get_experiment_by_name("mova").experiment_id])
+    assert [r.info.run_id for r in runs] == [result.mlflow_run_id], "resumed the same run"
+    steps = [m.step for m in first_run.get_metric_history(result.mlflow_run_id, "loss")]
+    assert steps[0] == 1 and max(steps) == 9 and 4 in steps
+
+
+def test_bad_inputs_fail_before_ray_work(workspace, tmp_path):
+    with pytest.raises(ValueError, match="init_from=.*not a usable MoVA checkpoint"):
+        run_train(_recipe(workspace, "bad1", init_from=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="manifest .* not found"):
+        run_train(_recipe(workspace, "bad2", manifest=str(tmp_path / "none.jsonl")))
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    with pytest.raises(ValueError, match="storage_path .* is not writable"):
+        run_train(_recipe(workspace, "bad3", storage_path=str(blocked / "sub")))

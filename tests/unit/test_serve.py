@@ -1,0 +1,266 @@
+"""The serving layer without Ray running: streaming decode, request parsing, image sources,
+error mapping, the recipe and the Serve config file."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from mova.conversation import tokenize_conversation
+from mova.generation import decode
+from pipelines.recipes import load_recipe
+from pipelines.serve.errors import APIError, RequestError, to_api_error
+from pipelines.serve.openai_types import parse_chat_request, to_conversation
+from pipelines.serve.recipe import ServeRecipe
+from pipelines.serve.sources import classify, decode_image, image_bytes
+from pipelines.serve.streaming import DecodeParams, TextAssembler, stream_decode
+
+JOBS = Path(__file__).resolve().parents[2] / "jobs" / "serve.yaml"
+
+
+@pytest.fixture(scope="module")
+def model():
+    from mova.factory import build_tiny_mova
+
+    m = build_tiny_mova(seed=0, experts=["sam"])
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # random-init tiny LLMs repeat one token; perturb for varied text
+        for p in m.llm.parameters():
+            if p.dim() >= 2:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.15)
+    return m
+
+
+def _prompts(model, questions):
+    n = model.config.num_image_tokens
+    rows = [tokenize_conversation([{"from": "human", "value": q}], model.tokenizer,
+                                  model.template, n, for_generation=True)["input_ids"]
+            for q in questions]
+    tokens = torch.randn(len(rows), n, model.config.llm.hidden_size,
+                         generator=torch.Generator().manual_seed(2))
+    return rows, tokens
+
+
+def _run(model, rows, tokens, params):
+    deltas, finals = [""] * len(rows), [None] * len(rows)
+    for step in stream_decode(model, rows, tokens, params):
+        for e in step:
+            assert finals[e.row] is None, "an event after the row's final event"
+            deltas[e.row] += e.delta
+            if e.done:
+                finals[e.row] = e
+    return deltas, finals
+
+
+def test_stream_decode_matches_decode_per_row(model):
+    rows, tokens = _prompts(model, ["What is in the image?", "Count the cars.", "hi"])
+    limits = (3, 9, 16)
+    deltas, finals = _run(model, rows, tokens, [DecodeParams(max_new_tokens=k) for k in limits])
+    for i, k in enumerate(limits):
+        text, n_prompt, n_new = decode(model, rows, tokens, max_new_tokens=k)[i]
+        assert finals[i].text == text == deltas[i] and text
+        assert (finals[i].prompt_tokens, finals[i].completion_tokens) == (n_prompt, n_new)
+        assert finals[i].finish_reason == "length"
+
+
+def test_stream_decode_stop_strings_and_seeded_sampling(model):
+    rows, tokens = _prompts(model, ["What is in the image?"])
+    full = decode(model, rows, tokens, max_new_tokens=16)[0][0]
+    stop = full.split()[2][:2]  # a stop string found mid-answer
+    deltas, finals = _run(model, rows, tokens, [DecodeParams(max_new_tokens=16, stop=(stop,))])
+    expected = decode(model, rows, tokens, max_new_tokens=16, stop=[stop])[0][0]
+    assert finals[0].text == deltas[0] == expected and len(expected) < len(full)
+    assert finals[0].finish_reason == "stop" and finals[0].completion_tokens < 16
+    params = DecodeParams(max_new_tokens=12, do_sample=True, temperature=0.9, top_p=0.95,
+                          seed=7)
+    deltas, finals = _run(model, rows, tokens, [params])
+    expected = decode(model, rows, tokens, max_new_tokens=12, do_sample=True, temperature=0.9,
+                      top_p=0.95, seed=7)[0][0]
+    assert finals[0].text == deltas[0] == expected
+
+
+def test_stream_decode_checks_context_and_groups(model):
+    rows, tokens = _prompts(model, ["q"])
+    with pytest.raises(ValueError, match="exceeds the LLM's context"):
+        list(stream_decode(model, rows, tokens, [DecodeParams(max_new_tokens=10_000)]))
+    with pytest.raises(ValueError, match="group_key"):
+        list(stream_decode(model, rows * 2, torch.cat([tokens, tokens]),
+                           [DecodeParams(4), DecodeParams(4, do_sample=True, seed=1)]))
+
+
+class _CharTokenizer:
+    """One character per token id (id = code point); 0 decodes to half a character."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join("\ufffd" if i == 0 else chr(i) for i in ids)
+
+
+def test_text_assembler_holds_back_what_may_change():
+    text = TextAssembler(_CharTokenizer(), stop=("END",))
+    out = [text.add(ord(c)) for c in "  hi there E"]
+    assert "".join(out) == "hi there"  # leading/trailing space and a possible "E(ND)" held
+    assert text.add(ord("N")) == "" and text.add(ord("D")) == "" and text.stopped
+    assert text.finish() == ("hi there", "")
+    text = TextAssembler(_CharTokenizer(), stop=("END",))
+    assert [text.add(ord(c)) for c in "aE"] == ["a", ""] and text.add(ord("x")) == "Ex"
+    text = TextAssembler(_CharTokenizer())
+    assert text.add(ord("a")) == "a" and text.add(0) == "" and text.finish() == ("a\ufffd",
+                                                                               "\ufffd")
+
+
+def _uri(fmt="PNG") -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (10, 200, 30)).save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _body(**extra):
+    content = [{"type": "text", "text": "What?"},
+               {"type": "image_url", "image_url": {"url": _uri()}}]
+    return {"model": "mova", "messages": [{"role": "user", "content": content}], **extra}
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"temperature": 3}, "temperature"), ({"stream": 0}, "stream"), ({"n": 2}, "n"),
+    ({"max_tokens": 0}, "max_tokens"), ({"stop": ["a"] * 5}, "stop"), ({"stop": [""]}, "stop"),
+    ({"mova": {"experts": "sam"}}, "mova.experts"), ({"top_p": 0}, "top_p"),
+    ({"messages": []}, "messages"), ({"tools": [{"type": "function"}]}, "tools"),
+])
+def test_bad_parameters_are_400_naming_the_field(extra, param):
+    with pytest.raises(APIError) as info:
+        parse_chat_request(_body(**extra))
+    assert info.value.status == 400 and info.value.param == param
+
+
+def test_messages_become_turns_with_one_image():
+    body = _body()
+    body["messages"] = [{"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "Hello"},
+                        {"role": "assistant", "content": [{"type": "text", "text": "Hi!"}]},
+                        body["messages"][0]]
+    conv = to_conversation(parse_chat_request(body).messages, max_images=1)
+    assert [t["from"] for t in conv.turns] == ["system", "human", "gpt", "human"]
+    assert conv.questions == ["Hello", "What?"] and conv.image_url.startswith("data:image/png")
+    assert conv.image_param == "messages.3.content.1.image_url"
+    two = _body()
+    two["messages"][0]["content"].append(two["messages"][0]["content"][1])
+    for body, code in ((two, "too_many_images"),
+                       ({**_body(), "messages": [{"role": "user", "content": "x"}]},
+                        "missing_image")):
+        with pytest.raises(APIError, match="image") as info:
+            to_conversation(parse_chat_request(body).messages, max_images=1)
+        assert info.value.code == code
+
+
+def test_image_sources_policy(tmp_path):
+    data = image_bytes(_uri(), max_bytes=10**6, allowed_dirs=[])
+    assert decode_image(data).size == (32, 24)
+    allowed = tmp_path / "ok"
+    allowed.mkdir()
+    (allowed / "a.png").write_bytes(data)
+    (tmp_path / "b.png").write_bytes(data)
+    assert image_bytes(f"file://{allowed / 'a.png'}", max_bytes=10**6,
+                       allowed_dirs=[str(allowed)]) == data
+    cases = [(str(allowed / ".." / "b.png"), "image_not_allowed"),
+             (str(tmp_path / "b.png"), "image_not_allowed"),
+             ("https://example.com/a.png", "image_not_allowed"),
+             ("data:image/png;base64,@@@", "invalid_image"),
+             (_uri(), "image_too_large")]
+    for url, code in cases:
+        with pytest.raises(APIError) as info:
+            image_bytes(url, max_bytes=100, allowed_dirs=[str(allowed)])
+        assert info.value.status == 400 and info.value.code == code, url
+    with pytest.raises(APIError, match="scheme 'ftp'"):
+        classify("ftp://x/y.png")
+    with pytest.raises(APIError) as info:
+        decode_image(b"not an image")
+    assert info.value.code == "invalid_image"
+
+
+def test_failures_map_to_statuses():
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    class Wrapped(Exception):  # how a replica's exception arrives (RayTaskError.cause)
+        cause = RequestError("prompt too long", param="messages", code="context_length_exceeded")
+
+    assert to_api_error(BackPressureError(5, 4)).status == 503
+    assert to_api_error(ActorDiedError()).status == 503
+    assert to_api_error(TimeoutError(), timeout_s=2).status == 408
+    err = to_api_error(Wrapped())
+    assert (err.status, err.param, err.code) == (400, "messages", "context_length_exceeded")
+    assert to_api_error(KeyError("x")).body()["error"]["code"] == "internal_error"
+    assert set(err.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_rng_lock_lets_seeded_decodes_run_alone():
+    from pipelines.serve.llm import RngLock
+
+    lock, order = RngLock(), []
+
+    def reader():
+        with lock.shared():
+            order.append("r-in")
+            time.sleep(0.05)
+            order.append("r-out")
+
+    with lock.exclusive():
+        thread = threading.Thread(target=reader)
+        thread.start()
+        time.sleep(0.05)
+        order.append("w")
+    thread.join()
+    assert order == ["w", "r-in", "r-out"]
+
+
+def test_serve_recipe_and_serve_config(tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    from mova.factory import build_tiny_mova
+    from pipelines.serve.app import check_cpu_budget, serve_config
+
+    ckpt = tmp_path / "ckpt"
+    build_tiny_mova(seed=0, experts=["sam", "vary"]).save_pretrained(ckpt)
+    recipe = load_recipe(ServeRecipe, JOBS, [f"checkpoint={ckpt}", "port=8123",
+                                              "experts.overrides={vary: {num_cpus: 0.2}}"])
+    config = serve_config(recipe)
+    ServeDeploySchema.model_validate(config)
+    assert config["http_options"]["port"] == 8123
+    app = config["applications"][0]
+    assert app["import_path"] == "pipelines.serve.app:build_app"
+    assert app["args"]["checkpoint"] == str(ckpt.resolve())
+    opts = {d["name"]: d for d in app["deployments"]}
+    assert set(opts) == {"Ingress", "Adapter", "LLM", "Expert_sam", "Expert_vary"}
+    assert opts["Expert_vary"]["ray_actor_options"]["num_cpus"] == 0.2
+    assert opts["Expert_sam"]["autoscaling_config"]["min_replicas"] == 0
+    assert opts["LLM"]["user_config"]["max_batch_size"] == 16
+    assert yaml.safe_load(yaml.safe_dump(config)) == config
+    check_cpu_budget(recipe, ["sam", "vary"], 2)
+    with pytest.raises(ValueError, match="need 0.6 CPUs"):
+        check_cpu_budget(recipe, ["sam", "vary"], 0.5)
+    with pytest.raises(ValueError, match="not in the checkpoint's pool"):
+        serve_config(load_recipe(ServeRecipe, JOBS, [f"checkpoint={ckpt}",
+                                                     "experts.overrides={dino: {}}"]))
+
+
+@pytest.mark.parametrize("override, match", [
+    ("checkpoint=", "checkpoint must be set"),
+    ("device=tpu", "device='tpu'"),
+    ("experts.default.autoscaling.max_replicas=0", "max_replicas"),
+    ("llm.max_ongoing_requests=8", "2 \\* llm.max_batch_size"),
+    ("limits.max_images=2", "max_images must be 1"),
+    ("experts.overrides={sam: {num_cpu: 1}}", "unknown config key.*num_cpu"),
+    ("adapter.max_queued_requests=0", "max_queued_requests"),
+])
+def test_serve_recipe_errors_name_the_field(override, match):
+    overrides = [] if override.startswith("checkpoint") else ["checkpoint=x"]
+    with pytest.raises(ValueError, match=match):
+        load_recipe(ServeRecipe, JOBS, [*overrides, override])
