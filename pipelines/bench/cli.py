@@ -189,7 +189,9 @@ def _run_train(args: argparse.Namespace) -> int:
     _fill(args, TRAIN_QUICK, TRAIN_FULL)
     with _workdir(args.workdir, "mova-bench-train-") as root:
         result = bench_train(root, steps=args.steps, batch_size=args.batch_size,
-                             zero_stages=args.zero_stages, stage=args.stage,
+                             zero_stages=args.zero_stages, log_every=args.log_every,
+                             report_check=not (args.quick or args.no_report_check),
+                             stage=args.stage,
                              image_size=args.image_size, seed=args.seed)
     _output(args, result.key, render_markdown(result), result.to_dict())
     return 0
@@ -206,6 +208,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="per step/worker (default 8)")
     p.add_argument("--zero-stages", type=zero_stages, default=None,
                    help="ZeRO stages to run with run_train, or 'none' (default 1,2,3)")
+    p.add_argument("--log-every", type=int, default=5,
+                   help="the ZeRO runs' metric/report interval in steps (default 5)")
+    p.add_argument("--no-report-check", action="store_true",
+                   help="skip the extra run of the first ZeRO stage with log_every=1 (the "
+                        "shipped recipes' setting; not run with --quick)")
     p.add_argument("--stage", choices=["pretrain", "sft"], default="pretrain")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)

@@ -32,8 +32,8 @@ replaced in place when its command is rerun (the HTML comments delimit the secti
 | section | reproduce with |
 |---|---|
 | `bench:model:<preset>:<device>` | `mova bench model --preset <preset> --device <device>` |
-| `bench:features:...` (planned) | `mova bench features` |
-| `bench:train:...` (planned) | `mova bench train` |
+| `bench:features:<device>` | `OMP_NUM_THREADS=1 mova bench features` (Ray; ~10 min) |
+| `bench:train:<device>` | `OMP_NUM_THREADS=1 mova bench train` (Ray; ~12 min) |
 | `bench:serve:...` (planned) | `mova bench serve` |
 
 Read the results as **ratios measured side by side** in one process on one machine (for example

@@ -340,7 +340,10 @@ def render_markdown(r: FeaturesBenchResult) -> str:
            f"`only=[{r.expert}]`, {r.workers} actor(s) x 1 CPU, which Ray runs with "
            "OMP_NUM_THREADS=1 unless set) on a fresh cache each run: manifest read, a hashing "
            "stage (Ray tasks), then the expert's actor pool. Medians of "
-           f"{r.repeats} run(s), interleaved (plain, Ray full, Ray small).", "",
+           f"{r.repeats} run(s), interleaved (plain, Ray full, Ray small). Run it with "
+           "OMP_NUM_THREADS=1: the actor runs one thread, and on a busy 2-core VM torch's "
+           "default of 2 threads made the plain loop about 10x slower (thread "
+           "oversubscription), which would flatter Ray.", "",
            "### Throughput", ""]
     small = f"{r.small_images} images"
     rows = [

@@ -63,11 +63,14 @@ class ConfigTiming:
 
 @dataclass
 class ZeroTiming:
-    """One ``run_train`` run. ``loop_seconds`` spans the MLflow records of the first and the
-    last step (so it covers steps 2..N); rates are over those steps; ``tokens_per_s`` is the
-    median of the loop's own ``tokens_per_s`` metric (all workers) over steps 2..N."""
+    """One ``run_train`` run. The loop records metrics every ``log_every`` steps and at the
+    last; ``loop_seconds`` spans the first and the last record, ``steps`` the optimizer steps
+    between them (the warm-up before the first record is left out); ``tokens_per_s`` is the
+    median of the loop's own ``tokens_per_s`` metric (all workers) over the records after the
+    first."""
 
     zero_stage: int
+    log_every: int
     workers: int
     batch_size: int
     steps: int
@@ -85,6 +88,7 @@ class TrainBenchResult:
     stage: str
     samples: int
     image_size: int
+    log_every: int = 5
     machine: dict[str, str] = field(default_factory=dict)
     configs: list[ConfigTiming] = field(default_factory=list)
     zero: list[ZeroTiming] = field(default_factory=list)
@@ -255,7 +259,7 @@ def zero_run(zero_stage: int, manifest: str, checkpoint: str, cache: str, workdi
     span = (history[-1].timestamp - history[0].timestamp) / 1000.0
     timed = history[1:]
     count = history[-1].step - history[0].step
-    return ZeroTiming(zero_stage, ZERO_WORKERS, batch_size, count, span,
+    return ZeroTiming(zero_stage, log_every, ZERO_WORKERS, batch_size, count, span,
                       count / span if span > 0 else float("nan"),
                       float(statistics.median(m.value for m in timed)), wall,
                       result.final_loss)
@@ -263,11 +267,14 @@ def zero_run(zero_stage: int, manifest: str, checkpoint: str, cache: str, workdi
 
 # ---- the benchmark ----------------------------------------------------------------------------
 def bench_train(workdir: str | Path, *, steps: int = 20, batch_size: int = 8,
-                zero_stages: Sequence[int] = (1, 2, 3), stage: str = "pretrain",
-                image_size: int = 128, seed: int = 0) -> TrainBenchResult:
+                zero_stages: Sequence[int] = (1, 2, 3), log_every: int = 5,
+                report_check: bool = True, stage: str = "pretrain", image_size: int = 128,
+                seed: int = 0) -> TrainBenchResult:
     """Make the workspace (enough samples for ``steps + 1`` steps on each of 2 workers), fill
-    the cache in-process, time the in-process configurations, then each ZeRO stage."""
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
+    the cache in-process, time the in-process configurations, then each ZeRO stage with the
+    loop reporting every ``log_every`` steps; ``report_check`` adds a run of the first stage
+    reporting every step (the shipped recipes' ``log_every: 1``) to show that cost."""
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every)):
         if value < 1:
             raise ValueError(f"{name}={value} must be >= 1")
     if any(z not in (0, 1, 2, 3) for z in zero_stages):
@@ -277,7 +284,7 @@ def bench_train(workdir: str | Path, *, steps: int = 20, batch_size: int = 8,
     manifest, checkpoint = make_workspace(root, samples, image_size=image_size, seed=seed)
     cache = str(root / "features")
     fill_cache(manifest, checkpoint, cache, rows_all=batch_size * (steps + 1))
-    result = TrainBenchResult(steps, batch_size, stage, samples, image_size)
+    result = TrainBenchResult(steps, batch_size, stage, samples, image_size, log_every)
     result.configs = bench_in_process(manifest, checkpoint, cache, steps=steps,
                                       batch_size=batch_size, stage=stage)
     result.machine = machine_info(torch.device("cpu"))
@@ -289,10 +296,15 @@ def bench_train(workdir: str | Path, *, steps: int = 20, batch_size: int = 8,
         prepare_env()
         started = not ray.is_initialized()
         try:
-            for z in zero_stages:
-                log.info("ZeRO-%d: run_train with %d workers", z, ZERO_WORKERS)
+            runs = [(z, log_every) for z in zero_stages]
+            if report_check and log_every != 1:
+                runs.append((zero_stages[0], 1))
+            for z, every in runs:
+                log.info("ZeRO-%d: run_train with %d workers, log_every=%d", z, ZERO_WORKERS,
+                         every)
                 result.zero.append(zero_run(z, manifest, checkpoint, cache, root, steps=steps,
-                                            batch_size=batch_size, stage=stage))
+                                            batch_size=batch_size, stage=stage,
+                                            log_every=every))
         finally:
             if started:
                 ray.shutdown()
@@ -303,11 +315,14 @@ def render_markdown(r: TrainBenchResult) -> str:
     """The results as the markdown section (also what the CLI prints)."""
     threads = r.machine.get("torch threads")
     env = f"OMP_NUM_THREADS={threads} " if threads else ""
-    stages = ",".join(str(z.zero_stage) for z in r.zero) or "none"
+    main = [z for z in r.zero if z.log_every == r.log_every]
+    stages = ",".join(str(z.zero_stage) for z in main) or "none"
+    extra = "" if len(main) < len(r.zero) or not r.zero or r.log_every == 1 else \
+        " --no-report-check"
     out = [f"## `mova bench train`: cached expert features vs computed, and ZeRO stages "
            f"({r.stage})", "",
            f"Reproduce: `{env}mova bench train --steps {r.steps} --batch-size {r.batch_size} "
-           f"--zero-stages {stages}`", "",
+           f"--zero-stages {stages} --log-every {r.log_every}{extra} --stage {r.stage}`", "",
            "Machine: " + "; ".join(f"{k}: {v}" for k, v in r.machine.items()), "",
            f"Tiny MoVA (random init), stage `{r.stage}` (what it trains: `set_stage`), fp32 on "
            f"CPU, {r.samples} synthetic {r.image_size}x{r.image_size} samples (4 domains, "
@@ -337,16 +352,19 @@ def render_markdown(r: TrainBenchResult) -> str:
         out += ["### Ray Train + DeepSpeed per ZeRO stage (cached features)", "",
                 f"`run_train`, {ZERO_WORKERS} workers x {ZERO_CPUS_PER_WORKER} CPU, batch "
                 f"{r.batch_size} per worker, {r.steps + 1} steps, gloo, fp32, client AdamW. "
-                "Steps/s = steps 2..N over the time between the loop's MLflow records of step 1 "
-                "and step N (each record is taken after the step's optimizer update; the whole "
-                "loop is covered: Ray Data rows, collate, forward, backward, ZeRO reductions). "
-                "Tokens/s = median over steps 2..N of the loop's own `tokens_per_s` (all "
-                "workers). Wall = the whole `run_train` call (Ray, worker and DeepSpeed "
-                "start-up, MLflow, export).", ""]
-        rows = [[z.zero_stage, z.steps, f"{z.steps_per_s:.2f}", f"{z.tokens_per_s:.0f}",
-                 f"{z.loop_seconds:.2f}", f"{z.wall_seconds:.1f}",
+                "The loop records its metrics (MLflow on rank 0, `ray.train.report` on every "
+                "rank) every `log_every` steps and at the last step, each record taken after "
+                "that step's optimizer update. Steps/s = optimizer steps between the first and "
+                "the last record over the time between them (the warm-up before the first "
+                "record is left out; the whole loop is covered: Ray Data rows, collate, "
+                "forward, backward, ZeRO reductions, the reports). Tokens/s = median of the "
+                "loop's own `tokens_per_s` (all workers) over the records after the first. "
+                "Wall = the whole `run_train` call (Ray, worker and DeepSpeed start-up, "
+                "MLflow, export).", ""]
+        rows = [[z.zero_stage, z.log_every, z.steps, f"{z.steps_per_s:.2f}",
+                 f"{z.tokens_per_s:.0f}", f"{z.loop_seconds:.2f}", f"{z.wall_seconds:.1f}",
                  "n/a" if z.final_loss is None else f"{z.final_loss:.3f}"] for z in r.zero]
-        out += [markdown_table(["ZeRO stage", "timed steps", "steps/s", "tokens/s",
-                                "loop s", "wall s", "final loss"], rows)]
+        out += [markdown_table(["ZeRO stage", "log_every", "timed steps", "steps/s",
+                                "tokens/s", "loop s", "wall s", "final loss"], rows)]
     return "\n".join(out) + "\n"
 
