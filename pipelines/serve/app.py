@@ -54,13 +54,48 @@ def deployment_table(recipe: ServeRecipe, pool: list[str]) -> dict[str, dict[str
     return table
 
 
+def recipe_from_args(args: dict[str, Any] | ServeRecipe) -> ServeRecipe:
+    """The recipe an application's ``args`` describe: a ``ServeRecipe``, its fields as a dict,
+    or ``{"config": "jobs/serve.yaml", "overrides": ["key=value", ...]}`` (a recipe file,
+    relative to the working directory, as a RayService names it), optionally with fields."""
+    if isinstance(args, ServeRecipe):
+        return args
+    data = dict(args)
+    config = data.pop("config", None)
+    overrides = data.pop("overrides", None) or []
+    if config is None:
+        if overrides:
+            raise ValueError("serve args: 'overrides' needs 'config' (a recipe file)")
+        return from_dict(ServeRecipe, data)
+    from mova.config import apply_overrides
+
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ValueError("serve args: 'overrides' must be a list of 'key=value' strings")
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"serve args: recipe file not found: {path.resolve()}")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"recipe {path} must hold a mapping at the top level")
+    recipe = from_dict(ServeRecipe, apply_overrides(_merged(loaded, data), overrides))
+    return recipe.validate()
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
+
+
 def build_app(args: dict[str, Any] | ServeRecipe):
-    """The Serve application for a recipe (a ``ServeRecipe`` or its dict, as in ``args``)."""
+    """The Serve application for a recipe (see :func:`recipe_from_args` for ``args``)."""
     from pipelines.serve.deployments import AdapterServer, ExpertServer
     from pipelines.serve.ingress import MoVAIngress
     from pipelines.serve.llm import LLMServer
 
-    recipe = args if isinstance(args, ServeRecipe) else from_dict(ServeRecipe, dict(args))
+    recipe = recipe_from_args(args)
     recipe = _absolute(recipe.validate())
     pool = pool_of(recipe)
     table = deployment_table(recipe, pool)

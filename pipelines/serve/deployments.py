@@ -12,7 +12,9 @@ import asyncio
 import gc
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from ray import serve
@@ -73,13 +75,50 @@ def fetch(value: Any) -> Any:
     return value
 
 
-def batch_setter(method_name: str):
-    """Apply a ``user_config`` batch setting to one ``@serve.batch`` method."""
-    def apply(instance: Any, config: dict[str, Any]) -> None:
-        method = getattr(instance, method_name)
-        method.set_max_batch_size(int(config.get("max_batch_size", 8)))
-        method.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
-    return apply
+class BatchControl:
+    """Settings, adaptive wait and statistics of one ``@serve.batch`` method.
+
+    ``@serve.batch`` forms the next batch while the current one still runs, from whatever
+    arrives within its wait window, so under load batches stay tiny (measured: a mean batch of
+    1.05 at 16 clients). While a batch runs, the wait is stretched to the recent batch duration
+    (at most ``max_batch_wait_s``): the next batch then gathers what arrives meanwhile. An idle
+    replica keeps the short ``batch_wait_timeout_s``.
+    """
+
+    def __init__(self, instance: Any, method_name: str) -> None:
+        self.method = getattr(instance, method_name)
+        self.base_wait, self.max_wait = 0.002, 0.1
+        self.duration = 0.0
+        self.running = self.batches = self.items = 0
+
+    def configure(self, config: dict[str, Any]) -> None:
+        """Apply the deployment's ``user_config`` (set from the recipe)."""
+        self.method.set_max_batch_size(int(config.get("max_batch_size", 8)))
+        self.base_wait = float(config.get("batch_wait_timeout_s", self.base_wait))
+        self.max_wait = float(config.get("max_batch_wait_s", self.max_wait))
+        self.method.set_batch_wait_timeout_s(self.base_wait)
+
+    @contextmanager
+    def run(self, size: int) -> Iterator[None]:
+        """Wrap one batch's work (in the event loop, around the awaited thread)."""
+        self.running += 1
+        self.batches += 1
+        self.items += size
+        self.method.set_batch_wait_timeout_s(min(self.max_wait,
+                                                 max(self.base_wait, self.duration)))
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            took = time.perf_counter() - start
+            self.duration = took if not self.duration else 0.7 * self.duration + 0.3 * took
+            self.running -= 1
+            if not self.running:
+                self.method.set_batch_wait_timeout_s(self.base_wait)
+
+    def summary(self) -> dict[str, float]:
+        return {"batches": self.batches, "requests": self.items,
+                "mean_batch": round(self.items / self.batches, 2) if self.batches else 0.0}
 
 
 @serve.deployment(name="Adapter")
@@ -88,16 +127,18 @@ class AdapterServer:
 
     def __init__(self, checkpoint: str, device: str = "auto") -> None:
         self.model = load_serving_model(checkpoint, device, keep=("base", "text"))
+        self.batching = {m: BatchControl(self, m) for m in ("encode", "fuse")}
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        batch_setter("encode")(self, config)
-        batch_setter("fuse")(self, config)
+        for control in self.batching.values():
+            control.configure(config)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def encode(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Per request ``{"image", "questions"}`` -> routing tokens plus a reference to the
         base and text features (computed once, reused by :meth:`fuse`)."""
-        return await asyncio.to_thread(self._encode, items)
+        with self.batching["encode"].run(len(items)):
+            return await asyncio.to_thread(self._encode, items)
 
     def _encode(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import ray
@@ -113,11 +154,12 @@ class AdapterServer:
                  "features": [ray.put((base[i:i + 1].clone(), text[i:i + 1].clone()))]}
                 for i in range(len(items))]
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def fuse(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Per request ``{"features", "experts": {name: native features}}`` -> a reference to
         the image tokens and the gate weights ``(blocks, N)``."""
-        return await asyncio.to_thread(self._fuse, items)
+        with self.batching["fuse"].run(len(items)):
+            return await asyncio.to_thread(self._fuse, items)
 
     def _fuse(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import ray
@@ -143,7 +185,8 @@ class AdapterServer:
                 for i in range(len(items))]
 
     def info(self) -> dict[str, Any]:
-        return process_info("Adapter")
+        return {**process_info("Adapter"),
+                "batches": {m: c.summary() for m, c in self.batching.items()}}
 
 
 @serve.deployment(name="Expert")
@@ -160,13 +203,15 @@ class ExpertServer:
         self.dtype = DTYPES[load_config(checkpoint).dtype]
         module, self.resolved, _ = load_expert(checkpoint, expert)
         self.expert = module.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.batching = BatchControl(self, "features")
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        batch_setter("features")(self, config)
+        self.batching.configure(config)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def features(self, images: list[Any]) -> list[Any]:
-        return await asyncio.to_thread(self._features, images)
+        with self.batching.run(len(images)):
+            return await asyncio.to_thread(self._features, images)
 
     def _features(self, images: list[Any]) -> list[Any]:
         import torch
@@ -182,4 +227,5 @@ class ExpertServer:
         return [out[i:i + 1].cpu().clone() for i in range(len(images))]
 
     def info(self) -> dict[str, Any]:
-        return process_info(f"Expert:{self.name}")
+        return {**process_info(f"Expert:{self.name}"),
+                "batches": {"features": self.batching.summary()}}

@@ -18,7 +18,7 @@ from typing import Any
 
 from ray import serve
 
-from pipelines.serve.deployments import batch_setter, fetch, load_serving_model, process_info
+from pipelines.serve.deployments import BatchControl, fetch, load_serving_model, process_info
 from pipelines.serve.streaming import DecodeParams, stream_decode
 
 log = logging.getLogger(__name__)
@@ -68,16 +68,18 @@ class LLMServer:
     def __init__(self, checkpoint: str, device: str = "auto") -> None:
         self.model = load_serving_model(checkpoint, device, keep=("llm",))
         self._rng = RngLock()
+        self.batching = {m: BatchControl(self, m) for m in ("route", "_answer_batch")}
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        batch_setter("route")(self, config)
-        batch_setter("_answer_batch")(self, config)
+        for control in self.batching.values():
+            control.configure(config)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def route(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Per request ``{"routing_tokens": (1, R, D), "question"}`` -> the chosen experts and
         the raw routing reply."""
-        return await asyncio.to_thread(self._route, items)
+        with self.batching["route"].run(len(items)):
+            return await asyncio.to_thread(self._route, items)
 
     def _route(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import torch
@@ -92,13 +94,11 @@ class LLMServer:
         """Stream one request's answer: events ``{"delta", "done", "text", ...}`` and, on
         failure, one ``{"error", "bad_request"}`` event. With ``item["stream"]`` false only
         the final event is sent (no per-token messages between processes)."""
-        stream = item.get("stream", True)
         async for events in self._answer_batch(item):  # ends right after the final event
             for event in events:
-                if stream or event.get("done") or event.get("error"):
-                    yield event
+                yield event
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=2)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002, max_concurrent_batches=2)
     async def _answer_batch(self, items: list[dict[str, Any]]) -> AsyncIterator[list[Any]]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -106,22 +106,27 @@ class LLMServer:
         def push(pairs: list[tuple[int, dict[str, Any]]] | None) -> None:
             loop.call_soon_threadsafe(events.put_nowait, pairs)
 
-        worker = loop.run_in_executor(None, self._decode_groups, items, push)
-        open_rows = set(range(len(items)))
-        while open_rows:
-            pairs = await events.get()
-            if pairs is None:
-                break
-            slots: list[Any] = [[] for _ in items]
-            closed = set()
-            for row, event in pairs:
-                if row in open_rows:
-                    slots[row].append(event)
-                    if event.get("done") or event.get("error"):
+        streaming = [item.get("stream", True) for item in items]
+        with self.batching["_answer_batch"].run(len(items)):
+            worker = loop.run_in_executor(None, self._decode_groups, items, push)
+            open_rows, ended = set(range(len(items))), set()
+            while open_rows:
+                pairs = await events.get()
+                if pairs is None:
+                    break
+                slots: list[Any] = [[] for _ in items]
+                closed = set()
+                for row, event in pairs:
+                    final = bool(event.get("done") or event.get("error"))
+                    if row in open_rows and (final or streaming[row]):
+                        slots[row].append(event)
+                    if final:
                         closed.add(row)
-            yield [slots[i] if i in open_rows else StopIteration for i in range(len(items))]
-            open_rows -= closed
-        await worker
+                if any(slots) or closed:
+                    yield [StopIteration if i in ended else slots[i] for i in range(len(items))]
+                    ended |= open_rows & closed
+                open_rows -= closed
+            await worker
 
     def _decode_groups(self, items: list[dict[str, Any]], push) -> None:
         """Worker thread: decode each group of compatible rows, pushing events as they come."""
@@ -151,4 +156,5 @@ class LLMServer:
             push(None)
 
     def info(self) -> dict[str, Any]:
-        return process_info("LLM")
+        return {**process_info("LLM"),
+                "batches": {m.strip("_"): c.summary() for m, c in self.batching.items()}}

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mova.checkpoint import load_config, read_components
@@ -48,12 +48,14 @@ class Vision:
     gate_weights: list[list[float]]
     image_tokens: Any  # [ObjectRef] of (1, tokens, D)
     seconds: float
+    steps_ms: dict[str, float] = field(default_factory=dict)
 
     def extension(self, pool: list[str]) -> dict[str, Any]:
         """The response's ``mova`` field."""
         return {"experts": self.experts, "forced": self.forced,
                 "routing_reply": self.routing_reply, "pool": pool,
-                "gate_weights": self.gate_weights, "vision_ms": round(self.seconds * 1e3, 2)}
+                "gate_weights": self.gate_weights, "vision_ms": round(self.seconds * 1e3, 2),
+                "vision_steps_ms": self.steps_ms}
 
 
 class PromptChecker:
@@ -146,9 +148,10 @@ class Pipeline:
     async def vision(self, prep: Prepared, *, skip_experts: bool = False) -> Vision:
         """Encode, route (unless forced), run the routed experts in parallel, fuse.
         ``skip_experts`` (readiness probe) routes but fuses no expert."""
-        start = time.perf_counter()
+        marks = [time.perf_counter()]
         encoded = await self.adapter.encode.remote({"image": prep.image,
                                                     "questions": prep.questions})
+        marks.append(time.perf_counter())
         reply = None
         if prep.forced is None:
             routing = await self.llm.route.remote({"routing_tokens": encoded["routing_tokens"],
@@ -158,17 +161,22 @@ class Pipeline:
             experts = list(prep.forced)
         if skip_experts:
             experts = []
+        marks.append(time.perf_counter())
         for name in experts:
             if self.metrics is not None:
                 self.metrics.expert_calls.labels(expert=name).inc()
         feats = await asyncio.gather(*(self.experts[n].features.remote(prep.image)
                                        for n in experts))
+        marks.append(time.perf_counter())
         fused = await self.adapter.fuse.remote({"features": encoded["features"],
                                                 "experts": dict(zip(experts, feats,
                                                                     strict=True))})
+        marks.append(time.perf_counter())
+        steps = {name: round((b - a) * 1e3, 2) for name, a, b in
+                 zip(("encode", "route", "experts", "fuse"), marks[:-1], marks[1:], strict=True)}
         return Vision(experts=experts, forced=prep.forced is not None, routing_reply=reply,
                       gate_weights=fused["gate_weights"], image_tokens=fused["image_tokens"],
-                      seconds=time.perf_counter() - start)
+                      seconds=marks[-1] - marks[0], steps_ms=steps)
 
     def answer(self, prep: Prepared, vision: Vision, *, stream: bool = True):
         """The LLM's answer stream (a ``DeploymentResponseGenerator`` of event dicts); with

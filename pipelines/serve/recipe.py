@@ -63,7 +63,9 @@ class AutoscalingRecipe:
 @dataclass
 class DeploymentRecipe:
     """Replicas (fixed, or ``autoscaling``), resources, queue limits and batching of one
-    deployment. ``max_queued_requests: -1`` means unbounded."""
+    deployment. ``max_queued_requests: -1`` means unbounded. A batch waits
+    ``batch_wait_timeout_s`` for company when the replica is idle, and up to
+    ``max_batch_wait_s`` while an earlier batch still runs."""
 
     num_replicas: int = 1
     autoscaling: AutoscalingRecipe | None = None
@@ -72,7 +74,8 @@ class DeploymentRecipe:
     max_ongoing_requests: int = 32
     max_queued_requests: int = 64
     max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.005
+    batch_wait_timeout_s: float = 0.002
+    max_batch_wait_s: float = 0.1
 
     def validate(self, prefix: str) -> None:
         if self.num_replicas < 1:
@@ -88,8 +91,9 @@ class DeploymentRecipe:
             raise ValueError(f"{prefix}.max_queued_requests must be -1 (unbounded) or >= 1")
         if self.max_batch_size < 1:
             raise ValueError(f"{prefix}.max_batch_size must be >= 1")
-        if self.batch_wait_timeout_s < 0:
-            raise ValueError(f"{prefix}.batch_wait_timeout_s must be >= 0")
+        if self.batch_wait_timeout_s < 0 or self.max_batch_wait_s < self.batch_wait_timeout_s:
+            raise ValueError(f"{prefix}.batch_wait_timeout_s must be >= 0 and "
+                             f"{prefix}.max_batch_wait_s >= batch_wait_timeout_s")
 
     @property
     def max_replicas(self) -> int:
@@ -107,7 +111,8 @@ class DeploymentRecipe:
             "graceful_shutdown_wait_loop_s": 0.2,
             "graceful_shutdown_timeout_s": 5.0,
             "user_config": {"max_batch_size": self.max_batch_size,
-                            "batch_wait_timeout_s": self.batch_wait_timeout_s},
+                            "batch_wait_timeout_s": self.batch_wait_timeout_s,
+                            "max_batch_wait_s": self.max_batch_wait_s},
         }
         if self.autoscaling is not None:
             out["autoscaling_config"] = self.autoscaling.to_serve()

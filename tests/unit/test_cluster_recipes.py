@@ -110,7 +110,7 @@ def test_rayjob_runs_mova_train():
     assert spec["shutdownAfterJobFinishes"] is True
 
 
-def test_rayservice_serve_config_passes_ray_serve_schema():
+def test_rayservice_serve_config_passes_ray_serve_schema(monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 
     config = _serve_config()
@@ -119,6 +119,12 @@ def test_rayservice_serve_config_passes_ray_serve_schema():
     (app,) = schema.applications
     assert app.import_path == "pipelines.serve.app:build_app"
     assert app.args == {"config": "jobs/serve.yaml"}
+    from pipelines.serve.app import recipe_from_args
+
+    # build_app reads that recipe relative to the working_dir (the repo root in the image)
+    monkeypatch.chdir(ROOT)
+    recipe = recipe_from_args({**app.args, "overrides": ["checkpoint=/models/mova"]})
+    assert recipe.checkpoint == "/models/mova"
     assert app.runtime_env["working_dir"] == WORKDIR_URI
     assert {d.name for d in app.deployments} == SERVE_DEPLOYMENTS
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8000, "request_timeout_s": 120}

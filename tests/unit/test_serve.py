@@ -264,3 +264,23 @@ def test_serve_recipe_errors_name_the_field(override, match):
     overrides = [] if override.startswith("checkpoint") else ["checkpoint=x"]
     with pytest.raises(ValueError, match=match):
         load_recipe(ServeRecipe, JOBS, [*overrides, override])
+
+
+def test_app_args_name_a_recipe_file_as_a_rayservice_does(tmp_path, monkeypatch):
+    from pipelines.serve.app import recipe_from_args
+
+    monkeypatch.chdir(JOBS.parent.parent)  # the working_dir a RayService runs in
+    recipe = recipe_from_args({"config": "jobs/serve.yaml", "checkpoint": "ckpt",
+                               "llm": {"max_batch_size": 4},
+                               "overrides": ["port=9001", "adapter.num_cpus=0.5"]})
+    defaults = load_recipe(ServeRecipe, JOBS, ["checkpoint=ckpt"])
+    assert (recipe.checkpoint, recipe.port, recipe.adapter.num_cpus) == ("ckpt", 9001, 0.5)
+    assert recipe.llm.max_batch_size == 4
+    assert recipe.llm.max_ongoing_requests == defaults.llm.max_ongoing_requests  # merged
+    assert recipe_from_args({"checkpoint": "ckpt"}).checkpoint == "ckpt"
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        recipe_from_args({"config": "jobs/nope.yaml"})
+    with pytest.raises(ValueError, match="overrides"):
+        recipe_from_args({"config": "jobs/serve.yaml", "overrides": "port=1"})
+    with pytest.raises(ValueError, match="unknown config key.*prot"):
+        recipe_from_args({"config": "jobs/serve.yaml", "checkpoint": "c", "prot": 1})
