@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -298,6 +299,7 @@ def bench_features(workdir: str | Path, *, images: int = 4096, expert: str = DEF
                         workers, dtype, count)
 
     started = not ray.is_initialized()
+    load_start = os.getloadavg()[0]
     try:
         if started:
             result.runs.append(ray_run("ray_cold", manifest, images))
@@ -312,6 +314,8 @@ def bench_features(workdir: str | Path, *, images: int = 4096, expert: str = DEF
             result.runs.append(ray_run("ray_small", small_manifest, small))
         result.runs.append(ray_run("ray_cached", manifest, images, last))
         result.machine = machine_info(torch.device("cpu"))
+        result.machine["load average (1 min) before/after"] = (
+            f"{load_start:.1f}/{os.getloadavg()[0]:.1f}")
         result.machine["Ray CPUs"] = str(int(ray.cluster_resources().get("CPU", 0)))
     finally:
         if started:

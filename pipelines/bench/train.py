@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import statistics
 import time
 import uuid
@@ -288,6 +289,7 @@ def bench_train(workdir: str | Path, *, steps: int = 20, batch_size: int = 8,
     result.configs = bench_in_process(manifest, checkpoint, cache, steps=steps,
                                       batch_size=batch_size, stage=stage)
     result.machine = machine_info(torch.device("cpu"))
+    load_start = os.getloadavg()[0]
     if zero_stages:
         import ray
 
@@ -308,6 +310,8 @@ def bench_train(workdir: str | Path, *, steps: int = 20, batch_size: int = 8,
         finally:
             if started:
                 ray.shutdown()
+    result.machine["load average (1 min) before/after the Ray runs"] = (
+        f"{load_start:.1f}/{os.getloadavg()[0]:.1f}")
     return result
 
 
@@ -360,7 +364,9 @@ def render_markdown(r: TrainBenchResult) -> str:
                 "forward, backward, ZeRO reductions, the reports). Tokens/s = median of the "
                 "loop's own `tokens_per_s` (all workers) over the records after the first. "
                 "Wall = the whole `run_train` call (Ray, worker and DeepSpeed start-up, "
-                "MLflow, export).", ""]
+                "MLflow, export). One run per row on a 2-core VM shared with other jobs (see "
+                "the load average under Machine): the same configuration has varied by up to "
+                "~1.6x between runs here, so only larger differences say something.", ""]
         rows = [[z.zero_stage, z.log_every, z.steps, f"{z.steps_per_s:.2f}",
                  f"{z.tokens_per_s:.0f}", f"{z.loop_seconds:.2f}", f"{z.wall_seconds:.1f}",
                  "n/a" if z.final_loss is None else f"{z.final_loss:.3f}"] for z in r.zero]

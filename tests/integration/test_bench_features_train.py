@@ -47,16 +47,18 @@ def test_features_bench_on_ray(ray_session, tmp_path):
 
 def test_train_bench_zero_2_run_on_ray_train(ray_session, tmp_path):
     """The Ray part of `mova bench train` (the in-process part is a unit test)."""
-    manifest, checkpoint = make_workspace(tmp_path, 2 * 2 * 3, image_size=64)
+    manifest, checkpoint = make_workspace(tmp_path, 2 * 2 * 2, image_size=64)
     cache = str(tmp_path / "features")
     fill_cache(manifest, checkpoint, cache, rows_all=0)  # each sample's label experts
-    zero = zero_run(2, manifest, checkpoint, cache, tmp_path, steps=2, batch_size=2)
-    assert (zero.zero_stage, zero.workers, zero.batch_size, zero.steps) == (2, 2, 2, 2)
+    zero = zero_run(2, manifest, checkpoint, cache, tmp_path, steps=1, batch_size=2)
+    # records at steps 1 and 2 (log_every=1): one timed step between them
+    assert (zero.zero_stage, zero.log_every, zero.workers, zero.batch_size, zero.steps) == (
+        2, 1, 2, 2, 1)
     assert zero.steps_per_s == pytest.approx(zero.steps / zero.loop_seconds)
     assert zero.tokens_per_s > 0 and zero.wall_seconds > zero.loop_seconds
     assert zero.final_loss is not None and math.isfinite(zero.final_loss)
-    result = TrainBenchResult(steps=2, batch_size=2, stage="pretrain", samples=12,
-                              image_size=64, zero=[zero])
+    result = TrainBenchResult(steps=1, batch_size=2, stage="pretrain", samples=8,
+                              image_size=64, log_every=1, zero=[zero])
     text = train_markdown(result)
     assert "### Ray Train + DeepSpeed per ZeRO stage" in text and "--zero-stages 2" in text
-    assert f"| 2 | 2 | {zero.steps_per_s:.2f} |" in text
+    assert f"| 2 | 1 | 1 | {zero.steps_per_s:.2f} |" in text
