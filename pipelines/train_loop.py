@@ -13,6 +13,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 STATE_TAG = "state"
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 
 
 def _deepspeed_config(recipe, bf16: bool) -> dict[str, Any]:
@@ -112,6 +113,7 @@ def train_loop(config: dict) -> None:
         log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state["step"],
                  state["epoch"], state["batch"])
 
+    nodes = _gather_text(ray.get_runtime_context().get_node_id())  # collective: all ranks
     tracker = None
     if rank == 0:
         from pipelines.tracking import Tracker, flatten
@@ -127,7 +129,8 @@ def train_loop(config: dict) -> None:
         state["mlflow_run_id"] = tracker.run_id
         tracker.log_params({**flatten(config["recipe"]), "total_steps": str(total_steps),
                             "trainable_params": str(trainable), "total_params": str(total),
-                            "world_size": str(ctx.get_world_size())})
+                            "world_size": str(ctx.get_world_size()),
+                            **_placement_params(nodes)})
     run_id = _broadcast_text(state["mlflow_run_id"] or "")
     if tracker is not None and checkpoint:
         tracker.log_metrics({"resumed_from_step": state["step"]}, state["step"])
@@ -233,6 +236,24 @@ def _epochs(recipe, engine, scheduler, shard, state, total_steps, names, pad_id,
             if step >= total_steps:
                 return step
     return step
+
+
+def _gather_text(text: str) -> list[str]:
+    """Every rank's ``text``, in rank order (one all-gather; a single process: ``[text]``)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [text]
+    box: list = [None] * dist.get_world_size()
+    dist.all_gather_object(box, text)
+    return [str(b) for b in box]
+
+
+def _placement_params(nodes: list[str]) -> dict[str, str]:
+    """MLflow params saying where the ranks ran: ``worker_nodes`` lists each rank's Ray node
+    id in rank order (cut to MLflow's 6000-character limit), ``num_nodes`` counts them."""
+    return {"worker_nodes": ",".join(nodes)[:MAX_PARAM_CHARS],
+            "num_nodes": str(len(set(nodes)))}
 
 
 def _routed_on_any_rank(inputs: dict, names: list[str]) -> list[str]:
