@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pipelines import demo, features, model_cli, train
+from pipelines import demo, evaluate, features, labels, model_cli, train
 from pipelines.bench import cli as bench_cli
 from pipelines.data import cli as data_cli
 from pipelines.data.synth import add_synth_parser
@@ -24,9 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     model_cli.add_parser(sub)
     add_synth_parser(data_cli.add_parser(sub))
     features.add_parser(sub)
+    labels.add_parser(sub)
     train.add_parser(sub)
     bench_cli.add_parser(sub)
     serve_cli.add_parser(sub)
+    evaluate.add_parser(sub)
     return parser
 
 

@@ -6,13 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.eval_recipe import EvalRecipe
+from pipelines.labels import LabelsRecipe
 from pipelines.recipes import FeaturesRecipe, load_recipe
 from pipelines.serve.recipe import ServeRecipe
 from pipelines.train_recipe import TrainRecipe
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 RECIPES = {"features.yaml": FeaturesRecipe, "pretrain.yaml": TrainRecipe,
-           "sft.yaml": TrainRecipe, "serve.yaml": ServeRecipe}
+           "sft.yaml": TrainRecipe, "serve.yaml": ServeRecipe,
+           "labels.yaml": LabelsRecipe, "eval.yaml": EvalRecipe}
 
 
 def test_every_recipe_file_has_a_schema():
