@@ -24,16 +24,16 @@ demo: $(STAMP)
 
 # Serving and the features/train benchmarks' integration tests are still being finished
 # (issues 6 and the benchmark parts); they run with `make test-wip`.
-WIP := --ignore=tests/integration/test_serve.py --ignore=tests/integration/test_serve_cluster.py \
-       --ignore=tests/integration/test_bench_features_train.py --ignore=tests/unit/test_serve.py
+WIP := --ignore=tests/integration/test_serve_app.py --ignore=tests/integration/test_serve_cluster.py \
+       --ignore=tests/integration/test_bench_ray.py --ignore=tests/unit/test_serve.py
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests -q $(WIP)
 
 test-wip: $(STAMP)
-	$(PY) -m pytest -q tests/integration/test_serve.py tests/integration/test_serve_cluster.py \
-	    tests/integration/test_bench_features_train.py tests/unit/test_serve.py
+	$(PY) -m pytest -q tests/integration/test_serve_app.py tests/integration/test_serve_cluster.py \
+	    tests/integration/test_bench_ray.py tests/unit/test_serve.py
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q

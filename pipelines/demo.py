@@ -1,4 +1,5 @@
-"""`mova demo`: build a tiny MoVA and run two-stage generation on generated images."""
+"""`mova demo`: the whole lifecycle (see :mod:`pipelines.lifecycle`); ``--tour`` only builds a
+tiny MoVA and shows two-stage generation (route, then answer) on two drawn images."""
 
 from __future__ import annotations
 
@@ -45,6 +46,22 @@ def chart_image(seed: int = 1, size: int = 160) -> tuple[Image.Image, str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tour:
+        return run_tour(args)
+    from pipelines.lifecycle import DemoPlan, run_demo
+
+    plan = DemoPlan.quick() if args.quick else DemoPlan()
+    plan.seed = args.seed
+    result = run_demo(args.out, plan, serve=not args.no_serve)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "out": result.out, "eval": result.eval, "served": result.served,
+            "labels": result.labels, "stopped": result.stopped, "seconds": result.seconds,
+            "steps_seconds": result.steps_seconds}, indent=2, default=str))
+    return 0
+
+
+def run_tour(args: argparse.Namespace) -> int:
     from mova.factory import build_tiny_mova
 
     start = time.perf_counter()
@@ -90,10 +107,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="build a tiny MoVA and run two-stage generation",
-                       description=__doc__)
+    p = sub.add_parser("demo", help="the whole lifecycle on a tiny MoVA: data, features, "
+                       "pretrain, labels, SFT, eval, serve", description=__doc__)
+    p.add_argument("--out", default="outputs/demo", help="output folder (an earlier demo's "
+                   "folder is replaced; any other non-empty folder is refused)")
+    p.add_argument("--quick", action="store_true",
+                   help="smaller data and fewer steps (the end-to-end test's mode)")
+    p.add_argument("--no-serve", action="store_true", help="stop after the evaluation")
+    p.add_argument("--tour", action="store_true", help="only build a tiny untrained MoVA and "
+                   "show two-stage generation (seconds, no Ray)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=12)
-    p.add_argument("--save", metavar="DIR", help="also save the model as a checkpoint folder")
+    p.add_argument("--max-new-tokens", type=int, default=12, help="--tour's answer length")
+    p.add_argument("--save", metavar="DIR", help="--tour: also save the model")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.set_defaults(func=run)

@@ -35,11 +35,12 @@ def prepare_env(gpu: bool = False) -> dict[str, str]:
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None,
              object_store_memory: int | None = None, temp_dir: str | None = None,
-             runtime_env: dict[str, Any] | None = None) -> None:
+             runtime_env: dict[str, Any] | None = None, log_to_driver: bool = True) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``) when given, else start a private local Ray.
 
     A local Ray never attaches to someone else's cluster (``address="local"``) and keeps its
     files in its own temp dir. Calling it when Ray is already initialised does nothing.
+    ``log_to_driver=False`` keeps worker output in the session's log files only.
     """
     prepare_env()
     import ray
@@ -57,5 +58,5 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
         kwargs["object_store_memory"] = object_store_memory
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              _temp_dir=temp_dir, runtime_env=runtime_env, configure_logging=True,
-             logging_level=logging.WARNING, **kwargs)
+             logging_level=logging.WARNING, log_to_driver=log_to_driver, **kwargs)
     log.info("started a local Ray (%s CPUs, temp dir %s)", num_cpus or os.cpu_count(), temp_dir)

@@ -11,7 +11,7 @@ from pipelines.cli import main
 def test_demo_prints_routing_and_answers_and_saves(tmp_path, capsys):
     out_json = tmp_path / "demo.json"
     ckpt = tmp_path / "ckpt"
-    assert main(["demo", "--max-new-tokens", "4", "--json", str(out_json),
+    assert main(["demo", "--tour", "--max-new-tokens", "4", "--json", str(out_json),
                  "--save", str(ckpt)]) == 0
     printed = capsys.readouterr().out
     assert "How many" in printed and "Which bar is the highest?" in printed

@@ -1,0 +1,92 @@
+"""End to end: `mova demo --quick` in its own process, as a newcomer runs it.
+
+Synthetic data -> features -> pretrain -> labels -> SFT -> eval -> Serve -> openai client, on
+one private local Ray that the demo must stop itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.integration
+
+STAGES = ("mova data synth", "mova model init", "mova features", "stage pretrain",
+          "mova labels", "stage sft", "mova eval", "mova serve")
+
+
+def _ray_children_of(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    report = out.parent / "result.json"
+    exe = Path(sys.executable).parent / "mova"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(exe), "demo", "--quick", "--out", str(out), "--json",
+                           str(report)], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out, json.loads(report.read_text()), proc.stdout
+
+
+def test_every_stage_ran_and_left_its_outputs(demo):
+    out, result, printed = demo
+    titles = list(result["steps_seconds"])
+    for stage in STAGES:
+        assert any(stage in t for t in titles), (stage, titles)
+    for folder in ("data", "features", "init", "pretrain", "sft", "eval/trained",
+                   "eval/untrained", "ray-logs"):
+        assert (out / folder).is_dir(), folder
+    assert (out / "data" / "train.labels.jsonl").stat().st_size > 0
+    for ckpt in ("pretrain", "sft"):
+        assert (out / ckpt / "config.json").is_file()
+        assert (out / ckpt / "adapter.safetensors").is_file()
+    assert "The MoVA demo finished" in printed and str(out) in printed
+    # one line per step, not Ray Data's progress bars
+    assert "MapBatches" not in printed and "it/s]" not in printed
+
+
+def test_the_trained_model_beats_the_untrained_one(demo):
+    _, result, _ = demo
+    trained, untrained = result["eval"]["trained"], result["eval"]["untrained"]
+    assert trained["questions"] == untrained["questions"] > 0
+    assert trained["score"] > untrained["score"], (trained["details"], untrained["details"])
+    # it learned to route: the trained LLM's routing replies name experts
+    assert trained["activation"]["synth"]["experts/q"] > 0
+
+
+def test_the_served_model_answered_through_the_openai_client(demo):
+    _, result, _ = demo
+    served = result["served"]
+    assert served["url"].startswith("http://127.0.0.1:")
+    assert served["usage"]["completion_tokens"] > 0
+    assert isinstance(served["answer"], str) and served["answer"].strip()
+    assert len(served["gate_weights"]) > 0
+
+
+def test_mlflow_holds_the_runs_and_everything_was_stopped(demo):
+    out, result, _ = demo
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mova-demo")
+    runs = client.search_runs([exp.experiment_id])
+    names = {r.info.run_name for r in runs}
+    assert {"demo-pretrain", "demo-sft", "labels", "eval-untrained", "eval-trained"} <= names
+    sft = next(r for r in runs if r.info.run_name == "demo-sft")
+    losses = client.get_metric_history(sft.info.run_id, "loss")
+    assert losses and losses[-1].value < losses[0].value
+    assert any("Serve app" in s for s in result["stopped"])
+    assert any(s.endswith("0 left)") for s in result["stopped"]), result["stopped"]
+    assert not _ray_children_of(os.getpid())
