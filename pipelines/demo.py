@@ -4,11 +4,14 @@ tiny MoVA and shows two-stage generation (route, then answer) on two drawn image
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+DEFAULT_OUT = "outputs/demo"
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
 
@@ -48,6 +51,8 @@ def chart_image(seed: int = 1, size: int = 160) -> tuple[Image.Image, str, str]:
 def run(args: argparse.Namespace) -> int:
     if args.tour:
         return run_tour(args)
+    if args.real:
+        return run_real(args)
     from pipelines.lifecycle import DemoPlan, run_demo
 
     plan = DemoPlan.quick() if args.quick else DemoPlan()
@@ -58,6 +63,24 @@ def run(args: argparse.Namespace) -> int:
             "out": result.out, "eval": result.eval, "served": result.served,
             "labels": result.labels, "stopped": result.stopped, "seconds": result.seconds,
             "steps_seconds": result.steps_seconds}, indent=2, default=str))
+    return 0
+
+
+def run_real(args: argparse.Namespace) -> int:
+    from pipelines.real_assets import MissingPackagesError
+    from pipelines.real_demo import RealPlan, run_real_demo
+
+    plan = RealPlan.quick() if args.quick else RealPlan()
+    plan.seed = args.seed
+    out = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT + "-real"
+    try:
+        result = run_real_demo(out, plan, cache=args.cache)
+    except MissingPackagesError as exc:
+        print(f"mova demo --real: {exc}")
+        return 2
+    if args.json:
+        Path(args.json).write_text(json.dumps(dataclasses.asdict(result), indent=2,
+                                              default=str))
     return 0
 
 
@@ -109,11 +132,18 @@ def run_tour(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole lifecycle on a tiny MoVA: data, features, "
                        "pretrain, labels, SFT, eval, serve", description=__doc__)
-    p.add_argument("--out", default="outputs/demo", help="output folder (an earlier demo's "
+    p.add_argument("--out", default=DEFAULT_OUT, help="output folder (an earlier demo's "
                    "folder is replaced; any other non-empty folder is refused)")
     p.add_argument("--quick", action="store_true",
                    help="smaller data and fewer steps (the end-to-end test's mode)")
     p.add_argument("--no-serve", action="store_true", help="stop after the evaluation")
+    p.add_argument("--real", action="store_true",
+                   help="the longer variant on real pretrained weights from packages (SmolLM2-"
+                        "135M, MiniLM, DINOv2-S) on easy-VQA: MoVA vs a base-only model; "
+                        "output defaults to outputs/demo-real")
+    p.add_argument("--cache", default=None, help="--real: the prepared weights' folder "
+                                                 "(default $MOVA_CACHE/real or "
+                                                 "~/.cache/mova/real)")
     p.add_argument("--tour", action="store_true", help="only build a tiny untrained MoVA and "
                    "show two-stage generation (seconds, no Ray)")
     p.add_argument("--seed", type=int, default=0)

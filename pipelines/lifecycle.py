@@ -54,8 +54,8 @@ class DemoPlan:
 
     @classmethod
     def quick(cls) -> DemoPlan:
-        return cls(per_domain=12, test_per_domain=4, routing_samples=8, pretrain_steps=8,
-                   sft_steps=80, batch_size=8, max_new_tokens=8)
+        return cls(per_domain=12, test_per_domain=10, routing_samples=8, pretrain_steps=8,
+                   sft_steps=100, batch_size=8, max_new_tokens=8)
 
 
 @dataclass
@@ -282,7 +282,7 @@ def run_demo(out: str | Path = "outputs/demo", plan: DemoPlan | None = None, *,
     from pipelines.train_recipe import MlflowConfig
 
     plan = plan or DemoPlan()
-    _quiet()
+    quiet_screen()
     start = time.perf_counter()
     root = prepare_out(Path(out))
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -311,7 +311,7 @@ def run_demo(out: str | Path = "outputs/demo", plan: DemoPlan | None = None, *,
                               "(mova model init)", init)
         init_ray("local", num_cpus=os.cpu_count() or 2, temp_dir=ray_dir,
                  log_to_driver=False)
-        _quiet_ray()
+        quiet_ray()
         echo(f"    local Ray started ({ray.cluster_resources().get('CPU', 0):g} CPUs); "
              f"worker logs go to {root / 'ray-logs'}")
         feats = steps.run("Expert-feature cache on Ray Data, every expert (mova features)",
@@ -364,8 +364,8 @@ def run_demo(out: str | Path = "outputs/demo", plan: DemoPlan | None = None, *,
                       "openai client", ask)
             echo(served_text(result.served))
     finally:
-        result.stopped = _stop(serve_started, echo)
-        _keep_logs(Path(ray_dir), root / "ray-logs")
+        result.stopped = stop_ray(serve_started, echo)
+        keep_logs(Path(ray_dir), root / "ray-logs")
         shutil.rmtree(ray_dir, ignore_errors=True)
     result.seconds = time.perf_counter() - start
     (root / "demo.json").write_text(json.dumps(dataclasses.asdict(result), indent=2,
@@ -374,7 +374,7 @@ def run_demo(out: str | Path = "outputs/demo", plan: DemoPlan | None = None, *,
     return result
 
 
-def _quiet() -> None:
+def quiet_screen() -> None:
     """One line per step on the screen: no per-batch progress bars from Ray Data or
     transformers (worker output is kept in ``ray-logs/`` instead of echoed)."""
     import transformers
@@ -384,7 +384,7 @@ def _quiet() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _quiet_ray() -> None:
+def quiet_ray() -> None:
     """After Ray is up (ray.init and ray.data configure their loggers): warnings only."""
     import ray.data  # noqa: F401  (configures the ray.data logger, which this then quiets)
 
@@ -392,7 +392,7 @@ def _quiet_ray() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _keep_logs(ray_dir: Path, dest: Path) -> None:
+def keep_logs(ray_dir: Path, dest: Path) -> None:
     """Copy the session's worker logs out of Ray's temp dir before it is removed."""
     logs = ray_dir / "session_latest" / "logs"
     if logs.is_dir():
@@ -400,7 +400,7 @@ def _keep_logs(ray_dir: Path, dest: Path) -> None:
                         ignore=shutil.ignore_patterns("*.sock", "old"))
 
 
-def _stop(serve_started: bool, echo: Callable[[str], None]) -> list[str]:
+def stop_ray(serve_started: bool, echo: Callable[[str], None]) -> list[str]:
     """Stop what the demo started: the Serve app, then the local Ray (every process of it)."""
     import ray
 

