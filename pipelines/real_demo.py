@@ -36,11 +36,11 @@ class RealPlan:
     """Sizes of one ``--real`` run (``quick`` is a smoke test of the code path)."""
 
     train_questions: int = 480
-    test_questions: int = 300
+    test_questions: int = 200
     synth_per_domain: int = 16
     routing_samples: int = 32
     image_size: int = 224
-    steps: int = 120
+    steps: int = 80
     batch_size: int = 4
     lr: float = 3e-4
     lora_r: int = 16

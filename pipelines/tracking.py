@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+FLUSH_EVERY_S = 10.0  # the longest a logged metric waits in the buffer
 
 
 def default_tracking_uri(output_root: str) -> str:
@@ -34,7 +35,8 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class Tracker:
-    """One MLflow run; metrics are buffered and sent in batches."""
+    """One MLflow run; metrics are buffered and sent in batches (at least every
+    ``FLUSH_EVERY_S``)."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: str,
                  run_name: str | None, run_id: str | None = None,
@@ -58,6 +60,7 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self.experiment_id = self.run.info.experiment_id
         self._buffer: list = []
+        self._flushed_ms = int(time.time() * 1000)
 
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -72,13 +75,16 @@ class Tracker:
 
         now = int(time.time() * 1000)
         self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-        if len(self._buffer) >= 200:
+        # batched writes, but never older than FLUSH_EVERY_S: live views (the MLflow UI, the
+        # demo's progress lines) see each step soon after it happens
+        if len(self._buffer) >= 200 or now - self._flushed_ms >= FLUSH_EVERY_S * 1000:
             self.flush()
 
     def flush(self) -> None:
         for i in range(0, len(self._buffer), 500):
             self.client.log_batch(self.run_id, metrics=self._buffer[i:i + 500])
         self._buffer = []
+        self._flushed_ms = int(time.time() * 1000)
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, local_dir, artifact_path)
