@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -21,11 +22,17 @@ STAGES = ("mova data synth", "mova model init", "mova features", "stage pretrain
           "mova labels", "stage sft", "mova eval", "mova serve")
 
 
-def _ray_children_of(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
+def _demo_ray_processes(since: float) -> list[str]:
+    """Processes of a demo's private Ray (its gcs_server, raylet and helpers name the demo's
+    temp dir, /tmp/mova-demo-ray-*, on their command line) started after ``since``. Leaked ones
+    would be orphans, so they are looked for machine-wide, not among this process's children
+    (which hold the tests' shared Ray)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "mova-demo-ray-" in cmdline and (proc.info["create_time"] or 0) >= since:
+            found.append(f"{proc.info['pid']}: {cmdline[:120]}")
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +41,15 @@ def demo(tmp_path_factory):
     report = out.parent / "result.json"
     exe = Path(sys.executable).parent / "mova"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    started = time.time() - 1
     proc = subprocess.run([str(exe), "demo", "--quick", "--out", str(out), "--json",
                            str(report)], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out, json.loads(report.read_text()), proc.stdout
+    return out, json.loads(report.read_text()), proc.stdout, _demo_ray_processes(started)
 
 
 def test_every_stage_ran_and_left_its_outputs(demo):
-    out, result, printed = demo
+    out, result, printed, _ = demo
     titles = list(result["steps_seconds"])
     for stage in STAGES:
         assert any(stage in t for t in titles), (stage, titles)
@@ -58,14 +66,14 @@ def test_every_stage_ran_and_left_its_outputs(demo):
 
 
 def test_the_trained_model_beats_the_untrained_one(demo):
-    _, result, _ = demo
+    _, result, _, _ = demo
     trained, untrained = result["eval"]["trained"], result["eval"]["untrained"]
     assert trained["questions"] == untrained["questions"] > 0
     assert trained["score"] > untrained["score"], (trained["details"], untrained["details"])
 
 
 def test_the_served_model_answered_through_the_openai_client(demo):
-    out, result, printed = demo
+    out, result, printed, _ = demo
     served = result["served"]
     assert served["url"].startswith("http://127.0.0.1:")
     assert served["usage"]["completion_tokens"] > 0
@@ -82,7 +90,7 @@ def test_the_served_model_answered_through_the_openai_client(demo):
 
 
 def test_mlflow_holds_the_runs_and_everything_was_stopped(demo):
-    out, result, _ = demo
+    out, result, _, leftovers = demo
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
@@ -95,4 +103,4 @@ def test_mlflow_holds_the_runs_and_everything_was_stopped(demo):
     assert losses and losses[-1].value < losses[0].value
     assert any("Serve app" in s for s in result["stopped"])
     assert any(s.endswith("0 left)") for s in result["stopped"]), result["stopped"]
-    assert not _ray_children_of(os.getpid())
+    assert not leftovers, leftovers
