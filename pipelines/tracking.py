@@ -45,17 +45,26 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.mlflow = mlflow
+        # The fluent run (it carries the system-metrics thread) needs the global tracking URI,
+        # and mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI. Both are put back in
+        # end(): a later job of this process (or a Ray started from it) must not inherit this
+        # run's store as if a user had configured it.
+        self._previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(tracking_uri)
-        self.client = MlflowClient(tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            exp_id = self.client.create_experiment(
-                experiment, artifact_location=_artifact_location(tracking_uri, artifact_root))
-        else:
-            exp_id = exp.experiment_id
-        self.run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
-                                    run_name=None if run_id else run_name,
-                                    log_system_metrics=system_metrics)
+        try:
+            self.client = MlflowClient(tracking_uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                exp_id = self.client.create_experiment(
+                    experiment, artifact_location=_artifact_location(tracking_uri, artifact_root))
+            else:
+                exp_id = exp.experiment_id
+            self.run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
+                                        run_name=None if run_id else run_name,
+                                        log_system_metrics=system_metrics)
+        except BaseException:
+            mlflow.set_tracking_uri(self._previous_uri)
+            raise
         self.run_id = self.run.info.run_id
         self.tracking_uri = tracking_uri
         self.experiment_id = self.run.info.experiment_id
@@ -96,8 +105,11 @@ class Tracker:
         self.client.log_artifact(self.run_id, local_file, artifact_path)
 
     def end(self, status: str = "FINISHED") -> None:
-        self.flush()
-        self.mlflow.end_run(status=status)
+        try:
+            self.flush()
+        finally:
+            self.mlflow.end_run(status=status)
+            self.mlflow.set_tracking_uri(self._previous_uri)
 
 
 def _artifact_location(tracking_uri: str, artifact_root: str) -> str | None:

@@ -12,7 +12,7 @@ def tracker(tmp_path):
     t = tracking.Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "unit", str(tmp_path / "art"),
                          run_name="r", system_metrics=False)
     yield t
-    t.mlflow.end_run()
+    t.end()
 
 
 def _losses(t: tracking.Tracker) -> list[tuple[int, float]]:
@@ -32,3 +32,23 @@ def test_a_quiet_run_still_shows_each_step_soon(tracker, monkeypatch):
     tracker.log_metrics({"loss": 2.0}, step=1)
     tracker.log_metrics({"loss": 1.5}, step=2)
     assert _losses(tracker) == [(1, 2.0), (2, 1.5)]
+
+
+def test_a_finished_run_leaves_no_tracking_uri_behind(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; once the run ends, the next job in
+    this process must again get its own default store (this leaked across tests once)."""
+    import os
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'a.db'}"
+    t = tracking.Tracker(uri, "unit", str(tmp_path / "art"), run_name="r", system_metrics=False)
+    assert os.environ["MLFLOW_TRACKING_URI"] == uri  # a child process of the run would log there
+    t.end()
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert tracking.resolve_tracking_uri(None, str(tmp_path / "b")) == \
+        tracking.default_tracking_uri(str(tmp_path / "b"))
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # the user's own
+    t = tracking.Tracker(uri, "unit", str(tmp_path / "art"), run_name="r2", system_metrics=False)
+    t.end()
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
