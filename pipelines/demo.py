@@ -57,7 +57,11 @@ def run(args: argparse.Namespace) -> int:
 
     plan = DemoPlan.quick() if args.quick else DemoPlan()
     plan.seed = args.seed
-    result = run_demo(args.out, plan, serve=not args.no_serve)
+    try:
+        result = run_demo(args.out, plan, serve=not args.no_serve)
+    except KeyboardInterrupt:
+        print("mova demo: interrupted (everything it started was stopped, see above)")
+        return 130
     if args.json:
         Path(args.json).write_text(json.dumps({
             "out": result.out, "eval": result.eval, "served": result.served,
@@ -78,6 +82,9 @@ def run_real(args: argparse.Namespace) -> int:
     except MissingPackagesError as exc:
         print(f"mova demo --real: {exc}")
         return 2
+    except KeyboardInterrupt:
+        print("mova demo --real: interrupted (its local Ray was stopped, see above)")
+        return 130
     if args.json:
         Path(args.json).write_text(json.dumps(dataclasses.asdict(result), indent=2,
                                               default=str))

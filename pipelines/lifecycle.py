@@ -291,6 +291,7 @@ def run_demo(out: str | Path = "outputs/demo", plan: DemoPlan | None = None, *,
     steps = Steps(9 if serve else 8, result, echo)
     ray_dir = tempfile.mkdtemp(prefix="mova-demo-ray-", dir="/tmp")
     serve_started = False
+    finished = False
     try:
         data = steps.run("Synthetic data: documents, charts, scenes, scans (mova data synth)",
                          lambda: generate(SynthConfig(
@@ -363,10 +364,14 @@ def run_demo(out: str | Path = "outputs/demo", plan: DemoPlan | None = None, *,
             steps.run("Serve the trained model (mova serve) and ask it through the official "
                       "openai client", ask)
             echo(served_text(result.served))
+        finished = True
     finally:
         result.stopped = stop_ray(serve_started, echo)
         keep_logs(Path(ray_dir), root / "ray-logs")
         shutil.rmtree(ray_dir, ignore_errors=True)
+        if not finished:  # Ctrl-C or an error: say what was cleaned up before it propagates
+            echo("Stopped: " + ("; ".join(result.stopped) or "nothing was running") +
+                 f". Outputs so far: {root}")
     result.seconds = time.perf_counter() - start
     (root / "demo.json").write_text(json.dumps(dataclasses.asdict(result), indent=2,
                                                default=str))

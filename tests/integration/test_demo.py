@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -104,3 +105,32 @@ def test_mlflow_holds_the_runs_and_everything_was_stopped(demo):
     assert any("Serve app" in s for s in result["stopped"])
     assert any(s.endswith("0 left)") for s in result["stopped"]), result["stopped"]
     assert not leftovers, leftovers
+
+
+def test_ctrl_c_stops_everything_the_demo_started(tmp_path):
+    """Ctrl-C at a terminal sends SIGINT to the whole foreground process group: the demo must
+    stop its Ray (and say so), exit 130 and leave no process of its Ray behind."""
+    exe = Path(sys.executable).parent / "mova"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    started = time.time() - 1
+    proc = subprocess.Popen([str(exe), "demo", "--quick", "--no-serve", "--out",
+                             str(tmp_path / "out")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    printed = []
+    try:
+        for line in proc.stdout:
+            printed.append(line)
+            if "local Ray started" in line:
+                break
+        time.sleep(5)  # inside the feature job, Ray Data actors up
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = "".join(printed) + rest
+    assert proc.returncode == 130, output[-3000:]
+    assert "interrupted" in output and "Stopped:" in output, output[-3000:]
+    assert "0 left)" in output, output[-3000:]
+    assert not _demo_ray_processes(started)
