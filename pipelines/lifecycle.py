@@ -230,11 +230,13 @@ def _pick_question(test: str) -> dict[str, Any]:
 def _ask_server(checkpoint: Path, sample: dict[str, Any], max_tokens: int) -> dict[str, Any]:
     import openai
 
+    from pipelines.ray_utils import free_local_port
     from pipelines.recipes import load_recipe
     from pipelines.serve.app import start
     from pipelines.serve.recipe import ServeRecipe
 
-    recipe = load_recipe(ServeRecipe, None, [f"checkpoint={checkpoint}", f"port={_free_port()}",
+    recipe = load_recipe(ServeRecipe, None, [f"checkpoint={checkpoint}",
+                                             f"port={free_local_port()}",
                                              "experts.default.autoscaling.min_replicas=0"])
     url = start(recipe)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="not-needed", max_retries=2,
@@ -252,14 +254,6 @@ def _ask_server(checkpoint: Path, sample: dict[str, Any], max_tokens: int) -> di
             "usage": reply.usage.model_dump() if reply.usage else {}}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _ray_processes() -> int:
     """How many processes the local Ray runs (for the report of what was stopped)."""
     import psutil
@@ -271,13 +265,11 @@ def _ray_processes() -> int:
 def run_demo(out: str | Path = "outputs/demo", plan: DemoPlan | None = None, *,
              serve: bool = True, echo: Callable[[str], None] = print) -> DemoResult:
     """Run the whole lifecycle into ``out``; returns what happened (also on the screen)."""
-    import ray
 
     from mova.factory import build_tiny_mova
     from pipelines.data.synth import SynthConfig, generate
     from pipelines.features import run_features
     from pipelines.labels import LabelsRecipe, run_labels
-    from pipelines.ray_utils import init_ray
     from pipelines.recipes import FeaturesRecipe, RayConfig
     from pipelines.train_recipe import MlflowConfig
 
@@ -289,10 +281,7 @@ def run_demo(out: str | Path = "outputs/demo", plan: DemoPlan | None = None, *,
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     result = DemoResult(out=str(root), tracking_uri=tracking_uri)
     steps = Steps(9 if serve else 8, result, echo)
-    ray_dir = tempfile.mkdtemp(prefix="mova-demo-ray-", dir="/tmp")
-    serve_started = False
-    finished = False
-    try:
+    with DemoRay(root, "mova-demo-ray-", echo) as local_ray:
         data = steps.run("Synthetic data: documents, charts, scenes, scans (mova data synth)",
                          lambda: generate(SynthConfig(
                              out=str(root / "data"), seed=plan.seed, per_domain=plan.per_domain,
@@ -310,11 +299,8 @@ def run_demo(out: str | Path = "outputs/demo", plan: DemoPlan | None = None, *,
 
         init_path = steps.run("A tiny MoVA of the real architectures, random init "
                               "(mova model init)", init)
-        init_ray("local", num_cpus=os.cpu_count() or 2, temp_dir=ray_dir,
-                 log_to_driver=False)
-        quiet_ray()
-        echo(f"    local Ray started ({ray.cluster_resources().get('CPU', 0):g} CPUs); "
-             f"worker logs go to {root / 'ray-logs'}")
+        cpus = local_ray.start()
+        echo(f"    local Ray started ({cpus:g} CPUs); worker logs go to {root / 'ray-logs'}")
         feats = steps.run("Expert-feature cache on Ray Data, every expert (mova features)",
                           lambda: run_features(FeaturesRecipe(
                               manifest=train, checkpoint=str(init_path),
@@ -357,26 +343,52 @@ def run_demo(out: str | Path = "outputs/demo", plan: DemoPlan | None = None, *,
             sample = _pick_question(test)
 
             def ask() -> None:
-                nonlocal serve_started
-                serve_started = True
+                local_ray.serve_started = True
                 result.served = _ask_server(Path(sft.output), sample, plan.max_new_tokens)
 
             steps.run("Serve the trained model (mova serve) and ask it through the official "
                       "openai client", ask)
             echo(served_text(result.served))
-        finished = True
-    finally:
-        result.stopped = stop_ray(serve_started, echo)
-        keep_logs(Path(ray_dir), root / "ray-logs")
-        shutil.rmtree(ray_dir, ignore_errors=True)
-        if not finished:  # Ctrl-C or an error: say what was cleaned up before it propagates
-            echo("Stopped: " + ("; ".join(result.stopped) or "nothing was running") +
-                 f". Outputs so far: {root}")
+    result.stopped = local_ray.stopped
     result.seconds = time.perf_counter() - start
     (root / "demo.json").write_text(json.dumps(dataclasses.asdict(result), indent=2,
                                                default=str))
     echo(summary_text(result))
     return result
+
+
+class DemoRay:
+    """A demo's private local Ray, as a context: started by :meth:`start`, and on the way out
+    (also on Ctrl-C or an error) stopped with its Serve app, its worker logs copied to
+    ``<root>/ray-logs`` and its temp dir removed; ``stopped`` says what was stopped."""
+
+    def __init__(self, root: Path, prefix: str, echo: Callable[[str], None]) -> None:
+        self.root, self.echo = root, echo
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        self.serve_started = False
+        self.stopped: list[str] = []
+
+    def start(self) -> float:
+        """Start the local Ray (all CPUs, worker output to log files only); its CPU count."""
+        import ray
+
+        from pipelines.ray_utils import init_ray
+
+        init_ray("local", num_cpus=os.cpu_count() or 2, temp_dir=str(self.dir),
+                 log_to_driver=False)
+        quiet_ray()
+        return ray.cluster_resources().get("CPU", 0)
+
+    def __enter__(self) -> DemoRay:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.stopped = stop_ray(self.serve_started, self.echo)
+        keep_logs(self.dir, self.root / "ray-logs")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if exc_type is not None:  # say what was cleaned up before the exception propagates
+            self.echo("Stopped: " + ("; ".join(self.stopped) or "nothing was running") +
+                      f". Outputs so far: {self.root}")
 
 
 def quiet_screen() -> None:

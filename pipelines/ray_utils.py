@@ -60,3 +60,12 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
              _temp_dir=temp_dir, runtime_env=runtime_env, configure_logging=True,
              logging_level=logging.WARNING, log_to_driver=log_to_driver, **kwargs)
     log.info("started a local Ray (%s CPUs, temp dir %s)", num_cpus or os.cpu_count(), temp_dir)
+
+
+def free_local_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a Serve HTTP proxy started on loopback)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

