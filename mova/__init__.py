@@ -4,8 +4,13 @@ This package is the pure model library (PyTorch + transformers); it never import
 """
 
 from mova.config import MoVAConfig
-from mova.model import GenerationResult, MoVAModel, RoutingResult
+from mova.factory import build_model, from_pretrained
+from mova.model import MoVAModel
+from mova.outputs import GenerationResult, RoutingResult
 
 __version__ = "0.1.0"
 
-__all__ = ["GenerationResult", "MoVAConfig", "MoVAModel", "RoutingResult", "__version__"]
+__all__ = [
+    "GenerationResult", "MoVAConfig", "MoVAModel", "RoutingResult", "__version__", "build_model",
+    "from_pretrained",
+]

@@ -22,17 +22,18 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertModel
 from transformers.modeling_utils import PreTrainedModel
 
+from mova.builders import build_adapter, ensure_image_token
 from mova.config import MoVAConfig
+from mova.device import place
 from mova.experts.encoders import HEAD_WEIGHTS, VisionExpert, build_base_encoder, build_expert
 from mova.experts.registry import resolve_expert
-from mova.factory import DTYPES, apply_trainability, build_adapter, ensure_image_token
-from mova.model import MoVAModel
 
 log = logging.getLogger(__name__)
 
@@ -68,57 +69,6 @@ def _head_state(expert: VisionExpert) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in expert.state_dict().items() if not k.startswith(prefix)}
 
 
-def save_pretrained(model: MoVAModel, path: str | Path, *, experts: str = "copy") -> Path:
-    """Write ``model`` to ``path`` atomically (a temp folder renamed into place).
-
-    ``experts="reference"`` stores each frozen expert as its ``pretrained`` id plus a weight
-    fingerprint instead of a copy (every expert must then have ``pretrained`` set).
-    """
-    if experts not in ("copy", "reference"):
-        raise ValueError(f"experts={experts!r}; expected 'copy' or 'reference'")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        model.config.to_json(tmp / "config.json")
-        model.llm.save_pretrained(tmp / "llm")
-        model.tokenizer.save_pretrained(tmp / "llm")
-        model.text_encoder.save_pretrained(tmp / "text_encoder")
-        model.text_tokenizer.save_pretrained(tmp / "text_encoder")
-        model.base_encoder.model.save_pretrained(tmp / "base_encoder")
-        save_file({k: v.contiguous() for k, v in model.adapter.state_dict().items()},
-                  str(tmp / ADAPTER_FILE))
-        entries = {}
-        for name, expert in model.experts.items():
-            entry = {"fingerprint": state_fingerprint(expert)}
-            if experts == "reference":
-                ref = model.resolved[name].pretrained
-                if not ref:
-                    raise ValueError(f"expert {name!r} has no 'pretrained' id, so it cannot be "
-                                     "stored by reference; save with experts='copy'")
-                entry["reference"] = ref
-            else:
-                folder = tmp / "experts" / name
-                _backbone(expert).save_pretrained(folder)
-                head = _head_state(expert)
-                if head:
-                    save_file(head, str(folder / HEAD_WEIGHTS))
-                entry["path"] = f"experts/{name}"
-            entries[name] = entry
-        components = {"format": FORMAT, "version": VERSION, "llm": "llm",
-                      "text_encoder": "text_encoder", "base_encoder": "base_encoder",
-                      "adapter": ADAPTER_FILE, "experts": entries}
-        (tmp / "components.json").write_text(json.dumps(components, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("saved MoVA checkpoint to %s", path)
-    return path
-
-
 def _require(path: Path, what: str) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint is missing {what}: {path}")
@@ -151,44 +101,6 @@ def _load_expert(root: Path, config: MoVAConfig, name: str, entry: dict) -> Visi
             "was saved with (fingerprint differs)"
         )
     return expert
-
-
-def from_pretrained(path: str | Path, *, device: str | torch.device = "cpu") -> MoVAModel:
-    """Load a checkpoint written by :func:`save_pretrained`."""
-    root = Path(path)
-    components = read_components(root)
-    config = load_config(root)
-    missing = set(config.expert_names) ^ set(components["experts"])
-    if missing:
-        raise CheckpointError(f"{root}: config.json and components.json disagree on experts "
-                              f"{sorted(missing)}")
-    llm_dir = _require(root / components["llm"], "the LLM folder")
-    tokenizer = ensure_image_token(AutoTokenizer.from_pretrained(llm_dir))
-    llm = AutoModelForCausalLM.from_pretrained(llm_dir,
-                                               attn_implementation=config.llm.attn_implementation)
-    text_dir = _require(root / components["text_encoder"], "the text encoder folder")
-    text_tokenizer = AutoTokenizer.from_pretrained(text_dir)
-    text_encoder = BertModel.from_pretrained(text_dir, add_pooling_layer=False)
-    base_cfg = copy.deepcopy(config.base)
-    base_cfg.pretrained = str(_require(root / components["base_encoder"], "the base encoder"))
-    base_encoder = build_base_encoder(base_cfg)
-    experts = {n: _load_expert(root, config, n, components["experts"][n])
-               for n in config.expert_names}
-    adapter = build_adapter(config)
-    state = load_file(str(_require(root / components["adapter"], "the adapter weights")))
-    try:
-        adapter.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{root / components['adapter']} does not fit the adapter of config.json: {exc}"
-        ) from exc
-    model = MoVAModel(config, llm=llm, tokenizer=tokenizer, text_encoder=text_encoder,
-                      text_tokenizer=text_tokenizer, base_encoder=base_encoder, experts=experts,
-                      adapter=adapter)
-    model.to(device=device, dtype=DTYPES[config.dtype])
-    apply_trainability(model)
-    model.eval()
-    return model
 
 
 def expert_cache_key(resolved, fingerprint: str) -> str:
@@ -233,3 +145,106 @@ def expert_cache_keys(path: str | Path) -> dict[str, str]:
         e.name: expert_cache_key(resolve_expert(e), components["experts"][e.name]["fingerprint"])
         for e in config.experts
     }
+
+
+def load_parts(path: str | Path) -> tuple[MoVAConfig, dict[str, Any]]:
+    """The config and every part of a checkpoint, as keyword arguments of the model."""
+    root = Path(path)
+    components = read_components(root)
+    config = load_config(root)
+    missing = set(config.expert_names) ^ set(components["experts"])
+    if missing:
+        raise CheckpointError(f"{root}: config.json and components.json disagree on experts "
+                              f"{sorted(missing)}")
+    llm_dir = _require(root / components["llm"], "the LLM folder")
+    tokenizer = ensure_image_token(AutoTokenizer.from_pretrained(llm_dir))
+    llm = AutoModelForCausalLM.from_pretrained(llm_dir,
+                                               attn_implementation=config.llm.attn_implementation)
+    text_dir = _require(root / components["text_encoder"], "the text encoder folder")
+    base_cfg = copy.deepcopy(config.base)
+    base_cfg.pretrained = str(_require(root / components["base_encoder"], "the base encoder"))
+    adapter = build_adapter(config)
+    state = load_file(str(_require(root / components["adapter"], "the adapter weights")))
+    try:
+        adapter.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{root / components['adapter']} does not fit the adapter of config.json: {exc}"
+        ) from exc
+    return config, {
+        "llm": llm, "tokenizer": tokenizer,
+        "text_encoder": BertModel.from_pretrained(text_dir, add_pooling_layer=False),
+        "text_tokenizer": AutoTokenizer.from_pretrained(text_dir),
+        "base_encoder": build_base_encoder(base_cfg),
+        "experts": {n: _load_expert(root, config, n, components["experts"][n])
+                    for n in config.expert_names},
+        "adapter": adapter,
+    }
+
+
+def _save(model: Any, path: Path, experts: str) -> Path:
+    if experts not in ("copy", "reference"):
+        raise ValueError(f"experts={experts!r}; expected 'copy' or 'reference'")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.config.to_json(tmp / "config.json")
+        model.llm.save_pretrained(tmp / "llm")
+        model.tokenizer.save_pretrained(tmp / "llm")
+        model.text_encoder.save_pretrained(tmp / "text_encoder")
+        model.text_tokenizer.save_pretrained(tmp / "text_encoder")
+        model.base_encoder.model.save_pretrained(tmp / "base_encoder")
+        save_file({k: v.contiguous() for k, v in model.adapter.state_dict().items()},
+                  str(tmp / ADAPTER_FILE))
+        entries = {}
+        for name, expert in model.experts.items():
+            entry = {"fingerprint": state_fingerprint(expert)}
+            if experts == "reference":
+                ref = model.resolved[name].pretrained
+                if not ref:
+                    raise ValueError(f"expert {name!r} has no 'pretrained' id, so it cannot be "
+                                     "stored by reference; save with experts='copy'")
+                entry["reference"] = ref
+            else:
+                folder = tmp / "experts" / name
+                _backbone(expert).save_pretrained(folder)
+                head = _head_state(expert)
+                if head:
+                    save_file(head, str(folder / HEAD_WEIGHTS))
+                entry["path"] = f"experts/{name}"
+            entries[name] = entry
+        components = {"format": FORMAT, "version": VERSION, "llm": "llm",
+                      "text_encoder": "text_encoder", "base_encoder": "base_encoder",
+                      "adapter": ADAPTER_FILE, "experts": entries}
+        (tmp / "components.json").write_text(json.dumps(components, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved MoVA checkpoint to %s", path)
+    return path
+
+
+class CheckpointMixin:
+    """``save_pretrained`` / ``from_pretrained`` for :class:`mova.model.MoVAModel`."""
+
+    def save_pretrained(self, path: str | Path, *, experts: str = "copy") -> Path:
+        """Write this model to ``path`` atomically (a temp folder renamed into place).
+
+        ``experts="reference"`` stores each frozen expert as its ``pretrained`` id plus a
+        weight fingerprint instead of a copy (every expert must then have ``pretrained``).
+        """
+        return _save(self, Path(path), experts)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Any:
+        """Load a checkpoint written by :meth:`save_pretrained`, in the dtype it was saved
+        in, on ``device`` (``auto``: CUDA when available)."""
+        config, parts = load_parts(path)
+        model = cls(config, **parts)
+        place(model, device, config.dtype)
+        model.apply_trainability()
+        model.eval()
+        return model

@@ -1,107 +1,20 @@
-"""Build a MoVA model from a config: random-init tiny models or real checkpoints by path/hub id."""
+"""Build a whole MoVA model: from a config (random-init tiny parts or real checkpoints by path
+or hub id), or from a saved checkpoint."""
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    BertConfig,
-    BertModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
-from mova.adapter import MoVAdapter
-from mova.config import MoVAConfig
-from mova.experts.encoders import build_base_encoder, build_expert
-from mova.experts.registry import get_expert_spec, resolve_expert
+from mova.builders import build_parts
+from mova.config import ExpertConfig, MoVAConfig
+from mova.device import torch_dtype
 from mova.model import MoVAModel
-from mova.tokenizers import IMAGE_TOKEN, build_tiny_bert_tokenizer, build_tiny_llm_tokenizer
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def routing_corpus(config: MoVAConfig) -> list[str]:
-    """Texts the tiny tokenizers are trained on besides their own corpus."""
-    texts = []
-    for e in config.experts:
-        texts.extend(get_expert_spec(e.name).descriptions)
-    return texts
-
-
-def ensure_image_token(tokenizer, llm=None):
-    """Add the image placeholder token (and a pad token) if the tokenizer lacks them."""
-    added = tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}) \
-        if IMAGE_TOKEN not in tokenizer.get_vocab() else 0
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if llm is not None and (added or len(tokenizer) > llm.get_input_embeddings().num_embeddings):
-        llm.resize_token_embeddings(len(tokenizer))
-    return tokenizer
-
-
-def build_tokenizers(config: MoVAConfig):
-    """LLM and text-encoder tokenizers: loaded with the pretrained weights, or built locally."""
-    if config.llm.pretrained:
-        tokenizer = AutoTokenizer.from_pretrained(config.llm.pretrained)
-    else:
-        tokenizer = build_tiny_llm_tokenizer(routing_corpus(config))
-    if config.text_encoder.pretrained:
-        text_tokenizer = AutoTokenizer.from_pretrained(config.text_encoder.pretrained)
-    else:
-        text_tokenizer = build_tiny_bert_tokenizer(routing_corpus(config))
-    return ensure_image_token(tokenizer), text_tokenizer
-
-
-def build_llm(config: MoVAConfig, tokenizer):
-    c = config.llm
-    if c.pretrained:
-        llm = AutoModelForCausalLM.from_pretrained(c.pretrained,
-                                                   attn_implementation=c.attn_implementation)
-    else:
-        llm = LlamaForCausalLM(LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
-            num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-            intermediate_size=c.intermediate_size,
-            max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=True,
-            bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, attn_implementation=c.attn_implementation,
-        ))
-    ensure_image_token(tokenizer, llm)
-    if llm.config.hidden_size != c.hidden_size:
-        raise ValueError(f"LLM {c.pretrained!r} has width {llm.config.hidden_size}; the config "
-                         f"says llm.hidden_size={c.hidden_size}")
-    return llm
-
-
-def build_text_encoder(config: MoVAConfig, text_tokenizer):
-    c = config.text_encoder
-    if c.pretrained:
-        model = BertModel.from_pretrained(c.pretrained, add_pooling_layer=False)
-    else:
-        model = BertModel(BertConfig(
-            vocab_size=len(text_tokenizer), hidden_size=c.hidden_size,
-            num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-            intermediate_size=c.intermediate_size, max_position_embeddings=c.max_length,
-        ), add_pooling_layer=False)
-    if model.config.hidden_size != c.hidden_size:
-        raise ValueError(f"text encoder {c.pretrained!r} has width {model.config.hidden_size}; "
-                         f"the config says text_encoder.hidden_size={c.hidden_size}")
-    return model
-
-
-def build_adapter(config: MoVAConfig) -> MoVAdapter:
-    channels = {e.name: resolve_expert(e).channels for e in config.experts}
-    return MoVAdapter(config.adapter, hidden_size=config.base.hidden_size,
-                      grid_size=config.base.grid_size, expert_channels=channels,
-                      text_hidden_size=config.text_encoder.hidden_size,
-                      llm_hidden_size=config.llm.hidden_size)
 
 
 def build_model(config: MoVAConfig, *, seed: int | None = None) -> MoVAModel:
@@ -111,44 +24,30 @@ def build_model(config: MoVAConfig, *, seed: int | None = None) -> MoVAModel:
     start = time.perf_counter()
     if seed is not None:
         torch.manual_seed(seed)
-    tokenizer, text_tokenizer = build_tokenizers(config)
-    model = MoVAModel(
-        config,
-        llm=build_llm(config, tokenizer),
-        tokenizer=tokenizer,
-        text_encoder=build_text_encoder(config, text_tokenizer),
-        text_tokenizer=text_tokenizer,
-        base_encoder=build_base_encoder(config.base),
-        experts={e.name: build_expert(resolve_expert(e)) for e in config.experts},
-        adapter=build_adapter(config),
-    )
-    model.to(DTYPES[config.dtype])
-    apply_trainability(model)
+    model = MoVAModel(config, **build_parts(config))
+    model.to(torch_dtype(config.dtype))
+    model.apply_trainability()
     model.eval()
     log.info("built MoVA (%d experts, %.1fM params) in %.1f s", len(config.experts),
              sum(p.numel() for p in model.parameters()) / 1e6, time.perf_counter() - start)
     return model
 
 
-def apply_trainability(model: MoVAModel) -> None:
-    """Experts are always frozen; base and text encoder follow their ``trainable`` flags."""
-    model.experts.requires_grad_(False)
-    model.experts.eval()
-    model.base_encoder.requires_grad_(model.config.base.trainable)
-    model.text_encoder.requires_grad_(model.config.text_encoder.trainable)
+def from_pretrained(path: str | Path, *, device: str | torch.device = "cpu") -> MoVAModel:
+    """Load a saved MoVA checkpoint (see :mod:`mova.checkpoint` for the layout)."""
+    return MoVAModel.from_pretrained(path, device=device)
 
 
 def tiny_config(**overrides) -> MoVAConfig:
-    """The embedded default: every component at its tiny preset (all 7 experts)."""
+    """The embedded default: every component at its tiny preset (the whole default pool)."""
     return MoVAConfig(**overrides).validate()
 
 
 def build_tiny_mova(seed: int = 0, experts: list[str] | None = None) -> MoVAModel:
-    """A complete tiny MoVA (all 7 experts by default), built in seconds on CPU, no downloads."""
+    """A complete tiny MoVA (the whole default pool unless ``experts`` names a subset), built
+    in seconds on CPU, no downloads."""
     config = tiny_config()
     if experts is not None:
-        from mova.config import ExpertConfig
-
         config.experts = [ExpertConfig(name=n) for n in experts]
         config.routing.max_experts = min(config.routing.max_experts, len(experts))
     return build_model(config, seed=seed)

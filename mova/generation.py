@@ -1,134 +1,26 @@
-"""Two-stage MoVA inference: batched routing decode, then the answer decode.
+"""Two-stage MoVA inference as a mixin of the model: batched routing decode, then the answer.
 
 Works on batches where every sample has its own routing (the released code asserts batch 1).
+All decoding goes through :class:`mova.decoding.BatchDecoder`; this module only builds the
+prompts and reads the replies. It never imports the model (the model inherits from it).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Hashable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from mova.conversation import tokenize_conversation, user_questions, validate_turns
+from mova.decoding import BatchDecoder, DecodeParams, StepEvent, left_pad
+from mova.outputs import GenerationResult, RoutingResult
 from mova.routing import build_routing_prompt, parse_routing
 from mova.tokenizers import IMAGE_TOKEN
 
-if TYPE_CHECKING:
-    from mova.model import GenerationResult, MoVAModel, RoutingResult
-
 log = logging.getLogger(__name__)
-
-
-def _eos_ids(model: MoVAModel) -> list[int]:
-    tok = model.tokenizer
-    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    suffix = model.template.assistant_suffix.strip()
-    if suffix:
-        suffix_ids = tok.encode(suffix, add_special_tokens=False)
-        if len(suffix_ids) == 1:
-            ids.add(suffix_ids[0])
-    return sorted(ids)
-
-
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
-    return ids, mask
-
-
-def _cut_stop(text: str, stop: Sequence[str] | None) -> str:
-    for s in stop or ():
-        pos = text.find(s)
-        if s and pos >= 0:
-            text = text[:pos]
-    return text
-
-
-@torch.no_grad()
-def decode(model: MoVAModel, prompt_ids: Sequence[Sequence[int]], image_tokens: Tensor | None,
-           *, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-           top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] | None = None,
-           ) -> list[tuple[str, int, int]]:
-    """Decode a left-padded batch; returns (text, prompt tokens, generated tokens) per row."""
-    tok = model.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids, mask = _left_pad(prompt_ids, pad_id)
-    limit = model.config.llm.max_position_embeddings
-    if ids.shape[1] + max_new_tokens > limit:
-        raise ValueError(f"prompt of {ids.shape[1]} tokens + max_new_tokens={max_new_tokens} "
-                         f"exceeds the LLM's context of {limit} tokens")
-    embeds = model.embed(ids, image_tokens)
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                              "eos_token_id": _eos_ids(model), "pad_token_id": pad_id}
-    if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        out = model.llm.generate(inputs_embeds=embeds, attention_mask=mask.to(model.device),
-                                 **kwargs)
-    eos = set(kwargs["eos_token_id"])
-    results = []
-    for i, row in enumerate(out.tolist()):
-        tokens = []
-        for t in row:
-            if t in eos:
-                break
-            tokens.append(t)
-        text = _cut_stop(tok.decode(tokens, skip_special_tokens=True), stop).strip()
-        results.append((text, int(mask[i].sum()), len(tokens)))
-    return results
-
-
-def route(model: MoVAModel, routing_tokens: Tensor, questions: Sequence[str]) -> RoutingResult:
-    """Ask the LLM which experts suit each (image, question); parse strictly."""
-    from mova.model import RoutingResult
-
-    cfg = model.config.routing
-    descriptions = model.routing_descriptions()
-    rows = []
-    for q in questions:
-        prompt = build_routing_prompt(q, descriptions, image_token=IMAGE_TOKEN,
-                                      max_experts=cfg.max_experts)
-        enc = tokenize_conversation([{"from": "human", "value": prompt}], model.tokenizer,
-                                    model.template, routing_tokens.shape[1],
-                                    for_generation=True)
-        rows.append(enc["input_ids"])
-    replies = [t for t, _, _ in decode(model, rows, routing_tokens,
-                                       max_new_tokens=cfg.max_new_tokens)]
-    n = len(model.expert_names)
-    picked = [parse_routing(r, n, cfg.max_experts) for r in replies]
-    mask = torch.zeros(len(questions), n, dtype=torch.bool)
-    for i, idx in enumerate(picked):
-        mask[i, idx] = True
-    experts = [[model.expert_names[j] for j in idx] for idx in picked]
-    return RoutingResult(mask=mask, replies=replies, experts=experts)
-
-
-def answer(model: MoVAModel, image_tokens: Tensor, conversations: Sequence[Sequence[dict]],
-           *, max_new_tokens: int | None = None, do_sample: bool | None = None,
-           temperature: float | None = None, top_p: float | None = None,
-           seed: int | None = None, stop: Sequence[str] | None = None,
-           ) -> list[tuple[str, int, int]]:
-    """The answer decode from fused image tokens and conversations ending in a human turn."""
-    gen = model.config.generation
-    rows = [tokenize_conversation(turns, model.tokenizer, model.template,
-                                  image_tokens.shape[1], for_generation=True)["input_ids"]
-            for turns in conversations]
-    return decode(model, rows, image_tokens,
-                  max_new_tokens=max_new_tokens or gen.max_new_tokens,
-                  do_sample=gen.do_sample if do_sample is None else do_sample,
-                  temperature=gen.temperature if temperature is None else temperature,
-                  top_p=gen.top_p if top_p is None else top_p, seed=seed, stop=stop)
 
 
 def _as_turns(item: str | Sequence[dict]) -> list[dict]:
@@ -137,46 +29,163 @@ def _as_turns(item: str | Sequence[dict]) -> list[dict]:
     return validate_turns(list(item), for_generation=True)
 
 
-def generate(model: MoVAModel, images: Sequence, questions: Sequence[str | Sequence[dict]],
-             *, experts: Sequence[Sequence[str]] | Sequence[str] | None = None,
-             **decode_kwargs: Any) -> list[GenerationResult]:
-    """Route then answer a batch. ``experts`` forces the routing: one list per sample, or a
-    single list of names for all samples."""
-    from mova.model import GenerationResult
+class GenerationMixin:
+    """Routing, answering and end-to-end generation for :class:`mova.model.MoVAModel`."""
 
-    if len(images) != len(questions):
-        raise ValueError(f"{len(images)} images but {len(questions)} questions")
-    if not images:
-        return []
-    conversations = [_as_turns(q) for q in questions]
-    pil = model.prepare_images(images)
-    model.eval()
-    with torch.no_grad():
-        base = model.encode_base(model.processor.base(pil))
-        text = model.encode_questions([user_questions(c) for c in conversations])
-        if experts is None:
-            routing = model.route(model.routing_tokens(base, text),
-                                  [user_questions(c)[-1] for c in conversations])
-            mask, replies, names = routing.mask, routing.replies, routing.experts
-        else:
-            if experts and all(isinstance(e, str) for e in experts):
-                experts = [list(experts)] * len(images)  # type: ignore[list-item]
-            if len(experts) != len(images):
-                raise ValueError(f"experts has {len(experts)} entries for {len(images)} images")
-            mask = model.mask_from_names(experts)  # type: ignore[arg-type]
-            replies = [None] * len(images)
-            names = [[n for n in model.expert_names if n in set(e)] for e in experts]
-        routed = [n for j, n in enumerate(model.expert_names) if bool(mask[:, j].any())]
-        inputs = model.processor.experts_inputs(routed, pil)
-        feats = model.routed_expert_features(inputs, mask)
-        fused = model.fuse(base, text, feats, mask)
-        decoded = model.answer(fused.image_tokens, conversations, **decode_kwargs)
-    gates = fused.gate_weights
-    return [
-        GenerationResult(
-            answer=text_out, experts=names[i], routing_reply=replies[i],
-            gate_weights=gates[i].tolist() if gates is not None else [],
-            num_prompt_tokens=n_prompt, num_generated_tokens=n_new,
-        )
-        for i, (text_out, n_prompt, n_new) in enumerate(decoded)
-    ]
+    # ---- decoding ------------------------------------------------------------------------
+    def eos_ids(self) -> list[int]:
+        """End-of-sequence ids: the tokenizer's, plus the template's one-token turn suffix."""
+        tok = self.tokenizer
+        ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        suffix = self.template.assistant_suffix.strip()
+        if suffix:
+            suffix_ids = tok.encode(suffix, add_special_tokens=False)
+            if len(suffix_ids) == 1:
+                ids.add(suffix_ids[0])
+        return sorted(ids)
+
+    def new_decoder(self) -> BatchDecoder:
+        """An empty decode batch bound to this model's LLM."""
+        return BatchDecoder(self.llm, self.tokenizer, self.eos_ids(),
+                            max_context=self.config.llm.max_position_embeddings)
+
+    def prompt_embeddings(self, prompt_ids: Sequence[Sequence[int]],
+                          image_tokens: Tensor | Sequence[Tensor] | None
+                          ) -> tuple[Tensor, Tensor]:
+        """Left-padded prompt embeddings with the image tokens in place, and their mask."""
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids, mask = left_pad(prompt_ids, pad_id)
+        with torch.no_grad():
+            return self.embed(ids, image_tokens), mask
+
+    def decode_stream(self, prompt_ids: Sequence[Sequence[int]],
+                      image_tokens: Tensor | Sequence[Tensor] | None,
+                      params: Sequence[DecodeParams]) -> Iterator[list[StepEvent]]:
+        """Decode a batch, yielding each step's events (``event.row`` is the row index)."""
+        if len(prompt_ids) != len(params) or not params:
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(params)} decode params")
+        decoder = self.new_decoder()
+        embeds, mask = self.prompt_embeddings(prompt_ids, image_tokens)
+        decoder.add(embeds, mask, params, keys=list(range(len(params))))
+        while len(decoder):
+            events = decoder.step()
+            if events:
+                yield events
+
+    def decode(self, prompt_ids: Sequence[Sequence[int]],
+               image_tokens: Tensor | Sequence[Tensor] | None,
+               params: DecodeParams | Sequence[DecodeParams]) -> list[tuple[str, int, int]]:
+        """Decode a batch to the end: (text, prompt tokens, generated tokens) per row."""
+        if isinstance(params, DecodeParams):
+            params = [params] * len(prompt_ids)
+        finals: dict[Hashable, StepEvent] = {}
+        for events in self.decode_stream(prompt_ids, image_tokens, params):
+            finals.update((e.row, e) for e in events if e.done)
+        return [(finals[i].text, finals[i].prompt_tokens, finals[i].completion_tokens)
+                for i in range(len(prompt_ids))]
+
+    # ---- the two stages ------------------------------------------------------------------
+    def routing_prompt_ids(self, questions: Sequence[str], num_tokens: int) -> list[list[int]]:
+        """Token ids of the routing prompt for each question (image run of ``num_tokens``)."""
+        cfg = self.config.routing
+        descriptions = self.routing_descriptions()
+        rows = []
+        for q in questions:
+            prompt = build_routing_prompt(q, descriptions, image_token=IMAGE_TOKEN,
+                                          max_experts=cfg.max_experts)
+            enc = tokenize_conversation([{"from": "human", "value": prompt}], self.tokenizer,
+                                        self.template, num_tokens, for_generation=True)
+            rows.append(enc["input_ids"])
+        return rows
+
+    def routing_params(self) -> DecodeParams:
+        """Greedy decoding of the routing reply, within the routing token budget."""
+        return DecodeParams(max_new_tokens=self.config.routing.max_new_tokens)
+
+    def parse_routes(self, replies: Sequence[str]) -> RoutingResult:
+        """Routing replies -> mask and expert names (strict parser; a bad reply is no expert)."""
+        cfg = self.config.routing
+        n = len(self.expert_names)
+        picked = [parse_routing(r, n, cfg.max_experts) for r in replies]
+        mask = torch.zeros(len(replies), n, dtype=torch.bool)
+        for i, idx in enumerate(picked):
+            mask[i, idx] = True
+        experts = [[self.expert_names[j] for j in idx] for idx in picked]
+        return RoutingResult(mask=mask, replies=list(replies), experts=experts)
+
+    def route(self, routing_tokens: Tensor, questions: Sequence[str]) -> RoutingResult:
+        """Ask the LLM which experts suit each (image, question); parse strictly."""
+        rows = self.routing_prompt_ids(questions, routing_tokens.shape[1])
+        replies = [t for t, _, _ in self.decode(rows, routing_tokens, self.routing_params())]
+        return self.parse_routes(replies)
+
+    def answer_prompt_ids(self, conversations: Sequence[Sequence[dict]],
+                          num_tokens: int) -> list[list[int]]:
+        return [tokenize_conversation(turns, self.tokenizer, self.template, num_tokens,
+                                      for_generation=True)["input_ids"]
+                for turns in conversations]
+
+    def answer_params(self, *, max_new_tokens: int | None = None, do_sample: bool | None = None,
+                      temperature: float | None = None, top_p: float | None = None,
+                      seed: int | None = None, stop: Sequence[str] | None = None
+                      ) -> DecodeParams:
+        """Decode settings of an answer: the given values over the config's defaults."""
+        gen = self.config.generation
+        return DecodeParams(
+            max_new_tokens=max_new_tokens or gen.max_new_tokens,
+            do_sample=gen.do_sample if do_sample is None else do_sample,
+            temperature=gen.temperature if temperature is None else temperature,
+            top_p=gen.top_p if top_p is None else top_p, seed=seed, stop=tuple(stop or ()))
+
+    def answer(self, image_tokens: Tensor, conversations: Sequence[Sequence[dict]],
+               **decode_kwargs: Any) -> list[tuple[str, int, int]]:
+        """The answer decode from fused image tokens and conversations ending in a human turn."""
+        rows = self.answer_prompt_ids(conversations, image_tokens.shape[1])
+        return self.decode(rows, image_tokens, self.answer_params(**decode_kwargs))
+
+    def generate(self, images: Sequence, questions: Sequence[str | Sequence[dict]], *,
+                 experts: Sequence[Sequence[str]] | Sequence[str] | None = None,
+                 **decode_kwargs: Any) -> list[GenerationResult]:
+        """Route then answer a batch. ``experts`` forces the routing: one list per sample, or a
+        single list of names for all samples."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        if not images:
+            return []
+        conversations = [_as_turns(q) for q in questions]
+        pil = self.prepare_images(images)
+        self.eval()
+        with torch.no_grad():
+            base = self.encode_base(self.processor.base(pil))
+            text = self.encode_questions([user_questions(c) for c in conversations])
+            if experts is None:
+                routing = self.route(self.routing_tokens(base, text),
+                                     [user_questions(c)[-1] for c in conversations])
+            else:
+                routing = self._forced_routing(experts, len(images))
+            mask = routing.mask
+            routed = [n for j, n in enumerate(self.expert_names) if bool(mask[:, j].any())]
+            inputs = self.processor.experts_inputs(routed, pil)
+            feats = self.routed_expert_features(inputs, mask)
+            fused = self.fuse(base, text, feats, mask)
+            decoded = self.answer(fused.image_tokens, conversations, **decode_kwargs)
+        gates = fused.gate_weights
+        return [
+            GenerationResult(
+                answer=text_out, experts=routing.experts[i], routing_reply=routing.replies[i],
+                gate_weights=gates[i].tolist() if gates is not None else [],
+                num_prompt_tokens=n_prompt, num_generated_tokens=n_new,
+            )
+            for i, (text_out, n_prompt, n_new) in enumerate(decoded)
+        ]
+
+    def _forced_routing(self, experts: Sequence[Sequence[str]] | Sequence[str],
+                        batch: int) -> RoutingResult:
+        if experts and all(isinstance(e, str) for e in experts):
+            experts = [list(experts)] * batch  # type: ignore[list-item]
+        if len(experts) != batch:
+            raise ValueError(f"experts has {len(experts)} entries for {batch} images")
+        mask = self.mask_from_names(experts)  # type: ignore[arg-type]
+        names = [[n for n in self.expert_names if n in set(e)] for e in experts]
+        return RoutingResult(mask=mask, replies=[None] * batch, experts=names)  # type: ignore

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mova.model import IGNORE_INDEX, MoVAModel
+from mova.conversation import IGNORE_INDEX
+from mova.model import MoVAModel
 
 BASE = "base"
 """Name of the no-expert condition (column 0 of :func:`single_expert_losses`)."""

@@ -3,14 +3,15 @@
 Each step is public and callable on its own (serving runs them in different processes):
 :meth:`encode_base`, :meth:`encode_text`, :meth:`expert_features`, :meth:`fuse`,
 :meth:`routing_tokens`, :meth:`route`, :meth:`answer`; :meth:`forward` is the training step
-and :meth:`generate` the two-stage inference (route, then answer).
+and :meth:`generate` the two-stage inference (route, then answer). Generation and checkpoint
+I/O come from mixins (:mod:`mova.generation`, :mod:`mova.checkpoint`) that never import this
+module back.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -18,47 +19,23 @@ from torch import Tensor, nn
 
 from mova.adapter import AdapterOutput, MoVAdapter
 from mova.align import align_to_grid, pool_routing_tokens
+from mova.checkpoint import CheckpointMixin
 from mova.config import MoVAConfig
 from mova.conversation import gate_text, get_template
+from mova.device import to_model_inputs
 from mova.experts.encoders import BaseEncoder, VisionExpert
 from mova.experts.preprocess import ImageProcessor
 from mova.experts.registry import ResolvedExpert, resolve_expert
+from mova.generation import GenerationMixin
 from mova.images import load_image
+from mova.outputs import MoVAOutput
+from mova.tokenizers import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-
-
-@dataclass
-class MoVAOutput:
-    loss: Tensor | None
-    logits: Tensor
-    gate_weights: Tensor | None = None
-
-
-@dataclass
-class RoutingResult:
-    """The routing decision for a batch: a 0/1 mask over the pool and the raw replies."""
-
-    mask: Tensor
-    replies: list[str]
-    experts: list[list[str]]
-
-
-@dataclass
-class GenerationResult:
-    answer: str
-    experts: list[str]
-    routing_reply: str | None
-    gate_weights: list[list[float]] = field(default_factory=list)
-    num_prompt_tokens: int = 0
-    num_generated_tokens: int = 0
-
-
-class MoVAModel(nn.Module):
+class MoVAModel(GenerationMixin, CheckpointMixin, nn.Module):
     """A complete MoVA model; build with :func:`mova.factory.build_model` or
-    :func:`mova.checkpoint.from_pretrained`."""
+    :func:`mova.factory.from_pretrained`."""
 
     def __init__(self, config: MoVAConfig, *, llm: nn.Module, tokenizer, text_encoder: nn.Module,
                  text_tokenizer, base_encoder: BaseEncoder, experts: Mapping[str, VisionExpert],
@@ -98,8 +75,6 @@ class MoVAModel(nn.Module):
         return next(self.adapter.parameters()).dtype
 
     def _image_token_id(self) -> int:
-        from mova.tokenizers import IMAGE_TOKEN
-
         token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if token_id is None or token_id == self.tokenizer.unk_token_id:
             raise ValueError(f"the LLM tokenizer has no {IMAGE_TOKEN!r} token")
@@ -126,6 +101,13 @@ class MoVAModel(nn.Module):
         super().train(mode)
         self.experts.eval()
         return self
+
+    def apply_trainability(self) -> None:
+        """Experts are always frozen; base and text encoder follow their ``trainable`` flags."""
+        self.experts.requires_grad_(False)
+        self.experts.eval()
+        self.base_encoder.requires_grad_(self.config.base.trainable)
+        self.text_encoder.requires_grad_(self.config.text_encoder.trainable)
 
     # ---- preprocessing -------------------------------------------------------------------
     def prepare_images(self, images: Sequence) -> list[Image.Image]:
@@ -158,8 +140,10 @@ class MoVAModel(nn.Module):
         if name not in self.experts:
             raise ValueError(f"unknown expert {name!r}; pool: {self.expert_names}")
         expert = self.experts[name]
-        dtype = self.dtype if inputs.is_floating_point() else inputs.dtype
-        return expert(inputs.to(self.device, dtype))
+        param = next(expert.parameters(), None)
+        device = param.device if param is not None else self.device
+        dtype = param.dtype if param is not None else self.dtype
+        return expert(to_model_inputs(inputs, device, dtype))
 
     def routed_expert_features(self, expert_inputs: Mapping[str, Tensor], mask: Tensor
                                ) -> dict[str, Tensor]:
@@ -273,33 +257,3 @@ class MoVAModel(nn.Module):
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask.to(self.device),
                        labels=None if labels is None else labels.to(self.device))
         return MoVAOutput(loss=out.loss, logits=out.logits, gate_weights=fused.gate_weights)
-
-    # ---- inference (implemented in mova.generation) --------------------------------------
-    def route(self, routing_tokens: Tensor, questions: Sequence[str]) -> RoutingResult:
-        from mova.generation import route
-
-        return route(self, routing_tokens, questions)
-
-    def answer(self, image_tokens: Tensor, conversations: Sequence[Sequence[dict]],
-               **kwargs) -> list[tuple[str, int, int]]:
-        from mova.generation import answer
-
-        return answer(self, image_tokens, conversations, **kwargs)
-
-    def generate(self, images: Sequence, questions: Sequence[str] | Sequence[Sequence[dict]],
-                 **kwargs) -> list[GenerationResult]:
-        from mova.generation import generate
-
-        return generate(self, images, questions, **kwargs)
-
-    # ---- checkpoints (implemented in mova.checkpoint) ------------------------------------
-    def save_pretrained(self, path, *, experts: str = "copy"):
-        from mova.checkpoint import save_pretrained
-
-        return save_pretrained(self, path, experts=experts)
-
-    @classmethod
-    def from_pretrained(cls, path, **kwargs) -> MoVAModel:
-        from mova.checkpoint import from_pretrained
-
-        return from_pretrained(path, **kwargs)

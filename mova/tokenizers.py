@@ -227,21 +227,17 @@ _SENTENCES = [
 
 _COLOURS = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange", "gray", "brown"]
 _SHAPES = ["circle", "square", "triangle", "star", "cube", "sphere", "cylinder", "rectangle"]
-_LETTERS = "ABCDEFG"
 
 
 def _generated_sentences() -> list[str]:
-    """Templated sentences covering numbers, colours, shapes and letter lists."""
+    """Templated sentences covering numbers, colours and shapes (the routing letters of a
+    model's pool come with its routing corpus, see ``mova.builders.routing_corpus``)."""
     out = [f"The answer is {n}." for n in range(101)]
     out += [f"In {y} the value was {y % 97}.{y % 10} million." for y in range(1950, 2031)]
     out += [f"The price is ${n}.{(n * 7) % 100:02d} and the share is {n}%." for n in range(60)]
     out += [f"There are {n} objects in the image." for n in range(0, 101, 7)]
     out += [f"The {c} {s} is on the {'left' if i % 2 else 'right'}."
             for i, (c, s) in enumerate((c, s) for c in _COLOURS for s in _SHAPES)]
-    for i in range(len(_LETTERS)):
-        out.append(_LETTERS[i])
-        out.append(", ".join(_LETTERS[i:i + 3]))
-        out.append(f"Option {_LETTERS[i]} is correct.")
     return out
 
 

@@ -104,3 +104,30 @@ def routing_stats(mask: torch.Tensor, names: Sequence[str]) -> dict[str, float]:
     rates = mask.mean(0)
     stats.update({f"routing/{n}": float(rates[j]) for j, n in enumerate(names)})
     return stats
+
+
+class TrainableParts(nn.Module):
+    """The module a distributed engine (DeepSpeed) manages: every part of a MoVA model but its
+    frozen experts.
+
+    Experts only run inference, on the samples routed to them; under ZeRO-3 their parameters
+    would be partitioned and gathered collectively, and ranks whose batches route different
+    experts would then disagree on the collectives. The forward is the model's forward; the
+    parts are the same module objects, so hooks and weights are shared.
+    """
+
+    def __init__(self, model: MoVAModel) -> None:
+        super().__init__()
+        self.llm = model.llm
+        self.text_encoder = model.text_encoder
+        self.base_encoder = model.base_encoder
+        self.adapter = model.adapter
+        self.__dict__["mova"] = model  # not registered: the experts stay outside
+
+    def forward(self, **kwargs):
+        return self.mova(**kwargs)
+
+    def train(self, mode: bool = True) -> TrainableParts:
+        super().train(mode)
+        self.mova.train(mode)
+        return self

@@ -1,4 +1,4 @@
-"""The `mova` command line."""
+"""The `mova` command line: one sub-command per stage, each defined in its stage's folder."""
 
 from __future__ import annotations
 
@@ -7,11 +7,19 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pipelines import demo, evaluate, features, labels, model_cli, train
 from pipelines.bench import cli as bench_cli
 from pipelines.data import cli as data_cli
-from pipelines.data.synth import add_synth_parser
+from pipelines.demo import cli as demo_cli
+from pipelines.evaluate import cli as eval_cli
+from pipelines.features import cli as features_cli
+from pipelines.labels import cli as labels_cli
+from pipelines.model import cli as model_cli
 from pipelines.serve import cli as serve_cli
+from pipelines.train import cli as train_cli
+
+# One line per stage: its folder's `add_parser` registers `mova <stage> ...`.
+STAGES = (demo_cli, model_cli, data_cli, features_cli, labels_cli, train_cli, eval_cli,
+          serve_cli, bench_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,15 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo.add_parser(sub)
-    model_cli.add_parser(sub)
-    add_synth_parser(data_cli.add_parser(sub))
-    features.add_parser(sub)
-    labels.add_parser(sub)
-    train.add_parser(sub)
-    bench_cli.add_parser(sub)
-    serve_cli.add_parser(sub)
-    evaluate.add_parser(sub)
+    for stage in STAGES:
+        stage.add_parser(sub)
     return parser
 
 

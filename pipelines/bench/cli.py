@@ -67,7 +67,8 @@ def _common_options(p: argparse.ArgumentParser) -> None:
 
 # ---- mova bench model ------------------------------------------------------------------------
 def _run_model(args: argparse.Namespace) -> int:
-    from pipelines.bench.model import bench_model, render_markdown
+    from pipelines.bench.model import bench_model
+    from pipelines.bench.model_report import render_markdown
 
     _resolve(args)
     result = bench_model(args.preset, device=resolve_device(args.device), dtype=args.dtype,

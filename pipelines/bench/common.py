@@ -37,7 +37,8 @@ replaced in place when its command is rerun (the HTML comments delimit the secti
 | `bench:serve:...` (planned) | `mova bench serve` |
 
 Read the results as **ratios measured side by side** in one process on one machine (for example
-the cost of k routed experts against all 7; the calls compared are timed in interleaved rounds):
+the cost of k routed experts against the whole pool; the calls compared are timed in
+interleaved rounds):
 absolute milliseconds depend on the machine, its load and the thread count (torch's default;
 set `OMP_NUM_THREADS` to change it; on a small shared VM one thread gives far steadier figures,
 as stalled threads make a multi-threaded median wander). Random weights say nothing about a

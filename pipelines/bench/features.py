@@ -2,7 +2,7 @@
 
 Both compute the same tiny expert's features for the same synthetic images and write them with
 :meth:`FeatureCache.write_shard`: (a) one process, batch by batch (decode, hash, preprocess with
-``expert_input``, run the expert, write a shard); (b) :func:`pipelines.features.run_features` on
+``expert_input``, run the expert, write a shard); (b) :func:`pipelines.features.job.run_features` on
 a fresh cache. Ray's fixed start-up (``ray.init``, the hashing stage's workers, the expert
 actor's start) is separated from its steady throughput by timing the job on the full manifest
 and on a quarter of it with Ray already running: the difference is the marginal cost of the
@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from pipelines import storage
 from pipelines.bench.common import machine_info, markdown_table
-from pipelines.cache import FeatureCache
+from pipelines.common import storage
+from pipelines.features.cache import FeatureCache
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,14 @@ def make_workspace(root: str | Path, images: int, *, image_size: int = 128, seed
     """Write ``images`` synthetic samples (split over the 4 domains) and a tiny MoVA checkpoint
     under ``root``; returns (train manifest, checkpoint folder)."""
     from mova.factory import build_tiny_mova
-    from pipelines.data.synth import DOMAINS, SynthConfig, generate
+    from pipelines.data.synth import SynthRecipe, generate
+    from pipelines.data.synth_domains import DOMAINS
 
     if images < 1:
         raise ValueError(f"images={images} must be >= 1")
     root = Path(root)
     per_domain = -(-images // len(DOMAINS))
-    result = generate(SynthConfig(out=str(root / "data"), seed=seed, per_domain=per_domain,
+    result = generate(SynthRecipe(out=str(root / "data"), seed=seed, per_domain=per_domain,
                                   test_per_domain=0, image_size=image_size,
                                   routing_samples=routing_samples))
     # Domains interleaved, so any prefix (the small manifest, a few steps) mixes them.
@@ -237,8 +238,8 @@ def ratios(r: FeaturesBenchResult) -> dict[str, float | None]:
 # ---- the benchmark ------------------------------------------------------------------------
 def _ray_run(kind: str, manifest: str, checkpoint: str, cache: str, expert: str,
              batch_size: int, workers: int, dtype: str, images: int) -> RunTiming:
-    from pipelines.features import run_features
-    from pipelines.recipes import FeaturesRecipe
+    from pipelines.features.job import run_features
+    from pipelines.features.recipe import FeaturesRecipe
 
     recipe = FeaturesRecipe(manifest=manifest, checkpoint=checkpoint, cache=cache,
                             experts="all", only=[expert], dtype=dtype, batch_size=batch_size,
@@ -268,7 +269,7 @@ def bench_features(workdir: str | Path, *, images: int = 4096, expert: str = DEF
     import ray
 
     from mova.experts.registry import DEFAULT_POOL
-    from pipelines.ray_utils import prepare_env
+    from pipelines.common.ray_init import prepare_env
 
     if expert not in DEFAULT_POOL:
         raise ValueError(f"expert={expert!r}; expected one of {list(DEFAULT_POOL)}")

@@ -2,12 +2,12 @@
 and the Ray Train + DeepSpeed loop per ZeRO stage.
 
 In-process part (one process, no Ray): the same synthetic samples are prepared by
-:func:`pipelines.dataset.prepare_batch` (the function ``build_dataset`` maps over the manifest)
-with ``features=cached`` and ``features=compute``, once with each sample's routing label
-(1-2 experts) and once with all 7 experts routed; batches are made with
-:func:`pipelines.dataset.collate`. Each configuration has its own model and AdamW, and the four
-are stepped in interleaved rounds (``model(**batch)``, backward, ``optimizer.step``); the first
-step of each is a warm-up and is not timed. Ray part: :func:`pipelines.train.run_train` with 2
+:func:`pipelines.train.dataset.prepare_batch` (the function ``build_dataset`` maps over the
+manifest) with ``features=cached`` and ``features=compute``, once with each sample's routing
+label (1-2 experts) and once with every expert of the pool routed; batches are made with
+:func:`pipelines.train.dataset.collate`. Each configuration has its own model and AdamW, and the
+four are stepped in interleaved rounds (``model(**batch)``, backward, ``optimizer.step``); the first
+step of each is a warm-up and is not timed. Ray part: :func:`pipelines.train.job.run_train` with 2
 workers for each ZeRO stage, timed from the loop's own per-step MLflow records.
 """
 
@@ -162,7 +162,7 @@ def prepared_rows(manifest: str, checkpoint: str, cache: str, masks: str, featur
                   count: int) -> tuple[dict[str, list], float]:
     """The first ``count`` samples prepared by ``prepare_batch``; returns (columns, seconds)."""
     from mova.checkpoint import load_config
-    from pipelines.dataset import PrepareSpec, prepare_batch
+    from pipelines.train.dataset import PrepareSpec, prepare_batch
 
     rows = manifest_rows(manifest, masks, load_config(checkpoint).expert_names)[:count]
     spec = PrepareSpec(checkpoint=checkpoint, manifest=manifest, cache=cache, features=features,
@@ -179,9 +179,9 @@ def bench_in_process(manifest: str, checkpoint: str, cache: str, *, steps: int, 
                      stage: str = "pretrain", lr: float = 2e-4) -> list[ConfigTiming]:
     """Time ``steps`` optimizer steps (after one warm-up step) of each (masks, features)
     configuration, interleaved round by round."""
-    from mova.checkpoint import from_pretrained
+    from mova.factory import from_pretrained
     from mova.training import set_stage, trainable_parameters
-    from pipelines.dataset import collate
+    from pipelines.train.dataset import collate
 
     count = batch_size * (steps + 1)
     runs: dict[tuple[str, str], dict[str, Any]] = {}
@@ -233,9 +233,9 @@ def zero_run(zero_stage: int, manifest: str, checkpoint: str, cache: str, workdi
     loop reports (MLflow + ``ray.train.report``) every ``log_every`` steps and at the end."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.recipes import RayConfig
-    from pipelines.train import run_train
-    from pipelines.train_recipe import DeepSpeedConfig, MlflowConfig, TrainRecipe
+    from pipelines.common.recipe import MlflowConfig, RayConfig
+    from pipelines.train.job import run_train
+    from pipelines.train.recipe import DeepSpeedConfig, TrainRecipe
 
     root = Path(workdir).resolve()
     tag = f"zero{zero_stage}-{uuid.uuid4().hex[:8]}"
@@ -293,7 +293,7 @@ def bench_train(workdir: str | Path, *, steps: int = 20, batch_size: int = 8,
     if zero_stages:
         import ray
 
-        from pipelines.ray_utils import prepare_env
+        from pipelines.common.ray_init import prepare_env
 
         prepare_env()
         started = not ray.is_initialized()
@@ -340,7 +340,8 @@ def render_markdown(r: TrainBenchResult) -> str:
            "each routed expert's input there), batches from `collate`; both timed apart "
            "(they run in Ray Data workers / the loop, not in the step). Tokens = "
            "`attention_mask.sum()` (text + image tokens), as the training loop counts them. "
-           "`label`: the synthetic routing labels; `all`: every sample routes all 7 experts.",
+           "`label`: the synthetic routing labels; `all`: every sample routes every expert of "
+           "the pool.",
            ""]
     rows = [[c.masks, c.features, f"{c.experts_per_sample:.2f}", f"{c.median_ms:.1f}",
              f"{c.steps_per_s:.2f}", f"{c.tokens_per_s:.0f}", f"{c.prepare_ms_per_sample:.2f}",

@@ -1,11 +1,5 @@
-"""``mova data``: validate manifests and convert public formats to them.
-
-``add_parser`` returns the ``data`` sub-subparsers object so the hub can attach more
-subcommands to it (``synth`` comes from ``pipelines.data.synth.add_synth_parser``):
-
-    data_sub = data_cli.add_parser(sub)
-    add_synth_parser(data_sub)
-"""
+"""``mova data``: generate the synthetic data set, validate manifests, convert public formats
+to them."""
 
 from __future__ import annotations
 
@@ -13,10 +7,12 @@ import argparse
 import sys
 
 from mova.metrics import METRICS
+from pipelines.common.command import recipe_command
+from pipelines.common.storage import StorageError
 from pipelines.data.benchmarks import BENCHMARK_CONVERTERS, BENCHMARK_METRICS, convert_benchmark
 from pipelines.data.convert import convert_llava, convert_vqa
 from pipelines.data.manifest import validate_manifest
-from pipelines.storage import StorageError
+from pipelines.data.synth import SynthRecipe, generate
 
 ERROR_LIMIT = 50
 
@@ -67,12 +63,19 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """Add ``data`` with ``validate`` and ``convert``; returns the ``data`` subparsers."""
-    p = sub.add_parser("data", help="validate manifests, convert public data sets",
-                       description="Validate manifests (JSONL/Parquet, local or s3://) and "
-                                   "convert public data sets to them.")
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``data`` with ``synth``, ``validate`` and ``convert``."""
+    p = sub.add_parser("data", help="synthetic data, manifest validation, converters",
+                       description="Generate the synthetic data set, validate manifests "
+                                   "(JSONL/Parquet, local or s3://) and convert public data "
+                                   "sets to them.")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    recipe_command(data_sub, "synth", recipe=SynthRecipe,
+                   job=lambda recipe: generate(recipe, progress=True),
+                   help="generate the synthetic multi-domain data set (CPU, seconds)",
+                   doc="Draw documents, charts, shape scenes and scans with checkable answers, "
+                       "plus routing-instruction samples; deterministic by seed.",
+                   example="jobs/synth.yaml")
 
     v = data_sub.add_parser("validate", help="check every row of a manifest (local or s3://)")
     v.add_argument("manifest", help="a .jsonl/.json or .parquet manifest")
@@ -97,7 +100,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     vqa.add_argument("--metric", default="vqa_accuracy", choices=sorted(METRICS),
                      help="evaluation metric of the answers (default: vqa_accuracy)")
     _add_benchmark_parsers(formats)
-    return data_sub
 
 
 def _add_benchmark_parsers(formats: argparse._SubParsersAction) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from mova.conversation import validate_turns
 from mova.metrics import METRICS
 from mova.tokenizers import IMAGE_TOKEN
-from pipelines import storage
+from pipelines.common import storage
 from pipelines.data.manifest import write_manifest
 from pipelines.data.schema import Sample
 

@@ -25,7 +25,7 @@ from mova.experts.registry import DEFAULT_POOL, expert_names
 from mova.images import ImageError, load_image
 from mova.metrics import METRICS
 from mova.tokenizers import IMAGE_TOKEN
-from pipelines import storage
+from pipelines.common import storage
 from pipelines.data.schema import FIELDS, KINDS, Sample
 
 logger = logging.getLogger(__name__)

@@ -179,7 +179,7 @@ def serve_forever(recipe: ServeRecipe, stop: threading.Event | None = None) -> N
     import ray
     from ray import serve
 
-    from pipelines.ray_utils import init_ray
+    from pipelines.common.ray_init import init_ray
 
     recipe.validate()
     joined = bool(recipe.ray.address and recipe.ray.address != "local")

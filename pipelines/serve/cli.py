@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.recipes import load_recipe
+    from pipelines.common.recipe import load_recipe
     from pipelines.serve.recipe import ServeRecipe
 
     recipe = load_recipe(ServeRecipe, args.config, args.overrides)

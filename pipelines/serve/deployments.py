@@ -37,7 +37,7 @@ def load_serving_model(checkpoint: str, device: str, keep: Sequence[str]):
     own). The adapter stays: it defines the model's device and dtype."""
     from torch import nn
 
-    from mova.checkpoint import from_pretrained
+    from mova.factory import from_pretrained
 
     model = from_pretrained(checkpoint, device=resolve_device(device))
     for name in list(model.experts):

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from mova.config import from_dict
+from mova.decoding import DecodeParams
 from pipelines.serve import sources
 from pipelines.serve.deployments import process_info
 from pipelines.serve.errors import APIError, bad_request, install_handlers, overloaded, to_api_error
@@ -39,7 +40,6 @@ from pipelines.serve.openai_types import (
 )
 from pipelines.serve.pipeline import Pipeline, Prepared, PromptChecker, Vision, check_event, collect
 from pipelines.serve.recipe import ServeRecipe
-from pipelines.serve.streaming import DecodeParams
 
 log = logging.getLogger(__name__)
 

@@ -1,64 +1,24 @@
 """The LLM deployment: the routing decode and the streamed answer decode, both batched.
 
 Routing batches concurrent requests into one :meth:`mova.model.MoVAModel.route` call. Answers
-batch with a streaming ``@serve.batch`` generator: rows with the same sampling settings share
-one ``generate`` call (see :class:`pipelines.serve.streaming.DecodeParams.group_key`), and each
-request's stream ends as soon as its own row is done.
+batch with a streaming ``@serve.batch`` generator: every row of a batch shares one
+:class:`mova.decoding.BatchDecoder` (each with its own sampling settings), and each request's
+stream ends as soon as its own row is done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 
+from mova.decoding import DecodeParams
 from pipelines.serve.deployments import BatchControl, fetch, load_serving_model, process_info
-from pipelines.serve.streaming import DecodeParams, stream_decode
 
 log = logging.getLogger(__name__)
-
-
-class RngLock:
-    """Seeded sampling owns torch's global RNG while it decodes, so it runs alone; every other
-    decode (greedy, unseeded sampling, routing) may share the model. Writers go first."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._waiting = 0
-
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._writer and not self._waiting)
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            self._cond.wait_for(lambda: not self._writer and not self._readers)
-            self._waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
 
 
 @serve.deployment(name="LLM")
@@ -67,7 +27,6 @@ class LLMServer:
 
     def __init__(self, checkpoint: str, device: str = "auto") -> None:
         self.model = load_serving_model(checkpoint, device, keep=("llm",))
-        self._rng = RngLock()
         self.batching = {m: BatchControl(self, m) for m in ("route", "_answer_batch")}
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -85,7 +44,7 @@ class LLMServer:
         import torch
 
         tokens = torch.cat([item["routing_tokens"] for item in items]).to(self.model.device)
-        with self._rng.shared(), torch.no_grad():
+        with torch.no_grad():
             result = self.model.route(tokens, [item["question"] for item in items])
         return [{"experts": result.experts[i], "reply": result.replies[i]}
                 for i in range(len(items))]
@@ -108,7 +67,7 @@ class LLMServer:
 
         streaming = [item.get("stream", True) for item in items]
         with self.batching["_answer_batch"].run(len(items)):
-            worker = loop.run_in_executor(None, self._decode_groups, items, push)
+            worker = loop.run_in_executor(None, self._decode, items, push)
             open_rows, ended = set(range(len(items))), set()
             while open_rows:
                 pairs = await events.get()
@@ -128,33 +87,37 @@ class LLMServer:
                 open_rows -= closed
             await worker
 
-    def _decode_groups(self, items: list[dict[str, Any]], push) -> None:
-        """Worker thread: decode each group of compatible rows, pushing events as they come."""
+    def _decode(self, items: list[dict[str, Any]], push) -> None:
+        """Worker thread: decode every row of the batch together, pushing events as they
+        come. A row that cannot start (e.g. too long) fails alone."""
         import torch
 
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        params = [DecodeParams(**{**item["params"], "stop": tuple(item["params"]["stop"])})
-                  for item in items]
-        for i, p in enumerate(params):
-            groups[p.group_key()].append(i)
+        model, decoder = self.model, self.model.new_decoder()
         try:
-            for key, rows in groups.items():
-                lock = self._rng.exclusive() if key[0] == "seeded" else self._rng.shared()
+            for i, item in enumerate(items):
                 try:
-                    tokens = torch.cat([fetch(items[i]["image_tokens"]) for i in rows])
-                    with lock:
-                        for step in stream_decode(self.model, [items[i]["prompt_ids"]
-                                                               for i in rows],
-                                                  tokens.to(self.model.device),
-                                                  [params[i] for i in rows]):
-                            push([(rows[e.row], e.to_dict()) for e in step])
-                except Exception as exc:  # reported to the waiting requests, never raised
-                    log.warning("answer decode failed: %s", exc)
-                    error = {"error": str(exc), "bad_request": isinstance(exc, ValueError)}
-                    push([(i, error) for i in rows])
+                    params = DecodeParams(**{**item["params"],
+                                             "stop": tuple(item["params"]["stop"])})
+                    tokens = fetch(item["image_tokens"]).to(model.device)
+                    embeds, mask = model.prompt_embeddings([item["prompt_ids"]], tokens)
+                    decoder.add(embeds, mask, [params], keys=[i])
+                except Exception as exc:  # reported to the waiting request, never raised
+                    push([(i, _error_event(exc))])
+            with torch.no_grad():
+                while len(decoder):
+                    events = decoder.step()
+                    if events:
+                        push([(e.row, e.to_dict()) for e in events])
+        except Exception as exc:
+            log.warning("answer decode failed: %s", exc)
+            push([(i, _error_event(exc)) for i in decoder.keys()])
         finally:
             push(None)
 
     def info(self) -> dict[str, Any]:
         return {**process_info("LLM"),
                 "batches": {m.strip("_"): c.summary() for m, c in self.batching.items()}}
+
+
+def _error_event(exc: Exception) -> dict[str, Any]:
+    return {"error": str(exc), "bad_request": isinstance(exc, ValueError)}

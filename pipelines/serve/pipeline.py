@@ -18,13 +18,13 @@ from typing import Any
 from mova.checkpoint import load_config, read_components
 from mova.config import MoVAConfig
 from mova.conversation import get_template, tokenize_conversation, validate_turns
+from mova.decoding import DecodeParams
 from mova.experts.registry import resolve_expert
 from mova.routing import build_routing_prompt
 from mova.tokenizers import IMAGE_TOKEN
 from pipelines.serve.errors import RequestError, bad_request
 from pipelines.serve.openai_types import ChatRequest, Conversation, stop_list
 from pipelines.serve.recipe import ServeRecipe
-from pipelines.serve.streaming import DecodeParams
 
 
 @dataclass
@@ -67,7 +67,7 @@ class PromptChecker:
 
         from transformers import AutoTokenizer
 
-        from mova.factory import ensure_image_token
+        from mova.builders import ensure_image_token
 
         self.config: MoVAConfig = load_config(checkpoint)
         llm_dir = Path(checkpoint) / read_components(checkpoint)["llm"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mova.config import from_dict
-from pipelines.recipes import RayConfig
+from pipelines.common.recipe import RayConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -93,7 +93,7 @@ def ray_session(s3_endpoint):
     """
     import ray
 
-    from pipelines.ray_utils import init_ray
+    from pipelines.common.ray_init import init_ray
 
     temp_dir = f"/tmp/mova-test-ray-{os.getpid()}"
     init_ray("local", num_cpus=2, object_store_memory=300 * 1024 * 1024, temp_dir=temp_dir)

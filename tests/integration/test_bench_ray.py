@@ -14,7 +14,7 @@ from pipelines.bench.features import bench_features, make_workspace, ratios, thr
 from pipelines.bench.features import render_markdown as features_markdown
 from pipelines.bench.train import TrainBenchResult, fill_cache, zero_run
 from pipelines.bench.train import render_markdown as train_markdown
-from pipelines.cache import FeatureCache
+from pipelines.features.cache import FeatureCache
 
 pytestmark = pytest.mark.integration
 

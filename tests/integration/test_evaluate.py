@@ -13,15 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mova.checkpoint import from_pretrained
-from mova.factory import build_tiny_mova
+from mova.factory import build_tiny_mova, from_pretrained
 from mova.images import load_image
 from mova.metrics import score
+from pipelines.common.recipe import MlflowConfig
 from pipelines.data.manifest import write_manifest
-from pipelines.eval_recipe import BenchmarkSpec, EvalRecipe
-from pipelines.eval_scoring import score_all
-from pipelines.evaluate import run_eval
-from pipelines.train_recipe import MlflowConfig
+from pipelines.evaluate.job import run_eval
+from pipelines.evaluate.recipe import BenchmarkSpec, EvalRecipe
+from pipelines.evaluate.scoring import score_all
 
 pytestmark = pytest.mark.integration
 

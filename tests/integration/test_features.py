@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mova.checkpoint import expert_cache_keys, from_pretrained
-from mova.factory import build_tiny_mova
+from mova.checkpoint import expert_cache_keys
+from mova.factory import build_tiny_mova, from_pretrained
 from mova.images import image_hash, load_image
-from pipelines import storage
-from pipelines.cache import FeatureCache
-from pipelines.features import run_features
-from pipelines.recipes import FeaturesRecipe
+from pipelines.common import storage
+from pipelines.features.cache import FeatureCache
+from pipelines.features.job import run_features
+from pipelines.features.recipe import FeaturesRecipe
 
 pytestmark = pytest.mark.integration
 

@@ -21,10 +21,11 @@ from mova.checkpoint import expert_cache_keys
 from mova.conversation import collate, tokenize_conversation
 from mova.factory import build_tiny_mova
 from mova.images import image_hash, load_image
-from pipelines.cache import FeatureCache
 from pipelines.cli import main
 from pipelines.data.manifest import ManifestError, read_rows, validate_manifest
-from pipelines.labels import LabelsRecipe, run_labels
+from pipelines.features.cache import FeatureCache
+from pipelines.labels.job import run_labels
+from pipelines.labels.recipe import LabelsRecipe
 
 pytestmark = pytest.mark.integration
 

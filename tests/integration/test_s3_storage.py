@@ -11,7 +11,7 @@ from io import BytesIO
 import pytest
 from PIL import Image
 
-from pipelines import storage
+from pipelines.common import storage
 from pipelines.data.manifest import (
     ManifestError,
     load_manifest,

@@ -67,7 +67,7 @@ def user(text: str, url: str) -> dict:
 
 class Served:
     def __init__(self, url, ckpt, image_dir):
-        from mova.checkpoint import from_pretrained
+        from mova.factory import from_pretrained
 
         self.url, self.ckpt, self.image_dir = url, ckpt, image_dir
         self.model = from_pretrained(ckpt)
@@ -123,8 +123,8 @@ def served(tmp_path_factory):
     import ray
     from ray import serve
 
-    from pipelines.ray_utils import init_ray
-    from pipelines.recipes import load_recipe
+    from pipelines.common.ray_init import init_ray
+    from pipelines.common.recipe import load_recipe
     from pipelines.serve.app import start
     from pipelines.serve.recipe import ServeRecipe
 

@@ -13,13 +13,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mova.checkpoint import from_pretrained
-from mova.factory import build_tiny_mova
-from pipelines.dataset import build_dataset, collate
-from pipelines.features import run_features
-from pipelines.recipes import FeaturesRecipe
-from pipelines.train import run_train
-from pipelines.train_recipe import TrainRecipe
+from mova.factory import build_tiny_mova, from_pretrained
+from pipelines.features.job import run_features
+from pipelines.features.recipe import FeaturesRecipe
+from pipelines.train.dataset import build_dataset, collate
+from pipelines.train.job import run_train
+from pipelines.train.recipe import TrainRecipe
 
 pytestmark = pytest.mark.integration
 
@@ -29,10 +28,10 @@ DOMAINS = ("charts", "scenes")  # routes deplot/pix2struct and dinov2/codetr onl
 @pytest.fixture(scope="module")
 def workspace(ray_session, tmp_path_factory):
     """Synthetic data, an initial tiny model and its feature cache, shared by the tests."""
-    from pipelines.data.synth import SynthConfig, generate
+    from pipelines.data.synth import SynthRecipe, generate
 
     root = tmp_path_factory.mktemp("train")
-    data = generate(SynthConfig(out=str(root / "data"), per_domain=12, test_per_domain=2,
+    data = generate(SynthRecipe(out=str(root / "data"), per_domain=12, test_per_domain=2,
                                 routing_samples=8, domains=DOMAINS, image_size=64))
     init = root / "init"
     build_tiny_mova(seed=0).save_pretrained(init)

@@ -68,10 +68,10 @@ def _local_cluster():
 def workspace(tmp_path_factory):
     """A tiny synthetic manifest and a tiny 4-expert model (no Ray needed for either)."""
     from mova.factory import build_tiny_mova
-    from pipelines.data.synth import SynthConfig, generate
+    from pipelines.data.synth import SynthRecipe, generate
 
     root = tmp_path_factory.mktemp("train_cluster")
-    data = generate(SynthConfig(out=str(root / "data"), per_domain=4, test_per_domain=0,
+    data = generate(SynthRecipe(out=str(root / "data"), per_domain=4, test_per_domain=0,
                                 routing_samples=2, domains=DOMAINS, image_size=64))
     init = root / "init"
     build_tiny_mova(seed=0, experts=EXPERTS).save_pretrained(init)
@@ -163,7 +163,7 @@ def test_train_job_runs_one_worker_per_node(workspace, cluster):
     import torch
     from mlflow.tracking import MlflowClient
 
-    from mova.checkpoint import from_pretrained
+    from mova.factory import from_pretrained
 
     lc, handle = cluster
     run = workspace["root"] / "pretrain"

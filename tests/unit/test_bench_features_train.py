@@ -10,7 +10,8 @@ import json
 import pytest
 import torch
 
-from mova.checkpoint import expert_cache_keys, from_pretrained
+from mova.checkpoint import expert_cache_keys
+from mova.factory import from_pretrained
 from mova.images import image_hash, load_image
 from pipelines.bench.cli import zero_stages
 from pipelines.bench.common import markers, write_section
@@ -25,7 +26,7 @@ from pipelines.bench.features import (
     subset_manifest,
     throughput,
 )
-from pipelines.cache import FeatureCache
+from pipelines.features.cache import FeatureCache
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,15 +9,8 @@ import pytest
 import torch
 
 from pipelines.bench.common import markers, measure_interleaved, write_section
-from pipelines.bench.model import (
-    K_VALUES,
-    bench_model,
-    full_config,
-    render_markdown,
-    step_label,
-    step_names,
-    vision_path,
-)
+from pipelines.bench.model import K_VALUES, bench_model, full_config, step_names, vision_path
+from pipelines.bench.model_report import render_markdown, step_label
 
 BATCHES = (1, 2)
 

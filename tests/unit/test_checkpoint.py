@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from mova.checkpoint import CheckpointError, from_pretrained, save_pretrained
-from mova.factory import build_model, build_tiny_mova, ensure_image_token, tiny_config
+from mova.builders import ensure_image_token
+from mova.checkpoint import CheckpointError
+from mova.factory import build_model, build_tiny_mova, from_pretrained, tiny_config
 from mova.tokenizers import IMAGE_TOKEN, build_tiny_bert_tokenizer, build_tiny_llm_tokenizer
 
 
@@ -34,7 +35,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def saved(model, tmp_path_factory):
-    return save_pretrained(model, tmp_path_factory.mktemp("ckpt") / "mova")
+    return model.save_pretrained(tmp_path_factory.mktemp("ckpt") / "mova")
 
 
 def _outputs(m):
@@ -80,7 +81,7 @@ def test_experts_by_reference(model, saved, tmp_path):
         e.pretrained = str(refs / e.name)
     by_ref = build_model(config, seed=0)
     by_ref.load_state_dict(model.state_dict())
-    path = save_pretrained(by_ref, tmp_path / "by_ref", experts="reference")
+    path = by_ref.save_pretrained(tmp_path / "by_ref", experts="reference")
     assert not (path / "experts").exists()
     loaded = from_pretrained(path)
     for a, b in zip(_outputs(by_ref), _outputs(loaded), strict=True):
@@ -97,7 +98,7 @@ def test_experts_by_reference(model, saved, tmp_path):
 
 def test_reference_needs_pretrained_ids(model, tmp_path):
     with pytest.raises(ValueError, match="no 'pretrained' id"):
-        save_pretrained(model, tmp_path / "x", experts="reference")
+        model.save_pretrained(tmp_path / "x", experts="reference")
     assert not (tmp_path / "x").exists()
     assert not list(tmp_path.iterdir()), "a failed save left files behind"
 

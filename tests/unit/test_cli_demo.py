@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from mova.checkpoint import from_pretrained
+from mova.factory import from_pretrained
 from pipelines.cli import main
 
 

@@ -12,9 +12,12 @@ from PIL import Image
 from pipelines.cli import build_parser
 from pipelines.data.benchmarks import convert_gqa
 from pipelines.data.manifest import write_manifest
-from pipelines.eval_http import EndpointError, ask_endpoint, post_chat, to_messages
-from pipelines.eval_recipe import BenchmarkSpec, EvalRecipe
-from pipelines.eval_scoring import (
+from pipelines.evaluate.http import EndpointError, ask_endpoint, post_chat, to_messages
+from pipelines.evaluate.items import load_items
+from pipelines.evaluate.job import predict_batch, run_eval
+from pipelines.evaluate.recipe import BenchmarkSpec, EvalRecipe
+from pipelines.evaluate.report import build_records
+from pipelines.evaluate.scoring import (
     activation_markdown,
     activation_table,
     benchmark_kind,
@@ -23,7 +26,6 @@ from pipelines.eval_scoring import (
     score_benchmark,
     scores_markdown,
 )
-from pipelines.evaluate import build_records, load_items, predict_batch, run_eval
 
 
 def _rec(pred, answers, metric, domain=None, error=None, meta=None, experts=(), bench="b"):
@@ -267,7 +269,7 @@ def test_recipe_validation():
 
 
 def test_missing_inputs_fail_before_any_work(tmp_path, monkeypatch):
-    from pipelines import evaluate
+    from pipelines.evaluate import job as evaluate
 
     def no_work(*args, **kwargs):
         raise AssertionError("inference started despite bad inputs")
@@ -336,7 +338,7 @@ def test_predict_batch_isolates_bad_rows(tmp_path):
 
 
 def test_build_records_scores_each_row(tmp_path):
-    from pipelines.evaluate import EvalItem
+    from pipelines.evaluate.items import EvalItem
 
     items = [EvalItem("b", "1", "i.png", [{"from": "human", "value": "<image>\nQ one?"}],
                       ["yes"], "exact_match"),

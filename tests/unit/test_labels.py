@@ -196,8 +196,8 @@ def test_loss_worker_reads_the_cache_falls_back_to_the_experts_and_reports_bad_i
     computed ones give the same losses; an unreadable image is an error row, not a crash."""
     from mova.checkpoint import expert_cache_keys
     from mova.images import image_hash
-    from pipelines.cache import FeatureCache
-    from pipelines.labels import LossWorker
+    from pipelines.features.cache import FeatureCache
+    from pipelines.labels.job import LossWorker
 
     model, _ = useful_model
     checkpoint = tmp_path / "ckpt"
@@ -243,7 +243,7 @@ def test_loss_worker_reads_the_cache_falls_back_to_the_experts_and_reports_bad_i
     ("max_experts=0", "max_experts=0 must be >= 1"),
     ("precision=fp16", "precision='fp16'"),
     ("output=out.txt", "output='out.txt' must end in"),
-    ("workers=0", "batch_size and workers must be >= 1"),
+    ("workers=0", "workers must be >= 1"),
     ("only=[vary,vary]", "names an expert twice"),
     ("checkpoint=", "checkpoint must be set"),
     ("marginn=1", "unknown config key.*marginn"),
@@ -251,8 +251,8 @@ def test_loss_worker_reads_the_cache_falls_back_to_the_experts_and_reports_bad_i
 def test_labels_recipe_errors(override, message):
     from pathlib import Path
 
-    from pipelines.labels import LabelsRecipe
-    from pipelines.recipes import load_recipe
+    from pipelines.common.recipe import load_recipe
+    from pipelines.labels.recipe import LabelsRecipe
 
     recipe = Path(__file__).resolve().parents[2] / "jobs" / "labels.yaml"
     assert load_recipe(LabelsRecipe, recipe).max_experts == 3

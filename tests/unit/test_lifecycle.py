@@ -6,15 +6,9 @@ import time
 
 import pytest
 
-from pipelines.lifecycle import (
-    EXPERIMENT,
-    MARKER,
-    DemoResult,
-    TrainProgress,
-    eval_table,
-    prepare_out,
-)
-from pipelines.tracking import Tracker
+from pipelines.common.tracking import Tracker
+from pipelines.demo.console import EXPERIMENT, MARKER, TrainProgress, prepare_out
+from pipelines.demo.report import DemoResult, eval_table
 
 
 def test_prepare_out_replaces_an_earlier_demo_and_refuses_anything_else(tmp_path):

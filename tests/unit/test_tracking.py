@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import pipelines.tracking as tracking
+import pipelines.common.tracking as tracking
 
 
 @pytest.fixture

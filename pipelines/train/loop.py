@@ -1,0 +1,335 @@
+"""The per-worker training loop run by Ray Train's TorchTrainer, with DeepSpeed inside.
+
+:func:`train_loop` reads the recipe, builds the model and the DeepSpeed engine, resumes from
+Ray Train's latest checkpoint, opens the MLflow run on rank 0, runs the epochs
+(:class:`StepLoop`) and exports the trained model from rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.train.distributed import (
+    broadcast_text,
+    gather_text,
+    mean_across_ranks,
+    routed_on_any_rank,
+    world_size,
+)
+from pipelines.train.recipe import TrainRecipe
+
+log = logging.getLogger(__name__)
+
+STATE_TAG = "state"
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+
+
+def _deepspeed_config(recipe: TrainRecipe, bf16: bool) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": recipe.deepspeed.zero_stage}
+    if recipe.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if recipe.deepspeed.offload_param:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": recipe.batch_size,
+        "gradient_accumulation_steps": recipe.grad_accum,
+        "gradient_clipping": recipe.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def _skip_shm_build() -> None:
+    """DeepSpeed's CPU accelerator JIT-builds a shared-memory op (~50 s) that training does
+    not need; replace the builder before ``deepspeed.initialize``."""
+    module = sys.modules.get("deepspeed.comm.torch")
+    if module is not None and hasattr(module, "build_shm_op"):
+        module.build_shm_op = lambda: None
+
+
+@dataclass
+class RunState:
+    """Where a run is: saved with every checkpoint, restored on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    mlflow_run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "batch": self.batch,
+                "mlflow_run_id": self.mlflow_run_id}
+
+
+@dataclass
+class Engine:
+    """The model, its DeepSpeed engine and LR scheduler, and what the loop reads off them."""
+
+    model: Any
+    engine: Any
+    scheduler: Any
+    names: list[str]
+    pad_id: int
+    params: tuple[int, int]  # (trainable, total)
+
+
+def build_engine(recipe: TrainRecipe, total_steps: int) -> Engine:
+    """Load the init checkpoint, apply the stage's freezing, LoRA and checkpointing rules,
+    and wrap the trainable parts in DeepSpeed."""
+    import deepspeed
+    import torch
+
+    from mova.factory import from_pretrained
+    from mova.training import (
+        TrainableParts,
+        add_lora,
+        count_parameters,
+        enable_gradient_checkpointing,
+        set_stage,
+        trainable_parameters,
+        warmup_cosine,
+    )
+
+    gpu = torch.cuda.is_available() and recipe.use_gpu
+    bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and gpu)
+    model = from_pretrained(recipe.init_from)
+    set_stage(model, recipe.stage)
+    if recipe.lora.enabled:
+        add_lora(model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout,
+                 recipe.lora.target_modules)
+    if recipe.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=recipe.optim.lr,
+                                  betas=tuple(recipe.optim.betas),
+                                  weight_decay=recipe.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, recipe.optim.warmup_ratio,
+                                 recipe.optim.min_lr_ratio))
+    _skip_shm_build()
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=TrainableParts(model), optimizer=optimizer, lr_scheduler=scheduler,
+        config=_deepspeed_config(recipe, bf16))
+    return Engine(model=model, engine=engine, scheduler=scheduler, names=model.expert_names,
+                  pad_id=model.tokenizer.pad_token_id, params=count_parameters(model))
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train entry point: one worker of a pretrain or SFT run."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import ray.train
+
+    from mova.config import from_dict
+
+    recipe = from_dict(TrainRecipe, config["recipe"])
+    total_steps = int(config["total_steps"])
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(recipe.seed + rank)
+    parts = build_engine(recipe, total_steps)
+    state, resumed = _resume(parts.engine, rank)
+    tracker = _open_tracker(config, recipe, parts, state, rank, resumed)
+    run_id = broadcast_text(state.mlflow_run_id or "")
+    state.mlflow_run_id = run_id
+    status = "FAILED"
+    try:
+        loop = StepLoop(recipe, parts, state, total_steps, tracker)
+        step = loop.run(ray.train.get_dataset_shard("train"))
+        _export(recipe, parts, rank, tracker, step, run_id, config)
+        status = "FINISHED"
+    finally:
+        if tracker is not None:
+            tracker.end(status)
+
+
+def _resume(engine: Any, rank: int) -> tuple[RunState, bool]:
+    """The run state of Ray Train's latest checkpoint (engine state loaded), or a fresh one."""
+    import ray.train
+
+    state = RunState()
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return state, False
+    with checkpoint.as_directory() as folder:
+        _, client = engine.load_checkpoint(folder, tag=STATE_TAG)
+    state = RunState(**{**state.to_dict(), **(client or {})})
+    log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch,
+             state.batch)
+    return state, True
+
+
+def _open_tracker(config: dict, recipe: TrainRecipe, parts: Engine, state: RunState,
+                  rank: int, resumed: bool) -> Any:
+    """Rank 0's MLflow run (a resumed run continues its own); every rank joins the node
+    gather, a collective."""
+    import ray
+
+    nodes = gather_text(ray.get_runtime_context().get_node_id())
+    if rank != 0:
+        return None
+    from pipelines.common.tracking import Tracker, flatten
+
+    tracker = Tracker(config["tracking_uri"], recipe.mlflow.experiment,
+                      config["artifact_root"], recipe.mlflow.run_name or recipe.name,
+                      run_id=state.mlflow_run_id, system_metrics=recipe.mlflow.system_metrics)
+    if state.mlflow_run_id is None:
+        import yaml
+
+        tracker.log_text(yaml.safe_dump(config["recipe"], sort_keys=False), "recipe.yaml")
+    state.mlflow_run_id = tracker.run_id
+    trainable, total = parts.params
+    tracker.log_params({**flatten(config["recipe"]), "total_steps": str(config["total_steps"]),
+                        "trainable_params": str(trainable), "total_params": str(total),
+                        "world_size": str(world_size()), **_placement_params(nodes)})
+    if resumed:
+        tracker.log_metrics({"resumed_from_step": state.step}, state.step)
+    return tracker
+
+
+def _placement_params(nodes: list[str]) -> dict[str, str]:
+    """MLflow params saying where the ranks ran: ``worker_nodes`` lists each rank's Ray node
+    id in rank order (cut to MLflow's 6000-character limit), ``num_nodes`` counts them."""
+    return {"worker_nodes": ",".join(nodes)[:MAX_PARAM_CHARS],
+            "num_nodes": str(len(set(nodes)))}
+
+
+@dataclass
+class _Window:
+    """Losses and tokens since the last logged step."""
+
+    start: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+class StepLoop:
+    """The epochs of one worker: micro steps, optimizer steps, metrics and checkpoints."""
+
+    def __init__(self, recipe: TrainRecipe, parts: Engine, state: RunState, total_steps: int,
+                 tracker: Any) -> None:
+        self.recipe = recipe
+        self.parts = parts
+        self.state = state
+        self.total_steps = total_steps
+        self.tracker = tracker
+        self.window = _Window()
+
+    def run(self, shard: Any) -> int:
+        """Train until ``total_steps`` optimizer steps; returns the last step."""
+        state = self.state
+        for epoch in range(state.epoch, self.recipe.epochs + self.total_steps):
+            if state.step >= self.total_steps:
+                break
+            skip = state.batch if epoch == state.epoch else 0
+            for i, batch in enumerate(shard.iter_batches(batch_size=self.recipe.batch_size,
+                                                         batch_format="numpy")):
+                if i < skip:
+                    continue
+                if self.micro_step(batch, epoch, i) and state.step >= self.total_steps:
+                    return state.step
+        return state.step
+
+    def micro_step(self, batch: dict, epoch: int, index: int) -> bool:
+        """Forward and backward of one batch; True when it completed an optimizer step."""
+        from pipelines.train.dataset import collate
+
+        engine, names = self.parts.engine, self.parts.names
+        inputs = collate(batch, names, self.parts.pad_id, self.recipe.features)
+        inputs["sync_experts"] = routed_on_any_rank(inputs, names)
+        engine.train()
+        out = engine(**inputs)
+        engine.backward(out.loss)
+        engine.step()
+        self.window.losses.append(float(out.loss.detach()))
+        self.window.tokens += int(inputs["attention_mask"].sum())
+        if engine.global_steps == self.state.step:
+            return False  # still accumulating gradients
+        self.state.step = engine.global_steps
+        self.after_step(inputs, epoch, index)
+        return True
+
+    def after_step(self, inputs: dict, epoch: int, index: int) -> None:
+        """Log (every ``log_every``) and checkpoint (every ``checkpoint_every``, and last)."""
+        step, recipe = self.state.step, self.recipe
+        last = step >= self.total_steps
+        if step % recipe.log_every and step % recipe.checkpoint_every and not last:
+            return
+        metrics = self._metrics(inputs, epoch)
+        if self.tracker is not None:
+            self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+        if step % recipe.checkpoint_every == 0 or last:
+            self.state.epoch, self.state.batch = epoch, index + 1
+            self._save(metrics)
+        else:
+            import ray.train
+
+            ray.train.report(metrics)
+
+    def _metrics(self, inputs: dict, epoch: int) -> dict[str, float]:
+        from mova.training import routing_stats
+
+        window, engine = self.window, self.parts.engine
+        elapsed = time.perf_counter() - window.start
+        grad_norm = engine.get_global_grad_norm()
+        metrics = {
+            "step": self.state.step, "epoch": epoch,
+            "loss": mean_across_ranks(sum(window.losses) / len(window.losses)),
+            "lr": self.parts.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+            "tokens_per_s": mean_across_ranks(window.tokens / elapsed) * world_size(),
+            **routing_stats(inputs["expert_mask"], self.parts.names),
+        }
+        self.window = _Window()
+        return metrics
+
+    def _save(self, metrics: dict[str, float]) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        if self.tracker is not None:
+            self.tracker.flush()
+        with tempfile.TemporaryDirectory(prefix="mova-ckpt-") as folder:
+            self.parts.engine.save_checkpoint(folder, tag=STATE_TAG,
+                                              client_state=self.state.to_dict())
+            ray.train.report({**metrics, "mlflow_run_id": self.state.mlflow_run_id},
+                             checkpoint=Checkpoint.from_directory(folder))
+
+
+def _export(recipe: TrainRecipe, parts: Engine, rank: int, tracker: Any, step: int,
+            run_id: str, config: dict) -> None:
+    """Write the self-describing model checkpoint (LoRA merged) from rank 0."""
+    import deepspeed
+
+    from mova.training import merge_lora
+    from pipelines.common import storage
+
+    engine, model = parts.engine, parts.model
+    gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()),
+                                                modifier_rank=0)
+              if recipe.deepspeed.zero_stage == 3 else contextlib.nullcontext())
+    with gather:
+        if rank != 0:
+            return
+        merge_lora(model)
+        model.config.dtype = "float32"
+        model.float()
+        with tempfile.TemporaryDirectory(prefix="mova-export-") as tmp:
+            folder = model.save_pretrained(os.path.join(tmp, "model"))
+            (folder / "training.json").write_text(json.dumps({
+                "stage": recipe.stage, "steps": step, "init_from": recipe.init_from,
+                "mlflow_run_id": run_id, "tracking_uri": config["tracking_uri"],
+                "recipe": config["recipe"]}, indent=2) + "\n")
+            if tracker is not None:
+                tracker.log_artifacts(str(folder), "model")
+            storage.upload_folder(str(folder), recipe.output)
