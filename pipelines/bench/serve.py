@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from pipelines.bench.common import IMAGE_SIZE, fmt_ms, machine_info, markdown_table, peak_memory_mib
+from pipelines.serve.openai_types import MoVAInfo
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ async def _load(url: str, clients: int, n: int, body: Callable[[int], dict],
                     errors += 1
                     continue
                 data = resp.json()
-                vision.append(data["mova"]["vision_ms"])
+                vision.append(MoVAInfo.from_response(data).vision_ms)
                 if answers is not None:
                     identical += data["choices"][0]["message"]["content"] == answers[i % count]
 

@@ -122,6 +122,7 @@ def ask_server(checkpoint: Path, sample: dict[str, Any], max_tokens: int) -> dic
     from pipelines.common.recipe import load_recipe
     from pipelines.evaluate.http import image_data_uri
     from pipelines.serve.app import start
+    from pipelines.serve.openai_types import MoVAInfo
     from pipelines.serve.recipe import ServeRecipe
 
     recipe = load_recipe(ServeRecipe, None, [f"checkpoint={checkpoint}",
@@ -136,11 +137,11 @@ def ask_server(checkpoint: Path, sample: dict[str, Any], max_tokens: int) -> dic
         {"type": "image_url", "image_url": {"url": image}}]}
     reply = client.chat.completions.create(model=recipe.model_name, messages=[message],
                                            max_tokens=max_tokens, temperature=0)
-    ext = (reply.model_extra or {}).get("mova", {})
+    ext = MoVAInfo.from_response(reply)
     return {"url": f"{url}/v1", "question": sample["question"], "image": sample["image"],
             "true_answer": sample["answer"], "answer": reply.choices[0].message.content,
-            "experts": ext.get("experts", []), "routing_reply": ext.get("routing_reply"),
-            "gate_weights": ext.get("gate_weights", []), "pool": ext.get("pool", []),
+            "experts": ext.experts, "routing_reply": ext.routing_reply,
+            "gate_weights": ext.gate_weights, "pool": ext.pool,
             "usage": reply.usage.model_dump() if reply.usage else {}}
 
 

@@ -21,10 +21,12 @@ from typing import Any
 
 import httpx
 from PIL import Image
+from pydantic import ValidationError
 
 from mova.images import ImageError, load_image
 from mova.tokenizers import IMAGE_TOKEN
 from pipelines.common import storage
+from pipelines.serve.openai_types import MoVAInfo
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +144,15 @@ def ask_endpoint(client: httpx.Client, endpoint: str, *, model: str, image: str,
         text = reply["choices"][0]["message"]["content"] or ""
     except (KeyError, IndexError, TypeError):
         return {"error": f"request: unexpected response {str(reply)[:200]}"}
-    ext = reply.get("mova") or {}
-    return {"prediction": text.strip(), "experts": list(ext.get("experts") or []),
-            "routing_reply": ext.get("routing_reply"), "forced": bool(ext.get("forced")),
-            "pool": ext.get("pool"), "error": None}
+    try:
+        ext = MoVAInfo.from_response(reply)  # None from a plain OpenAI-compatible server
+    except ValidationError as exc:
+        return {"error": f"request: the response's mova field does not match the schema: "
+                         f"{exc.errors()[0]['msg']}"}
+    return {"prediction": text.strip(), "experts": list(ext.experts) if ext else [],
+            "routing_reply": ext.routing_reply if ext else None,
+            "forced": bool(ext and ext.forced), "pool": ext.pool if ext else None,
+            "error": None}
 
 
 def predict_http(endpoint: str, items: Sequence[dict[str, Any]], *, model: str,

@@ -134,10 +134,12 @@ class MoVAIngress:
                                  f"(limit {self.recipe.limits.max_inflight}); retry shortly")
             self.in_flight += 1
             self.metrics.in_flight.inc()
+            response: Response | None = None
             try:
                 response = await self._complete(req, start)
             finally:
-                handed_off = isinstance(locals().get("response"), StreamingResponse)
+                # a stream releases its slot when it ends (see _sse_events)
+                handed_off = isinstance(response, StreamingResponse)
                 if not handed_off:
                     self._release()
             status = 200
@@ -227,7 +229,7 @@ class MoVAIngress:
         ext = vision.extension(self.checker.pool)
         if not req.stream:
             now = time.perf_counter()
-            ext["timings_ms"] = {k: round(v * 1e3, 2) for k, v in (
+            ext.timings_ms = {k: round(v * 1e3, 2) for k, v in (
                 ("prepare", prepared - start), ("vision", vision.seconds),
                 ("answer", now - prepared - vision.seconds), ("total", now - start))}
             self._count_tokens(final)
@@ -257,7 +259,7 @@ class MoVAIngress:
         try:
             yield _sse(chunk_body(id=rid, model=model, created=created,
                                   delta={"role": "assistant", "content": ""},
-                                  mova=vision.extension(self.checker.pool)))
+                                  mova=vision.extension(self.checker.pool).model_dump()))
             event, seen_text = first, False
             while True:
                 if event["delta"]:

@@ -80,6 +80,36 @@ class ChatRequest(BaseModel):
     mova: MoVAOptions | None = None
 
 
+class MoVAInfo(BaseModel):
+    """The response's ``mova`` field: the routing decision, the gate weights and where the
+    time went. The ingress writes it; ``mova eval endpoint=``, the demo and the serve
+    benchmark read it back with :meth:`from_response`."""
+
+    model_config = ConfigDict(extra="forbid")
+    experts: list[str] = Field(description="the experts fused for this request, pool order")
+    forced: bool = Field(description="true when the request forced the experts")
+    routing_reply: str | None = Field(default=None,
+                                      description="the LLM's raw routing reply (None if forced)")
+    pool: list[str] = Field(description="the model's expert pool, in routing-letter order")
+    gate_weights: list[list[float]] = Field(
+        default_factory=list, description="per adapter block, one soft-gate weight per expert")
+    vision_ms: float = Field(description="server time from the first model call to the fused "
+                                         "image tokens")
+    vision_steps_ms: dict[str, float] = Field(default_factory=dict,
+                                              description="encode, route, experts, fuse")
+    timings_ms: dict[str, float] | None = Field(
+        default=None, description="non-streamed replies: prepare, vision, answer, total")
+
+    @classmethod
+    def from_response(cls, body: Any) -> MoVAInfo | None:
+        """The ``mova`` field of a response body (a dict, or an ``openai`` client object whose
+        extra fields hold it); None when the server sent none."""
+        if not isinstance(body, dict):
+            body = getattr(body, "model_extra", None) or {}
+        data = body.get("mova")
+        return None if data is None else cls.model_validate(data)
+
+
 @dataclass
 class Conversation:
     """A request's messages as MoVA turns plus its one image source."""
@@ -161,13 +191,13 @@ def new_id() -> str:
 
 def completion_body(*, id: str, model: str, text: str, finish_reason: str,
                     prompt_tokens: int, completion_tokens: int,
-                    mova: dict[str, Any]) -> dict[str, Any]:
+                    mova: MoVAInfo) -> dict[str, Any]:
     return {
         "id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                      "finish_reason": finish_reason, "logprobs": None}],
         "usage": usage(prompt_tokens, completion_tokens),
-        "mova": mova,
+        "mova": mova.model_dump(),
     }
 
 

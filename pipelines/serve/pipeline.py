@@ -23,7 +23,7 @@ from mova.experts.registry import resolve_expert
 from mova.routing import build_routing_prompt
 from mova.tokenizers import IMAGE_TOKEN
 from pipelines.serve.errors import RequestError, bad_request
-from pipelines.serve.openai_types import ChatRequest, Conversation, stop_list
+from pipelines.serve.openai_types import ChatRequest, Conversation, MoVAInfo, stop_list
 from pipelines.serve.recipe import ServeRecipe
 
 
@@ -50,12 +50,12 @@ class Vision:
     seconds: float
     steps_ms: dict[str, float] = field(default_factory=dict)
 
-    def extension(self, pool: list[str]) -> dict[str, Any]:
+    def extension(self, pool: list[str]) -> MoVAInfo:
         """The response's ``mova`` field."""
-        return {"experts": self.experts, "forced": self.forced,
-                "routing_reply": self.routing_reply, "pool": pool,
-                "gate_weights": self.gate_weights, "vision_ms": round(self.seconds * 1e3, 2),
-                "vision_steps_ms": self.steps_ms}
+        return MoVAInfo(experts=self.experts, forced=self.forced,
+                        routing_reply=self.routing_reply, pool=pool,
+                        gate_weights=self.gate_weights, vision_ms=round(self.seconds * 1e3, 2),
+                        vision_steps_ms=self.steps_ms)
 
 
 class PromptChecker:

@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from mova.checkpoint import expert_cache_keys
 from mova.conversation import collate, tokenize_conversation
@@ -35,11 +33,6 @@ WORDS = ["red", "green", "blue", "yellow"]
 DOMAINS = ["charts", "scenes"]
 N = 12
 QUESTION = "<image>\nWhat colour is the mark?"
-
-
-def _image(seed: int) -> Image.Image:
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(40, 52, 3) * 255).astype("uint8"))
 
 
 def _train_branch(model, inputs: dict, name: str, sign: float, steps: int = 8) -> None:
@@ -62,13 +55,13 @@ def _train_branch(model, inputs: dict, name: str, sign: float, steps: int = 8) -
 
 
 @pytest.fixture(scope="module")
-def tiny_set(tmp_path_factory):
+def tiny_set(tmp_path_factory, noise_image):
     """Checkpoint, manifest (answers in two domains, one routing-instruction row, one
     text-only row, one unreadable image), and a feature cache holding half of the samples."""
     root = tmp_path_factory.mktemp("labels")
     torch.manual_seed(0)
     model = build_tiny_mova(seed=0, experts=POOL)
-    images = [_image(i) for i in range(N)]
+    images = [noise_image(i, 52, 40) for i in range(N)]
     answers = [WORDS[i % len(WORDS)] for i in range(N)]
     tokenized = [tokenize_conversation([{"from": "human", "value": QUESTION},
                                         {"from": "gpt", "value": a}],

@@ -7,7 +7,6 @@ Run it under the shared lock: `flock /tmp/mova-ray.lock pytest tests/integration
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -44,18 +43,8 @@ print(json.dumps({"alive": len(alive), "ran_on": ran_on, "owner": owner}))
 """
 
 
-def _local_cluster():
-    name = "local_cluster"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def test_two_node_local_cluster_runs_pinned_tasks_and_stops_by_pid():
-    lc = _local_cluster()
+def test_two_node_local_cluster_runs_pinned_tasks_and_stops_by_pid(local_cluster):
+    lc = local_cluster
     temp_dir = f"/tmp/mova-lc-{os.getpid()}"
     handle = lc.start_cluster(nodes=2, cpus_per_node=1, temp_dir=temp_dir)
     try:

@@ -29,7 +29,6 @@ Run it under the shared lock: `flock /tmp/mova-ray.lock pytest tests/integration
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -46,22 +45,11 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "cluster" / "local_cluster.py"
 RAY = Path(sys.executable).parent / "ray"
 EXCLUDES = ["outputs/", "tests/", "docs/", "*.egg-info", ".ruff_cache/", ".ci/", "__pycache__/"]
 DOMAINS = ("charts", "scenes")
 EXPERTS = ["deplot", "pix2struct", "dinov2", "codetr"]  # the experts these domains route
 JOB_TIMEOUT_S = 300
-
-
-def _local_cluster():
-    name = "local_cluster"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +67,9 @@ def workspace(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(local_cluster):
     """A 2-node local Ray cluster (3 logical CPUs a node, token auth), stopped by PID."""
-    lc = _local_cluster()
+    lc = local_cluster
     temp_dir = f"/tmp/mova-tc-{os.getpid()}"
     handle = lc.start_cluster(nodes=2, cpus_per_node=3, temp_dir=temp_dir)
     try:

@@ -9,7 +9,6 @@ import sys
 import types
 
 import pytest
-from PIL import Image
 
 from mova.metrics import METRICS, mme_scores, pope_scores, score
 from pipelines.data import cli as data_cli
@@ -31,12 +30,6 @@ from pipelines.data.benchmarks import (
     convert_vqav2,
 )
 from pipelines.data.manifest import load_manifest, resolve_image
-
-
-def _png(path, color=(200, 30, 30)) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), color).save(path)
-    return str(path)
 
 
 def _dump(path, data) -> str:
@@ -66,9 +59,9 @@ def test_registry_prompts_and_metrics_are_consistent():
         convert_benchmark("nope", "x", "y.jsonl")
 
 
-def test_vqav2(tmp_path):
-    _png(tmp_path / "val2014" / "COCO_val2014_000000000042.jpg")
-    _png(tmp_path / "val2014" / "COCO_val2014_000000000007.jpg")
+def test_vqav2(tmp_path, png_file):
+    png_file(tmp_path / "val2014" / "COCO_val2014_000000000042.jpg", 8)
+    png_file(tmp_path / "val2014" / "COCO_val2014_000000000007.jpg", 8)
     q = _dump(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", {
         "data_subtype": "val2014",
         "questions": [{"image_id": 42, "question": "What color?", "question_id": 420},
@@ -105,8 +98,8 @@ def test_vqav2_missing_annotations_and_unknown_question(tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
 
 
-def test_textvqa(tmp_path):
-    _png(tmp_path / "train_images" / "abc123.jpg")
+def test_textvqa(tmp_path, png_file):
+    png_file(tmp_path / "train_images" / "abc123.jpg", 8)
     src = _dump(tmp_path / "TextVQA_0.5.1_val.json", {"dataset_name": "textvqa", "data": [
         {"question_id": 34602, "question": "what brand?", "image_id": "abc123",
          "answers": ["nokia"] * 7 + ["Nokia phone"] * 3}]})
@@ -120,8 +113,8 @@ def test_textvqa(tmp_path):
     assert s.meta["image_id"] == "abc123" and s.meta["question"] == "what brand?"
 
 
-def test_docvqa(tmp_path):
-    _png(tmp_path / "val" / "documents" / "pybv0228_81.png")
+def test_docvqa(tmp_path, png_file):
+    png_file(tmp_path / "val" / "documents" / "pybv0228_81.png", 8)
     src = _dump(tmp_path / "val" / "val_v1.0.json", {"dataset_split": "val", "data": [
         {"questionId": 52212, "question": "What is the date?", "docId": 1968,
          "image": "documents/pybv0228_81.png", "answers": ["1/8/93", "January 8, 1993"]}]})
@@ -134,9 +127,9 @@ def test_docvqa(tmp_path):
     assert score("anls", "january 8, 1993", s.answers) == 1.0
 
 
-def test_chartqa(tmp_path):
-    _png(tmp_path / "test" / "png" / "41699051005347.png")
-    _png(tmp_path / "test" / "png" / "multi_col_1.png")
+def test_chartqa(tmp_path, png_file):
+    png_file(tmp_path / "test" / "png" / "41699051005347.png", 8)
+    png_file(tmp_path / "test" / "png" / "multi_col_1.png", 8)
     src = _dump(tmp_path / "test" / "test_human.json", [
         {"imgname": "41699051005347.png", "query": "What is the peak value?", "label": "57"},
         {"imgname": "multi_col_1.png", "query": "Which is larger?", "label": 12.5}])
@@ -150,8 +143,8 @@ def test_chartqa(tmp_path):
     assert samples["test_human-1"].answers == ["12.5"]  # a numeric label becomes text
 
 
-def test_gqa(tmp_path):
-    _png(tmp_path / "images" / "n161313.jpg")
+def test_gqa(tmp_path, png_file):
+    png_file(tmp_path / "images" / "n161313.jpg", 8)
     src = _dump(tmp_path / "testdev_balanced_questions.json", {
         "201307251": {"imageId": "n161313", "question": "Is it a truck?", "answer": "no",
                       "fullAnswer": "No, it is a car."}})
@@ -175,9 +168,9 @@ def _pope_file(path, labels) -> str:
     return str(path)
 
 
-def test_pope_file_and_folder(tmp_path):
+def test_pope_file_and_folder(tmp_path, png_file):
     images = tmp_path / "val2014"
-    _png(images / "COCO_val2014_000000000001.jpg")
+    png_file(images / "COCO_val2014_000000000001.jpg", 8)
     _pope_file(tmp_path / "pope" / "coco_pope_adversarial.json", ["yes", "no"])
     _pope_file(tmp_path / "pope" / "coco_pope_random.json", ["No", "yes"])
     out = tmp_path / "pope.jsonl"
@@ -203,14 +196,14 @@ def test_pope_bad_label(tmp_path):
         convert_pope(src, str(tmp_path / "o.jsonl"))
 
 
-def _mme_tree(root) -> None:
+def _mme_tree(png_file, root) -> None:
     # nested layout: <category>/images + <category>/questions_answers_YN
-    _png(root / "artwork" / "images" / "10002.jpg")
+    png_file(root / "artwork" / "images" / "10002.jpg", 8)
     qa = root / "artwork" / "questions_answers_YN" / "10002.txt"
     qa.parent.mkdir(parents=True)
     qa.write_text(f"Is this by Monet? {YES_OR_NO}\tYes\nIs this by Dali? {YES_OR_NO}\tNo\n")
     # flat layout: <category>/x.png next to <category>/x.txt
-    _png(root / "code_reasoning" / "0020.png")
+    png_file(root / "code_reasoning" / "0020.png", 8)
     (root / "code_reasoning" / "0020.txt").write_text(
         f"Does it print 3? {YES_OR_NO}\tYes\r\nDoes it print 4? {YES_OR_NO}\tNo\r\n")
     (root / "eval_tool" / "Your_Results").mkdir(parents=True)
@@ -218,8 +211,8 @@ def _mme_tree(root) -> None:
     (root / "readme.txt").write_text("MME")
 
 
-def test_mme_both_layouts(tmp_path):
-    _mme_tree(tmp_path / "MME")
+def test_mme_both_layouts(tmp_path, png_file):
+    _mme_tree(png_file, tmp_path / "MME")
     out = tmp_path / "mme.jsonl"
     assert convert_mme(str(tmp_path / "MME"), str(out)) == 4
     samples = _load(out)
@@ -237,7 +230,7 @@ def test_mme_both_layouts(tmp_path):
     assert result["artwork"]["score"] == 200.0 and result["code_reasoning"]["images"] == 1
 
 
-def test_mme_errors(tmp_path):
+def test_mme_errors(tmp_path, png_file):
     with pytest.raises(ValueError, match="no MME question files"):
         convert_mme(str(tmp_path), str(tmp_path / "o.jsonl"))
     bad = tmp_path / "MME" / "count" / "questions_answers_YN" / "1.txt"
@@ -245,15 +238,15 @@ def test_mme_errors(tmp_path):
     bad.write_text("no tab here\n")
     with pytest.raises(ValueError, match="no image 1"):
         convert_mme(str(tmp_path / "MME"), str(tmp_path / "o.jsonl"))
-    _png(tmp_path / "MME" / "count" / "images" / "1.png")
+    png_file(tmp_path / "MME" / "count" / "images" / "1.png", 8)
     with pytest.raises(ValueError, match="line 1: expected 'question<TAB>answer'"):
         convert_mme(str(tmp_path / "MME"), str(tmp_path / "o.jsonl"))
     with pytest.raises(ValueError, match="image_root"):
         convert_mme(str(tmp_path / "MME"), str(tmp_path / "o.jsonl"), image_root="x")
 
 
-def _fake_easy_vqa(tmp_path) -> types.ModuleType:
-    paths = {i: _png(tmp_path / "pkg" / split / f"{i}.png") for split in ("train", "test")
+def _fake_easy_vqa(png_file, tmp_path) -> types.ModuleType:
+    paths = {i: png_file(tmp_path / "pkg" / split / f"{i}.png", 8) for split in ("train", "test")
              for i in range(3)}
     module = types.ModuleType("easy_vqa")
     module.get_test_questions = lambda: (
@@ -265,8 +258,8 @@ def _fake_easy_vqa(tmp_path) -> types.ModuleType:
     return module
 
 
-def test_easyvqa_with_a_fake_package(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "easy_vqa", _fake_easy_vqa(tmp_path))
+def test_easyvqa_with_a_fake_package(tmp_path, monkeypatch, png_file):
+    monkeypatch.setitem(sys.modules, "easy_vqa", _fake_easy_vqa(png_file, tmp_path))
     out = tmp_path / "out" / "easyvqa.jsonl"
     assert convert_easyvqa(None, str(out), limit=2) == 2
     samples = _load(out)
@@ -304,8 +297,8 @@ def _cli(argv) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def test_cli_dispatches_benchmarks(tmp_path, monkeypatch, capsys):
-    _png(tmp_path / "images" / "n1.jpg")
+def test_cli_dispatches_benchmarks(tmp_path, monkeypatch, capsys, png_file):
+    png_file(tmp_path / "images" / "n1.jpg", 8)
     src = _dump(tmp_path / "gqa.json", {"q1": {"imageId": "n1", "question": "Q?",
                                                "answer": "yes"}})
     out = tmp_path / "gqa.jsonl"
@@ -315,11 +308,11 @@ def test_cli_dispatches_benchmarks(tmp_path, monkeypatch, capsys):
     assert "wrote 1 sample(s)" in capsys.readouterr().out
     assert _load(out)["q1"].meta["benchmark"] == "gqa"
 
-    _mme_tree(tmp_path / "MME")
+    _mme_tree(png_file, tmp_path / "MME")
     args = _cli(["data", "convert", "mme", str(tmp_path / "MME"), str(tmp_path / "mme.jsonl")])
     assert args.func(args) == 0 and len(_load(tmp_path / "mme.jsonl")) == 4
 
-    monkeypatch.setitem(sys.modules, "easy_vqa", _fake_easy_vqa(tmp_path))
+    monkeypatch.setitem(sys.modules, "easy_vqa", _fake_easy_vqa(png_file, tmp_path))
     args = _cli(["data", "convert", "easyvqa", "test", str(tmp_path / "e.jsonl"),
                  "--limit", "1"])
     assert args.func(args) == 0 and list(_load(tmp_path / "e.jsonl")) == ["easyvqa-test-0"]
@@ -328,8 +321,8 @@ def test_cli_dispatches_benchmarks(tmp_path, monkeypatch, capsys):
     assert "pip install easy-vqa" in capsys.readouterr().err
 
 
-def test_resolved_image_paths_point_at_the_files(tmp_path):
-    _png(tmp_path / "imgs" / "a.jpg")
+def test_resolved_image_paths_point_at_the_files(tmp_path, png_file):
+    png_file(tmp_path / "imgs" / "a.jpg", 8)
     src = _dump(tmp_path / "src" / "t.json", {"data": [
         {"question_id": 1, "question": "Q?", "image_id": "a", "answers": ["x"]}]})
     out = tmp_path / "deep" / "er" / "t.jsonl"

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -17,10 +15,6 @@ from mova.builders import ensure_image_token
 from mova.checkpoint import CheckpointError
 from mova.factory import build_model, build_tiny_mova, from_pretrained, tiny_config
 from mova.tokenizers import IMAGE_TOKEN, build_tiny_bert_tokenizer, build_tiny_llm_tokenizer
-
-
-def _image(seed: int) -> Image.Image:
-    return Image.fromarray((np.random.RandomState(seed).rand(64, 64, 3) * 255).astype("uint8"))
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +32,8 @@ def saved(model, tmp_path_factory):
     return model.save_pretrained(tmp_path_factory.mktemp("ckpt") / "mova")
 
 
-def _outputs(m):
-    images = [_image(0), _image(1)]
+def _outputs(noise_image, m):
+    images = [noise_image(0), noise_image(1)]
     with torch.no_grad():
         base = m.encode_base(m.processor.base(images))
         text = m.encode_questions([["a?"], ["b?"]])
@@ -50,18 +44,18 @@ def _outputs(m):
     return tokens, logits
 
 
-def test_round_trip_is_bit_identical(model, saved):
+def test_round_trip_is_bit_identical(model, saved, noise_image):
     loaded = from_pretrained(saved)
     assert loaded.config.to_dict() == model.config.to_dict()
     ref_state, new_state = model.state_dict(), loaded.state_dict()
     assert ref_state.keys() == new_state.keys()
     for key in ref_state:
         assert torch.equal(ref_state[key], new_state[key]), key
-    for a, b in zip(_outputs(model), _outputs(loaded), strict=True):
+    for a, b in zip(_outputs(noise_image, model), _outputs(noise_image, loaded), strict=True):
         assert torch.equal(a, b)
     q = ["What is it?"]
-    assert (model.generate([_image(3)], q, experts=[["sam"]], max_new_tokens=5)[0].answer
-            == loaded.generate([_image(3)], q, experts=[["sam"]], max_new_tokens=5)[0].answer)
+    assert (model.generate([noise_image(3)], q, experts=[["sam"]], max_new_tokens=5)[0].answer
+            == loaded.generate([noise_image(3)], q, experts=[["sam"]], max_new_tokens=5)[0].answer)
     assert loaded.tokenizer.get_vocab() == model.tokenizer.get_vocab()
     assert loaded.text_tokenizer.get_vocab() == model.text_tokenizer.get_vocab()
 
@@ -73,7 +67,7 @@ def test_checkpoint_holds_no_pickle(saved):
     assert (saved / "experts" / "vary" / "mova_head.safetensors").is_file()
 
 
-def test_experts_by_reference(model, saved, tmp_path):
+def test_experts_by_reference(model, saved, tmp_path, noise_image):
     refs = tmp_path / "expert_weights"
     shutil.copytree(saved / "experts", refs)
     config = tiny_config()
@@ -84,7 +78,7 @@ def test_experts_by_reference(model, saved, tmp_path):
     path = by_ref.save_pretrained(tmp_path / "by_ref", experts="reference")
     assert not (path / "experts").exists()
     loaded = from_pretrained(path)
-    for a, b in zip(_outputs(by_ref), _outputs(loaded), strict=True):
+    for a, b in zip(_outputs(noise_image, by_ref), _outputs(noise_image, loaded), strict=True):
         assert torch.equal(a, b)
     # A referenced expert that changed on disk is refused.
     weights = refs / "sam" / "model.safetensors"
@@ -138,7 +132,7 @@ def test_wrong_architecture_and_format(saved, tmp_path):
         from_pretrained(tmp_path / "nowhere")
 
 
-def test_llm_and_text_encoder_from_local_transformers_checkpoints(tmp_path):
+def test_llm_and_text_encoder_from_local_transformers_checkpoints(tmp_path, noise_image):
     tok = build_tiny_llm_tokenizer()
     llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=1,
                                        num_attention_heads=4, num_key_value_heads=2,
@@ -161,7 +155,7 @@ def test_llm_and_text_encoder_from_local_transformers_checkpoints(tmp_path):
         assert torch.equal(model.llm.state_dict()[key], value), key
     for key, value in bert.state_dict().items():
         assert torch.equal(model.text_encoder.state_dict()[key], value), key
-    result = model.generate([_image(4)], ["Hi?"], experts=[[]], max_new_tokens=3)[0]
+    result = model.generate([noise_image(4)], ["Hi?"], experts=[[]], max_new_tokens=3)[0]
     assert result.num_generated_tokens <= 3
     config.llm.hidden_size = 128
     with pytest.raises(ValueError, match="llm.hidden_size=128"):

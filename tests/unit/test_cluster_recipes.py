@@ -7,7 +7,6 @@ local-cluster tests here start no Ray: they exercise the state file and the PID-
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
@@ -195,18 +194,8 @@ def test_dockerfile_installs_torch_before_the_project():
 # cluster/local_cluster.py without Ray: state file, argument checks, PID-based stop
 # --------------------------------------------------------------------------------------------
 
-def _local_cluster():
-    name = "local_cluster"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, CLUSTER / "local_cluster.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def test_local_cluster_state_round_trip(tmp_path, capsys):
-    lc = _local_cluster()
+def test_local_cluster_state_round_trip(tmp_path, capsys, local_cluster):
+    lc = local_cluster
     handle = lc.ClusterHandle(
         temp_dir=str(tmp_path), gcs_address="127.0.0.1:1", dashboard_url="http://127.0.0.1:2",
         env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "secret"}, resources=["local_node_0"],
@@ -219,8 +208,8 @@ def test_local_cluster_state_round_trip(tmp_path, capsys):
                                                     "export RAY_AUTH_TOKEN=secret"]
 
 
-def test_local_cluster_rejects_bad_arguments_before_starting_anything(tmp_path):
-    lc = _local_cluster()
+def test_local_cluster_rejects_bad_arguments_before_starting_anything(tmp_path, local_cluster):
+    lc = local_cluster
     with pytest.raises(ValueError, match="nodes=0"):
         lc.start_cluster(nodes=0, temp_dir=str(tmp_path))
     with pytest.raises(ValueError, match="auth='none'"):
@@ -241,8 +230,8 @@ def _spawn(ignore_term: bool) -> subprocess.Popen:
     return proc
 
 
-def test_local_cluster_stop_terms_then_kills_only_recorded_processes(tmp_path):
-    lc = _local_cluster()
+def test_local_cluster_stop_terms_then_kills_only_recorded_processes(tmp_path, local_cluster):
+    lc = local_cluster
     polite, stubborn, bystander = _spawn(False), _spawn(True), _spawn(False)
     try:
         procs = []

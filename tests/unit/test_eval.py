@@ -4,10 +4,10 @@ recipe checks, batch prediction with bad rows, and the HTTP client's retries."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
 
 from pipelines.cli import build_parser
 from pipelines.data.benchmarks import convert_gqa
@@ -189,14 +189,8 @@ def test_markdown_tables():
 # ---- benchmark files -----------------------------------------------------------------------
 
 
-def _png(path, size=(16, 16)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (10, 200, 30)).save(path)
-    return path
-
-
-def test_load_items_reads_converter_output(tmp_path):
-    _png(tmp_path / "gqa" / "img1.jpg")
+def test_load_items_reads_converter_output(tmp_path, png_file):
+    png_file(tmp_path / "gqa" / "img1.jpg")
     src = tmp_path / "gqa" / "questions.json"
     src.write_text(json.dumps({"q1": {"imageId": "img1", "question": "Is it green?",
                                       "answer": "yes"},
@@ -219,10 +213,10 @@ def test_load_items_reads_converter_output(tmp_path):
         load_items(BenchmarkSpec(name="gqa", path=str(out)), routing="label")
 
 
-def test_load_items_training_style_rows(tmp_path):
+def test_load_items_training_style_rows(tmp_path, png_file):
     """Synth-style rows: answers/metric on the row; a bare Q/A row takes the gpt turn as its
     reference and the entry's metric; routing-instruction rows are skipped."""
-    _png(tmp_path / "a.png")
+    png_file(tmp_path / "a.png")
     turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A"}]
     path = tmp_path / "m.jsonl"
     write_manifest([
@@ -268,7 +262,7 @@ def test_recipe_validation():
             EvalRecipe(**fields).validate()
 
 
-def test_missing_inputs_fail_before_any_work(tmp_path, monkeypatch):
+def test_missing_inputs_fail_before_any_work(tmp_path, monkeypatch, png_file):
     from pipelines.evaluate import job as evaluate
 
     def no_work(*args, **kwargs):
@@ -276,7 +270,7 @@ def test_missing_inputs_fail_before_any_work(tmp_path, monkeypatch):
 
     monkeypatch.setattr(evaluate, "_predict_ray", no_work)
     monkeypatch.setattr(evaluate, "_predict_http", no_work)
-    good = _png(tmp_path / "a.png")
+    good = Path(png_file(tmp_path / "a.png"))
     bench = tmp_path / "b.jsonl"
     write_manifest([{"id": "s", "image": good.name, "answers": ["x"], "metric": "exact_match",
                      "conversations": [{"from": "human", "value": "<image>\nQ?"},
@@ -317,8 +311,8 @@ class _FakeModel:
                 for q, e in zip(questions, experts or [None] * len(questions), strict=True)]
 
 
-def test_predict_batch_isolates_bad_rows(tmp_path):
-    good = str(_png(tmp_path / "a.png"))
+def test_predict_batch_isolates_bad_rows(tmp_path, png_file):
+    good = str(png_file(tmp_path / "a.png"))
     broken = tmp_path / "bad.png"
     broken.write_bytes(b"not an image")
     turns = [[{"from": "human", "value": f"<image>\nsay {w}"}] for w in ("one", "two", "LONG",
@@ -401,8 +395,8 @@ def test_post_chat_retries_overload_then_succeeds():
     assert waits == [1.0, 1.0]
 
 
-def test_ask_endpoint_sends_image_and_routing(tmp_path):
-    image = str(_png(tmp_path / "a.png"))
+def test_ask_endpoint_sends_image_and_routing(tmp_path, png_file):
+    image = str(png_file(tmp_path / "a.png"))
     sent = []
 
     def handler(request):
@@ -410,7 +404,7 @@ def test_ask_endpoint_sends_image_and_routing(tmp_path):
         return httpx.Response(200, json={
             "choices": [{"message": {"content": " Green "}}],
             "mova": {"experts": ["vary"], "forced": True, "routing_reply": None,
-                     "pool": ["vary", "sam"]}})
+                     "pool": ["vary", "sam"], "vision_ms": 3.5}})
 
     client = httpx.Client(transport=httpx.MockTransport(handler))
     turns = [{"from": "human", "value": "<image>\nColour?"}]

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mova.conversation import collate, tokenize_conversation
 from mova.factory import build_tiny_mova
@@ -23,12 +22,7 @@ POOL = ["dinov2", "vary", "deplot"]
 USEFUL = "vary"
 
 
-def _image(seed: int) -> Image.Image:
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(40, 52, 3) * 255).astype("uint8"))
-
-
-def _inputs(model, n: int = 4) -> dict:
+def _inputs(noise_image, model, n: int = 4) -> dict:
     questions = [f"<image>\nWhat is shown in picture {i}?" for i in range(n)]
     answers = ["a red square", "two blue dots", "a chart", "nothing at all"][:n]
     samples = [tokenize_conversation([{"from": "human", "value": q}, {"from": "gpt", "value": a}],
@@ -37,7 +31,7 @@ def _inputs(model, n: int = 4) -> dict:
                for q, a in zip(questions, answers, strict=True)]
     batch = collate(samples, model.tokenizer.pad_token_id)
     gate = model.tokenize_gate_text([[q] for q in questions])
-    images = [_image(i) for i in range(n)]
+    images = [noise_image(i, 52, 40) for i in range(n)]
     return {
         "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
         "labels": batch["labels"], "pixel_values": model.processor.base(images),
@@ -60,7 +54,7 @@ def _forward_loss(model, inputs: dict, i: int, experts: list[str]) -> float:
 
 
 @pytest.fixture(scope="module")
-def useful_model():
+def useful_model(noise_image):
     """A tiny model in which one expert (``vary``) clearly lowers the loss of every sample.
 
     A few Adam steps train only ``vary``'s knowledge-extractor branches with the mask forcing
@@ -69,7 +63,7 @@ def useful_model():
     """
     torch.manual_seed(0)
     model = build_tiny_mova(seed=0, experts=POOL)
-    inputs = _inputs(model)
+    inputs = _inputs(noise_image, model)
     params = [p for block in model.adapter.blocks
               for p in block.extractors[USEFUL].parameters()]
     model.requires_grad_(False)
@@ -106,11 +100,11 @@ def test_per_sample_loss_matches_the_llm_loss_and_ignores_padding():
         per_sample_loss(logits, labels[:, :4])
 
 
-def test_at_initialisation_no_expert_changes_the_loss():
+def test_at_initialisation_no_expert_changes_the_loss(noise_image):
     """Zero inits make every expert branch exactly zero: nothing beats the base, nothing is
     labelled (the rule is strict)."""
     model = build_tiny_mova(seed=0, experts=POOL)
-    inputs = _inputs(model, 2)
+    inputs = _inputs(noise_image, model, 2)
     losses = single_expert_losses(model, **inputs)
     assert losses.shape == (2, 1 + len(POOL))
     for j in range(1, 1 + len(POOL)):
@@ -191,7 +185,7 @@ def _object_array(items: list) -> np.ndarray:
 
 
 def test_loss_worker_reads_the_cache_falls_back_to_the_experts_and_reports_bad_images(
-        useful_model, tmp_path):
+        useful_model, tmp_path, noise_image):
     """The Ray Data actor class, called in-process: cached features (whole or partial) and
     computed ones give the same losses; an unreadable image is an error row, not a crash."""
     from mova.checkpoint import expert_cache_keys
@@ -203,7 +197,7 @@ def test_loss_worker_reads_the_cache_falls_back_to_the_experts_and_reports_bad_i
     checkpoint = tmp_path / "ckpt"
     model.save_pretrained(checkpoint)
     (tmp_path / "img").mkdir()
-    images = [_image(i) for i in range(3)]
+    images = [noise_image(i, 52, 40) for i in range(3)]
     for i, image in enumerate(images):
         image.save(tmp_path / "img" / f"{i}.png")
     (tmp_path / "img" / "broken.png").write_bytes(b"not an image")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mova.conversation import collate, tokenize_conversation
 from mova.factory import build_tiny_mova
@@ -25,11 +24,6 @@ def model():
     return m.eval()
 
 
-def _image(seed: int, size: int = 72) -> Image.Image:
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(size, size + 9, 3) * 255).astype("uint8"))
-
-
 def _batch(model, images, questions, answers, experts):
     samples = [
         tokenize_conversation([{"from": "human", "value": q}, {"from": "gpt", "value": a}],
@@ -46,9 +40,9 @@ def _batch(model, images, questions, answers, experts):
     }
 
 
-def test_separable_steps_shapes(model):
+def test_separable_steps_shapes(model, noise_image):
     cfg = model.config
-    images = [_image(0), _image(1)]
+    images = [noise_image(0, 81, 72), noise_image(1, 81, 72)]
     base = model.encode_base(model.processor.base(images))
     grid = cfg.base.grid_size
     assert base.shape == (2, grid * grid, cfg.base.hidden_size)
@@ -67,8 +61,8 @@ def test_separable_steps_shapes(model):
     assert fused.gate_weights.shape == (2, cfg.adapter.num_blocks, len(model.expert_names))
 
 
-def test_unrouted_expert_cannot_change_output_routed_one_can(model):
-    images = [_image(2)]
+def test_unrouted_expert_cannot_change_output_routed_one_can(model, noise_image):
+    images = [noise_image(2, 81, 72)]
     base = model.encode_base(model.processor.base(images))
     text = model.encode_questions([["where is the cat?"]])
     mask = model.mask_from_names([["dinov2", "sam"]])
@@ -81,8 +75,8 @@ def test_unrouted_expert_cannot_change_output_routed_one_can(model):
     assert not torch.allclose(model.fuse(base, text, noisy_routed, mask).image_tokens, ref)
 
 
-def test_routed_features_only_computed_for_routed_rows(model):
-    images = [_image(3), _image(4)]
+def test_routed_features_only_computed_for_routed_rows(model, noise_image):
+    images = [noise_image(3, 81, 72), noise_image(4, 81, 72)]
     mask = model.mask_from_names([["codetr"], []])
     inputs = model.processor.experts_inputs(["codetr"], images)
     feats = model.routed_expert_features(inputs, mask)
@@ -92,8 +86,8 @@ def test_routed_features_only_computed_for_routed_rows(model):
     torch.testing.assert_close(feats["codetr"][:1], direct)
 
 
-def test_training_forward_cached_equals_computed_and_grads(model):
-    images = [_image(5), _image(6)]
+def test_training_forward_cached_equals_computed_and_grads(model, noise_image):
+    images = [noise_image(5, 81, 72), noise_image(6, 81, 72)]
     questions = ["How many squares?", "What does the chart show?"]
     experts = [["codetr", "dinov2"], ["deplot"]]
     batch = _batch(model, images, questions, ["3", "sales"], experts)
@@ -118,22 +112,22 @@ def test_training_forward_cached_equals_computed_and_grads(model):
     model.zero_grad(set_to_none=True)
 
 
-def test_labels_cover_only_the_answer(model):
-    batch = _batch(model, [_image(7)], ["What colour?"], ["red"], [[]])
+def test_labels_cover_only_the_answer(model, noise_image):
+    batch = _batch(model, [noise_image(7, 81, 72)], ["What colour?"], ["red"], [[]])
     kept = batch["labels"][batch["labels"] != -100].tolist()
     assert model.tokenizer.decode(kept).startswith("red")
 
 
-def test_forward_errors_name_the_missing_expert(model):
-    batch = _batch(model, [_image(8)], ["q?"], ["a"], [["sam"]])
+def test_forward_errors_name_the_missing_expert(model, noise_image):
+    batch = _batch(model, [noise_image(8, 81, 72)], ["q?"], ["a"], [["sam"]])
     with pytest.raises(ValueError, match="sam"):
         model(**batch)
     with pytest.raises(ValueError, match="unknown expert 'nope'"):
         model.mask_from_names([["nope"]])
 
 
-def test_batched_generate_with_mixed_routing_equals_per_sample(model):
-    images = [_image(9), _image(10), _image(11)]
+def test_batched_generate_with_mixed_routing_equals_per_sample(model, noise_image):
+    images = [noise_image(9, 81, 72), noise_image(10, 81, 72), noise_image(11, 81, 72)]
     questions = ["What is shown?", "Read the title.", "How many dots?"]
     experts = [["dinov2"], ["vary", "pix2struct", "deplot"], []]
     batched = model.generate(images, questions, experts=experts, max_new_tokens=6)
@@ -149,19 +143,19 @@ def test_batched_generate_with_mixed_routing_equals_per_sample(model):
     assert np.array(batched[2].gate_weights).sum() == 0
 
 
-def test_sampling_is_seeded(model):
+def test_sampling_is_seeded(model, noise_image):
     kwargs = {"experts": [["sam"]], "max_new_tokens": 8, "do_sample": True, "temperature": 1.5}
-    a = model.generate([_image(12)], ["Describe it."], seed=7, **kwargs)[0].answer
-    b = model.generate([_image(12)], ["Describe it."], seed=7, **kwargs)[0].answer
+    a = model.generate([noise_image(12, 81, 72)], ["Describe it."], seed=7, **kwargs)[0].answer
+    b = model.generate([noise_image(12, 81, 72)], ["Describe it."], seed=7, **kwargs)[0].answer
     assert a == b
 
 
-def test_route_parses_what_the_llm_says():
+def test_route_parses_what_the_llm_says(noise_image):
     """Teach the tiny LLM one routing reply, then check route() turns it into the mask."""
     model = build_tiny_mova(seed=3)
     question = "What is the value of the tallest bar?"
     target = format_routing_answer([3, 4])  # "D, E" -> pix2struct, deplot
-    images = [_image(13)]
+    images = [noise_image(13, 81, 72)]
     descriptions = model.routing_descriptions()
     prompt = build_routing_prompt(question, descriptions, image_token=IMAGE_TOKEN)
     sample = tokenize_conversation(
@@ -190,9 +184,9 @@ def test_route_parses_what_the_llm_says():
     assert full.routing_reply == target
 
 
-def test_routing_rows_train_on_the_routing_pass(model):
+def test_routing_rows_train_on_the_routing_pass(model, noise_image):
     """A routing-instruction row sees the pooled zero-mask adapter output, like route()."""
-    images = [_image(14), _image(15)]
+    images = [noise_image(14, 81, 72), noise_image(15, 81, 72)]
     question = "What is in the picture?"
     prompt = build_routing_prompt(question, model.routing_descriptions(), image_token=IMAGE_TOKEN)
     routing_sample = tokenize_conversation(
@@ -219,9 +213,9 @@ def test_routing_rows_train_on_the_routing_pass(model):
     assert out.gate_weights[0].sum() == 0  # the routing row routes no expert
 
 
-def test_sync_experts_change_the_graph_not_the_result(model):
+def test_sync_experts_change_the_graph_not_the_result(model, noise_image):
     """Branches run for experts another rank routed leave this rank's loss unchanged."""
-    images = [_image(16), _image(17)]
+    images = [noise_image(16, 81, 72), noise_image(17, 81, 72)]
     batch = _batch(model, images, ["q one?", "q two?"], ["a", "b"], [["sam"], []])
     inputs = model.processor.experts_inputs(["sam"], images)
     plain = model(**batch, expert_inputs=inputs)

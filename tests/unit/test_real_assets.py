@@ -9,10 +9,8 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mova.convert import ConversionError
 from mova.convert.onnx_dinov2 import check_dinov2_match, compare_dinov2_with_onnx
@@ -39,10 +37,6 @@ def assets(tmp_path_factory) -> RealAssets:
     prepared = prepare_real_assets(tmp_path_factory.mktemp("real") / "cache")
     print(f"prepare_real_assets took {time.perf_counter() - start:.1f} s")
     return prepared
-
-
-def _image(seed: int = 0) -> Image.Image:
-    return Image.fromarray((np.random.RandomState(seed).rand(64, 64, 3) * 255).astype("uint8"))
 
 
 @needs_packages
@@ -133,7 +127,8 @@ def test_rebuilt_dinov2_matches_the_onnx_graph(assets: RealAssets) -> None:
 
 
 @needs_packages
-def test_real_config_builds_generates_and_round_trips(assets: RealAssets, tmp_path) -> None:
+def test_real_config_builds_generates_and_round_trips(assets: RealAssets, tmp_path,
+                                                     noise_image) -> None:
     from mova.factory import build_model, from_pretrained
 
     config = real_config(assets)
@@ -146,15 +141,15 @@ def test_real_config_builds_generates_and_round_trips(assets: RealAssets, tmp_pa
     model = build_model(config, seed=0)
     assert model.experts["dinov2"].out_grid == 16
     assert model.experts["dinov2"].model.config.image_size == 518  # native size kept
-    [routed] = model.generate([_image()], ["What shape is in the image?"], max_new_tokens=8)
+    [routed] = model.generate([noise_image(0)], ["What shape is in the image?"], max_new_tokens=8)
     assert isinstance(routed.answer, str) and routed.answer.strip()
     print("generate:", routed)
-    [forced] = model.generate([_image()], ["What shape is in the image?"],
+    [forced] = model.generate([noise_image(0)], ["What shape is in the image?"],
                                    experts=[["dinov2"]], max_new_tokens=8)
     path = model.save_pretrained(tmp_path / "mova")
     reloaded = from_pretrained(path)
     assert reloaded.experts["dinov2"].out_grid == 16
-    [again] = reloaded.generate([_image()], ["What shape is in the image?"],
+    [again] = reloaded.generate([noise_image(0)], ["What shape is in the image?"],
                                     experts=[["dinov2"]], max_new_tokens=8)
     assert (again.answer, again.gate_weights) == (forced.answer, forced.gate_weights)
 

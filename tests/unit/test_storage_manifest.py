@@ -9,7 +9,6 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from pipelines.common import storage
 from pipelines.data import cli as data_cli
@@ -24,12 +23,6 @@ from pipelines.data.manifest import (
     write_manifest,
 )
 from pipelines.data.schema import Sample
-
-
-def _png(path, size=16, color=(200, 30, 30)) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (size, size), color).save(path)
-    return str(path)
 
 
 def _turns(question="<image>\nWhat is this?", answer="A square."):
@@ -108,8 +101,8 @@ def test_storage_uri_helpers():
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
-def test_manifest_round_trip_is_exact(tmp_path, suffix):
-    _png(tmp_path / "images" / "a.png")
+def test_manifest_round_trip_is_exact(tmp_path, suffix, png_file):
+    png_file(tmp_path / "images" / "a.png")
     uri = str(tmp_path / f"m{suffix}")
     assert write_manifest(_samples(), uri) == uri
     assert load_manifest(uri) == _samples()
@@ -137,9 +130,9 @@ def test_write_manifest_rejects_unknown_keys_and_suffix(tmp_path):
         write_manifest(_samples(), str(tmp_path / "m.csv"))
 
 
-def _bad_manifest(tmp_path) -> tuple[str, set[tuple[int, str]]]:
+def _bad_manifest(png_file, tmp_path) -> tuple[str, set[tuple[int, str]]]:
     """A manifest with one problem per bad line; returns it and the expected (line, field)."""
-    _png(tmp_path / "images" / "ok.png")
+    png_file(tmp_path / "images" / "ok.png")
     (tmp_path / "images" / "garbage.png").write_bytes(b"\x89PNG not really an image")
     good = {"id": "g1", "image": "images/ok.png", "conversations": _turns()}
     lines = [
@@ -165,8 +158,8 @@ def _bad_manifest(tmp_path) -> tuple[str, set[tuple[int, str]]]:
     return str(uri), expected
 
 
-def test_validation_reports_every_bad_row(tmp_path):
-    uri, expected = _bad_manifest(tmp_path)
+def test_validation_reports_every_bad_row(tmp_path, png_file):
+    uri, expected = _bad_manifest(png_file, tmp_path)
     report = validate_manifest(uri)
     assert not report.ok and report.total == 12
     assert {(e.line, e.field) for e in report.errors} == expected
@@ -184,8 +177,8 @@ def test_validation_reports_every_bad_row(tmp_path):
     assert {(e.line, e.field) for e in quick.errors} == expected - {(7, "image"), (8, "image")}
 
 
-def test_load_manifest_raises_or_skips_with_report(tmp_path):
-    uri, expected = _bad_manifest(tmp_path)
+def test_load_manifest_raises_or_skips_with_report(tmp_path, png_file):
+    uri, expected = _bad_manifest(png_file, tmp_path)
     with pytest.raises(ManifestError) as info:
         load_manifest(uri)
     message = str(info.value)
@@ -227,12 +220,12 @@ def test_validate_row_pool_and_types(tmp_path):
         validate_row(row, 1, ["nope"], "m.jsonl", check_image=False)
 
 
-def test_relative_images_resolve_against_the_manifest_folder(tmp_path, monkeypatch):
+def test_relative_images_resolve_against_the_manifest_folder(tmp_path, monkeypatch, png_file):
     assert resolve_image("/data/sets/m.jsonl", "img/a.png") == "/data/sets/img/a.png"
     assert resolve_image("/data/sets/m.jsonl", "/abs/a.png") == "/abs/a.png"
     assert resolve_image("s3://b/sets/m.jsonl", "img/a.png") == "s3://b/sets/img/a.png"
     assert resolve_image("/data/m.jsonl", "s3://b/a.png") == "s3://b/a.png"
-    _png(tmp_path / "shared" / "a.png")
+    png_file(tmp_path / "shared" / "a.png")
     uri = str(tmp_path / "sets" / "m.jsonl")
     write_manifest([Sample(id="x", image="../shared/a.png", conversations=_turns())], uri)
     monkeypatch.chdir(tmp_path / "shared")  # not the manifest's folder
@@ -243,8 +236,8 @@ def test_relative_images_resolve_against_the_manifest_folder(tmp_path, monkeypat
 # converters
 # --------------------------------------------------------------------------------------------
 
-def test_convert_llava_with_and_without_image(tmp_path):
-    _png(tmp_path / "coco" / "1.png")
+def test_convert_llava_with_and_without_image(tmp_path, png_file):
+    png_file(tmp_path / "coco" / "1.png")
     src = tmp_path / "src" / "llava.json"
     src.parent.mkdir()
     src.write_text(json.dumps([
@@ -276,8 +269,8 @@ def test_convert_llava_rejects_malformed_rows(tmp_path):
     assert not (tmp_path / "m.jsonl").exists()
 
 
-def test_convert_vqa_most_common_answer(tmp_path):
-    _png(tmp_path / "img" / "q.png")
+def test_convert_vqa_most_common_answer(tmp_path, png_file):
+    png_file(tmp_path / "img" / "q.png")
     answers = ["two", "2", "two", "two", "three", "2", "two", "two", "2", "two"]
     src = tmp_path / "vqa.jsonl"
     src.write_text("\n".join([
@@ -313,8 +306,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def test_cli_validate_exit_codes(tmp_path, capsys):
-    bad_uri, _ = _bad_manifest(tmp_path)
+def test_cli_validate_exit_codes(tmp_path, capsys, png_file):
+    bad_uri, _ = _bad_manifest(png_file, tmp_path)
     args = _parse(["data", "validate", bad_uri])
     assert args.func(args) == 1
     out = capsys.readouterr().out
@@ -329,8 +322,8 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
     assert "line 13 (id=g3): experts: expert 'vary' is not in the pool" in capsys.readouterr().out
 
 
-def test_cli_convert(tmp_path, capsys):
-    _png(tmp_path / "q.png")
+def test_cli_convert(tmp_path, capsys, png_file):
+    png_file(tmp_path / "q.png")
     src = tmp_path / "vqa.jsonl"
     src.write_text(json.dumps({"image": "q.png", "question": "Q?", "answers": ["a"]}) + "\n")
     out = str(tmp_path / "m.jsonl")
