@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from pipelines.bench import cli as bench_cli
+from pipelines.common.ray_init import prepare_env
 from pipelines.data import cli as data_cli
 from pipelines.demo import cli as demo_cli
 from pipelines.evaluate import cli as eval_cli
@@ -41,8 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("transformers", "urllib3", "filelock"):
+    for noisy in ("transformers", "urllib3", "filelock", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    prepare_env(local=not os.environ.get("RAY_ADDRESS"))  # before anything imports Ray
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:

@@ -5,43 +5,57 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-# Environment every Ray process of ours needs on a CPU machine (see docs/platform notes).
-BASE_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # makes a local Ray bind 127.0.0.1
-    "GLOO_SOCKET_IFNAME": "lo",
-    "DS_ACCELERATOR": "cpu",
+# Environment every process of ours gets (quiet, offline-friendly libraries).
+COMMON_ENV = {
     "RAY_DEDUP_LOGS": "0",
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
 }
+# Without a GPU DeepSpeed's CPU accelerator is the one (said explicitly, it does not warn).
+CPU_ENV = {"DS_ACCELERATOR": "cpu"}
+# A private Ray on this machine only: loopback addresses (read once, at `import ray`: the CLI
+# sets it first thing) and gloo over loopback. Never applied when joining a cluster (RAY_ADDRESS
+# or ray.address): its nodes talk over real networks.
+LOOPBACK_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "GLOO_SOCKET_IFNAME": "lo",
+}
+# Ray's notice that a new local cluster uses token authentication (its default, and ours).
+_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+# Passed on to Ray workers when set in the driver: where S3 and MLflow are, how gloo talks.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+                 "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "GLOO_SOCKET_IFNAME")
 
 
-def prepare_env(gpu: bool = False) -> dict[str, str]:
-    """Set the environment our Ray processes need (before ``import ray``); returns it."""
-    env = {k: v for k, v in BASE_ENV.items()
-           if not gpu or k not in ("DS_ACCELERATOR", "GLOO_SOCKET_IFNAME")}
+def _process_env(gpu: bool | None) -> dict[str, str]:
+    if gpu is None:
+        from mova.device import cuda_available
+
+        gpu = cuda_available()
+    return {**COMMON_ENV, **({} if gpu else CPU_ENV)}
+
+
+def prepare_env(*, local: bool = False, gpu: bool | None = None) -> dict[str, str]:
+    """Set (without overriding) the environment this process needs; ``local`` adds the
+    loopback settings of a private Ray. ``gpu`` None: whether torch sees CUDA."""
+    env = {**_process_env(gpu), **(LOOPBACK_ENV if local else {})}
     for key, value in env.items():
         os.environ.setdefault(key, value)
     return env
 
 
-# Passed on to Ray workers when set in the driver: where S3 and MLflow are.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-                 "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI")
-
-
 def worker_env(gpu: bool = False) -> dict[str, str]:
     """The environment variables a job's Ray workers need: ours (CPU or GPU flavour) plus the
-    driver's S3 and MLflow settings."""
-    env = {k: v for k, v in BASE_ENV.items()
-           if not gpu or k not in ("DS_ACCELERATOR", "GLOO_SOCKET_IFNAME")}
+    driver's S3, MLflow and gloo settings."""
+    env = _process_env(gpu)
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     return env
 
@@ -55,13 +69,14 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     files in its own temp dir. Calling it when Ray is already initialised does nothing.
     ``log_to_driver=False`` keeps worker output in the session's log files only.
     """
-    prepare_env()
+    address = address or os.environ.get("RAY_ADDRESS")
+    joining = bool(address and address != "local")
+    prepare_env(local=not joining)
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
+    if joining:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
@@ -69,9 +84,15 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     kwargs: dict[str, Any] = {}
     if object_store_memory:
         kwargs["object_store_memory"] = object_store_memory
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-             _temp_dir=temp_dir, runtime_env=runtime_env, configure_logging=True,
-             logging_level=logging.WARNING, log_to_driver=log_to_driver, **kwargs)
+    notice = logging.getLogger(_TOKEN_NOTICE_LOGGER)
+    level = notice.level
+    notice.setLevel(logging.ERROR)
+    try:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 _temp_dir=temp_dir, runtime_env=runtime_env, configure_logging=True,
+                 logging_level=logging.WARNING, log_to_driver=log_to_driver, **kwargs)
+    finally:
+        notice.setLevel(level)
     log.info("started a local Ray (%s CPUs, temp dir %s)", num_cpus or os.cpu_count(), temp_dir)
 
 
@@ -82,3 +103,23 @@ def free_local_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def actor_pool_args(workers: int, cpus_per_worker: float, gpus_per_worker: float
+                    ) -> dict[str, Any]:
+    """``map_batches`` arguments of a fixed pool of Ray Data actors (a model loaded once each).
+
+    Actors are not restarted (``max_restarts=0``): Ray Data hands them their constructor
+    arguments through the object store, and Ray cannot always restore those for a restarted
+    actor (ray-project/ray#53727, which Ray reports on every such pool). Our jobs recover by
+    being run again instead: the feature job skips what is cached, and a failure names its
+    cause rather than retrying it in silence. Ray Data 2.60 documents ``max_restarts=0`` as
+    the way to turn restarts off while also flagging extra remote arguments as deprecated (no
+    named parameter exists for it yet): that one warning is filtered.
+    """
+    import ray
+
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+
+    return {"compute": ray.data.ActorPoolStrategy(size=workers), "num_cpus": cpus_per_worker,
+            "num_gpus": gpus_per_worker or None, "max_restarts": 0}

@@ -123,12 +123,12 @@ class DemoRay:
 
     def start(self) -> float:
         """Start the local Ray (all CPUs, worker output to log files only); its CPU count."""
-        import ray
-
         from pipelines.common.ray_init import init_ray
 
         init_ray("local", num_cpus=os.cpu_count() or 2, temp_dir=str(self.dir),
                  log_to_driver=False)
+        import ray
+
         quiet_ray()
         return ray.cluster_resources().get("CPU", 0)
 
@@ -147,19 +147,24 @@ class DemoRay:
 def quiet_screen() -> None:
     """One line per step on the screen: no per-batch progress bars from Ray Data or
     transformers (worker output is kept in ``ray-logs/`` instead of echoed)."""
+    import mlflow  # noqa: F401  (configures its logger, which this then quiets)
     import transformers
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # e.g. its database set-up notes
 
 
 def quiet_ray() -> None:
     """After Ray is up (ray.init and ray.data configure their loggers): warnings only."""
-    import ray.data  # noqa: F401  (configures the ray.data logger, which this then quiets)
+    import ray.data  # noqa: F401  (these configure their loggers, which this then quiets)
+    import ray.serve  # noqa: F401
 
     for name in ("ray", "ray.data", "ray.train", "ray.serve", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Its notice that progress bars are off: the demo turned them off on purpose.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def keep_logs(ray_dir: Path, dest: Path) -> None:
@@ -179,7 +184,10 @@ def stop_ray(serve_started: bool, echo: Callable[[str], None]) -> list[str]:
         from ray import serve
 
         try:
-            serve.shutdown()
+            # The apps' replicas drain and stop; the Serve system actors go with Ray below
+            # (serve.shutdown() would kill its controller mid-call, which Ray reports).
+            for app in serve.status().applications:
+                serve.delete(app)
             stopped.append("the Serve app (HTTP proxy, controller and every replica)")
         except Exception as exc:  # keep going: Ray itself must still be stopped
             log.warning("serve shutdown failed: %s", exc)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.common import storage
+from pipelines.common.ray_init import actor_pool_args
 from pipelines.evaluate.items import EvalItem, load_items, routing_for
 from pipelines.evaluate.recipe import EvalRecipe
 from pipelines.evaluate.report import (
@@ -121,9 +122,8 @@ def _predict_ray(recipe: EvalRecipe, items: list[EvalItem]) -> list[dict[str, An
                                    "max_new_tokens": recipe.max_new_tokens,
                                    "use_gpu": recipe.gpus_per_worker > 0},
             batch_size=recipe.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=recipe.workers),
-            num_cpus=recipe.cpus_per_worker,
-            num_gpus=recipe.gpus_per_worker or None,
+            **actor_pool_args(recipe.workers, recipe.cpus_per_worker,
+                              recipe.gpus_per_worker),
         )
         .take_all()
     )

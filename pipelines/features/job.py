@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pipelines.common import storage
+from pipelines.common.ray_init import actor_pool_args
 from pipelines.features.cache import FeatureCache
 from pipelines.features.recipe import FeaturesRecipe
 
@@ -219,9 +220,8 @@ def _run_expert(recipe: FeaturesRecipe, cache: FeatureCache, name: str, key: str
             fn_constructor_kwargs={"checkpoint": recipe.checkpoint, "expert": name, "key": key,
                                    "cache": recipe.cache, "dtype": recipe.dtype},
             batch_size=recipe.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=recipe.workers_per_expert),
-            num_cpus=recipe.cpus_per_worker,
-            num_gpus=recipe.gpus_per_worker or None,
+            **actor_pool_args(recipe.workers_per_expert, recipe.cpus_per_worker,
+                              recipe.gpus_per_worker),
         )
         .take_all()
     )

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.common import storage
+from pipelines.common.ray_init import actor_pool_args
 from pipelines.labels.recipe import MANIFEST_SUFFIXES, LabelsRecipe
 from pipelines.labels.report import NO_DOMAIN, LabelsSummary, mean_losses, plot, track, write_losses
 
@@ -186,9 +187,8 @@ def _score(recipe: LabelsRecipe, samples: list, experts: list[str]) -> list[dict
                                    "max_length": recipe.max_length,
                                    "precision": recipe.precision},
             batch_size=recipe.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=recipe.workers),
-            num_cpus=recipe.cpus_per_worker,
-            num_gpus=recipe.gpus_per_worker or None,
+            **actor_pool_args(recipe.workers, recipe.cpus_per_worker,
+                              recipe.gpus_per_worker),
         )
         .take_all()
     )

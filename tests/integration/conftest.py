@@ -91,12 +91,12 @@ def ray_session(s3_endpoint):
 
     It starts after the S3 server so its workers inherit the S3 environment.
     """
-    import ray
-
     from pipelines.common.ray_init import init_ray
 
     temp_dir = f"/tmp/mova-test-ray-{os.getpid()}"
     init_ray("local", num_cpus=2, object_store_memory=300 * 1024 * 1024, temp_dir=temp_dir)
+    import ray
+
     try:
         yield ray
     finally:
