@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 FORMAT = "mova-checkpoint"
 VERSION = 1
 ADAPTER_FILE = "adapter.safetensors"
+FILES = "files.json"  # written last: every other file with its size and SHA-256
 
 
 class CheckpointError(ValueError):
@@ -75,10 +76,50 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 8 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_file_list(folder: Path) -> dict:
+    """Record every file of a checkpoint folder (size and SHA-256) in ``files.json``, which
+    marks the checkpoint complete: publishers write it last, readers require it."""
+    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size,
+                                                "sha256": file_digest(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != FILES}
+    listing = {"format": f"{FORMAT}-files", "version": VERSION, "files": files}
+    (folder / FILES).write_text(json.dumps(listing, indent=2) + "\n")
+    return listing
+
+
+def check_complete(path: str | Path) -> dict:
+    """The checkpoint's file list, after checking that every listed file is there (sizes and
+    digests are checked when a checkpoint is copied, see ``pipelines.common.checkpoints``); a
+    missing list or file is a :class:`CheckpointError` naming it."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {root}")
+    listing_path = root / FILES
+    if not listing_path.is_file():
+        raise CheckpointError(f"checkpoint {root} has no {FILES} (the file written last when a "
+                              "checkpoint is complete): it is incomplete, still being written, "
+                              "or from an older version of mova")
+    listing = json.loads(listing_path.read_text())
+    missing = [name for name in listing.get("files", {}) if not (root / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {root} is incomplete: missing "
+                              f"{', '.join(missing[:10])}"
+                              + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    return listing
+
+
 def read_components(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder not found: {path}")
+    check_complete(path)
     data = json.loads(_require(path / "components.json", "components.json").read_text())
     if data.get("format") != FORMAT or data.get("version") != VERSION:
         raise CheckpointError(f"{path / 'components.json'} is not a {FORMAT} v{VERSION} file")
@@ -217,6 +258,7 @@ def _save(model: Any, path: Path, experts: str) -> Path:
                       "text_encoder": "text_encoder", "base_encoder": "base_encoder",
                       "adapter": ADAPTER_FILE, "experts": entries}
         (tmp / "components.json").write_text(json.dumps(components, indent=2) + "\n")
+        write_file_list(tmp)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)

@@ -115,16 +115,10 @@ def build_data(root: Path, plan: RealPlan) -> dict[str, str]:
 
 def _train(plan: RealPlan, root: Path, name: str, init: Path, manifest: str, tracking_uri: str,
            echo: Callable[[str], None]):
-    from pipelines.common.recipe import RayConfig
+    from pipelines.common.recipe import MlflowConfig, RayConfig
     from pipelines.demo.console import EXPERIMENT, TrainProgress
     from pipelines.train.job import run_train
-    from pipelines.train.recipe import (
-        DeepSpeedConfig,
-        LoraConfig,
-        MlflowConfig,
-        OptimConfig,
-        TrainRecipe,
-    )
+    from pipelines.train.recipe import DeepSpeedConfig, LoraConfig, OptimConfig, TrainRecipe
 
     recipe = TrainRecipe(
         stage="sft", init_from=str(init), manifest=manifest, cache=str(root / "features"),

@@ -22,15 +22,6 @@ from ray import serve
 log = logging.getLogger(__name__)
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` means CUDA when this replica sees a GPU, else CPU."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_serving_model(checkpoint: str, device: str, keep: Sequence[str]):
     """Load a checkpoint and drop the parts this replica never runs (``keep`` among ``llm``,
     ``base``, ``text``); expert weights are always dropped (expert deployments load their
@@ -39,7 +30,7 @@ def load_serving_model(checkpoint: str, device: str, keep: Sequence[str]):
 
     from mova.factory import from_pretrained
 
-    model = from_pretrained(checkpoint, device=resolve_device(device))
+    model = from_pretrained(checkpoint, device=device)
     for name in list(model.experts):
         model.experts[name] = nn.Identity()
     if "llm" not in keep:
@@ -196,11 +187,11 @@ class ExpertServer:
 
     def __init__(self, checkpoint: str, expert: str, device: str = "auto") -> None:
         from mova.checkpoint import load_config, load_expert
-        from mova.factory import DTYPES
+        from mova.device import resolve_device, torch_dtype
 
         self.name = expert
         self.device = resolve_device(device)
-        self.dtype = DTYPES[load_config(checkpoint).dtype]
+        self.dtype = torch_dtype(load_config(checkpoint).dtype)
         module, self.resolved, _ = load_expert(checkpoint, expert)
         self.expert = module.to(self.device, self.dtype).eval().requires_grad_(False)
         self.batching = BatchControl(self, "features")

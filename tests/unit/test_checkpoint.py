@@ -98,11 +98,12 @@ def test_reference_needs_pretrained_ids(model, tmp_path):
 
 
 @pytest.mark.parametrize("victim, message", [
-    ("adapter.safetensors", "adapter weights"),
-    ("config.json", "config.json"),
-    ("components.json", "components.json"),
-    ("llm", "LLM folder"),
-    ("experts/deplot", "expert 'deplot'"),
+    ("adapter.safetensors", "incomplete: missing adapter.safetensors"),
+    ("config.json", "incomplete: missing config.json"),
+    ("components.json", "incomplete: missing components.json"),
+    ("llm", "incomplete: missing llm/"),
+    ("experts/deplot", "incomplete: missing experts/deplot/"),
+    ("files.json", "no files.json .*incomplete"),
 ])
 def test_missing_parts_are_named(saved, tmp_path, victim, message):
     broken = tmp_path / "broken"
