@@ -41,6 +41,19 @@ def routing_corpus(config: MoVAConfig) -> list[str]:
     return texts
 
 
+def routing_descriptions(config: MoVAConfig) -> list[str]:
+    """One routing description per pool expert, in pool (letter) order, for the configured
+    ``routing.prompt``: the released one-liners, or our descriptions at ``description_index``."""
+    specs = [get_expert_spec(e.name) for e in config.experts]
+    if config.routing.prompt == "released":
+        missing = [s.name for s in specs if not s.reference_description]
+        if missing:
+            raise ValueError(f"experts {missing} have no released routing description")
+        return [s.reference_description for s in specs]  # type: ignore[misc]
+    idx = config.routing.description_index
+    return [s.descriptions[idx % len(s.descriptions)] for s in specs]
+
+
 def ensure_image_token(tokenizer: Any, llm: nn.Module | None = None) -> Any:
     """Add the image placeholder token (and a pad token) if the tokenizer lacks them."""
     added = tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}) \

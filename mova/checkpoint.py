@@ -31,7 +31,7 @@ from transformers.modeling_utils import PreTrainedModel
 
 from mova.builders import build_adapter, ensure_image_token
 from mova.config import MoVAConfig
-from mova.device import place
+from mova.device import place, torch_dtype
 from mova.experts.encoders import HEAD_WEIGHTS, VisionExpert, build_base_encoder, build_expert
 from mova.experts.registry import resolve_expert
 
@@ -135,7 +135,9 @@ def _load_expert(root: Path, config: MoVAConfig, name: str, entry: dict) -> Visi
     resolved = resolve_expert(expert_cfg)
     source = entry.get("reference") or str(_require(root / entry["path"], f"expert {name!r}"))
     resolved = type(resolved)(spec=resolved.spec, size=resolved.size, pretrained=source)
-    expert = build_expert(resolved)
+    # A model saved in bf16 fingerprinted its experts in bf16, while a referenced expert loads
+    # in its own (fp32) weights: compare in the dtype the checkpoint was saved in.
+    expert = build_expert(resolved).to(torch_dtype(config.dtype))
     if entry.get("fingerprint") and state_fingerprint(expert) != entry["fingerprint"]:
         raise CheckpointError(
             f"expert {name!r} loaded from {source} does not match the weights the checkpoint "

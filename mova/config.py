@@ -1,7 +1,5 @@
-"""Typed configuration for a MoVA model, with YAML/JSON round trip and validation.
-
-A checkpoint stores one :class:`MoVAConfig`; nothing about a model is inferred from paths.
-"""
+"""Typed configuration for a MoVA model, with YAML/JSON round trip and validation: a
+checkpoint stores one :class:`MoVAConfig`; nothing about a model is inferred from paths."""
 
 from __future__ import annotations
 
@@ -183,13 +181,19 @@ class LLMConfig:
 
 @dataclass
 class RoutingConfig:
-    """Coarse routing: how many experts the LLM may pick and how its reply is decoded."""
+    """Coarse routing: how many experts the LLM may pick and how its reply is decoded.
+    ``prompt``: ``mova`` (our wording; ``description_index`` picks each expert's description)
+    or ``released`` (the authors' verbatim prompt, for imported released checkpoints)."""
 
     max_experts: int = 3
     max_new_tokens: int = 16
     description_index: int = 0
+    prompt: str = "mova"
 
     def validate(self, prefix: str = "routing") -> None:
+        from mova.routing import ROUTING_PROMPT_STYLES
+
+        _check_choice(f"{prefix}.prompt", self.prompt, ROUTING_PROMPT_STYLES)
         _check_positive(f"{prefix}.max_experts", self.max_experts)
         _check_positive(f"{prefix}.max_new_tokens", self.max_new_tokens)
         if self.description_index < 0:
@@ -269,6 +273,11 @@ class MoVAConfig:
         self.text_encoder.validate("text_encoder")
         self.llm.validate("llm")
         self.routing.validate("routing")
+        if self.routing.prompt == "released":
+            from mova.experts.registry import get_expert_spec
+            if lacking := [n for n in names if not get_expert_spec(n).reference_description]:
+                raise ValueError(f"routing.prompt='released': experts {lacking} have no "
+                                 "released description")
         if self.routing.max_experts > len(self.experts):
             raise ValueError(
                 f"routing.max_experts={self.routing.max_experts} exceeds the pool size "

@@ -38,6 +38,10 @@ class ChatTemplate:
     assistant_prefix: str
     assistant_suffix: str
     add_bos: bool = False  # prepend the tokenizer's BOS id (Llama-family tokenizers)
+    answer_lead: str = ""
+    """Unsupervised text between ``assistant_prefix`` and each answer in training and history,
+    absent from the generation prompt (vicuna: the prompt ends at ``ASSISTANT:``, an answer
+    reads ``ASSISTANT: answer</s>``)."""
 
 
 TEMPLATES: dict[str, ChatTemplate] = {
@@ -51,23 +55,43 @@ TEMPLATES: dict[str, ChatTemplate] = {
         assistant_prefix="<|im_start|>assistant\n",
         assistant_suffix="<|im_end|>\n",
     ),
-    # LLaVA-1.5 (sep " ", sep2 "</s>"): "{sys} USER: {q} ASSISTANT: {a}</s>USER: ..."
+    # LLaVA-1.5 / released MoVA ``vicuna_v1`` (SeparatorStyle.TWO, sep " ", sep2 "</s>"):
+    # "{sys} USER: {q} ASSISTANT: {a}</s>USER: ..."; the generation prompt ends at "ASSISTANT:".
     "vicuna_v1": ChatTemplate(
         name="vicuna_v1",
         system=(
-            "A chat between a curious human and an artificial intelligence assistant. "
-            "The assistant gives helpful, detailed, and polite answers to the human's questions."
+            "A chat between a curious user and an artificial intelligence assistant. "
+            "The assistant gives helpful, detailed, and polite answers to the user's questions."
         ),
         system_prefix="",
         system_suffix=" ",
         user_prefix="USER: ",
         user_suffix=" ",
-        assistant_prefix="ASSISTANT: ",
+        assistant_prefix="ASSISTANT:",
         assistant_suffix="</s>",
         add_bos=True,
+        answer_lead=" ",
     ),
     "llama3": ChatTemplate(
         name="llama3",
+        system=(
+            "You are a helpful language and vision assistant. You are able to understand the "
+            "visual content that the user provides, and assist the user with a variety of tasks "
+            "using natural language."
+        ),
+        system_prefix="<|start_header_id|>system<|end_header_id|>\n\n",
+        system_suffix="<|eot_id|>",
+        user_prefix="<|start_header_id|>user<|end_header_id|>\n\n",
+        user_suffix="<|eot_id|>",
+        assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        assistant_suffix="<|eot_id|>",
+        add_bos=True,
+    ),
+    # The released MoVA-8B template (``mova_llama3``, SeparatorStyle.MPT): the same layout as
+    # "llama3" above, kept under the authors' name; <|begin_of_text|> is the BOS id (add_bos),
+    # not text.
+    "mova_llama3": ChatTemplate(
+        name="mova_llama3",
         system=(
             "You are a helpful language and vision assistant. You are able to understand the "
             "visual content that the user provides, and assist the user with a variety of tasks "
@@ -178,8 +202,8 @@ def _segments(
                      (template.user_suffix, False)]
         else:
             supervised = not for_generation
-            segs += [(template.assistant_prefix, False), (turn["value"], supervised),
-                     (template.assistant_suffix, supervised)]
+            segs += [(template.assistant_prefix, False), (template.answer_lead, False),
+                     (turn["value"], supervised), (template.assistant_suffix, supervised)]
     if for_generation:
         segs.append((template.assistant_prefix, False))
     return [(text, sup) for text, sup in segs if text]

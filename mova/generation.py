@@ -17,7 +17,7 @@ from torch import Tensor
 from mova.conversation import tokenize_conversation, user_questions, validate_turns
 from mova.decoding import BatchDecoder, DecodeParams, StepEvent, left_pad
 from mova.outputs import GenerationResult, RoutingResult
-from mova.routing import build_routing_prompt, parse_routing
+from mova.routing import parse_routing, render_routing_prompt
 from mova.tokenizers import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,8 @@ class GenerationMixin:
         descriptions = self.routing_descriptions()
         rows = []
         for q in questions:
-            prompt = build_routing_prompt(q, descriptions, image_token=IMAGE_TOKEN,
-                                          max_experts=cfg.max_experts)
+            prompt = render_routing_prompt(cfg.prompt, q, descriptions, image_token=IMAGE_TOKEN,
+                                           max_experts=cfg.max_experts)
             enc = tokenize_conversation([{"from": "human", "value": prompt}], self.tokenizer,
                                         self.template, num_tokens, for_generation=True)
             rows.append(enc["input_ids"])

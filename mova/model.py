@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from mova.adapter import AdapterOutput, MoVAdapter
 from mova.align import align_to_grid, pool_routing_tokens
+from mova.builders import routing_descriptions
 from mova.checkpoint import CheckpointMixin
 from mova.config import MoVAConfig
 from mova.conversation import gate_text, get_template
@@ -81,9 +82,8 @@ class MoVAModel(GenerationMixin, CheckpointMixin, nn.Module):
         return int(token_id)
 
     def routing_descriptions(self) -> list[str]:
-        """One description per pool expert, in pool (letter) order."""
-        idx = self.config.routing.description_index
-        return [r.spec.descriptions[idx % len(r.spec.descriptions)] for r in self.resolved.values()]
+        """One description per pool expert, in pool (letter) order (see ``routing.prompt``)."""
+        return routing_descriptions(self.config)
 
     def mask_from_names(self, names: Sequence[Sequence[str]]) -> Tensor:
         """(B, N) 0/1 mask from per-sample expert names; unknown names are errors."""
@@ -167,11 +167,12 @@ class MoVAModel(GenerationMixin, CheckpointMixin, nn.Module):
 
     def fuse(self, base_features: Tensor, text_features: Tensor,
              expert_features: Mapping[str, Tensor] | None, mask: Tensor,
-             compute_experts: Sequence[str] = ()) -> AdapterOutput:
-        """MoV-Adapter over base + (native-grid) expert features -> LLM-width image tokens."""
+             compute_experts: Sequence[str] = (), debug: bool = False) -> AdapterOutput:
+        """MoV-Adapter over base + (native-grid) expert features -> LLM-width image tokens.
+        ``debug`` adds each block's raw router logits and top-k picks to the output."""
         aligned = self.align(expert_features or {})
         return self.adapter(base_features, text_features, aligned, mask.to(self.device),
-                            compute_experts=compute_experts)
+                            compute_experts=compute_experts, debug=debug)
 
     def routing_tokens(self, base_features: Tensor, text_features: Tensor) -> Tensor:
         """The routing pass: adapter with an all-zero mask, pooled (e.g. 24x24 -> 12x12)."""

@@ -77,6 +77,54 @@ def build_routing_prompt(
     return "\n".join(lines)
 
 
+# ---- the released model's routing prompt ------------------------------------------------------
+# The authors' text from the released MoVA code (TempleX98/MoVA, ``mova/constants.py``), kept
+# verbatim: the released LLM's routing behaviour was trained on exactly this wording, so it is
+# offered for imported checkpoints only; models we train use :func:`build_routing_prompt`.
+RELEASED_ROUTING_INTRO = (
+    "You are a helpful assistant router. Based on the visual content, questions, and model pool "
+    "the user provides, you need to consider the expertise of these models to select the most 3 "
+    "suitable models to help you answer the questions. Answer with the model's letter from the "
+    "given choices directly. If no models are selected, just answer 'none'."
+)
+"""The released routing prompt's first line (authors' text, verbatim; "most 3" included)."""
+
+ROUTING_PROMPT_STYLES = ("mova", "released")
+
+
+def build_released_routing_prompt(question: str, descriptions: Sequence[str],
+                                  image_token: str = "<image>") -> str:
+    """The released MoVA routing user turn: ``<image>\n`` + intro + lettered pool + question.
+
+    Built as the released code does: intro, ``"\nModel pool:"``, then per expert ``"\n"`` +
+    letter + ``". "`` + description, then ``"\n\nQuestion:\n"`` + the question as given
+    (image placeholders removed, as the image already leads the turn, and ends stripped).
+    """
+    if not image_token:
+        raise ValueError("image_token must be a non-empty string")
+    _check_pool_size(len(descriptions), "number of descriptions in the pool")
+    clean = question.replace(image_token + "\n", "").replace(image_token, "").strip()
+    if not clean:
+        raise ValueError(f"question is empty (after removing {image_token!r}): {question!r}")
+    text = RELEASED_ROUTING_INTRO + "\nModel pool:"
+    for letter, description in zip(LETTERS, descriptions, strict=False):
+        if not description or "\n" in description:
+            raise ValueError(f"description for letter {letter} must be one non-empty line")
+        text += "\n" + letter + ". " + description
+    return f"{image_token}\n{text}\n\nQuestion:\n{clean}"
+
+
+def render_routing_prompt(style: str, question: str, descriptions: Sequence[str],
+                          image_token: str = "<image>", max_experts: int = 3) -> str:
+    """The routing user turn in ``style``: ``mova`` (ours) or ``released`` (the authors')."""
+    if style == "mova":
+        return build_routing_prompt(question, descriptions, image_token=image_token,
+                                    max_experts=max_experts)
+    if style == "released":
+        return build_released_routing_prompt(question, descriptions, image_token=image_token)
+    raise ValueError(f"routing prompt style {style!r}; expected one of {ROUTING_PROMPT_STYLES}")
+
+
 def format_routing_answer(indices: Sequence[int]) -> str:
     """Target text for routing training: pool indices as letters, e.g. [0, 2] -> "A, C"."""
     if not indices:

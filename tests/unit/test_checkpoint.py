@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mova.builders import ensure_image_token
-from mova.checkpoint import CheckpointError
+from mova.checkpoint import CheckpointError, state_fingerprint
 from mova.factory import build_model, build_tiny_mova, from_pretrained, tiny_config
 from mova.tokenizers import IMAGE_TOKEN, build_tiny_bert_tokenizer, build_tiny_llm_tokenizer
 
@@ -88,6 +88,24 @@ def test_experts_by_reference(model, saved, tmp_path, noise_image):
     save_file(state, str(weights))
     with pytest.raises(CheckpointError, match="'sam'.*fingerprint"):
         from_pretrained(path)
+
+
+def test_bf16_model_with_referenced_experts_reloads(model, saved, tmp_path):
+    """A bf16 model fingerprints its experts in bf16; the fp32 folders it references must
+    still match once loaded in the checkpoint's dtype."""
+    refs = tmp_path / "expert_weights"
+    shutil.copytree(saved / "experts", refs)
+    config = tiny_config()
+    config.dtype = "bfloat16"
+    for e in config.experts:
+        e.pretrained = str(refs / e.name)
+    by_ref = build_model(config, seed=0)
+    by_ref.load_state_dict(model.state_dict())
+    path = by_ref.save_pretrained(tmp_path / "by_ref_bf16", experts="reference")
+    loaded = from_pretrained(path)
+    for name, expert in loaded.experts.items():
+        assert next(expert.parameters()).dtype == torch.bfloat16, name
+        assert state_fingerprint(expert) == state_fingerprint(by_ref.experts[name]), name
 
 
 def test_reference_needs_pretrained_ids(model, tmp_path):

@@ -1,0 +1,623 @@
+"""Importing the authors' released MoVA checkpoint (REFERENCE.md) into our checkpoint format.
+
+The fixture writes a checkpoint in exactly the released layout at tiny shapes: a Llama LLM and
+its tokenizer, the MoV-Adapter under the released names (obtained by inverting the mapping by
+hand from one of our adapters with random non-zero weights), the BERT as ``text_encoder.bert``,
+2D-RoPE tables computed the way the released code computes them, the base CLIP tower, frozen
+experts referenced through ``mm_vision_tower``, and a LLaVA/MoVA ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+import mova.convert.reference_io as reference_io
+from mova.adapter import MoVAdapter
+from mova.config import AdapterConfig, ExpertConfig
+from mova.convert import ConversionError, ReferenceImportError
+from mova.convert.reference import import_reference, template_for
+from mova.convert.reference_config import read_released_config
+from mova.convert.reference_io import WeightFiles, write_safetensors
+from mova.convert.reference_keys import adapter_key, verify_rope
+from mova.experts.encoders import resize_clip_positions
+from mova.experts.registry import DEFAULT_POOL, resolve_expert
+from mova.factory import build_tiny_mova, from_pretrained
+from mova.routing import render_routing_prompt
+from mova.tokenizers import build_tiny_bert_tokenizer, build_tiny_llm_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+C, G, BLOCKS, D = 64, 8, 2, 48
+CHANNELS = {n: resolve_expert(ExpertConfig(name=n, preset="tiny")).channels for n in DEFAULT_POOL}
+RELEASED_ROUTING = (  # REFERENCE.md, verbatim (each line ends with "\n")
+    "You are a helpful assistant router. Based on the visual content, questions, and model pool "
+    "the user provides, you need to consider the expertise of these models to select the most 3 "
+    "suitable models to help you answer the questions. Answer with the model's letter from the "
+    "given choices directly. If no models are selected, just answer 'none'.\n"
+    "Model pool:\n"
+    "A. This model can effectively extract the accurate spatial and semantic information from "
+    "natural images.\n"
+    "B. This model can handle images with text accurately and efficiently but fails to process "
+    "natural images.\n"
+    "C. This model is a state-of-the-art object detector that can identify objects in images.\n"
+    "D. This model shows remarkable skill in text recognition, attaining top-tier text analysis "
+    "outcomes across diverse areas\n"
+    "E. This model is a specialized model designed to achieve state-of-the-art plot and chart "
+    "understanding performance.\n"
+    "F. This model is a foundation model designed for biomedical vision-language processing.\n"
+    "G. This model is a leading image segmentation framework and achieves strong zero-shot "
+    "segmentation performance.\n"
+    "\n"
+    "Question:\n"
+)
+
+
+# ---- writing a checkpoint in the released layout --------------------------------------------
+_STAGE_LEAVES = {"conv1.weight": "conv1.conv.weight", "conv2.weight": "conv2.conv.weight",
+                 "conv3.weight": "conv3.conv.weight", "norm1": "conv1.bn", "norm2": "conv2.bn",
+                 "norm3": "conv3.bn", "se.reduce": "se.fc1", "se.expand": "se.fc2"}
+_ATTN_LEAVES = {"norm": "inner_attn_ln", "out_proj": "proj"}
+
+
+def released_adapter_key(ours: str) -> str:
+    """Our adapter key -> the released name (REFERENCE.md's table, inverted by hand)."""
+    if ours == "pos_embed.weight":
+        return "pos_embed"
+    if ours.startswith("projector."):
+        return "mlp." + ours[len("projector."):]
+    if ours.startswith("downsampler."):
+        _, stage, rest = ours.split(".", 2)
+        head, _, leaf = rest.rpartition(".")
+        new = _STAGE_LEAVES.get(rest) or f"{_STAGE_LEAVES[head]}.{leaf}"
+        return f"downsample.{'0' if stage == 'stage1' else '2'}.b1.{new}"
+    _, b, rest = ours.split(".", 2)
+    if rest.startswith("extractors."):
+        _, name, sub = rest.split(".", 2)
+        j = DEFAULT_POOL.index(name)
+        if sub.startswith(("norm_x.", "norm_f.")):
+            return f"blocks.{b}.norm{1 if sub.startswith('norm_x') else 2}.{j}.{sub[7:]}"
+        layer, leaf = sub[len("attn."):].split(".")
+        return f"blocks.{b}.cross_attn.{j}.{_ATTN_LEAVES.get(layer, layer)}.{leaf}"
+    for old, new in (("self_attn.norm.", "self_attn.inner_attn_ln."),
+                     ("self_attn.out_proj.", "self_attn.proj."), ("mlp.norm.", "mlp.ffn_ln."),
+                     ("gate.fc1.", "gate.0."), ("gate.fc2.", "gate.2.")):
+        rest = rest.replace(old, new)
+    return f"blocks.{b}.{rest}"
+
+
+def released_rope(head_dim: int, grid: int, theta: float = 10000.0):
+    """The released ``VisionRotaryEmbeddingFast(dim=head_dim // 2, pt_seq_len=grid)`` tables."""
+    dim = head_dim // 2
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    t = torch.arange(grid) / grid * grid
+    freqs = torch.einsum("..., f -> ... f", t, freqs).repeat_interleave(2, dim=-1)
+    freqs = torch.cat([freqs[:, None, :].expand(grid, grid, -1),
+                       freqs[None, :, :].expand(grid, grid, -1)], dim=-1)
+    return freqs.cos().reshape(grid * grid, -1), freqs.sin().reshape(grid * grid, -1)
+
+
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    """Non-zero weights everywhere (LayerNorm weights near 1), so no zero init hides a bug."""
+    gen = torch.Generator().manual_seed(seed)
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, nn.LayerNorm)}
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=gen) * 0.1
+            p.copy_(noise + (1.0 if id(p) in norms else 0.0))
+    return model
+
+
+def llama_fields(vocab: int, eos: int) -> dict:
+    """A Llama config the way transformers 4.3x wrote it (MoVA's model_type)."""
+    return {
+        "architectures": ["MovaLlamaForCausalLM"], "attention_bias": False,
+        "attention_dropout": 0.0, "bos_token_id": None, "eos_token_id": eos,
+        "hidden_act": "silu", "hidden_size": D, "initializer_range": 0.02,
+        "intermediate_size": 96, "max_position_embeddings": 512, "model_type": "mova_llama",
+        "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-5, "rope_scaling": None, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "torch_dtype": "float32",
+        "transformers_version": "4.37.2", "use_cache": True, "vocab_size": vocab,
+    }
+
+
+class Parts:
+    """The reference modules the released checkpoint is written from."""
+
+    def __init__(self, root: Path) -> None:
+        torch.manual_seed(0)
+        self.root = root
+        tiny = build_tiny_mova(seed=0)
+        tiny.save_pretrained(root / "tiny", experts="copy")
+        self.expert_dirs = [str(root / "tiny" / "experts" / n) for n in DEFAULT_POOL]
+        native = CLIPVisionModel(CLIPVisionConfig(
+            image_size=56, patch_size=14, hidden_size=C, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=128))
+        native.save_pretrained(root / "clip")
+        self.clip = resize_clip_positions(native, G * 14).eval()
+        self.bert_tok = build_tiny_bert_tokenizer()
+        self.bert = BertModel(BertConfig(
+            vocab_size=len(self.bert_tok), hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=64), add_pooling_layer=False).eval()
+        self.bert.save_pretrained(root / "bert")
+        self.bert_tok.save_pretrained(root / "bert")
+        self.tok = build_tiny_llm_tokenizer()
+        self.llama = llama_fields(len(self.tok), self.tok.eos_token_id)
+        cfg = {k: v for k, v in self.llama.items() if k not in ("model_type", "architectures")}
+        self.llm = LlamaForCausalLM(LlamaConfig.from_dict(cfg)).eval()
+        self.adapter = randomize(MoVAdapter(
+            AdapterConfig(num_heads=16, num_blocks=BLOCKS, top_k=3, routing_pool=2),
+            hidden_size=C, grid_size=G, expert_channels=CHANNELS, text_hidden_size=32,
+            llm_hidden_size=D), seed=1).eval()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        state = dict(self.llm.state_dict())
+        for key, value in self.adapter.state_dict().items():
+            state["model.mm_projector." + released_adapter_key(key)] = value
+        cos, sin = released_rope(C // 16, G)
+        for b in range(BLOCKS):
+            for owner in [f"cross_attn.{j}" for j in range(len(DEFAULT_POOL))] + ["self_attn"]:
+                state[f"model.mm_projector.blocks.{b}.{owner}.rope.freqs_cos"] = cos
+                state[f"model.mm_projector.blocks.{b}.{owner}.rope.freqs_sin"] = sin
+        for key, value in self.bert.state_dict().items():
+            state["model.mm_projector.text_encoder.bert." + key] = value
+        for key, value in self.clip.state_dict().items():
+            name = key if key.startswith("vision_model.") else "vision_model." + key
+            state["model.vision_tower.vision_tower_0." + name] = value
+        # frozen experts as the released trainer saved them: placed by reference, not copied
+        state["model.vision_tower.vision_tower_1.embeddings.cls_token"] = torch.zeros(1, 1, 24)
+        state["model.vision_tower.vision_tower_7.neck.0.weight"] = torch.zeros(16, 24, 1, 1)
+        state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(6)  # old transformers
+        return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+    def config(self, **extra) -> dict:
+        return {**self.llama,
+                "mm_projector_type": "mov_adapter", "mm_hidden_size": C, "image_feat_size": G,
+                "expert_channels": [CHANNELS[n] for n in DEFAULT_POOL],
+                "num_projector_layers": BLOCKS, "topk_experts": 3, "topk": 3,
+                "num_routing_tokens": (G // 4) ** 2,
+                "mm_projector_text_encoder": str(self.root / "bert"),
+                "mm_projector_freeze_text_encoder": False,
+                "mm_vision_tower": [str(self.root / "clip"), *self.expert_dirs],
+                "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+                "ft_vision_tower": True, "ft_vision_tower_last_n_layer": -1,
+                "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
+                "image_aspect_ratio": "pad", "tune_mm_mlp_adapter": False,
+                "freeze_mm_mlp_adapter": False, "mm_projector_lr": None,
+                "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right",
+                "mm_patch_merge_type": "flat", "use_mm_proj": True, **extra}
+
+    def write(self, folder: Path, state: dict | None = None, config: dict | None = None,
+              fmt: str = "safetensors") -> Path:
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(config or self.config(), indent=2))
+        self.tok.save_pretrained(folder)
+        state = self.state() if state is None else state
+        if fmt == "safetensors":
+            save_file(state, str(folder / "model.safetensors"))
+        else:  # sharded .bin with an index, as the released trainer wrote them
+            keys = sorted(state)
+            shards = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+            weight_map = {}
+            for i, part in enumerate(shards, start=1):
+                name = f"pytorch_model-{i:05d}-of-00002.bin"
+                torch.save({k: state[k] for k in part}, folder / name)
+                weight_map.update({k: name for k in part})
+            (folder / "pytorch_model.bin.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": weight_map}))
+        return folder
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> Parts:
+    return Parts(tmp_path_factory.mktemp("released_parts"))
+
+
+@pytest.fixture(scope="module")
+def imported(parts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("released_import")
+    src = parts.write(root / "src")
+    report = import_reference(src, root / "out", expert_preset="tiny")
+    return src, root / "out", report
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        for key, value in load_file(str(path)).items():
+            out[f"{path.relative_to(folder)}:{key}"] = value
+    return out
+
+
+# ---- the import -------------------------------------------------------------------------------
+def test_every_key_is_placed_and_reported(parts, imported):
+    _, out, report = imported
+    state = parts.state()
+    groups = report.key_groups
+    assert groups["llm"] == len(parts.llm.state_dict())
+    assert groups["adapter"] == len(parts.adapter.state_dict())
+    assert groups["adapter_rope_verified"] == BLOCKS * (len(DEFAULT_POOL) + 1) * 2
+    assert groups["text_encoder"] == len(parts.bert.state_dict())
+    assert groups["base_tower"] == len(parts.clip.state_dict())
+    assert groups["experts_by_reference"] == 2
+    assert report.recomputed_buffers == ["model.layers.0.self_attn.rotary_emb.inv_freq"]
+    assert sum(groups.values()) == len(state)
+    assert report.experts["dinov2"] == {"reference": parts.expert_dirs[0],
+                                        "channels": CHANNELS["dinov2"],
+                                        "source_keys_not_copied": 1}
+    assert report.base_encoder["from"] == "state_dict"
+    assert report.template == "vicuna_v1" and report.routing_prompt == "released"
+    assert {"tune_mm_mlp_adapter", "image_aspect_ratio", "mm_use_im_patch_token"} <= set(
+        report.ignored_fields)
+    assert report.ignored_fields["tune_mm_mlp_adapter"] == {
+        "value": False, "why": "training knob (stage-1 adapter tuning)"}
+    assert report.mapped_fields["mm_projector_type"] == "mov_adapter"
+    assert any("pad" in note for note in report.notes)
+    saved = json.loads((out / "import.json").read_text())
+    assert saved["key_groups"] == groups and saved["source"] == report.source
+    assert "import.json" in json.loads((out / "files.json").read_text())["files"]
+    components = json.loads((out / "components.json").read_text())
+    assert components["experts"]["sam"]["reference"] == parts.expert_dirs[-1]
+    assert not (out / "experts").exists()  # experts are referenced, never copied
+
+
+def test_imported_parts_reproduce_the_source(parts, imported, noise_image):
+    _, out, _ = imported
+    model = from_pretrained(out)
+    config = model.config
+    assert config.adapter.num_heads == 16 and config.adapter.num_blocks == BLOCKS
+    assert config.routing.prompt == "released" and config.llm.chat_template == "vicuna_v1"
+    assert config.base.image_size == G * 14 and config.base.feature_layer == -2
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(2, G * G, C, generator=gen)
+    text = torch.randn(2, 32, generator=gen)
+    feats = {n: torch.randn(2, G * G, c, generator=gen) for n, c in CHANNELS.items()}
+    mask = torch.tensor([[1, 0, 1, 1, 0, 0, 1], [0, 1, 0, 0, 0, 1, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        want = parts.adapter(base, text, feats, mask)
+        got = model.adapter(base, text, feats, mask)
+        torch.testing.assert_close(got.image_tokens, want.image_tokens, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got.gate_weights, want.gate_weights, atol=1e-6, rtol=0)
+        ids = torch.tensor([[5, 17, 99, 3]])
+        torch.testing.assert_close(model.llm(input_ids=ids).logits,
+                                   parts.llm(input_ids=ids).logits, atol=1e-6, rtol=0)
+        enc = parts.bert_tok(["question 0: what is it?\n\n"], return_tensors="pt")
+        torch.testing.assert_close(model.text_encoder(**enc).last_hidden_state,
+                                   parts.bert(**enc).last_hidden_state, atol=1e-6, rtol=0)
+        pixels = model.processor.base([noise_image(0)])
+        ref = parts.clip(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        torch.testing.assert_close(model.encode_base(pixels), ref, atol=1e-6, rtol=0)
+
+
+def test_fuse_debug_exposes_router_logits_and_picks(imported, noise_image):
+    model = from_pretrained(imported[1])
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(1, G * G, C, generator=gen)
+    text = torch.randn(1, 32, generator=gen)
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    feats = model.routed_expert_features(
+        model.processor.experts_inputs(["dinov2", "vary"], [noise_image(0)]), mask)
+    with torch.no_grad():
+        plain = model.fuse(base, text, feats, mask)
+        debug = model.fuse(base, text, feats, mask, debug=True)
+    assert plain.router_logits is None and plain.top_k is None
+    assert torch.equal(plain.image_tokens, debug.image_tokens)
+    assert debug.router_logits.shape == (1, BLOCKS, 7) and debug.top_k.shape == (1, BLOCKS, 3)
+    for b in range(BLOCKS):
+        picks = [int(i) for i in debug.top_k[0, b] if i >= 0]
+        assert sorted(picks) == [0, 1] and debug.top_k[0, b, 2] == -1
+        assert picks == debug.gate_weights[0, b, :2].argsort(descending=True).tolist()
+
+
+def test_generate_runs_routed_and_forced(imported, noise_image):
+    model = from_pretrained(imported[1])
+    question = "What is in the image?"
+    expected = "<image>\n" + RELEASED_ROUTING + question
+    assert render_routing_prompt("released", question, model.routing_descriptions()) == expected
+    routed = model.generate([noise_image(1)], [question], max_new_tokens=3)
+    forced = model.generate([noise_image(1)], [question], experts=["dinov2", "sam"],
+                            max_new_tokens=3)
+    assert isinstance(routed[0].answer, str) and routed[0].routing_reply is not None
+    assert forced[0].experts == ["dinov2", "sam"] and len(forced[0].gate_weights) == BLOCKS
+
+
+def test_base_tower_from_its_folder_when_absent_from_the_state(parts, tmp_path):
+    state = {k: v for k, v in parts.state().items()
+             if not k.startswith("model.vision_tower.vision_tower_0.")}
+    src = parts.write(tmp_path / "src", state=state)
+    report = import_reference(src, tmp_path / "out", expert_preset="tiny")
+    assert report.base_encoder["from"] == "folder" and report.key_groups["base_tower"] == 0
+    model = from_pretrained(tmp_path / "out")
+    for name, tensor in parts.clip.state_dict().items():  # resized from the native 56 px
+        torch.testing.assert_close(model.base_encoder.model.state_dict()[name], tensor)
+
+
+def test_sharded_bin_imports_like_safetensors_and_round_trips(parts, imported, tmp_path,
+                                                              monkeypatch):
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(reference_io.torch, "load",
+                        lambda *a, **k: calls.append(k) or real_load(*a, **k))
+    src = parts.write(tmp_path / "src", fmt="bin")
+    report = import_reference(src, tmp_path / "out", expert_preset="tiny",
+                              write_safetensors=tmp_path / "st")
+    assert calls and all(k.get("weights_only") is True for k in calls)
+    assert report.weights["layout"] == "pytorch_model.bin.index.json"
+    reference = _tensors(imported[1])
+    got = _tensors(tmp_path / "out")
+    assert got.keys() == reference.keys()
+    assert all(torch.equal(got[k], reference[k]) for k in reference)
+    # the written safetensors hold the source state dict unchanged and import the same
+    written = WeightFiles(tmp_path / "st")
+    assert written.entry == "model.safetensors.index.json"
+    source = parts.state()
+    assert written.keys() == sorted(source)
+    assert all(torch.equal(v, source[k]) for k, v in written.load(written.keys()).items())
+    import_reference(tmp_path / "st", tmp_path / "out2", expert_preset="tiny")
+    again = _tensors(tmp_path / "out2")
+    assert all(torch.equal(again[k], reference[k]) for k in reference)
+
+
+def test_write_safetensors_shards_with_an_index(parts, imported, tmp_path):
+    weights = WeightFiles(imported[0])
+    write_safetensors(weights, tmp_path / "st", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "st" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert (tmp_path / "st" / "config.json").is_file()
+    assert (tmp_path / "st" / "tokenizer.json").is_file()
+    back = WeightFiles(tmp_path / "st")
+    source = weights.load(weights.keys())
+    assert all(torch.equal(v, source[k]) for k, v in back.load(back.keys()).items())
+
+
+_UNPICKLED: list[str] = []
+
+
+def _mark_unpickled() -> str:
+    _UNPICKLED.append("ran")
+    return "payload"
+
+
+class _Payload:
+    def __reduce__(self):
+        return (_mark_unpickled, ())
+
+
+def test_a_bin_with_a_non_tensor_object_is_refused_never_unpickled(parts, tmp_path):
+    src = parts.write(tmp_path / "src", fmt="bin")
+    shard = src / "pytorch_model-00001-of-00002.bin"
+    state = torch.load(shard, weights_only=True)
+    state["model.norm.weight"] = _Payload()
+    torch.save(state, shard)
+    with pytest.raises(ReferenceImportError, match="refused to load"):
+        import_reference(src, tmp_path / "out", expert_preset="tiny")
+    assert _UNPICKLED == []
+
+
+# ---- errors name what is wrong ------------------------------------------------------------------
+def _import_with(parts, tmp_path, state=None, config=None, **kwargs):
+    src = parts.write(tmp_path / "src", state=state, config=config)
+    return import_reference(src, tmp_path / "out", expert_preset="tiny", **kwargs)
+
+
+def test_missing_key_is_named(parts, tmp_path):
+    state = parts.state()
+    del state["model.mm_projector.blocks.1.cross_attn.3.k_proj.weight"]
+    with pytest.raises(ReferenceImportError, match=r"lacks 1 .*blocks\.1\.extractors\.pix2struct"
+                                                   r"\.attn\.k_proj\.weight"):
+        _import_with(parts, tmp_path, state=state)
+
+
+def test_extra_key_is_named(parts, tmp_path):
+    state = parts.state()
+    state["model.mm_projector.blocks.0.cross_attn.2.q_bias"] = torch.zeros(C)
+    state["model.image_newline"] = torch.zeros(D)
+    with pytest.raises(ReferenceImportError, match=r"2 checkpoint key\(s\) cannot be placed: "
+                                                   r"model\.image_newline, .*q_bias"):
+        _import_with(parts, tmp_path, state=state)
+
+
+def test_wrong_shape_is_named(parts, tmp_path):
+    state = parts.state()
+    state["model.mm_projector.mlp.2.weight"] = torch.zeros(D, D + 1)
+    with pytest.raises(ReferenceImportError, match=r"shape mismatch .*mlp\.2\.weight \(48, 49\) "
+                                                   r"-> projector\.2\.weight \(48, 48\)"):
+        _import_with(parts, tmp_path, state=state)
+
+
+def test_unknown_config_field_is_named_unless_ignored(parts, tmp_path):
+    config = parts.config(mystery_knob=7)
+    with pytest.raises(ReferenceImportError, match=r"\['mystery_knob'\].*ignore_fields"):
+        _import_with(parts, tmp_path, config=config)
+    released = read_released_config(config, ignore_fields=["mystery_knob"])
+    assert released.user_ignored == {"mystery_knob": 7}
+
+
+@pytest.mark.parametrize("field, value, pattern", [
+    ("mm_projector_type", "mlp2x_gelu", "mm_projector_type='mlp2x_gelu'"),
+    ("mm_vision_select_feature", "cls_patch", "mm_vision_select_feature='cls_patch'"),
+    ("mm_use_im_start_end", True, "mm_use_im_start_end=True"),
+    ("topk", 2, "topk=2 and topk_experts=3 disagree"),
+    ("expert_channels", [24, 24], "expert_channels"),
+    ("num_routing_tokens", 5, "num_routing_tokens=5"),
+])
+def test_config_values_are_checked(parts, field, value, pattern):
+    with pytest.raises(ReferenceImportError, match=pattern):
+        read_released_config(parts.config(**{field: value}))
+
+
+def test_missing_required_field_is_named(parts):
+    config = parts.config()
+    del config["image_feat_size"]
+    with pytest.raises(ReferenceImportError, match=r"lacks required field\(s\) \['image_feat_"):
+        read_released_config(config)
+
+
+def test_corrupt_rope_table_is_named(parts, tmp_path):
+    state = parts.state()
+    key = "model.mm_projector.blocks.1.cross_attn.5.rope.freqs_sin"
+    state[key] = state[key].clone()
+    state[key][3, 1] += 0.01
+    with pytest.raises(ReferenceImportError, match=r"blocks\.1\.cross_attn\.5\.rope\.freqs_sin: "
+                                                   r"rope table differs"):
+        _import_with(parts, tmp_path, state=state)
+
+
+def test_expert_channel_mismatch_names_the_expert(parts, tmp_path):
+    channels = [CHANNELS[n] for n in DEFAULT_POOL]
+    channels[2] += 1
+    with pytest.raises(ReferenceImportError, match=r"expert 'codetr': expert_channels\[2\]=17"):
+        _import_with(parts, tmp_path, config=parts.config(expert_channels=channels))
+
+
+def test_unloadable_expert_names_it_and_the_override(parts, tmp_path):
+    with pytest.raises(ReferenceImportError, match=r"expert 'deplot'.*--expert deplot=PATH"):
+        _import_with(parts, tmp_path, expert_paths={"deplot": str(tmp_path / "nowhere")})
+    with pytest.raises(ReferenceImportError, match="unknown expert"):
+        _import_with(parts, tmp_path / "again", expert_paths={"clip": "x"})
+
+
+def test_error_is_a_conversion_error():
+    assert issubclass(ReferenceImportError, ConversionError)
+
+
+def test_output_folder_is_not_overwritten_silently(parts, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(ReferenceImportError, match="not empty"):
+        _import_with(parts, tmp_path)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+# ---- pure pieces --------------------------------------------------------------------------------
+def test_rope_of_the_released_model_matches_ours_at_full_size():
+    cos, sin = released_rope(64, 48)
+    verify_rope({"a.rope.freqs_cos": cos, "a.rope.freqs_sin": sin}, head_dim=64, grid=48)
+    with pytest.raises(ReferenceImportError, match=r"a\.rope\.freqs_cos: rope table of shape"):
+        verify_rope({"a.rope.freqs_cos": cos[:, :32]}, head_dim=64, grid=48)
+
+
+def test_adapter_key_mapping_round_trips_every_key():
+    adapter = MoVAdapter(AdapterConfig(num_heads=16, num_blocks=2), hidden_size=C, grid_size=G,
+                         expert_channels=CHANNELS, text_hidden_size=32, llm_hidden_size=D)
+    for key in adapter.state_dict():
+        assert adapter_key(released_adapter_key(key), DEFAULT_POOL) == key
+    assert adapter_key("blocks.0.cross_attn.7.q_proj.weight", DEFAULT_POOL) is None
+    assert adapter_key("downsample.1.b1.conv1.conv.weight", DEFAULT_POOL) is None
+
+
+def test_template_follows_the_llm_tokenizer():
+    class Vocab:
+        def __init__(self, *tokens):
+            self.tokens = {t: i for i, t in enumerate(tokens)}
+
+        def get_vocab(self):
+            return self.tokens
+
+    assert template_for(Vocab("<|eot_id|>", "<|start_header_id|>")) == "mova_llama3"
+    assert template_for(Vocab("</s>", "<s>")) == "vicuna_v1"
+
+
+def test_template_override_is_checked(parts, tmp_path):
+    with pytest.raises(ReferenceImportError, match="template='alpaca'"):
+        import_reference(tmp_path, tmp_path / "out", template="alpaca")
+
+
+def test_only_a_hub_id_is_downloaded(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from mova.convert.reference import resolve_source
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo: calls.append(repo) or str(tmp_path))
+    assert resolve_source(tmp_path) == tmp_path and calls == []
+    assert resolve_source("zongzhuofan/llama3-mova-8b") == tmp_path
+    assert calls == ["zongzhuofan/llama3-mova-8b"]
+
+
+def test_source_that_is_no_folder_or_hub_id(tmp_path):
+    with pytest.raises(ReferenceImportError, match="neither a folder nor a hub id"):
+        import_reference(str(tmp_path / "missing" / "x" / "y"), tmp_path / "out")
+
+
+
+# ---- the CLI ------------------------------------------------------------------------------------
+def test_cli_imports_and_reports(parts, tmp_path, capsys):
+    from pipelines.cli import main
+
+    src = parts.write(tmp_path / "src", config=parts.config(mystery_knob=1))
+    argv = ["model", "import-reference", str(src), "--out", str(tmp_path / "out"),
+            "--expert-preset", "tiny", "--expert", f"sam={parts.expert_dirs[-1]}",
+            "--template", "mova_llama3"]
+    assert main(argv) == 1
+    assert "mystery_knob" in capsys.readouterr().err
+    assert main([*argv, "--ignore-field", "mystery_knob"]) == 0
+    out = capsys.readouterr().out
+    assert "expert sam        by reference" in out and "answer template mova_llama3" in out
+    assert f"MoVA checkpoint written to {tmp_path / 'out'}" in out
+    report = json.loads((tmp_path / "out" / "import.json").read_text())
+    assert report["user_ignored_fields"] == {"mystery_knob": 1}
+    assert from_pretrained(tmp_path / "out").config.llm.chat_template == "mova_llama3"
+    assert main([*argv[:5], "--expert", "sam"]) == 1  # NAME=PATH is required
+
+
+def test_full_size_shapes_follow_reference_table(parts):
+    """At the released sizes (C = 1024, G = 48, D = 4096), our adapter's tensors have exactly
+    the shapes REFERENCE.md lists for the released names."""
+    from mova.builders import build_adapter
+    from mova.convert.reference import _mova_config
+
+    full = [1536, 512, 256, 1536, 768, 768, 256]
+    config = parts.config(mm_hidden_size=1024, image_feat_size=48, expert_channels=full,
+                          num_routing_tokens=144, hidden_size=4096, intermediate_size=14336,
+                          num_attention_heads=32, num_key_value_heads=8,
+                          max_position_embeddings=8192, num_hidden_layers=32)
+    released = read_released_config(config)
+    clip = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024,
+                            num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+    bert = BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                      intermediate_size=4096)
+    refs = dict(zip(DEFAULT_POOL, parts.expert_dirs, strict=True))
+    mova_config = _mova_config(released, clip, bert, refs, "mova_llama3", "full", "bfloat16")
+    assert mova_config.num_image_tokens == 576 and mova_config.num_routing_tokens == 144
+    with torch.device("meta"):
+        adapter = build_adapter(mova_config)
+    shapes = {released_adapter_key(k): tuple(v.shape) for k, v in adapter.state_dict().items()}
+    H = int(1024 * 8 / 3)  # noqa: N806
+    expected = {
+        "pos_embed": (1, 48 * 48, 1024),
+        "blocks.1.cross_attn.0.q_proj.weight": (1024, 1024),
+        **{f"blocks.1.cross_attn.{j}.k_proj.weight": (1024, c) for j, c in enumerate(full)},
+        **{f"blocks.0.norm2.{j}.weight": (c,) for j, c in enumerate(full)},
+        "blocks.0.cross_attn.6.inner_attn_ln.bias": (1024,),
+        "blocks.0.cross_attn.6.proj.weight": (1024, 1024),
+        "blocks.0.self_attn.v_proj.weight": (1024, 1024),
+        "blocks.0.norm3.weight": (1024,), "blocks.0.norm4.bias": (1024,),
+        "blocks.0.mlp.w1.weight": (H, 1024), "blocks.0.mlp.w2.bias": (H,),
+        "blocks.0.mlp.ffn_ln.weight": (H,), "blocks.0.mlp.w3.weight": (1024, H),
+        "blocks.0.gate.0.weight": (1024, 1024 + 1024), "blocks.0.gate.2.weight": (7, 1024),
+        "downsample.0.b1.conv1.conv.weight": (1024, 1024, 1, 1),
+        "downsample.2.b1.conv2.conv.weight": (1024, 1, 3, 3),
+        "downsample.0.b1.se.fc1.weight": (256, 1024, 1, 1),
+        "downsample.2.b1.se.fc2.weight": (1024, 256, 1, 1),
+        "downsample.2.b1.conv3.bn.weight": (1024,),
+        "mlp.0.weight": (4096, 1024), "mlp.2.weight": (4096, 4096),
+    }
+    for key, shape in expected.items():
+        assert shapes[key] == shape, key
+    assert adapter.rotary.cos.shape == (48 * 48, 64)
