@@ -8,7 +8,6 @@ per run.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -17,53 +16,28 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from mova.conversation import HUMAN, validate_turns
 from mova.experts.registry import DEFAULT_POOL, expert_names
 from mova.images import ImageError, load_image
 from mova.metrics import METRICS
 from mova.tokenizers import IMAGE_TOKEN
 from pipelines.common import storage
+from pipelines.data.rows import (
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    ManifestError,
+    RowError,
+    read_rows,
+    write_manifest,
+)
 from pipelines.data.schema import FIELDS, KINDS, Sample
+
+__all__ = ["ManifestError", "RowError", "ValidationReport", "check_row", "load_manifest",
+           "read_rows", "resolve_image", "validate_manifest", "validate_row", "write_manifest"]
 
 logger = logging.getLogger(__name__)
 
-JSONL_SUFFIXES = (".jsonl", ".json")
-PARQUET_SUFFIXES = (".parquet",)
 IMAGE_CHECK_THREADS = 8
-
-PARQUET_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("image", pa.string()),
-    ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))),
-    ("experts", pa.list_(pa.string())),
-    ("kind", pa.string()),
-    ("domain", pa.string()),
-    ("answers", pa.list_(pa.string())),
-    ("metric", pa.string()),
-    ("meta", pa.string()),  # a JSON object as text: free-form keys do not fit a fixed schema
-])
-
-
-class ManifestError(ValueError):
-    """A manifest that cannot be read, or has bad rows; the message lists them."""
-
-
-@dataclass
-class RowError:
-    """One problem in one manifest row."""
-
-    line: int
-    id: str | None
-    field: str
-    message: str
-
-    def format(self) -> str:
-        where = f"line {self.line}" + (f" (id={self.id})" if self.id is not None else "")
-        return f"{where}: {self.field}: {self.message}"
-
 
 @dataclass
 class ValidationReport:
@@ -89,77 +63,13 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def _format_of(uri: str) -> str:
-    name = str(uri).lower()
-    if name.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    if name.endswith(PARQUET_SUFFIXES):
-        return "parquet"
-    raise ValueError(
-        f"manifest {uri!r}: unknown format; expected a name ending in "
-        f"{', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}"
-    )
-
-
-def _parse_meta(row: dict, line: int) -> dict | RowError:
-    """Parquet stores ``meta`` as JSON text; decode it back to an object."""
-    meta = row.get("meta")
-    if not isinstance(meta, str):
-        return row
-    try:
-        row["meta"] = json.loads(meta)
-    except json.JSONDecodeError as exc:
-        ident = row.get("id") if isinstance(row.get("id"), str) else None
-        return RowError(line, ident, "meta", f"invalid JSON text in the meta column: {exc}")
-    return row
-
-
-def read_rows(uri: str) -> list[tuple[int, dict | RowError]]:
-    """The raw rows of a manifest with their line numbers (1-based; Parquet: row index + 1).
-
-    A JSON line that does not parse, or is not an object, comes back as a :class:`RowError`
-    in place of its dict, so one bad line never hides the rest. An unreadable manifest raises
-    :class:`ManifestError` naming ``uri``.
-    """
-    fmt = _format_of(uri)
-    try:
-        data = storage.read_bytes(uri)
-    except OSError as exc:
-        raise ManifestError(f"manifest {uri} cannot be read: {exc}") from exc
-    rows: list[tuple[int, dict | RowError]] = []
-    if fmt == "parquet":
-        try:
-            records = pq.read_table(io.BytesIO(data)).to_pylist()
-        except (pa.ArrowException, OSError) as exc:
-            raise ManifestError(f"manifest {uri} is not a readable Parquet file: {exc}") from exc
-        for index, record in enumerate(records):
-            rows.append((index + 1, _parse_meta(record, index + 1)))
-        return rows
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"manifest {uri} is not UTF-8 text: {exc}") from exc
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            rows.append((number, RowError(number, None, "json", f"not valid JSON: {exc}")))
-            continue
-        if not isinstance(row, dict):
-            message = f"expected a JSON object, got {type(row).__name__}"
-            rows.append((number, RowError(number, None, "json", message)))
-            continue
-        rows.append((number, row))
-    return rows
-
-
 def resolve_image(manifest_uri: str, image: str) -> str:
-    """The image's full path or URI: relative paths are relative to the manifest's folder."""
+    """The image's full path or URI: relative paths are relative to the manifest file's folder
+    (for a manifest that is a folder of parts, to that folder)."""
     if storage.is_remote(image) or os.path.isabs(image):
         return image
-    return storage.join(storage.parent(manifest_uri), image)
+    is_file = str(manifest_uri).lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES)
+    return storage.join(storage.parent(manifest_uri) if is_file else manifest_uri, image)
 
 
 def _resolve_pool(pool: Sequence[str] | None) -> tuple[str, ...]:
@@ -297,6 +207,13 @@ def _check_row(
     return sample, []
 
 
+def check_row(row: dict | RowError, line: int, pool: Sequence[str] | None, manifest_uri: str,
+              *, seen_ids: dict[str, int] | None = None) -> tuple[Sample | None, list[RowError]]:
+    """One parsed row as a :class:`Sample` (None when it has errors) and its errors; images are
+    not opened. ``seen_ids`` (id -> first line) enables the duplicate-id check."""
+    return _check_row(row, line, _resolve_pool(pool), manifest_uri, None, seen_ids)
+
+
 def validate_row(
     row: dict | RowError,
     line: int,
@@ -374,38 +291,3 @@ def load_manifest(
         storage.write_text_atomic(report_uri, text)
         logger.info("wrote the bad-row report to %s", report_uri)
     return report.samples
-
-
-def _as_sample(item: Sample | dict, index: int) -> Sample:
-    if isinstance(item, Sample):
-        return item
-    if not isinstance(item, dict):
-        raise ValueError(f"sample {index}: expected a Sample or a dict, got {type(item).__name__}")
-    unknown = sorted(set(item) - set(FIELDS))
-    if unknown:
-        raise ValueError(f"sample {index}: unknown key(s) {unknown}; expected among {FIELDS}")
-    missing = [k for k in ("id", "conversations") if k not in item]
-    if missing:
-        raise ValueError(f"sample {index}: missing key(s) {missing}")
-    return Sample.from_dict({"image": None, **item})
-
-
-def write_manifest(samples: Iterable[Sample | dict], uri: str) -> str:
-    """Write samples as JSON lines or Parquet (by suffix), atomically; returns ``uri``.
-
-    Rows are written as given (not validated); run :func:`validate_manifest` on the result.
-    """
-    fmt = _format_of(uri)
-    rows = [_as_sample(s, i).to_dict() for i, s in enumerate(samples)]
-    if fmt == "jsonl":
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-    else:
-        for r in rows:
-            r["meta"] = json.dumps(r["meta"] if r["meta"] is not None else {},
-                                   ensure_ascii=False)
-        buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA), buffer)
-        data = buffer.getvalue()
-    storage.write_bytes_atomic(uri, data)
-    logger.info("wrote %d sample(s) to %s", len(rows), uri)
-    return uri

@@ -193,7 +193,7 @@ class Lifecycle:
             "Expert-feature cache on Ray Data, every expert (mova features)",
             lambda: run_features(FeaturesRecipe(
                 manifest=train, checkpoint=str(init_path), cache=str(self.root / "features"),
-                experts="all", dtype="float32", batch_size=32, cpus_per_worker=1.0,
+                experts="all", dtype="float32", batch_size=32,
                 ray=RayConfig(address="local")).validate()))
         self.echo(f"    {feats.images} images -> {feats.cache}")
 
@@ -209,7 +209,7 @@ class Lifecycle:
         from pipelines.labels.job import run_labels
         from pipelines.labels.recipe import LabelsRecipe
 
-        labelled = str(self.root / "data" / "train.labels.jsonl")
+        labelled = str(self.root / "data" / "train.labels")
         labels = self.steps.run(
             "Loss-driven routing labels with the pretrained model (mova labels)",
             lambda: run_labels(LabelsRecipe(

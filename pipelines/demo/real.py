@@ -196,7 +196,7 @@ def run_real_demo(out: str | Path = "outputs/demo-real", plan: RealPlan | None =
                   lambda: run_features(FeaturesRecipe(
                       manifest=data["mova"], checkpoint=str(init_path),
                       cache=str(root / "features"), experts="label", dtype="float32",
-                      batch_size=16, cpus_per_worker=1.0,
+                      batch_size=16,
                       ray=RayConfig(address="local")).validate()))
 
         def train_both() -> dict[str, str]:

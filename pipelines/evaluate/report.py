@@ -18,7 +18,7 @@ from pipelines.evaluate.scoring import (
     scores_markdown,
 )
 
-PREDICTIONS, SCORES, REPORT = "predictions.jsonl", "scores.json", "report.md"
+PREDICTIONS, SCORES, REPORT = "predictions", "scores.json", "report.md"
 _METRIC_KEY = re.compile(r"[^A-Za-z0-9_\-./ :]")
 
 
@@ -89,7 +89,7 @@ def log_mlflow(recipe: EvalRecipe, summary: EvalSummary, files: dict[str, str]) 
     from pipelines.common.tracking import flatten, open_run
 
     source = Path(recipe.checkpoint).name if recipe.checkpoint else (recipe.endpoint or "")
-    tracker = open_run(recipe.mlflow, recipe.output, f"eval-{source}")
+    tracker = open_run(recipe.mlflow, recipe.output, f"eval-{source}", recipe.joins_cluster())
     try:
         params = dataclasses.asdict(recipe)
         params.pop("benchmarks")
@@ -115,6 +115,7 @@ def log_mlflow(recipe: EvalRecipe, summary: EvalSummary, files: dict[str, str]) 
         tracker.log_metrics({_metric_key(k): float(v) for k, v in metrics.items()}, step=0)
         for name, text in files.items():
             tracker.log_text(text, f"eval/{name}")
+        tracker.log_parts(summary.predictions, f"eval/{PREDICTIONS}")
         tracker.end()
     except BaseException:
         tracker.end("FAILED")

@@ -78,27 +78,86 @@ def benchmark_kind(records: Sequence[Mapping[str, Any]]) -> str:
 def score_benchmark(name: str, records: Sequence[Mapping[str, Any]],
                     on_error: str = "empty") -> BenchmarkScore:
     """Aggregate one benchmark's prediction records (see the module doc for the rules)."""
-    _check_policy(on_error)
-    if not records:
-        raise ValueError(f"benchmark {name!r}: no prediction records")
-    errors = sum(1 for r in records if r.get("error"))
-    kept = [r for r in records if on_error == "empty" or not r.get("error")]
-    kind = benchmark_kind(records)
-    metrics = sorted({str(r["metric"]) for r in records})
-    result = BenchmarkScore(
-        benchmark=name, kind=kind, metric=metrics[0] if len(metrics) == 1 else "mixed",
-        headline="", score=0.0, unit="fraction", questions=len(records), scored=len(kept),
-        errors=errors)
-    if not kept:
-        result.headline = result.metric if kind == "mean" else _HEADLINES[kind]
+    board = BenchmarkBoard(name, on_error)
+    for record in records:
+        board.add(record)
+    return board.result()
+
+
+class BenchmarkBoard:
+    """One benchmark's scores, added up record by record: sums and counts for per-sample
+    metrics (constant memory), and the few fields the yes/no benchmarks (POPE, MME: fixed,
+    small sets) need to be scored by their own rules."""
+
+    def __init__(self, name: str, on_error: str = "empty") -> None:
+        _check_policy(on_error)
+        self.name, self.on_error = name, on_error
+        self.questions = self.errors = 0
+        self.kinds: set[str | None] = set()
+        self.metrics: set[str] = set()
+        self.sums: dict[str, list[float]] = {}  # "", "domain/x", "metric/y" -> [sum, count]
+        self.yes_no: list[dict[str, Any]] | None = []  # kept while every row is POPE/MME
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        self.questions += 1
+        failed = bool(record.get("error"))
+        self.errors += failed
+        meta = record.get("meta") or {}
+        self.kinds.add(meta.get("benchmark"))
+        self.metrics.add(str(record["metric"]))
+        if failed and self.on_error == "skip":
+            return
+        value = record.get("score")
+        if value is None:
+            value = sample_score(record, self.on_error)
+        keys = ["", f"metric/{record['metric']}"]
+        if record.get("domain"):
+            keys.append(f"domain/{record['domain']}")
+        for key in keys:
+            total = self.sums.setdefault(key, [0.0, 0])
+            total[0] += value
+            total[1] += 1
+        if self.yes_no is not None and meta.get("benchmark") in YES_NO_BENCHMARKS \
+                and len(self.kinds) == 1:
+            self.yes_no.append({"id": record.get("id"), "error": failed,
+                                "prediction": _prediction(record),
+                                "answers": list(record["answers"][:1]),
+                                "meta": {k: meta[k] for k in ("benchmark", "label", "category",
+                                                              "image_id") if k in meta}})
+        else:
+            self.yes_no = None
+
+    @property
+    def kind(self) -> str:
+        if len(self.kinds) == 1 and self.yes_no is not None:
+            (name,) = self.kinds
+            if name in YES_NO_BENCHMARKS:
+                return str(name)
+        return "mean"
+
+    def result(self) -> BenchmarkScore:
+        if not self.questions:
+            raise ValueError(f"benchmark {self.name!r}: no prediction records")
+        metrics = sorted(self.metrics)
+        kept = self.sums.get("", [0.0, 0])[1]
+        result = BenchmarkScore(
+            benchmark=self.name, kind=self.kind,
+            metric=metrics[0] if len(metrics) == 1 else "mixed", headline="", score=0.0,
+            unit="fraction", questions=self.questions, scored=kept, errors=self.errors)
+        if not kept:
+            result.headline = result.metric if result.kind == "mean" else _HEADLINES[result.kind]
+        elif result.kind == "pope":
+            _score_pope(result, self.yes_no or [])
+        elif result.kind == "mme":
+            _score_mme(result, self.yes_no or [])
+        else:
+            result.headline = result.metric
+            result.score = self.sums[""][0] / kept
+            result.details = {
+                key: total / count for key, (total, count) in sorted(self.sums.items())
+                if key.startswith("domain/") or (key.startswith("metric/") and len(metrics) > 1)
+            }
         return result
-    if kind == "pope":
-        _score_pope(result, kept)
-    elif kind == "mme":
-        _score_mme(result, kept)
-    else:
-        _score_mean(result, kept, on_error)
-    return result
 
 
 _HEADLINES = {"pope": "f1", "mme": "perception"}
@@ -158,71 +217,67 @@ def _score_mme(result: BenchmarkScore, records: Sequence[Mapping[str, Any]]) -> 
     result.details = details
 
 
-def _mean(values: Sequence[float]) -> float:
-    return math.fsum(values) / len(values) if values else 0.0
+class ActivationBoard:
+    """Routing activation counts per benchmark (and per domain): for each, how many answered
+    questions routed each expert, and how many experts in all."""
 
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, float]] = {}
+        self.domains: dict[str, set[str]] = {}
+        self.seen: list[str] = []  # expert names in first-seen order
 
-def _score_mean(result: BenchmarkScore, records: Sequence[Mapping[str, Any]],
-                on_error: str) -> None:
-    scores = [sample_score(r, on_error) for r in records]
-    pairs = [(r, s) for r, s in zip(records, scores, strict=True) if s is not None]
-    details: dict[str, float] = {}
-    domains: dict[str, list[float]] = {}
-    metrics: dict[str, list[float]] = {}
-    for r, s in pairs:
-        if r.get("domain"):
-            domains.setdefault(str(r["domain"]), []).append(s)
-        metrics.setdefault(str(r["metric"]), []).append(s)
-    for domain, values in sorted(domains.items()):
-        details[f"domain/{domain}"] = _mean(values)
-    if len(metrics) > 1:
-        for metric, values in sorted(metrics.items()):
-            details[f"metric/{metric}"] = _mean(values)
-    result.headline = result.metric
-    result.score = _mean([s for _, s in pairs])
-    result.details = details
+    def add(self, record: Mapping[str, Any]) -> None:
+        bench = str(record["benchmark"])
+        self.rows.setdefault(bench, {})
+        self.domains.setdefault(bench, set())
+        if record.get("domain"):
+            self.domains[bench].add(str(record["domain"]))
+        if record.get("error") or record.get("experts") is None:
+            return
+        for row in [bench] + ([f"{bench}/{record['domain']}"] if record.get("domain") else []):
+            counts = self.rows.setdefault(row, {})
+            counts["\tanswered"] = counts.get("\tanswered", 0) + 1
+            counts["\texperts"] = counts.get("\texperts", 0) + len(record["experts"])
+            for name in set(record["experts"]):
+                counts[name] = counts.get(name, 0) + 1
+                if name not in self.seen:
+                    self.seen.append(name)
 
-
-def activation_rates(records: Sequence[Mapping[str, Any]], pool: Sequence[str]
-                     ) -> dict[str, float]:
-    """Share of answered records routed to each pool expert, plus the mean experts per
-    question under ``"experts/q"``; failed records (no routing) are left out."""
-    answered = [r for r in records if not r.get("error") and r.get("experts") is not None]
-    rates = {name: 0.0 for name in pool}
-    for r in answered:
-        for name in set(r["experts"]):
-            rates[name] = rates.get(name, 0.0) + 1.0
-    n = len(answered)
-    out = {name: (count / n if n else 0.0) for name, count in rates.items()}
-    out[MEAN_EXPERTS] = (math.fsum(len(r["experts"]) for r in answered) / n) if n else 0.0
-    return out
+    def table(self, pool: Sequence[str]) -> dict[str, dict[str, float]]:
+        """Rows ``<benchmark>`` and, when a benchmark has several domains,
+        ``<benchmark>/<domain>`` -> expert -> activation rate, plus ``experts/q``."""
+        out: dict[str, dict[str, float]] = {}
+        for bench in self.domains:
+            names = [bench] + ([f"{bench}/{d}" for d in sorted(self.domains[bench])]
+                               if len(self.domains[bench]) > 1 else [])
+            for row in names:
+                counts = self.rows.get(row, {})
+                n = counts.get("\tanswered", 0)
+                rates = {e: (counts.get(e, 0) / n if n else 0.0)
+                         for e in [*pool, *(k for k in counts if not k.startswith("\t")
+                                            and k not in pool)]}
+                rates[MEAN_EXPERTS] = counts.get("\texperts", 0) / n if n else 0.0
+                out[row] = rates
+        return out
 
 
 def activation_table(records: Sequence[Mapping[str, Any]], pool: Sequence[str]
                      ) -> dict[str, dict[str, float]]:
-    """Rows ``<benchmark>`` and, when a benchmark has several domains, ``<benchmark>/<domain>``
-    -> expert -> activation rate (see :func:`activation_rates`)."""
-    by_bench: dict[str, list[Mapping[str, Any]]] = {}
-    for r in records:
-        by_bench.setdefault(str(r["benchmark"]), []).append(r)
-    table: dict[str, dict[str, float]] = {}
-    for bench, rows in by_bench.items():
-        table[bench] = activation_rates(rows, pool)
-        domains = sorted({str(r["domain"]) for r in rows if r.get("domain")})
-        if len(domains) > 1:
-            for domain in domains:
-                table[f"{bench}/{domain}"] = activation_rates(
-                    [r for r in rows if r.get("domain") == domain], pool)
-    return table
+    """:class:`ActivationBoard` over a list of records."""
+    board = ActivationBoard()
+    for record in records:
+        board.add(record)
+    return board.table(pool)
 
 
 def score_all(records: Sequence[Mapping[str, Any]], on_error: str = "empty"
               ) -> dict[str, BenchmarkScore]:
     """:func:`score_benchmark` for every benchmark in ``records`` (in first-seen order)."""
-    by_bench: dict[str, list[Mapping[str, Any]]] = {}
+    boards: dict[str, BenchmarkBoard] = {}
     for r in records:
-        by_bench.setdefault(str(r["benchmark"]), []).append(r)
-    return {name: score_benchmark(name, rows, on_error) for name, rows in by_bench.items()}
+        bench = str(r["benchmark"])
+        boards.setdefault(bench, BenchmarkBoard(bench, on_error)).add(r)
+    return {name: board.result() for name, board in boards.items()}
 
 
 def _value(value: float, unit: str) -> str:

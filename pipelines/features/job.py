@@ -1,25 +1,38 @@
 """`mova features`: compute frozen expert features once, with Ray Data, into the feature cache.
 
-Flow: read + validate the manifest -> hash every distinct image (Ray tasks) -> per expert, the
-images whose features are not cached yet -> one actor pool per expert (GPU when asked) that
-decodes, preprocesses, runs the expert and writes one Parquet shard per batch, atomically.
-A re-run computes only what is missing; a killed run loses at most the batches in flight.
+One streaming dataset from the manifest to the cache: manifest chunks -> rows (checked; bad rows
+named, or skipped with a report) -> the experts each row's image needs (its routing label, or
+all) -> one row per distinct image -> decode and content hash, once per image (Ray tasks) ->
+one actor pool per expert, all pools at work at the same time, each computing only the images
+it is asked for and has not cached and writing them as atomic shards with their index parts ->
+per-image counts back to the driver. Each expert's index parts are merged at the end. A re-run
+computes nothing that is cached; a killed run loses at most the batches in flight.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
 from pipelines.common import storage
+from pipelines.common.checkpoints import local_checkpoint
 from pipelines.common.ray_init import actor_pool_args
+from pipelines.data.scan import scan_manifest
+from pipelines.data.stream import manifest_dataset
 from pipelines.features.cache import FeatureCache
 from pipelines.features.recipe import FeaturesRecipe
+from pipelines.features.workers import (
+    ExpertSpec,
+    ExpertWorker,
+    decode_images,
+    image_needs,
+    union_needs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +60,7 @@ class FeaturesSummary:
     seconds: float = 0.0
     cache: str = ""
     report: str | None = None
+    bad_rows: int = 0
 
     @property
     def computed(self) -> int:
@@ -71,161 +85,108 @@ class FeaturesSummary:
                      f"{self.seconds:.1f} s")
         lines.append(f"Feature cache: {self.cache}")
         if self.report:
-            lines.append(f"Skipped images are listed in {self.report}")
+            lines.append(f"Skipped rows and images are listed in {self.report}")
         return "\n".join(lines)
-
-
-def _hash_batch(batch: dict[str, np.ndarray]) -> dict[str, list]:
-    """Ray Data task: content hash of each image (or the reason it cannot be read)."""
-    from mova.images import ImageError, image_hash, load_image
-
-    hashes, errors = [], []
-    for uri in batch["uri"]:
-        try:
-            hashes.append(image_hash(load_image(storage.read_bytes(str(uri)))))
-            errors.append("")
-        except (ImageError, FileNotFoundError, OSError, ValueError) as exc:
-            hashes.append("")
-            errors.append(str(exc))
-    return {"uri": list(batch["uri"]), "image_hash": hashes, "error": errors}
-
-
-class ExpertWorker:
-    """Ray Data actor: one frozen expert, loaded once, writing one cache shard per batch."""
-
-    def __init__(self, checkpoint: str, expert: str, key: str, cache: str, dtype: str) -> None:
-        import torch
-
-        from mova.checkpoint import load_expert
-
-        self.model, self.resolved, loaded_key = load_expert(checkpoint, expert)
-        if loaded_key != key:
-            raise RuntimeError(f"expert {expert!r} in {checkpoint} changed while the job ran")
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device == "cuda":
-            self.model.to(self.device, torch.bfloat16)
-        self.name, self.key, self.dtype = expert, key, dtype
-        self.cache = FeatureCache(cache)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        import torch
-
-        from mova.experts.preprocess import expert_input
-        from mova.images import load_image
-
-        start = time.perf_counter()
-        uris = [str(u) for u in batch["uri"]]
-        hashes = [str(h) for h in batch["image_hash"]]
-        inputs = torch.stack([expert_input(load_image(storage.read_bytes(u)), self.resolved)
-                              for u in uris])
-        param = next(self.model.parameters())
-        if inputs.is_floating_point():
-            inputs = inputs.to(self.device, param.dtype)
-        with torch.inference_mode():
-            feats = self.model(inputs)
-        _, nbytes = self.cache.write_shard(self.name, self.key, hashes, feats, self.dtype)
-        return {"images": [len(uris)], "bytes": [nbytes],
-                "seconds": [time.perf_counter() - start]}
-
-
-def plan_work(samples, mode: str, pool: list[str], only: list[str],
-              manifest: str) -> dict[str, set[str]]:
-    """image URI -> experts whose features it needs."""
-    from pipelines.data.manifest import resolve_image
-
-    wanted = [e for e in pool if not only or e in only]
-    unknown = sorted(set(only) - set(pool))
-    if unknown:
-        raise ValueError(f"features recipe: only={unknown} are not in the checkpoint's pool "
-                         f"{pool}")
-    needs: dict[str, set[str]] = defaultdict(set)
-    for s in samples:
-        if not s.image:
-            continue
-        experts = wanted if mode == "all" or s.experts is None else \
-            [e for e in s.experts if e in wanted]
-        needs[resolve_image(manifest, s.image)].update(experts)
-    return needs
 
 
 def run_features(recipe: FeaturesRecipe) -> FeaturesSummary:
     """Run the feature-cache job; returns what it did."""
-    import ray
-
     from mova.checkpoint import expert_cache_keys, load_config
-    from pipelines.common.ray_init import init_ray
-    from pipelines.data.manifest import load_manifest
 
     start = time.perf_counter()
-    config = load_config(recipe.checkpoint)
-    keys = expert_cache_keys(recipe.checkpoint)
-    samples = load_manifest(recipe.manifest, pool=config.expert_names, check_images=False,
-                            skip_bad_rows=recipe.skip_bad_rows, report_uri=recipe.report)
-    needs = plan_work(samples, recipe.experts, config.expert_names, recipe.only, recipe.manifest)
-    log.info("%d samples, %d distinct image files", len(samples), len(needs))
-    init_ray(recipe.ray.address, num_cpus=recipe.ray.num_cpus,
-             object_store_memory=recipe.ray.object_store_memory, temp_dir=recipe.ray.temp_dir)
-    hashed = (ray.data.from_items([{"uri": u} for u in sorted(needs)])
-              .map_batches(_hash_batch, batch_size=64).take_all()) if needs else []
-    bad = [r for r in hashed if r["error"]]
-    if bad and not recipe.skip_bad_rows:
-        lines = "\n".join(f"  {r['uri']}: {r['error']}" for r in bad[:20])
-        raise ValueError(f"{len(bad)} image(s) cannot be read (use skip_bad_rows=true to skip "
-                         f"and report them):\n{lines}")
-    report = None
-    if bad:
-        report = recipe.report or storage.join(recipe.cache, "_reports",
-                                               f"features-{int(time.time())}.jsonl")
-        storage.write_text_atomic(report, "".join(
-            json.dumps({"image": r["uri"], "error": r["error"]}) + "\n" for r in bad))
-        log.warning("skipped %d unreadable images; see %s", len(bad), report)
+    recipe = recipe.absolute().validate()
+    checkpoint = local_checkpoint(recipe.checkpoint)
+    config, keys = load_config(checkpoint), expert_cache_keys(checkpoint)
+    pool = config.expert_names
+    unknown = sorted(set(recipe.only) - set(pool))
+    if unknown:
+        raise ValueError(f"features recipe: only={unknown} are not in the checkpoint's pool "
+                         f"{pool}")
+    wanted = [e for e in pool if not recipe.only or e in recipe.only]
+    report = recipe.report or storage.join(recipe.cache, "_reports",
+                                           f"features-{int(time.time())}")
+    recipe.start_ray()
+    scan = scan_manifest(recipe.manifest, pool=pool,
+                         report=report if recipe.skip_bad_rows else None)
+    scan.require_ok(recipe.skip_bad_rows)
     cache = FeatureCache(recipe.cache)
-    summary = FeaturesSummary(images=len(hashed), bad_images=len(bad), cache=recipe.cache,
-                              report=report)
-    good = [r for r in hashed if not r["error"]]
-    for name in config.expert_names:
-        summary.experts.append(
-            _run_expert(recipe, cache, name, keys[name], good, needs))
+    for name in wanted:
+        cache.describe(name, keys[name], {"expert": name, "key": keys[name],
+                                          "checkpoint": recipe.checkpoint})
+    summary = FeaturesSummary(images=0, bad_images=0, cache=recipe.cache,
+                              experts=[ExpertSummary(expert=n, key=keys[n]) for n in pool],
+                              bad_rows=scan.rows - scan.valid)
+    for batch in _pipeline(recipe, checkpoint, keys, wanted, scan, report).iter_batches(
+            batch_size=1024, batch_format="numpy"):
+        _count(summary, batch)
+    if summary.bad_images or summary.bad_rows:
+        summary.report = report
+        log.warning("skipped %d bad row(s) and %d unreadable image(s); see %s",
+                    summary.bad_rows, summary.bad_images, report)
+    _compact(cache, [(e.expert, e.key) for e in summary.experts if e.computed])
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _run_expert(recipe: FeaturesRecipe, cache: FeatureCache, name: str, key: str,
-                hashed: list[dict], needs: dict[str, set[str]]) -> ExpertSummary:
+def _pipeline(recipe: FeaturesRecipe, checkpoint: str, keys: dict[str, str], wanted: list[str],
+              scan: Any, report: str) -> Any:
+    """The streaming dataset: rows -> distinct images -> decode once -> every expert pool."""
+    cpus = _cpus_per_worker(recipe, len(wanted))
+    ds = (manifest_dataset(scan, pool=list(keys), skip_bad_rows=recipe.skip_bad_rows)
+          .map_batches(image_needs, fn_kwargs={"mode": recipe.experts, "wanted": wanted},
+                       batch_size=256)
+          .groupby("uri").map_groups(union_needs, fn_kwargs={"wanted": wanted})
+          .map_batches(decode_images, batch_size=recipe.batch_size,
+                       fn_kwargs={"skip_bad": recipe.skip_bad_rows, "report": report}))
+    for name in wanted:
+        spec = ExpertSpec(checkpoint=checkpoint, expert=name, key=keys[name],
+                          cache=recipe.cache, dtype=recipe.dtype)
+        ds = ds.map_batches(ExpertWorker, fn_constructor_kwargs={"spec": spec},
+                            batch_size=recipe.batch_size,
+                            **actor_pool_args(recipe.workers_per_expert, cpus,
+                                              recipe.gpus_per_worker))
+    return ds.drop_columns(["pixels"])
+
+
+def _cpus_per_worker(recipe: FeaturesRecipe, pools: int) -> float:
+    """The recipe's value, or (auto) a share that lets every pool run at once while leaving
+    one CPU for reading and decoding."""
+    if recipe.cpus_per_worker is not None:
+        return recipe.cpus_per_worker
     import ray
 
-    result = ExpertSummary(expert=name, key=key)
-    todo: dict[str, str] = {}
-    wanted: set[str] = set()
-    for row in hashed:
-        if name in needs[row["uri"]]:
-            wanted.add(row["image_hash"])
-            todo.setdefault(row["image_hash"], row["uri"])
-    result.needed = len(wanted)
-    if not wanted:
-        return result
-    cache.describe(name, key, {"expert": name, "key": key, "checkpoint": recipe.checkpoint})
-    index = cache.index(name, key, refresh=True)
-    missing = [{"uri": uri, "image_hash": h} for h, uri in sorted(todo.items()) if h not in index]
-    result.cached = result.needed - len(missing)
-    if not missing:
-        log.info("%s: all %d features already cached", name, result.needed)
-        return result
-    log.info("%s: computing %d features (%d cached)", name, len(missing), result.cached)
-    start = time.perf_counter()
-    rows = (
-        ray.data.from_items(missing)
-        .map_batches(
-            ExpertWorker,
-            fn_constructor_kwargs={"checkpoint": recipe.checkpoint, "expert": name, "key": key,
-                                   "cache": recipe.cache, "dtype": recipe.dtype},
-            batch_size=recipe.batch_size,
-            **actor_pool_args(recipe.workers_per_expert, recipe.cpus_per_worker,
-                              recipe.gpus_per_worker),
-        )
-        .take_all()
-    )
-    result.seconds = time.perf_counter() - start
-    result.computed = int(sum(r["images"] for r in rows))
-    result.bytes_written = int(sum(r["bytes"] for r in rows))
-    return result
+    total = ray.cluster_resources().get("CPU", 1.0)
+    spare = max(total - 1.0, total / 2)
+    # rounded down: 7 pools at round(1/7, 3) = 0.143 would take 1.001 CPUs and leave the
+    # read/decode tasks (1 CPU each) 0.9997 of a CPU, which is never enough
+    return max(0.05, math.floor(1000 * spare / (pools * recipe.workers_per_expert)) / 1000)
+
+
+def _count(summary: FeaturesSummary, batch: dict[str, np.ndarray]) -> None:
+    errors = batch["error"]
+    summary.images += len(errors)
+    summary.bad_images += int(sum(1 for e in errors if e))
+    for e in summary.experts:
+        if f"s_{e.expert}" not in batch:  # not asked for (recipe.only)
+            continue
+        status = batch[f"s_{e.expert}"]
+        e.needed += int(sum(1 for s in status if s))
+        e.cached += int(sum(1 for s in status if s == "cached"))
+        e.computed += int(sum(1 for s in status if s == "computed"))
+        e.bytes_written += int(batch[f"b_{e.expert}"].sum())
+        e.seconds += float(batch[f"t_{e.expert}"].sum())
+
+
+def _compact(cache: FeatureCache, targets: list[tuple[str, str]]) -> None:
+    """Merge each expert's index parts into one (Ray tasks, in parallel)."""
+    if not targets:
+        return
+    import ray
+
+    @ray.remote(num_cpus=0.5)
+    def compact(root: str, expert: str, key: str) -> int:
+        return FeatureCache(root).compact(expert, key)
+
+    entries = ray.get([compact.remote(cache.root, e, k) for e, k in targets])
+    for (expert, _), n in zip(targets, entries, strict=True):
+        log.info("%s: index holds %d images", expert, n)

@@ -24,7 +24,7 @@ class FeaturesRecipe(JobRecipe):
     dtype: str = "float16"
     batch_size: int = 16
     workers_per_expert: int = 1
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: a share that lets every pool run at once
     gpus_per_worker: float = 0.0
     skip_bad_rows: bool = False
     report: str | None = None
@@ -38,5 +38,7 @@ class FeaturesRecipe(JobRecipe):
             raise ValueError(f"features recipe: dtype={self.dtype!r}; expected one of "
                              f"{', '.join(CACHE_DTYPES)}")
         self.at_least(1, "batch_size", "workers_per_expert")
-        self.at_least(0, "cpus_per_worker", "gpus_per_worker")
+        self.at_least(0, "gpus_per_worker")
+        if self.cpus_per_worker is not None and self.cpus_per_worker < 0:
+            raise ValueError("features recipe: cpus_per_worker must be >= 0 (or null: auto)")
         return self

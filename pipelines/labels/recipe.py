@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pipelines.common.recipe import MlflowConfig, TrackedRecipe
 
 PRECISIONS = ("auto", "fp32", "bf16")
-MANIFEST_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def _default_mlflow() -> MlflowConfig:
@@ -22,9 +21,9 @@ class LabelsRecipe(TrackedRecipe):
     kind = "labels"
     paths = ("manifest", "checkpoint", "output", "cache", "losses", "report")
 
-    manifest: str = ""
+    manifest: str = ""  # a JSON-lines or Parquet file, or a folder of them
     checkpoint: str = ""
-    output: str = ""
+    output: str = ""  # a folder: the new manifest's parts and _SUCCESS
     cache: str | None = None
     only: list[str] = field(default_factory=list)
     max_experts: int = 3
@@ -43,10 +42,6 @@ class LabelsRecipe(TrackedRecipe):
 
     def validate(self) -> LabelsRecipe:
         self.require("manifest", "checkpoint", "output")
-        for name in ("manifest", "output"):
-            if not str(getattr(self, name)).lower().endswith(MANIFEST_SUFFIXES):
-                raise ValueError(f"labels recipe: {name}={getattr(self, name)!r} must end in "
-                                 f"one of {', '.join(MANIFEST_SUFFIXES)}")
         if self.max_experts < 1:
             raise ValueError(f"labels recipe: max_experts={self.max_experts} must be >= 1")
         if not math.isfinite(self.margin) or self.margin < 0:

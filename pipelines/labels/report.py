@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.common import storage
 from pipelines.labels.recipe import LabelsRecipe
 
 NO_DOMAIN = "(none)"
@@ -95,28 +94,6 @@ def _metric_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", text)
 
 
-def mean_losses(rows: list[dict], experts: list[str]) -> dict[str, float]:
-    out = {}
-    for key, name in [("base_loss", "base"), *((f"loss_{e}", e) for e in experts)]:
-        values = [r[key] for r in rows if math.isfinite(r[key])]
-        out[name] = float(np.mean(values)) if values else math.nan
-    return out
-
-
-def write_losses(rows: list[dict], experts: list[str], uri: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pa.schema([("id", pa.string()), ("domain", pa.string()),
-                        ("base_loss", pa.float64()),
-                        *((f"loss_{e}", pa.float64()) for e in experts),
-                        ("experts", pa.list_(pa.string())), ("previous", pa.list_(pa.string())),
-                        ("features", pa.string())])
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
-    storage.write_bytes_atomic(uri, buffer.getvalue())
-
-
 def plot(summary: LabelsSummary) -> bytes:
     """A heatmap of activation rates (experts x all/domains) as PNG bytes (no display)."""
     from matplotlib.figure import Figure
@@ -149,7 +126,7 @@ def track(recipe: LabelsRecipe, summary: LabelsSummary, png: bytes) -> None:
 
     from pipelines.common.tracking import flatten, open_run
 
-    tracker = open_run(recipe.mlflow, recipe.output)
+    tracker = open_run(recipe.mlflow, recipe.output, joins_cluster=recipe.joins_cluster())
     status = "FAILED"
     try:
         tracker.log_params({**flatten(asdict(recipe)), "pool": ",".join(summary.experts)})
@@ -175,9 +152,7 @@ def track(recipe: LabelsRecipe, summary: LabelsSummary, png: bytes) -> None:
             plot = Path(folder) / "activation.png"
             plot.write_bytes(png)
             tracker.log_artifact(str(plot), "labels")
-            losses = Path(folder) / "losses.parquet"
-            losses.write_bytes(storage.read_bytes(summary.losses))
-            tracker.log_artifact(str(losses), "labels")
+        tracker.log_parts(summary.losses, "labels/losses")
         status = "FINISHED"
     finally:
         tracker.end(status)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -44,14 +43,17 @@ class TrainResult:
         return dataclasses.asdict(self)
 
 
-def check_inputs(recipe: TrainRecipe) -> None:
-    """Fail early, naming the problem, and never overwrite a finished model."""
+def check_inputs(recipe: TrainRecipe) -> str:
+    """Fail early, naming the problem, and never overwrite a finished model; returns a local
+    folder holding ``init_from`` (an s3:// checkpoint is downloaded once per node)."""
     from mova.checkpoint import CheckpointError, load_config, read_components
+    from pipelines.common.checkpoints import local_checkpoint
 
     try:
-        read_components(recipe.init_from)
-        load_config(recipe.init_from)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        local = local_checkpoint(recipe.init_from)
+        read_components(local)
+        load_config(local)
+    except (CheckpointError, FileNotFoundError, ValueError, OSError) as exc:
         raise ValueError(f"train recipe: init_from={recipe.init_from!r} is not a usable MoVA "
                          f"checkpoint: {exc}") from exc
     if not storage.exists(recipe.manifest):
@@ -66,35 +68,48 @@ def check_inputs(recipe: TrainRecipe) -> None:
     except OSError as exc:
         raise ValueError(f"train recipe: storage_path {recipe.storage_path!r} is not writable: "
                          f"{exc}") from exc
+    return local
 
 
-def steps_per_epoch(num_samples: int, recipe: TrainRecipe) -> int:
-    per_worker = num_samples // recipe.num_workers
-    if per_worker == 0:
-        raise ValueError(f"{num_samples} samples cannot feed {recipe.num_workers} workers")
-    return max(1, math.ceil(per_worker / recipe.batch_size) // recipe.grad_accum)
+def optimizer_steps(valid_rows: int, recipe: TrainRecipe) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) for ``valid_rows`` manifest rows."""
+    from pipelines.train.order import batches_per_epoch
+
+    if valid_rows < recipe.num_workers:
+        raise ValueError(f"{valid_rows} valid rows cannot feed {recipe.num_workers} workers")
+    per_epoch = max(1, batches_per_epoch(valid_rows, recipe.num_workers, recipe.batch_size)
+                    // recipe.grad_accum)
+    return per_epoch, recipe.max_steps or recipe.epochs * per_epoch
 
 
 def run_train(recipe: TrainRecipe) -> TrainResult:
     """Run (or resume) one training run on Ray Train; returns what it did."""
+    from mova.checkpoint import load_config
     from pipelines.common.tracking import tracking_target
-    from pipelines.train.dataset import build_dataset
+    from pipelines.data.scan import scan_manifest
 
     start = time.perf_counter()
     recipe = recipe.absolute()
-    check_inputs(recipe)
-    tracking_uri, artifact_root = tracking_target(recipe.mlflow.tracking_uri, recipe.output)
+    local = check_inputs(recipe)
+    tracking_uri, artifact_root = tracking_target(recipe.mlflow.tracking_uri, recipe.output,
+                                                  recipe.joins_cluster())
     recipe.start_ray()
-    dataset, num_samples = build_dataset(
-        recipe.manifest, recipe.init_from, cache=recipe.cache, features=recipe.features,
-        max_length=recipe.max_length, skip_bad_rows=recipe.skip_bad_rows)
-    total = recipe.max_steps or recipe.epochs * steps_per_epoch(num_samples, recipe)
-    log.info("%s: %d samples, %d workers x batch %d x accum %d -> %d optimizer steps",
-             recipe.stage, num_samples, recipe.num_workers, recipe.batch_size, recipe.grad_accum,
-             total)
-    trainer = _trainer(recipe, dataset, {"recipe": dataclasses.asdict(recipe),
-                                         "total_steps": total, "tracking_uri": tracking_uri,
-                                         "artifact_root": artifact_root})
+    report = storage.join(recipe.storage_path, recipe.name, "bad-rows")
+    scan = scan_manifest(recipe.manifest, pool=load_config(local).expert_names,
+                         chunk_rows=recipe.data.chunk_rows,
+                         report=report if recipe.skip_bad_rows else None)
+    scan.require_ok(recipe.skip_bad_rows)
+    if scan.error_count:
+        log.warning("skipping %d bad row(s) of %s; see %s", scan.rows - scan.valid,
+                    recipe.manifest, report)
+    per_epoch, total = optimizer_steps(scan.valid, recipe)
+    log.info("%s: %d rows, %d workers x batch %d x accum %d -> %d optimizer steps "
+             "(%d per epoch)", recipe.stage, scan.valid, recipe.num_workers, recipe.batch_size,
+             recipe.grad_accum, total, per_epoch)
+    trainer = _trainer(recipe, {"recipe": dataclasses.asdict(recipe), "total_steps": total,
+                                "steps_per_epoch": per_epoch,
+                                "chunks": [c.to_dict() for c in scan.chunks if c.valid],
+                                "tracking_uri": tracking_uri, "artifact_root": artifact_root})
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray Train raises its WorkerGroupError from fit()
@@ -110,8 +125,9 @@ def run_train(recipe: TrainRecipe) -> TrainResult:
         seconds=time.perf_counter() - start)
 
 
-def _trainer(recipe: TrainRecipe, dataset: Any, loop_config: dict[str, Any]) -> Any:
-    """The TorchTrainer of a run: workers, storage, failures, checkpoints, environment."""
+def _trainer(recipe: TrainRecipe, loop_config: dict[str, Any]) -> Any:
+    """The TorchTrainer of a run: workers, storage, failures, checkpoints, environment (each
+    worker reads its own rows of the manifest; see ``pipelines.train.loop.EpochData``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -128,6 +144,5 @@ def _trainer(recipe: TrainRecipe, dataset: Any, loop_config: dict[str, Any]) -> 
             failure_config=FailureConfig(max_failures=recipe.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=recipe.keep_checkpoints),
             worker_runtime_env={"env_vars": worker_env(gpu=recipe.use_gpu)}),
-        datasets={"train": dataset},
         torch_config=TorchConfig(backend="nccl" if recipe.use_gpu else "gloo"),
     )

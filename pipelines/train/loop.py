@@ -81,6 +81,7 @@ class Engine:
     names: list[str]
     pad_id: int
     params: tuple[int, int]  # (trainable, total)
+    dtype: str = "float32"  # the training precision (``float32`` or ``bfloat16``)
 
 
 def build_engine(recipe: TrainRecipe, total_steps: int) -> Engine:
@@ -89,6 +90,7 @@ def build_engine(recipe: TrainRecipe, total_steps: int) -> Engine:
     import deepspeed
     import torch
 
+    from mova.device import place
     from mova.factory import from_pretrained
     from mova.training import (
         TrainableParts,
@@ -99,10 +101,13 @@ def build_engine(recipe: TrainRecipe, total_steps: int) -> Engine:
         trainable_parameters,
         warmup_cosine,
     )
+    from pipelines.common.checkpoints import local_checkpoint
 
     gpu = torch.cuda.is_available() and recipe.use_gpu
     bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and gpu)
-    model = from_pretrained(recipe.init_from)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model = from_pretrained(local_checkpoint(recipe.init_from))
+    model.to(dtype)  # the engine casts what it wraps; the frozen experts follow the same dtype
     set_stage(model, recipe.stage)
     if recipe.lora.enabled:
         add_lora(model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout,
@@ -119,8 +124,10 @@ def build_engine(recipe: TrainRecipe, total_steps: int) -> Engine:
     engine, _, _, scheduler = deepspeed.initialize(
         model=TrainableParts(model), optimizer=optimizer, lr_scheduler=scheduler,
         config=_deepspeed_config(recipe, bf16))
+    place(model.experts, engine.device, dtype)  # outside the engine: follow its device
     return Engine(model=model, engine=engine, scheduler=scheduler, names=model.expert_names,
-                  pad_id=model.tokenizer.pad_token_id, params=count_parameters(model))
+                  pad_id=model.tokenizer.pad_token_id, params=count_parameters(model),
+                  dtype="bfloat16" if bf16 else "float32")
 
 
 def train_loop(config: dict) -> None:
@@ -144,8 +151,10 @@ def train_loop(config: dict) -> None:
     state.mlflow_run_id = run_id
     status = "FAILED"
     try:
-        loop = StepLoop(recipe, parts, state, total_steps, tracker)
-        step = loop.run(ray.train.get_dataset_shard("train"))
+        loop = StepLoop(recipe, parts, state, total_steps, tracker,
+                        EpochData(config, recipe, rank))
+        step = loop.run()
+        loop.write_seen()
         _export(recipe, parts, rank, tracker, step, run_id, config)
         status = "FINISHED"
     finally:
@@ -163,7 +172,8 @@ def _resume(engine: Any, rank: int) -> tuple[RunState, bool]:
         return state, False
     with checkpoint.as_directory() as folder:
         _, client = engine.load_checkpoint(folder, tag=STATE_TAG)
-    state = RunState(**{**state.to_dict(), **(client or {})})
+    saved = {k: v for k, v in (client or {}).items() if k in RunState.__dataclass_fields__}
+    state = RunState(**{**state.to_dict(), **saved})  # DeepSpeed adds keys of its own
     log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch,
              state.batch)
     return state, True
@@ -204,6 +214,44 @@ def _placement_params(nodes: list[str]) -> dict[str, str]:
             "num_nodes": str(len(set(nodes)))}
 
 
+class EpochData:
+    """This worker's prepared batches of an epoch, in the epoch order, from a batch on."""
+
+    def __init__(self, config: dict, recipe: TrainRecipe, rank: int) -> None:
+        import ray.train
+
+        from pipelines.common.checkpoints import local_checkpoint
+        from pipelines.train.dataset import PrepareSpec
+
+        self.chunks = config["chunks"]
+        self.batches = int(config["steps_per_epoch"]) * recipe.grad_accum
+        self.recipe, self.rank = recipe, rank
+        self.world = ray.train.get_context().get_world_size()
+        self.spec = PrepareSpec(checkpoint=local_checkpoint(recipe.init_from), cache=recipe.cache,
+                                features=recipe.features, max_length=recipe.max_length)
+
+    def batches_from(self, epoch: int, first_batch: int, pool: list[str]) -> Any:
+        """(batch index, batch) of the epoch from ``first_batch`` on; nothing before it is
+        read or prepared."""
+        from pipelines.train.dataset import worker_dataset
+        from pipelines.train.order import EpochOrder
+
+        recipe = self.recipe
+        order = EpochOrder(seed=recipe.seed, epoch=epoch, world=self.world,
+                           window_chunks=recipe.data.window_chunks, shuffle=recipe.data.shuffle)
+        if first_batch >= self.batches:
+            return
+        dataset = worker_dataset(self.chunks, order, self.rank, first_batch * recipe.batch_size,
+                                 self.spec, pool, skip_bad_rows=recipe.skip_bad_rows,
+                                 prepare_batch_size=recipe.data.prepare_batch_size)
+        for i, batch in enumerate(dataset.iter_batches(batch_size=recipe.batch_size,
+                                                       batch_format="numpy"),
+                                  start=first_batch):
+            if i >= self.batches:
+                return
+            yield i, batch
+
+
 @dataclass
 class _Window:
     """Losses and tokens since the last logged step."""
@@ -217,25 +265,26 @@ class StepLoop:
     """The epochs of one worker: micro steps, optimizer steps, metrics and checkpoints."""
 
     def __init__(self, recipe: TrainRecipe, parts: Engine, state: RunState, total_steps: int,
-                 tracker: Any) -> None:
+                 tracker: Any, data: EpochData) -> None:
         self.recipe = recipe
         self.parts = parts
         self.state = state
         self.total_steps = total_steps
         self.tracker = tracker
+        self.data = data
         self.window = _Window()
+        self.seen: list[dict] = []  # batch records not yet written (data.record_batches)
 
-    def run(self, shard: Any) -> int:
-        """Train until ``total_steps`` optimizer steps; returns the last step."""
+    def run(self) -> int:
+        """Train until ``total_steps`` optimizer steps; returns the last step. A resumed run
+        starts at the batch after its checkpoint's, in the same epoch order."""
         state = self.state
-        for epoch in range(state.epoch, self.recipe.epochs + self.total_steps):
+        start_epoch, start_batch = state.epoch, state.batch
+        for epoch in range(start_epoch, self.recipe.epochs + self.total_steps):
             if state.step >= self.total_steps:
                 break
-            skip = state.batch if epoch == state.epoch else 0
-            for i, batch in enumerate(shard.iter_batches(batch_size=self.recipe.batch_size,
-                                                         batch_format="numpy")):
-                if i < skip:
-                    continue
+            first = start_batch if epoch == start_epoch else 0
+            for i, batch in self.data.batches_from(epoch, first, self.parts.names):
                 if self.micro_step(batch, epoch, i) and state.step >= self.total_steps:
                     return state.step
         return state.step
@@ -245,6 +294,9 @@ class StepLoop:
         from pipelines.train.dataset import collate
 
         engine, names = self.parts.engine, self.parts.names
+        if self.recipe.data.record_batches:
+            self.seen.append({"epoch": epoch, "batch": index,
+                              "ids": [str(i) for i in batch["id"]]})
         inputs = collate(batch, names, self.parts.pad_id, self.recipe.features)
         inputs["sync_experts"] = routed_on_any_rank(inputs, names)
         engine.train()
@@ -276,6 +328,20 @@ class StepLoop:
 
             ray.train.report(metrics)
 
+    def write_seen(self) -> None:
+        """Record the sample ids of the batches since the last call (one small file)."""
+        if not self.seen:
+            return
+        import uuid
+
+        from pipelines.common import storage
+
+        path = storage.join(self.recipe.storage_path, self.recipe.name, "batches",
+                            f"rank{self.data.rank}-{uuid.uuid4().hex}.jsonl")
+        storage.write_text_atomic(path, "".join(json.dumps({"rank": self.data.rank, **r}) + "\n"
+                                                for r in self.seen))
+        self.seen = []
+
     def _metrics(self, inputs: dict, epoch: int) -> dict[str, float]:
         from mova.training import routing_stats
 
@@ -299,6 +365,7 @@ class StepLoop:
 
         if self.tracker is not None:
             self.tracker.flush()
+        self.write_seen()
         with tempfile.TemporaryDirectory(prefix="mova-ckpt-") as folder:
             self.parts.engine.save_checkpoint(folder, tag=STATE_TAG,
                                               client_state=self.state.to_dict())
@@ -311,8 +378,10 @@ def _export(recipe: TrainRecipe, parts: Engine, rank: int, tracker: Any, step: i
     """Write the self-describing model checkpoint (LoRA merged) from rank 0."""
     import deepspeed
 
+    from mova.checkpoint import write_file_list
+    from mova.device import place
     from mova.training import merge_lora
-    from pipelines.common import storage
+    from pipelines.common.checkpoints import publish
 
     engine, model = parts.engine, parts.model
     gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()),
@@ -322,14 +391,16 @@ def _export(recipe: TrainRecipe, parts: Engine, rank: int, tracker: Any, step: i
         if rank != 0:
             return
         merge_lora(model)
-        model.config.dtype = "float32"
-        model.float()
+        dtype = parts.dtype if recipe.export_dtype == "auto" else recipe.export_dtype
+        model.config.dtype = dtype
+        place(model, "cpu", dtype)
         with tempfile.TemporaryDirectory(prefix="mova-export-") as tmp:
             folder = model.save_pretrained(os.path.join(tmp, "model"))
             (folder / "training.json").write_text(json.dumps({
                 "stage": recipe.stage, "steps": step, "init_from": recipe.init_from,
                 "mlflow_run_id": run_id, "tracking_uri": config["tracking_uri"],
                 "recipe": config["recipe"]}, indent=2) + "\n")
+            write_file_list(folder)  # training.json belongs to the checkpoint too
             if tracker is not None:
                 tracker.log_artifacts(str(folder), "model")
-            storage.upload_folder(str(folder), recipe.output)
+            publish(folder, recipe.output)

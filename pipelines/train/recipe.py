@@ -37,6 +37,17 @@ class LoraConfig:
 
 
 @dataclass
+class DataConfig:
+    """How the manifest is read: the epoch order (see ``pipelines.train.order``)."""
+
+    shuffle: bool = True  # a seeded shuffle per epoch (the same for the same seed)
+    chunk_rows: int = 1024  # rows per manifest chunk (one ranged read each)
+    window_chunks: int = 8  # chunks whose rows are shuffled together
+    prepare_batch_size: int = 8  # rows per data-preparation task
+    record_batches: bool = False  # write each batch's sample ids under <storage_path>/<name>/
+
+
+@dataclass
 class TrainRecipe(TrackedRecipe):
     """`mova train`: one pretraining or SFT run (resumed by running it again)."""
 
@@ -56,6 +67,7 @@ class TrainRecipe(TrackedRecipe):
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     precision: str = "auto"
+    export_dtype: str = "auto"  # the exported model's dtype; auto: the training precision
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch_size: int = 4
@@ -71,6 +83,7 @@ class TrainRecipe(TrackedRecipe):
     max_failures: int = 0
     seed: int = 0
     skip_bad_rows: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
 
     def validate(self) -> TrainRecipe:
         self.require("init_from", "manifest", "output", "name", "storage_path")
@@ -84,6 +97,9 @@ class TrainRecipe(TrackedRecipe):
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"train recipe: precision={self.precision!r}; expected auto, fp32 "
                              "or bf16")
+        if self.export_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"train recipe: export_dtype={self.export_dtype!r}; expected auto "
+                             "(the training precision), float32 or bfloat16")
         if self.deepspeed.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"train recipe: deepspeed.zero_stage={self.deepspeed.zero_stage}; "
                              "expected 0, 1, 2 or 3")
@@ -94,6 +110,9 @@ class TrainRecipe(TrackedRecipe):
                              "LLM)")
         self.at_least(1, "num_workers", "batch_size", "grad_accum", "epochs", "checkpoint_every",
                       "keep_checkpoints", "log_every")
+        for key in ("chunk_rows", "window_chunks", "prepare_batch_size"):
+            if getattr(self.data, key) < 1:
+                raise ValueError(f"train recipe: data.{key} must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("train recipe: max_steps must be >= 1 (or null)")
         if self.max_failures < -1:

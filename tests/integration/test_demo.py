@@ -57,7 +57,7 @@ def test_every_stage_ran_and_left_its_outputs(demo):
     for folder in ("data", "features", "init", "pretrain", "sft", "eval/trained",
                    "eval/untrained", "ray-logs"):
         assert (out / folder).is_dir(), folder
-    assert (out / "data" / "train.labels.jsonl").stat().st_size > 0
+    assert (out / "data" / "train.labels" / "_SUCCESS").is_file()
     for ckpt in ("pretrain", "sft"):
         assert (out / ckpt / "config.json").is_file()
         assert (out / ckpt / "adapter.safetensors").is_file()

@@ -109,7 +109,13 @@ def _recipe(setup, out: str, **kw) -> EvalRecipe:
 
 
 def _records(summary) -> list[dict]:
-    return [json.loads(line) for line in Path(summary.predictions).read_text().splitlines()]
+    """The prediction records the workers wrote (parts of a published folder), in benchmark
+    and id order."""
+    folder = Path(summary.predictions)
+    parts = json.loads((folder / "_SUCCESS").read_text())["parts"]
+    records = [json.loads(line) for part in parts
+               for line in (folder / part).read_text().splitlines()]
+    return sorted(records, key=lambda r: (r["benchmark"], r["id"]))
 
 
 def _check_records(records, expected):
@@ -136,10 +142,11 @@ def _mlflow_run(setup, run_id):
     return run, artifacts
 
 
-def test_eval_on_ray_with_label_routing(ray_session, setup):
+def test_eval_on_ray_with_label_routing(ray_session, setup, no_driver_rows):
     recipe = _recipe(setup, "out-ray", checkpoint=str(setup["ckpt"]), routing="label",
                      batch_size=3, workers=1, cpus_per_worker=1.0)
     summary = run_eval(recipe)
+    no_driver_rows.undo()
     assert (summary.questions, summary.errors, summary.mode) == (9, 1, "checkpoint")
     records = _records(summary)
     _check_records(records, setup["by_label"])
@@ -173,7 +180,7 @@ def test_eval_on_ray_with_label_routing(ray_session, setup):
     assert run.data.metrics["activation/mixed/vary"] == pytest.approx(0.2)
     assert run.data.metrics["errors"] == 1
     assert run.data.params["routing"] == "label"
-    assert artifacts == {"eval/predictions.jsonl", "eval/scores.json", "eval/report.md"}
+    assert artifacts == {"eval/predictions", "eval/scores.json", "eval/report.md"}
 
 
 class _FakeServer(BaseHTTPRequestHandler):
@@ -227,10 +234,11 @@ class _FakeServer(BaseHTTPRequestHandler):
         return self._send(200, {
             "choices": [{"index": 0, "message": {"role": "assistant", "content": out.answer}}],
             "mova": {"experts": out.experts, "forced": forced is not None,
-                     "routing_reply": out.routing_reply, "pool": self.model.expert_names}})
+                     "routing_reply": out.routing_reply, "pool": self.model.expert_names,
+                     "vision_ms": 1.0}})
 
 
-def test_eval_over_http_with_model_routing(setup):
+def test_eval_over_http_with_model_routing(ray_session, setup):
     _FakeServer.model = setup["model"]
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeServer)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -259,4 +267,4 @@ def test_eval_over_http_with_model_routing(setup):
     run, artifacts = _mlflow_run(setup, summary.mlflow_run_id)
     assert run.data.params["api_key"] == "***" and run.data.params["mode"] == "endpoint"
     assert run.data.metrics["mixed/score"] == pytest.approx(summary.scores["mixed"].score)
-    assert "eval/predictions.jsonl" in artifacts
+    assert "eval/predictions" in artifacts

@@ -56,7 +56,14 @@ def checkpoint(tmp_path_factory):
 
 def _recipe(manifest, checkpoint, cache, **kw) -> FeaturesRecipe:
     return FeaturesRecipe(manifest=str(manifest), checkpoint=str(checkpoint), cache=str(cache),
-                          batch_size=4, cpus_per_worker=0.5, **kw).validate()
+                          batch_size=4, **kw).validate()
+
+
+def _decodes(folder: Path) -> list[str]:
+    """The images of ``folder`` that feature jobs decoded, one entry per decode."""
+    logs = Path(os.environ["MOVA_TRACE_DECODES"]).glob("decodes-*.log")
+    return [line for log in logs for line in log.read_text().splitlines()
+            if line.startswith(str(folder))]
 
 
 def _expected_counts(mode: str, only: list[str] = ONLY) -> dict[str, int]:
@@ -68,13 +75,21 @@ def _expected_counts(mode: str, only: list[str] = ONLY) -> dict[str, int]:
     return counts
 
 
-def test_cache_miss_then_zero_work_rerun_and_equal_features(ray_session, tmp_path, checkpoint):
+def test_cache_miss_then_zero_work_rerun_and_equal_features(ray_session, tmp_path, checkpoint,
+                                                            no_driver_rows):
     manifest = _write_dataset(tmp_path / "data")
+    with open(manifest) as f:  # every image twice: rows share images, as LLaVA's do
+        rows = f.read()
+    manifest.write_text(rows + rows.replace('"id": "s', '"id": "t'))
     cache_dir = tmp_path / "cache"
     first = run_features(_recipe(manifest, checkpoint, cache_dir, only=ONLY))
     computed = {e.expert: e.computed for e in first.experts}
     assert computed == _expected_counts("label")
-    assert first.skipped == 0 and first.images == 6
+    assert first.skipped == 0 and first.images == 4  # images whose rows need one of ONLY
+    decodes = _decodes(tmp_path / "data")
+    assert sorted(decodes) == sorted(set(decodes)) and len(decodes) == 4, \
+        "each image decoded once, for every expert and row that needs it"
+    no_driver_rows.undo()
     second = run_features(_recipe(manifest, checkpoint, cache_dir, only=ONLY))
     assert second.computed == 0
     assert second.skipped == sum(computed.values())
@@ -126,12 +141,14 @@ def test_bad_rows_fail_clearly_or_are_skipped_with_a_report(ray_session, tmp_pat
     with pytest.raises(ValueError, match="nope"):
         run_features(_recipe(manifest, checkpoint, cache_dir))
     assert not cache_dir.exists()
-    report = tmp_path / "skipped.jsonl"
+    report = tmp_path / "skipped"
     summary = run_features(_recipe(manifest, checkpoint, cache_dir, skip_bad_rows=True,
                                    report=str(report), only=ONLY))
-    assert summary.bad_images == 1
-    skipped = [json.loads(line) for line in report.read_text().splitlines()]
+    assert summary.bad_images == 1 and summary.bad_rows == 1 and summary.report == str(report)
+    skipped = [json.loads(line) for part in report.glob("*.jsonl")
+               for line in part.read_text().splitlines()]
     assert any("broken.png" in row.get("image", "") for row in skipped)
+    assert any(row.get("id") == "bad2" and "nope" in row["message"] for row in skipped)
     assert {e.expert: e.computed for e in summary.experts} == _expected_counts("label")
 
 
@@ -156,14 +173,14 @@ def test_killed_job_leaves_no_partial_shard_and_rerun_completes(ray_session, tmp
     cmd = [sys.executable, "-m", "pipelines.cli", "features", f"manifest={manifest}",
            f"checkpoint={checkpoint}", f"cache={cache_dir}", "batch_size=1", "experts=all",
            "only=[dinov2,vary]",
-           "ray.num_cpus=2", "cpus_per_worker=0.5", f"ray.temp_dir={ray_tmp}"]
+           "ray.num_cpus=2", f"ray.temp_dir={ray_tmp}"]
     proc = subprocess.Popen(cmd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 240
     try:
         while time.time() < deadline:
-            shards = list(cache_dir.rglob("shard-*.parquet"))
+            shards = list(cache_dir.rglob("shards/*.bin"))
             if len(shards) >= 3 or proc.poll() is not None:
                 break
             time.sleep(0.2)
@@ -178,9 +195,10 @@ def test_killed_job_leaves_no_partial_shard_and_rerun_completes(ray_session, tmp
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    for shard in cache_dir.rglob("*.parquet"):
-        assert shard.name.startswith("shard-")
-        pq.read_table(shard)  # every visible shard is complete
+    for part in cache_dir.rglob("index/*.parquet"):  # every indexed feature is complete
+        for entry in pq.read_table(part).to_pylist():
+            shard = part.parent.parent / "shards" / f"{entry['shard']}.bin"
+            assert shard.stat().st_size >= entry["offset"] + entry["length"]
     summary = run_features(_recipe(manifest, checkpoint, cache_dir, experts="all",
                                    only=["dinov2", "vary"]))
     assert summary.skipped > 0
@@ -188,7 +206,8 @@ def test_killed_job_leaves_no_partial_shard_and_rerun_completes(ray_session, tmp
     cache = FeatureCache(str(cache_dir))
     hashes = {image_hash(load_image(p)) for p in (tmp_path / "data" / "img").glob("*.png")}
     for name in ("dinov2", "vary"):
-        assert set(cache.index(name, keys[name], refresh=True)) == hashes, name
+        assert cache.hashes(name, keys[name]) == hashes, name
+        assert len(cache.index_parts(name, keys[name])) == 1, "the job merged its index"
 
 
 def test_cache_on_s3(ray_session, s3_endpoint, tmp_path, checkpoint):
@@ -203,3 +222,38 @@ def test_cache_on_s3(ray_session, s3_endpoint, tmp_path, checkpoint):
     image = load_image(manifest.parent / "img" / "0.png")
     feats = FeatureCache(cache_uri).get("dinov2", keys["dinov2"], image_hash(image))
     assert feats.shape == (64, 24)
+
+
+def test_two_jobs_writing_one_cache_at_once(ray_session, tmp_path, checkpoint):
+    """Two feature jobs on overlapping manifests, at the same time, into one cache: every
+    image is readable afterwards and equals what the expert computes."""
+    import threading
+
+    first = _write_dataset(tmp_path / "a", n=8, seed=3)
+    second = _write_dataset(tmp_path / "b", n=8, seed=3)  # the same images, other files
+    cache_dir = tmp_path / "cache"
+    errors = []
+
+    def job(manifest):
+        try:
+            run_features(_recipe(manifest, checkpoint, cache_dir, experts="all",
+                                 only=["sam"], cpus_per_worker=0.4))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=job, args=(m,)) for m in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors and not any(t.is_alive() for t in threads)
+    keys = expert_cache_keys(checkpoint)
+    cache = FeatureCache(str(cache_dir))
+    images = [load_image(p) for p in sorted((tmp_path / "a" / "img").glob("*.png"))]
+    assert cache.hashes("sam", keys["sam"]) == {image_hash(i) for i in images}
+    model = from_pretrained(checkpoint)
+    direct = model.expert_features("sam", model.processor.expert("sam", images))
+    cached = cache.get_many("sam", keys["sam"], [image_hash(i) for i in images])
+    for a, b in zip(cached, direct, strict=True):
+        torch.testing.assert_close(a.float(), b, atol=2e-3, rtol=2e-3)
+    assert cache.bytes_read == cache.bytes_served, "reads fetched exactly the features' bytes"

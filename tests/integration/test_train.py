@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
@@ -14,9 +15,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mova.factory import build_tiny_mova, from_pretrained
+from pipelines.data.manifest import load_manifest
 from pipelines.features.job import run_features
 from pipelines.features.recipe import FeaturesRecipe
-from pipelines.train.dataset import build_dataset, collate
+from pipelines.train.dataset import PrepareSpec, collate, prepare_rows
 from pipelines.train.job import run_train
 from pipelines.train.recipe import TrainRecipe
 
@@ -36,7 +38,7 @@ def workspace(ray_session, tmp_path_factory):
     init = root / "init"
     build_tiny_mova(seed=0).save_pretrained(init)
     run_features(FeaturesRecipe(manifest=str(data.train_manifest), checkpoint=str(init),
-                                cache=str(root / "cache"), batch_size=16, cpus_per_worker=0.5,
+                                cache=str(root / "cache"), batch_size=16,
                                 dtype="float32").validate())
     return {"root": root, "manifest": data.train_manifest, "init": init,
             "cache": root / "cache"}
@@ -58,13 +60,18 @@ def _recipe(ws, name: str, **kw) -> TrainRecipe:
 
 
 def test_cached_and_computed_features_give_the_same_loss(workspace):
-    cached, n = build_dataset(str(workspace["manifest"]), str(workspace["init"]),
-                              cache=str(workspace["cache"]), features="cached")
-    computed, _ = build_dataset(str(workspace["manifest"]), str(workspace["init"]),
-                                features="compute")
-    assert n == 12 * len(DOMAINS) + 8
-    rows_a = sorted(cached.take(6), key=lambda r: r["id"])
-    rows_b = sorted(computed.take(6), key=lambda r: r["id"])
+    manifest = str(workspace["manifest"])
+    samples = load_manifest(manifest, check_images=False)
+    assert len(samples) == 12 * len(DOMAINS) + 8
+    rows = [(manifest, s) for s in samples if s.kind == "answer"][:6]
+
+    def prepared(features, cache=None):
+        spec = PrepareSpec(checkpoint=str(workspace["init"]), cache=cache, features=features,
+                           max_length=None)
+        return prepare_rows(rows, spec)
+
+    rows_a = prepared("cached", str(workspace["cache"]))
+    rows_b = prepared("compute")
     assert [r["id"] for r in rows_a] == [r["id"] for r in rows_b]
     model = from_pretrained(workspace["init"])
     names, pad = model.expert_names, model.tokenizer.pad_token_id
@@ -102,18 +109,23 @@ def test_pretrain_then_sft_with_lora_and_zero3(workspace):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model", "recipe.yaml"} <= artifacts
 
+    # bf16 on CPU with experts computed each step: they follow the engine's dtype and device,
+    # and the export keeps the training precision (export_dtype=auto).
     sft = run_train(_recipe(workspace, "sft", stage="sft", init_from=pre.output,
                             features="compute", max_steps=4, checkpoint_every=4,
+                            precision="bf16",
                             **{"deepspeed.zero_stage": 3, "lora.enabled": True,
                                "lora.target_modules": ["q_proj", "v_proj"]}))
-    assert sft.steps == 4
+    assert sft.steps == 4 and sft.final_loss is not None and math.isfinite(sft.final_loss)
     tuned = from_pretrained(sft.output)  # LoRA merged: a plain transformers Llama again
     assert type(tuned.llm).__name__ == "LlamaForCausalLM"
+    assert tuned.config.dtype == "bfloat16"
+    assert {p.dtype for p in tuned.parameters()} == {torch.bfloat16}
     a, b = trained.llm.state_dict(), tuned.llm.state_dict()
     assert a.keys() == b.keys()
-    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    changed = {k for k in a if not torch.equal(a[k].to(torch.bfloat16), b[k])}
     assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
-    assert all(torch.equal(trained.experts.state_dict()[k], v)
+    assert all(torch.equal(trained.experts.state_dict()[k].to(v.dtype), v)
                for k, v in tuned.experts.state_dict().items())
     with pytest.raises(ValueError, match="already holds a model"):
         run_train(_recipe(workspace, "sft", stage="sft", init_from=pre.output))
@@ -150,8 +162,46 @@ def _assert_killed(thread: threading.Thread) -> None:
     assert not thread.is_alive(), "the worker was never killed"
 
 
-def test_killed_worker_restarts_from_checkpoint(workspace, ray_session):
-    recipe = _recipe(workspace, "faulty", max_steps=9, max_failures=1)
+def _batches(workspace, name: str) -> dict[tuple[int, int, int], list[str]]:
+    """(rank, epoch, batch) -> sample ids, from a run's batch records."""
+    out = {}
+    for path in (workspace["root"] / "ray_results" / name / "batches").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            out[(r["rank"], r["epoch"], r["batch"])] = r["ids"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(workspace):
+    """An uninterrupted run the interrupted ones must match batch for batch."""
+    result = run_train(_recipe(workspace, "reference", max_steps=9,
+                               **{"data.record_batches": True}))
+    batches = _batches(workspace, "reference")
+    assert result.steps == 9 and len(batches) == 2 * 9  # 2 workers, 9 batches each
+    return batches
+
+
+def test_the_order_is_a_seeded_shuffle_per_epoch(workspace, reference, no_driver_rows):
+    again = run_train(_recipe(workspace, "same-seed", max_steps=2,
+                              **{"data.record_batches": True}))
+    no_driver_rows.undo()  # the driver only scanned; the workers read their own rows
+    per_epoch = {}
+    for (rank, epoch, _), ids in sorted(reference.items()):
+        per_epoch.setdefault((rank, epoch), []).extend(ids)
+    assert per_epoch[(0, 0)] != per_epoch[(0, 1)], "each epoch has its own order"
+    assert not set(per_epoch[(0, 0)]) & set(per_epoch[(1, 0)]), "ranks share no sample"
+    manifest_order = [s.id for s in load_manifest(str(workspace["manifest"]),
+                                                  check_images=False)]
+    assert per_epoch[(0, 0)] != manifest_order[:len(per_epoch[(0, 0)])], "shuffled"
+    assert again.steps == 2
+    repeat = _batches(workspace, "same-seed")
+    assert repeat == {k: v for k, v in reference.items() if k[1:] in ((0, 0), (0, 1))}
+
+
+def test_killed_worker_restarts_from_checkpoint(workspace, ray_session, reference):
+    recipe = _recipe(workspace, "faulty", max_steps=9, max_failures=1,
+                     **{"data.record_batches": True})
     killer = _kill_a_worker_after_checkpoint(ray_session, workspace["root"] / "ray_results",
                                              "faulty")
     result = run_train(recipe)
@@ -162,10 +212,12 @@ def test_killed_worker_restarts_from_checkpoint(workspace, ray_session):
     assert max(steps) == 9
     resumed = client.get_metric_history(result.mlflow_run_id, "resumed_from_step")
     assert [m.value for m in resumed] in ([3.0], [6.0]), "the run restarted from a checkpoint"
+    assert _batches(workspace, "faulty") == reference, "exactly the uninterrupted run's batches"
 
 
-def test_rerunning_the_same_command_resumes(workspace, ray_session):
-    recipe = _recipe(workspace, "rerun", max_steps=9, max_failures=0)
+def test_rerunning_the_same_command_resumes(workspace, ray_session, reference):
+    recipe = _recipe(workspace, "rerun", max_steps=9, max_failures=0,
+                     **{"data.record_batches": True})
     killer = _kill_a_worker_after_checkpoint(ray_session, workspace["root"] / "ray_results",
                                              "rerun")
     with pytest.raises(RuntimeError, match="training failed"):
@@ -181,6 +233,7 @@ def test_rerunning_the_same_command_resumes(workspace, ray_session):
     assert [r.info.run_id for r in runs] == [result.mlflow_run_id], "resumed the same run"
     steps = [m.step for m in first_run.get_metric_history(result.mlflow_run_id, "loss")]
     assert steps[0] == 1 and max(steps) == 9 and 4 in steps
+    assert _batches(workspace, "rerun") == reference, "exactly the uninterrupted run's batches"
 
 
 def test_bad_inputs_fail_before_ray_work(workspace, tmp_path):

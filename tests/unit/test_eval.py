@@ -11,10 +11,10 @@ import pytest
 
 from pipelines.cli import build_parser
 from pipelines.data.benchmarks import convert_gqa
-from pipelines.data.manifest import write_manifest
+from pipelines.data.manifest import check_row, read_rows, write_manifest
 from pipelines.evaluate.http import EndpointError, ask_endpoint, post_chat, to_messages
-from pipelines.evaluate.items import load_items
-from pipelines.evaluate.job import predict_batch, run_eval
+from pipelines.evaluate.items import item_of
+from pipelines.evaluate.job import run_eval
 from pipelines.evaluate.recipe import BenchmarkSpec, EvalRecipe
 from pipelines.evaluate.report import build_records
 from pipelines.evaluate.scoring import (
@@ -26,6 +26,7 @@ from pipelines.evaluate.scoring import (
     score_benchmark,
     scores_markdown,
 )
+from pipelines.evaluate.workers import predict_batch
 
 
 def _rec(pred, answers, metric, domain=None, error=None, meta=None, experts=(), bench="b"):
@@ -189,7 +190,14 @@ def test_markdown_tables():
 # ---- benchmark files -----------------------------------------------------------------------
 
 
-def test_load_items_reads_converter_output(tmp_path, png_file):
+def _items(path, name, metric=None, routing="model", pool=None):
+    """The questions of a (small) benchmark file, as the eval job's stream makes them."""
+    samples = [check_row(row, line, None, str(path))[0] for line, row in read_rows(str(path))]
+    items = [item_of(s, str(path), name, metric, routing, pool) for s in samples]
+    return [i for i in items if i is not None]
+
+
+def test_items_from_converter_output(tmp_path, png_file):
     png_file(tmp_path / "gqa" / "img1.jpg")
     src = tmp_path / "gqa" / "questions.json"
     src.write_text(json.dumps({"q1": {"imageId": "img1", "question": "Is it green?",
@@ -198,7 +206,7 @@ def test_load_items_reads_converter_output(tmp_path, png_file):
                                       "answer": "green"}}))
     out = tmp_path / "bench" / "gqa.jsonl"
     convert_gqa(str(src), str(out))
-    items = load_items(BenchmarkSpec(name="gqa", path=str(out)))
+    items = _items(out, "gqa")
     assert [i.id for i in items] == ["q1", "q2"]
     first = items[0]
     assert first.image == str(tmp_path / "gqa" / "img1.jpg")
@@ -206,14 +214,11 @@ def test_load_items_reads_converter_output(tmp_path, png_file):
     assert first.question.startswith("Is it green?")
     assert (first.answers, first.metric, first.meta["benchmark"]) == (["yes"], "exact_match",
                                                                       "gqa")
-    assert len(load_items(BenchmarkSpec(name="gqa", path=str(out), limit=1))) == 1
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        load_items(BenchmarkSpec(name="x", path=str(tmp_path / "nope.jsonl")))
     with pytest.raises(ValueError, match="routing=label needs a routing label"):
-        load_items(BenchmarkSpec(name="gqa", path=str(out)), routing="label")
+        _items(out, "gqa", routing="label")
 
 
-def test_load_items_training_style_rows(tmp_path, png_file):
+def test_items_from_training_style_rows(tmp_path, png_file):
     """Synth-style rows: answers/metric on the row; a bare Q/A row takes the gpt turn as its
     reference and the entry's metric; routing-instruction rows are skipped."""
     png_file(tmp_path / "a.png")
@@ -227,11 +232,10 @@ def test_load_items_training_style_rows(tmp_path, png_file):
         {"id": "s2", "image": "a.png", "conversations": turns},
     ], str(path))
     with pytest.raises(ValueError, match="row 's2': no metric"):
-        load_items(BenchmarkSpec(name="m", path=str(path)))
+        _items(path, "m")
     with pytest.raises(ValueError, match=r"routing label \['vary'\] is not in the model's"):
-        load_items(BenchmarkSpec(name="m", path=str(path), metric="exact_match"),
-                   routing="label", pool=["sam"])
-    items = load_items(BenchmarkSpec(name="m", path=str(path), metric="exact_match"))
+        _items(path, "m", "exact_match", routing="label", pool=["sam"])
+    items = _items(path, "m", "exact_match")
     assert [(i.id, i.answers, i.metric) for i in items] == [
         ("s1", ["A", "a"], "anls"), ("s2", ["A"], "exact_match")]
     assert items[0].turns == turns[:1] and items[0].experts == ["vary"]
@@ -268,8 +272,7 @@ def test_missing_inputs_fail_before_any_work(tmp_path, monkeypatch, png_file):
     def no_work(*args, **kwargs):
         raise AssertionError("inference started despite bad inputs")
 
-    monkeypatch.setattr(evaluate, "_predict_ray", no_work)
-    monkeypatch.setattr(evaluate, "_predict_http", no_work)
+    monkeypatch.setattr(evaluate, "_pipeline", no_work)
     good = Path(png_file(tmp_path / "a.png"))
     bench = tmp_path / "b.jsonl"
     write_manifest([{"id": "s", "image": good.name, "answers": ["x"], "metric": "exact_match",

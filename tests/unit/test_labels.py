@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -190,8 +191,9 @@ def test_loss_worker_reads_the_cache_falls_back_to_the_experts_and_reports_bad_i
     computed ones give the same losses; an unreadable image is an error row, not a crash."""
     from mova.checkpoint import expert_cache_keys
     from mova.images import image_hash
+    from pipelines.data.schema import Sample
     from pipelines.features.cache import FeatureCache
-    from pipelines.labels.job import LossWorker
+    from pipelines.labels.workers import LabelSpec, LossWorker
 
     model, _ = useful_model
     checkpoint = tmp_path / "ckpt"
@@ -211,32 +213,40 @@ def test_loss_worker_reads_the_cache_falls_back_to_the_experts_and_reports_bad_i
         cache.write_shard(name, keys[name], [image_hash(images[i]) for i in cached], feats)
     conversation = [{"from": "human", "value": "<image>\nWhat is shown?"},
                     {"from": "gpt", "value": "a red square"}]
-    batch = {"id": np.array(["a", "b", "c", "bad"]),
-             "image": np.array(["img/0.png", "img/1.png", "img/2.png", "img/broken.png"]),
-             "conversations": _object_array([conversation] * 4)}
+    rows = [Sample(id=i, image=f"img/{name}.png", conversations=conversation)
+            for i, name in zip(["a", "b", "c", "bad"], ["0", "1", "2", "broken"], strict=True)]
+    batch = {"file": _object_array([str(manifest)] * 4), "line": np.arange(1, 5),
+             "sample": _object_array([json.dumps(r.to_dict()) for r in rows])}
 
-    with_cache = LossWorker(str(checkpoint), str(manifest), str(tmp_path / "cache"), POOL,
-                            None, "auto")(batch)
-    without = LossWorker(str(checkpoint), str(manifest), None, POOL, None, "auto")(batch)
-    assert with_cache["id"] == ["a", "b", "c", "bad"]
-    assert with_cache["source"] == ["cache", "compute", "compute", ""]
-    assert without["source"] == ["compute", "compute", "compute", ""]
+    def worker(cache, experts=tuple(POOL), precision="auto"):
+        return LossWorker(LabelSpec(checkpoint=str(checkpoint), cache=cache,
+                                    experts=tuple(experts), max_experts=3, margin=0.0,
+                                    max_length=None, precision=precision,
+                                    output=str(tmp_path / "out"), input_files=(str(manifest),)))
+
+    def losses(out):
+        return [json.loads(x) for x in out["loss"]]
+
+    with_cache = worker(str(tmp_path / "cache"))(batch)
+    without = worker(None)(batch)
+    assert [json.loads(x)["id"] for x in with_cache["sample"]] == ["a", "b", "c", "bad"]
+    assert [x and x["source"] for x in losses(with_cache)] == ["cache", "compute", "compute",
+                                                                None]
+    assert [x and x["source"] for x in losses(without)] == ["compute"] * 3 + [None]
     assert with_cache["error"][:3] == ["", "", ""] and with_cache["error"][3]
-    cached_losses, computed_losses = (np.array(r["losses"]) for r in (with_cache, without))
-    assert cached_losses.shape == (4, 1 + len(POOL))
-    assert np.isnan(cached_losses[3]).all()
-    np.testing.assert_allclose(cached_losses[:3], computed_losses[:3], atol=2e-3)
-    assert (cached_losses[:3, 2] < cached_losses[:3, 0]).all()  # vary beats the base
-    assert LossWorker(str(checkpoint), str(manifest), None, [USEFUL, "dinov2"], None,
-                      "fp32")(batch)["losses"][0][1] == pytest.approx(computed_losses[0, 2],
-                                                                       abs=1e-5)
+    cached_losses, computed_losses = (np.array([x["losses"] for x in losses(r)[:3]])
+                                      for r in (with_cache, without))
+    assert cached_losses.shape == (3, 1 + len(POOL))
+    np.testing.assert_allclose(cached_losses, computed_losses, atol=2e-3)
+    assert (cached_losses[:, 2] < cached_losses[:, 0]).all()  # vary beats the base
+    fp32 = losses(worker(None, [USEFUL, "dinov2"], "fp32")(batch))
+    assert fp32[0]["losses"][1] == pytest.approx(computed_losses[0, 2], abs=1e-5)
 
 
 @pytest.mark.parametrize("override, message", [
     ("margin=-0.1", "margin=-0.1 must be a number >= 0"),
     ("max_experts=0", "max_experts=0 must be >= 1"),
     ("precision=fp16", "precision='fp16'"),
-    ("output=out.txt", "output='out.txt' must end in"),
     ("workers=0", "workers must be >= 1"),
     ("only=[vary,vary]", "names an expert twice"),
     ("checkpoint=", "checkpoint must be set"),

@@ -1,0 +1,306 @@
+"""One streaming pass over a manifest: its chunks (byte ranges of whole rows), row counts and
+bad rows, computed by Ray tasks; the driver keeps only this small summary.
+
+A manifest is a JSON-lines or Parquet file, or a folder of them (read in name order; a folder
+written by a mova job carries a ``_SUCCESS`` file listing its parts, and only those are read).
+Big JSON-lines files are split into byte ranges that tasks scan in parallel; each range yields
+chunks of at most ``chunk_rows`` rows that later readers fetch with one ranged read. Every row
+is parsed and validated once here, so a bad row is named by file and line before any real work
+starts; with ``skip_bad_rows`` the readers drop the same rows again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipelines.common import storage
+from pipelines.data.ids import duplicates_across, mark_duplicates
+from pipelines.data.manifest import check_row
+from pipelines.data.rows import (
+    ManifestError,
+    RowError,
+    format_of,
+    manifest_files,
+    parquet_row,
+    parse_line,
+)
+
+log = logging.getLogger(__name__)
+
+CHUNK_ROWS = 1024
+RANGE_BYTES = 64 << 20  # one scan task reads at most this much of a JSON-lines file
+MAX_ERRORS = 50  # errors kept per task (their total is always counted)
+
+
+@dataclass
+class Chunk:
+    """Consecutive rows of one file: bytes ``[start, end)`` (JSON lines) or rows
+    ``[start, end)`` within one row group (Parquet); ``line`` is the 1-based line (or row)
+    number of its first row; ``skip`` lists rows that pass the row checks but repeat an
+    earlier row's id (see ``pipelines.data.ids``)."""
+
+    path: str
+    fmt: str
+    start: int
+    end: int
+    line: int
+    rows: int  # rows in the chunk (non-blank lines)
+    valid: int  # of them valid
+    skip: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ManifestScan:
+    """What a scan found: every chunk in order, counts and the first errors."""
+
+    uri: str
+    chunks: list[Chunk]
+    rows: int = 0
+    valid: int = 0
+    error_count: int = 0
+    errors: list[RowError] = field(default_factory=list)
+    row_limit: int | None = None  # readers stop after this many valid rows
+
+    @property
+    def ok(self) -> bool:
+        return self.error_count == 0
+
+    def format_errors(self) -> str:
+        lines = [e.format() for e in self.errors]
+        if self.error_count > len(self.errors):
+            lines.append(f"... and {self.error_count - len(self.errors)} more error(s)")
+        return "\n".join(lines)
+
+    def require_ok(self, skip_bad_rows: bool) -> None:
+        """Fail naming the bad rows, unless they are to be skipped."""
+        if self.error_count and not skip_bad_rows:
+            raise ManifestError(f"manifest {self.uri}: {self.error_count} error(s) in "
+                                f"{self.rows} rows (use skip_bad_rows=true to skip and report "
+                                f"them):\n{self.format_errors()}")
+
+
+@dataclass
+class RangeResult:
+    """What one scan task found in one byte range (line numbers relative to the range)."""
+
+    chunks: list[dict] = field(default_factory=list)
+    rows: int = 0
+    valid: int = 0
+    error_count: int = 0
+    errors: list[dict] = field(default_factory=list)
+    lines: int = 0  # lines in the range, blank ones included
+    duplicates: list[dict] = field(default_factory=list)  # ids repeated within the range
+
+
+def scan_tasks(files: Sequence[str], range_bytes: int = RANGE_BYTES) -> list[dict]:
+    """One task description per byte range of each JSON-lines file, per Parquet file."""
+    tasks = []
+    for path in files:
+        fmt = format_of(path)
+        if fmt == "parquet":
+            tasks.append({"path": path, "fmt": fmt, "start": 0, "end": 0})
+            continue
+        fs, fpath = storage.filesystem(path)
+        size = fs.get_file_info(fpath).size or 0
+        for start in range(0, max(size, 1), range_bytes):
+            tasks.append({"path": path, "fmt": fmt, "start": start,
+                          "end": min(start + range_bytes, size)})
+    return tasks
+
+
+def _lines_in_range(path: str, start: int, end: int) -> Iterator[tuple[int, int, bytes]]:
+    """(byte offset, end offset, line) for every line that starts in ``[start, end)``."""
+    fs, fpath = storage.filesystem(path)
+    with fs.open_input_file(fpath) as handle:
+        size = handle.size()
+        pos = start
+        if start > 0:  # a line starting before the range belongs to the previous one
+            handle.seek(start - 1)
+            carry = b""
+            while True:
+                block = handle.read(1 << 16)
+                if not block:
+                    return
+                cut = block.find(b"\n")
+                if cut >= 0:
+                    pos = start - 1 + len(carry) + cut + 1
+                    break
+                carry += block
+        handle.seek(pos)
+        buffer = b""
+        offset = pos
+        while offset < end and offset < size:
+            block = handle.read(1 << 20)
+            if not block:
+                if buffer:
+                    yield offset, offset + len(buffer), buffer
+                return
+            buffer += block
+            while True:
+                cut = buffer.find(b"\n")
+                if cut < 0:
+                    break
+                line, buffer = buffer[:cut], buffer[cut + 1:]
+                yield offset, offset + cut + 1, line
+                offset += cut + 1
+                if offset >= end:
+                    return
+
+
+def scan_range(task: dict, pool: Sequence[str] | None, chunk_rows: int = CHUNK_ROWS,
+               report: str | None = None) -> dict:
+    """Scan one task's rows: chunk boundaries, counts, validation errors (a Ray task body).
+    With ``report``, every error also goes to a JSON-lines part file in that folder."""
+    path, fmt = task["path"], task["fmt"]
+    out = RangeResult()
+    seen: dict[str, int] = {}
+    every: list[dict] = []
+    try:
+        rows = (_parquet_rows(path) if fmt == "parquet"
+                else _jsonl_rows(path, task["start"], task["end"]))
+        current: dict | None = None
+        for group, line, start, end, raw in rows:
+            out.lines = line
+            if raw is None:  # a blank line: counted for line numbers only
+                continue
+            if current is None or current["rows"] >= chunk_rows or current["group"] != group:
+                if current is not None:
+                    out.chunks.append(current)
+                current = {"path": path, "fmt": fmt, "start": start, "end": end, "line": line,
+                           "rows": 0, "valid": 0, "group": group}
+            current["rows"] += 1
+            current["end"] = end
+            sample, errors = check_row(raw, line, pool, path)
+            if sample is not None:
+                if sample.id in seen:
+                    out.duplicates.append({"id": sample.id, "line": line,
+                                           "first_line": seen[sample.id]})
+                else:
+                    seen[sample.id] = line
+            out.rows += 1
+            if errors:
+                out.error_count += len(errors)
+                out.errors += [asdict(e) for e in errors][:MAX_ERRORS - len(out.errors)]
+                if report:
+                    every += [{"file": path, "offset": start, **asdict(e)} for e in errors]
+            else:
+                current["valid"] += 1
+                out.valid += 1
+        if current is not None:
+            out.chunks.append(current)
+    except OSError as exc:
+        raise ManifestError(f"manifest {path} cannot be read: {exc}") from exc
+    for chunk in out.chunks:
+        chunk.pop("group")
+    result = asdict(out)
+    if every:  # lines relative to the range until shift_report_lines makes them file-wide
+        result["report_part"] = write_report_part(report, "rows", every)
+    return result
+
+
+def shift_report_lines(part: str, lines_before: int) -> None:
+    """Make a report part's line numbers file-wide (a Ray task body for ranges after the
+    first of a file, whose scan could not know how many lines came before)."""
+    records = [json.loads(line) for line in storage.read_text(part).splitlines() if line]
+    for record in records:
+        record["line"] += lines_before
+    storage.write_text_atomic(part, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                            for r in records))
+
+
+def write_report_part(folder: str, kind: str, records: list[dict]) -> str:
+    """One JSON-lines part of a job's bad-row report, written atomically by a worker."""
+    import uuid
+
+    path = storage.join(folder, f"{kind}-{uuid.uuid4().hex}.jsonl")
+    storage.write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                            for r in records))
+    return path
+
+
+def _jsonl_rows(path: str, start: int, end: int):
+    for number, (first, last, line) in enumerate(_lines_in_range(path, start, end), start=1):
+        text = line.strip()
+        yield 0, number, first, last, (parse_line(text, number) if text else None)
+
+
+def _parquet_rows(path: str):
+    fs, fpath = storage.filesystem(path)
+    with fs.open_input_file(fpath) as handle:
+        reader = pq.ParquetFile(handle)
+        number = 0
+        for group in range(reader.num_row_groups):
+            for record in reader.read_row_group(group).to_pylist():
+                number += 1  # rows [number - 1, number) of the file
+                yield group, number, number - 1, number, parquet_row(record, number)
+
+
+def scan_manifest(uri: str, *, pool: Sequence[str] | None = None,
+                  chunk_rows: int = CHUNK_ROWS, range_bytes: int = RANGE_BYTES,
+                  report: str | None = None) -> ManifestScan:
+    """Scan a manifest with Ray tasks (Ray must be up); the driver gets chunks and counts.
+    With ``report`` (a folder), the tasks also write every bad row there."""
+    import ray
+
+    files = manifest_files(uri)
+    tasks = scan_tasks(files, range_bytes)
+    remote = ray.remote(num_cpus=1)(scan_range)
+    results = ray.get([remote.remote(t, list(pool) if pool else None, chunk_rows, report)
+                       for t in tasks])
+    scan = merge_ranges(uri, tasks, results, report)
+    if len(tasks) > 1:  # ids repeated across ranges (merge_ranges did a single range's)
+        found = duplicates_across([c.to_dict() for c in scan.chunks], files, pool)
+        records = mark_duplicates(scan, found, several_files=len(files) > 1)
+        if records and report:
+            write_report_part(report, "ids", records)
+    shift = ray.remote(num_cpus=1)(shift_report_lines)
+    ray.get([shift.remote(r["report_part"], before)
+             for r, before in zip(results, _lines_before(tasks, results), strict=True)
+             if r.get("report_part") and before])
+    return scan
+
+
+def _lines_before(tasks: list[dict], results: list[dict]) -> list[int]:
+    """For each range, how many lines of its file come before it."""
+    out, base = [], {}
+    for task, result in zip(tasks, results, strict=True):
+        out.append(base.get(task["path"], 0))
+        base[task["path"]] = out[-1] + result["lines"]
+    return out
+
+
+def merge_ranges(uri: str, tasks: list[dict], results: list[dict],
+                 report: str | None = None) -> ManifestScan:
+    """Put the ranges' chunks in order with file-wide line numbers."""
+    scan = ManifestScan(uri=uri, chunks=[])
+    several = len({t["path"] for t in tasks}) > 1 or any(t["path"] != uri for t in tasks)
+    for task, result, offset in zip(tasks, results, _lines_before(tasks, results), strict=True):
+        for chunk in result["chunks"]:
+            scan.chunks.append(Chunk(**{**chunk, "line": chunk["line"] + offset}))
+        for error in result["errors"]:
+            if len(scan.errors) < MAX_ERRORS:
+                where = error["line"] + offset
+                message = (f"{task['path']}: {error['message']}" if several
+                           else error["message"])
+                scan.errors.append(RowError(where, error["id"], error["field"], message))
+        scan.rows += result["rows"]
+        scan.valid += result["valid"]
+        scan.error_count += result["error_count"]
+    if len(tasks) == 1:  # a single range found its own duplicates (several: scan_manifest)
+        path = tasks[0]["path"]
+        records = mark_duplicates(scan, [{**d, "file": path, "first_file": path}
+                                         for d in results[0]["duplicates"]], several)
+        if records and report:
+            write_report_part(report, "ids", records)
+    log.info("scanned %s: %d rows, %d valid, %d error(s), %d chunk(s)", uri, scan.rows,
+             scan.valid, scan.error_count, len(scan.chunks))
+    return scan
