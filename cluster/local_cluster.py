@@ -308,11 +308,16 @@ def start_cluster(
     state_file: str | None = None,
     timeout_s: float = START_TIMEOUT_S,
     host_alias: str | None = None,
+    node_env: list[dict[str, str]] | None = None,
 ) -> ClusterHandle:
     """Start a head and ``nodes - 1`` worker nodes on this machine; returns the handle.
 
-    Everything the cluster starts is stopped again if any step fails.
+    ``node_env[i]`` adds environment variables to node ``i`` (its raylet and every worker it
+    starts inherit them), e.g. a private ``TMPDIR``/``HOME``/``MOVA_CACHE`` per node so that
+    nodes share no folder. Everything the cluster starts is stopped again if any step fails.
     """
+    if node_env is not None and len(node_env) != nodes:
+        raise ValueError(f"node_env has {len(node_env)} entries for {nodes} node(s)")
     if nodes < 1 or cpus_per_node < 0:
         raise ValueError(f"nodes={nodes}, cpus_per_node={cpus_per_node}; expected nodes >= 1 "
                          "and cpus_per_node >= 0")
@@ -352,8 +357,10 @@ def start_cluster(
             cmd += [f"--temp-dir={temp_dir}", "--disable-usage-stats",
                     *_node_args(index, cpus_per_node, object_store_mb)]
             log.info("starting node %d: %s", index, " ".join(cmd[1:3]))
-            node_env = env if index == 0 else {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
-            _run_ray_start(cmd, node_env, logs / f"node_{index}.log")
+            start_env = env if index == 0 else {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+            if node_env is not None:
+                start_env = {**node_env[index], **start_env}
+            _run_ray_start(cmd, start_env, logs / f"node_{index}.log")
             known = {p.pid for p in handle.processes}
             found = find_processes(temp_dir, gcs)
             handle.processes += [Proc(p.pid, p.start, p.name, index)

@@ -135,10 +135,13 @@ def _load_expert(root: Path, config: MoVAConfig, name: str, entry: dict) -> Visi
     resolved = resolve_expert(expert_cfg)
     source = entry.get("reference") or str(_require(root / entry["path"], f"expert {name!r}"))
     resolved = type(resolved)(spec=resolved.spec, size=resolved.size, pretrained=source)
-    # A model saved in bf16 fingerprinted its experts in bf16, while a referenced expert loads
-    # in its own (fp32) weights: compare in the dtype the checkpoint was saved in.
-    expert = build_expert(resolved).to(torch_dtype(config.dtype))
-    if entry.get("fingerprint") and state_fingerprint(expert) != entry["fingerprint"]:
+    expert = build_expert(resolved)
+    fingerprint = entry.get("fingerprint")
+    if fingerprint and state_fingerprint(expert) != fingerprint:
+        # A model saved in bf16 fingerprinted its experts in bf16, while a referenced expert
+        # loads in its own (fp32) weights: compare again in the checkpoint's dtype.
+        expert.to(torch_dtype(config.dtype))
+    if fingerprint and state_fingerprint(expert) != fingerprint:
         raise CheckpointError(
             f"expert {name!r} loaded from {source} does not match the weights the checkpoint "
             "was saved with (fingerprint differs)"

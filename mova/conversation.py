@@ -8,6 +8,7 @@ the assistant replies (and their end-of-turn suffix, so the model learns to stop
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Sequence
@@ -87,25 +88,10 @@ TEMPLATES: dict[str, ChatTemplate] = {
         assistant_suffix="<|eot_id|>",
         add_bos=True,
     ),
-    # The released MoVA-8B template (``mova_llama3``, SeparatorStyle.MPT): the same layout as
-    # "llama3" above, kept under the authors' name; <|begin_of_text|> is the BOS id (add_bos),
-    # not text.
-    "mova_llama3": ChatTemplate(
-        name="mova_llama3",
-        system=(
-            "You are a helpful language and vision assistant. You are able to understand the "
-            "visual content that the user provides, and assist the user with a variety of tasks "
-            "using natural language."
-        ),
-        system_prefix="<|start_header_id|>system<|end_header_id|>\n\n",
-        system_suffix="<|eot_id|>",
-        user_prefix="<|start_header_id|>user<|end_header_id|>\n\n",
-        user_suffix="<|eot_id|>",
-        assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n",
-        assistant_suffix="<|eot_id|>",
-        add_bos=True,
-    ),
 }
+# The released MoVA-8B template (``mova_llama3``, SeparatorStyle.MPT): the same layout as
+# "llama3", kept under the authors' name; <|begin_of_text|> is the BOS id (add_bos), not text.
+TEMPLATES["mova_llama3"] = dataclasses.replace(TEMPLATES["llama3"], name="mova_llama3")
 
 
 def get_template(name: str) -> ChatTemplate:

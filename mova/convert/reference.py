@@ -253,6 +253,39 @@ def _source_dtype(weights: WeightFiles, groups: KeyGroups) -> str:
     return _DTYPE_NAMES.get(weights.load([key])[key].dtype, "float32")
 
 
+def _check_arguments(out: str | Path, expert_preset: str, template: str | None,
+                     overwrite: bool) -> Path:
+    if expert_preset not in PRESETS:
+        raise ReferenceImportError(f"expert_preset={expert_preset!r}; expected one of {PRESETS}")
+    if template is not None and template not in TEMPLATES:
+        raise ReferenceImportError(f"template={template!r}; expected one of {sorted(TEMPLATES)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ReferenceImportError(f"output folder {out} exists and is not empty "
+                                   "(pass overwrite=True / --overwrite to replace it)")
+    return out
+
+
+def _open_source(src: str | Path, ignore_fields: Iterable[str]) -> tuple[Path, Any, Any, Any]:
+    """The released checkpoint's folder, config, weight files and keys grouped by part; every
+    key must have a place."""
+    folder = resolve_source(src)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ReferenceImportError(f"{folder} has no config.json")
+    released = read_released_config(json.loads(config_path.read_text()), ignore_fields)
+    weights = WeightFiles(folder)
+    groups = group_keys(weights.keys(), DEFAULT_POOL)
+    if groups.unplaced:
+        raise ReferenceImportError(f"{len(groups.unplaced)} checkpoint key(s) cannot be placed: "
+                                   f"{names(groups.unplaced)}")
+    for part, found in (("LLM", groups.llm), ("adapter", groups.adapter),
+                        ("text encoder", groups.text_encoder)):
+        if not found:
+            raise ReferenceImportError(f"the checkpoint holds no {part} keys")
+    return folder, released, weights, groups
+
+
 def import_reference(src: str | Path, out: str | Path, *,
                      expert_paths: Mapping[str, str] | None = None,
                      base_path: str | None = None, text_encoder_path: str | None = None,
@@ -270,28 +303,8 @@ def import_reference(src: str | Path, out: str | Path, *,
     safetensors shards with an index.
     """
     start = time.perf_counter()
-    if expert_preset not in PRESETS:
-        raise ReferenceImportError(f"expert_preset={expert_preset!r}; expected one of {PRESETS}")
-    if template is not None and template not in TEMPLATES:
-        raise ReferenceImportError(f"template={template!r}; expected one of {sorted(TEMPLATES)}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ReferenceImportError(f"output folder {out} exists and is not empty "
-                                   "(pass overwrite=True / --overwrite to replace it)")
-    folder = resolve_source(src)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ReferenceImportError(f"{folder} has no config.json")
-    released = read_released_config(json.loads(config_path.read_text()), ignore_fields)
-    weights = WeightFiles(folder)
-    groups = group_keys(weights.keys(), DEFAULT_POOL)
-    if groups.unplaced:
-        raise ReferenceImportError(f"{len(groups.unplaced)} checkpoint key(s) cannot be placed: "
-                                   f"{names(groups.unplaced)}")
-    for part, found in (("LLM", groups.llm), ("adapter", groups.adapter),
-                        ("text encoder", groups.text_encoder)):
-        if not found:
-            raise ReferenceImportError(f"the checkpoint holds no {part} keys")
+    out = _check_arguments(out, expert_preset, template, overwrite)
+    folder, released, weights, groups = _open_source(src, ignore_fields)
     try:
         tokenizer = ensure_image_token(AutoTokenizer.from_pretrained(folder))
     except (OSError, ValueError) as exc:

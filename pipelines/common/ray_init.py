@@ -32,7 +32,8 @@ _TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 # Passed on to Ray workers when set in the driver: where S3 and MLflow are, how gloo talks.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                  "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-                 "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "GLOO_SOCKET_IFNAME")
+                 "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL",
+                 "MLFLOW_TRACKING_TOKEN", "GLOO_SOCKET_IFNAME")
 
 
 def _process_env(gpu: bool | None) -> dict[str, str]:

@@ -7,6 +7,7 @@ validated before Ray starts: an unknown key or a wrong type is an error naming i
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -67,6 +68,12 @@ class JobRecipe:
             if values.get(name):
                 values[name] = storage.absolute(values[name])
         return type(self)(**values)
+
+    def joins_cluster(self) -> bool:
+        """Whether the job joins a Ray cluster (``ray.address`` or ``RAY_ADDRESS``) rather
+        than starting a private local Ray."""
+        address = self.ray.address or os.environ.get("RAY_ADDRESS")
+        return bool(address and address != "local")
 
     def start_ray(self) -> None:
         """Join the recipe's cluster (or ``RAY_ADDRESS``), else start a private local Ray."""

@@ -102,8 +102,13 @@ def _wrap(uri: str, action: str, exc: OSError) -> OSError:
         return FileNotFoundError(f"{uri}: no such file")
     if not is_remote(uri):
         return exc
+    hint = ""
+    if any(code in str(exc) for code in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId",
+                                         "SignatureDoesNotMatch", "403")):
+        hint = (" (access denied: check the credentials, AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY or the node's role, and the bucket's policy)")
     return StorageError(
-        f"S3 {action} of {uri} at endpoint {endpoint_description()} failed: {exc}"
+        f"S3 {action} of {uri} at endpoint {endpoint_description()} failed{hint}: {exc}"
     )
 
 
@@ -142,6 +147,16 @@ def read_bytes(uri: str) -> bytes:
     try:
         with fs.open_input_file(path) as stream:
             return stream.read()
+    except OSError as exc:
+        raise _wrap(uri, "read", exc) from exc
+
+
+def read_range(uri: str, offset: int, length: int) -> bytes:
+    """``length`` bytes of a file from ``offset`` (one ranged request on S3)."""
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_file(path) as stream:
+            return stream.read_at(length, offset)
     except OSError as exc:
         raise _wrap(uri, "read", exc) from exc
 

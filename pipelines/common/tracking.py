@@ -22,20 +22,32 @@ def resolve_tracking_uri(configured: str | None, output_root: str) -> str:
         output_root)
 
 
-def tracking_target(configured: str | None, output: str) -> tuple[str, str]:
+def tracking_target(configured: str | None, output: str, joins_cluster: bool = False
+                    ) -> tuple[str, str]:
     """(tracking URI, artifact root) of a job writing ``output``: the configured or
     environment's tracking URI, else a sqlite file beside the output (under ./outputs when
-    the output is remote)."""
+    the output is remote). Artifacts go beside the output, on S3 when it is there. A remote
+    output on a cluster means nodes may share no disk: a sqlite file (one node's) is refused
+    there, naming the fix."""
     from pipelines.common import storage
 
-    root = storage.parent(storage.absolute(output)) if not storage.is_remote(output) \
-        else str(Path("outputs").resolve())
-    return resolve_tracking_uri(configured, root), storage.join(root, "mlartifacts")
+    remote = storage.is_remote(output)
+    root = str(Path("outputs").resolve()) if remote else storage.parent(storage.absolute(output))
+    uri = resolve_tracking_uri(configured, root)
+    if remote and joins_cluster and uri.startswith("sqlite:"):
+        raise ValueError(f"output {output} is on object storage and the job joins a cluster, "
+                         f"but MLflow would track into {uri}, a file on one node: set "
+                         "mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to an MLflow server, "
+                         "e.g. http://mlflow:5000")
+    artifacts = storage.join(storage.parent(output), "mlartifacts") if remote \
+        else storage.join(root, "mlartifacts")
+    return uri, artifacts
 
 
-def open_run(mlflow: Any, output: str, run_name: str | None = None) -> Tracker:
+def open_run(mlflow: Any, output: str, run_name: str | None = None,
+             joins_cluster: bool = False) -> Tracker:
     """A :class:`Tracker` for a job's ``mlflow:`` recipe section and its output."""
-    uri, artifacts = tracking_target(mlflow.tracking_uri, output)
+    uri, artifacts = tracking_target(mlflow.tracking_uri, output, joins_cluster)
     return Tracker(uri, mlflow.experiment, artifacts, mlflow.run_name or run_name,
                    system_metrics=mlflow.system_metrics)
 
@@ -121,6 +133,26 @@ class Tracker:
 
     def log_artifact(self, local_file: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, local_file, artifact_path)
+
+    def log_parts(self, folder: str, artifact_path: str, max_parts: int = 8) -> int:
+        """Copy the first ``max_parts`` parts of a published output folder (local or s3://,
+        see ``pipelines.data.parts``) into the run; the rest stay where they are (a pointer
+        file says where). Returns how many were copied."""
+        import json
+        import tempfile
+
+        from pipelines.common import storage
+
+        listing = json.loads(storage.read_text(storage.join(folder, "_SUCCESS")))
+        parts = listing["parts"][:max_parts]
+        with tempfile.TemporaryDirectory(prefix="mova-parts-") as tmp:
+            for name in parts:
+                (Path(tmp) / name).write_bytes(storage.read_bytes(storage.join(folder, name)))
+            (Path(tmp) / "LOCATION.txt").write_text(
+                f"{folder}: {len(listing['parts'])} part(s), {listing['rows']} row(s); "
+                f"{len(parts)} copied here\n")
+            self.client.log_artifacts(self.run_id, tmp, artifact_path)
+        return len(parts)
 
     def end(self, status: str = "FINISHED") -> None:
         try:

@@ -18,19 +18,34 @@ def init(args: argparse.Namespace) -> int:
     data = MoVAConfig.load(args.config).to_dict() if args.config else MoVAConfig().to_dict()
     config = MoVAConfig.from_dict(apply_overrides(data, args.overrides))
     model = build_model(config, seed=args.seed)
-    path = model.save_pretrained(args.out, experts=args.experts)
+    path = _save(model, args.out, args.experts)
     params = sum(p.numel() for p in model.parameters())
     print(f"Initial MoVA ({params / 1e6:.2f}M parameters, experts {config.expert_names}) "
           f"saved to {path}")
     return 0
 
 
+def _save(model, out: str, experts: str) -> str:
+    """Save locally, or (an s3:// ``out``) into a temporary folder published to S3."""
+    import tempfile
+
+    from pipelines.common import storage
+    from pipelines.common.checkpoints import publish
+
+    if not storage.is_remote(out):
+        return str(model.save_pretrained(out, experts=experts))
+    with tempfile.TemporaryDirectory(prefix="mova-init-") as tmp:
+        return publish(model.save_pretrained(f"{tmp}/model", experts=experts), out)
+
+
 def info(args: argparse.Namespace) -> int:
     from mova.checkpoint import expert_cache_keys, load_config, read_components
+    from pipelines.common.checkpoints import local_checkpoint
 
-    config = load_config(args.checkpoint)
-    components = read_components(args.checkpoint)
-    keys = expert_cache_keys(args.checkpoint)
+    local = local_checkpoint(args.checkpoint)
+    config = load_config(local)
+    components = read_components(local)
+    keys = expert_cache_keys(local)
     print(json.dumps({
         "experts": {n: {"stored": "reference" if "reference" in e else "copy",
                         "cache_key": keys[n]} for n, e in components["experts"].items()},
@@ -38,6 +53,19 @@ def info(args: argparse.Namespace) -> int:
         "routing_tokens": config.num_routing_tokens,
         "config": config.to_dict(),
     }, indent=2))
+    return 0
+
+
+def publish_checkpoint(args: argparse.Namespace) -> int:
+    from mova.checkpoint import CheckpointError
+    from pipelines.common.checkpoints import publish
+
+    try:
+        uri = publish(args.src, args.dest)
+    except (CheckpointError, OSError) as exc:
+        print(f"mova model publish: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"Published {args.src} to {uri} (files.json last)")
     return 0
 
 
@@ -139,15 +167,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pi = msub.add_parser("init", help="build a model from a config and save it (random init "
                                       "where nothing is pretrained)")
     pi.add_argument("--config", help="MoVAConfig YAML/JSON (default: the tiny embedded model)")
-    pi.add_argument("--out", required=True, help="checkpoint folder to write")
+    pi.add_argument("--out", required=True, help="checkpoint folder to write (or s3://...)")
     pi.add_argument("--seed", type=int, default=0)
     pi.add_argument("--experts", choices=("copy", "reference"), default="copy",
                     help="store frozen experts as copies or by their pretrained id")
     pi.add_argument("overrides", nargs="*", help="key=value config overrides")
     pi.set_defaults(func=init)
-    pn = msub.add_parser("info", help="describe a checkpoint")
+    pn = msub.add_parser("info", help="describe a checkpoint (a folder or s3://...)")
     pn.add_argument("checkpoint")
     pn.set_defaults(func=info)
+    pp = msub.add_parser("publish", help="copy a complete checkpoint to s3:// (or a folder), "
+                                         "files.json last, so readers never see half of it")
+    pp.add_argument("src", help="a local checkpoint folder")
+    pp.add_argument("dest", help="s3://bucket/prefix (or a folder)")
+    pp.set_defaults(func=publish_checkpoint)
     from pipelines.model.real_assets import install_command
 
     pr = msub.add_parser(

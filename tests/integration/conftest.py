@@ -7,12 +7,17 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+# Feature jobs record each image decode here (read by test_features' one-decode check); set
+# before any Ray starts, so every worker inherits it.
+os.environ.setdefault("MOVA_TRACE_DECODES", tempfile.mkdtemp(prefix="mova-test-decodes-"))
 
 S3_BUCKET = "mova-test"
 S3_START_TIMEOUT_S = 15.0
@@ -102,3 +107,62 @@ def ray_session(s3_endpoint):
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)  # its session files and logs
+
+
+MLFLOW_START_TIMEOUT_S = 90.0
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_endpoint, tmp_path_factory):
+    """An MLflow tracking server on loopback (sqlite store) whose artifacts live on the moto
+    S3 (``s3://mova-test/mlflow``, proxied: clients upload through the server); yields its
+    URL. Stopped by PID."""
+    exe = Path(sys.executable).parent / "mlflow"
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = root / "server.log"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(
+            [str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", f"s3://{S3_BUCKET}/mlflow"],
+            stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + MLFLOW_START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {proc.returncode}: "
+                                   f"{log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server not up at {url} within "
+                                       f"{MLFLOW_START_TIMEOUT_S:.0f} s: "
+                                       f"{log.read_text()[-3000:]}") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)  # its own session: the server and its gunicorn/uvicorn worker
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def no_driver_rows(monkeypatch):
+    """Fail if this (driver) process validates a manifest row: every stage streams its manifest
+    through Ray tasks, so the driver never holds or parses the rows. Undo with
+    ``monkeypatch.undo()`` where a test reads a manifest itself."""
+    def driver_parse(*args, **kwargs):
+        raise AssertionError("the driver parsed a manifest row: stages stream the manifest")
+
+    for module in ("manifest", "stream", "scan", "ids"):
+        monkeypatch.setattr(f"pipelines.data.{module}.check_row", driver_parse)
+    return monkeypatch

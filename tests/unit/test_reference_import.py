@@ -36,34 +36,17 @@ from mova.convert.reference_keys import adapter_key, verify_rope
 from mova.experts.encoders import resize_clip_positions
 from mova.experts.registry import DEFAULT_POOL, resolve_expert
 from mova.factory import build_tiny_mova, from_pretrained
-from mova.routing import render_routing_prompt
+from mova.routing import (
+    RELEASED_ROUTING_INTRO,
+    build_released_routing_prompt,
+    render_routing_prompt,
+)
 from mova.tokenizers import build_tiny_bert_tokenizer, build_tiny_llm_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 C, G, BLOCKS, D = 64, 8, 2, 48
 CHANNELS = {n: resolve_expert(ExpertConfig(name=n, preset="tiny")).channels for n in DEFAULT_POOL}
-RELEASED_ROUTING = (  # REFERENCE.md, verbatim (each line ends with "\n")
-    "You are a helpful assistant router. Based on the visual content, questions, and model pool "
-    "the user provides, you need to consider the expertise of these models to select the most 3 "
-    "suitable models to help you answer the questions. Answer with the model's letter from the "
-    "given choices directly. If no models are selected, just answer 'none'.\n"
-    "Model pool:\n"
-    "A. This model can effectively extract the accurate spatial and semantic information from "
-    "natural images.\n"
-    "B. This model can handle images with text accurately and efficiently but fails to process "
-    "natural images.\n"
-    "C. This model is a state-of-the-art object detector that can identify objects in images.\n"
-    "D. This model shows remarkable skill in text recognition, attaining top-tier text analysis "
-    "outcomes across diverse areas\n"
-    "E. This model is a specialized model designed to achieve state-of-the-art plot and chart "
-    "understanding performance.\n"
-    "F. This model is a foundation model designed for biomedical vision-language processing.\n"
-    "G. This model is a leading image segmentation framework and achieves strong zero-shot "
-    "segmentation performance.\n"
-    "\n"
-    "Question:\n"
-)
 
 
 # ---- writing a checkpoint in the released layout --------------------------------------------
@@ -326,7 +309,10 @@ def test_fuse_debug_exposes_router_logits_and_picks(imported, noise_image):
 def test_generate_runs_routed_and_forced(imported, noise_image):
     model = from_pretrained(imported[1])
     question = "What is in the image?"
-    expected = "<image>\n" + RELEASED_ROUTING + question
+    # the released wording itself is checked verbatim in test_templates.py
+    expected = build_released_routing_prompt(question, model.routing_descriptions())
+    assert expected.startswith("<image>\n" + RELEASED_ROUTING_INTRO) and len(
+        [line for line in expected.splitlines() if line[:3] in {f"{c}. " for c in "ABCDEFG"}]) == 7
     assert render_routing_prompt("released", question, model.routing_descriptions()) == expected
     routed = model.generate([noise_image(1)], [question], max_new_tokens=3)
     forced = model.generate([noise_image(1)], [question], experts=["dinov2", "sam"],

@@ -52,3 +52,21 @@ def test_a_finished_run_leaves_no_tracking_uri_behind(tmp_path, monkeypatch):
     t = tracking.Tracker(uri, "unit", str(tmp_path / "art"), run_name="r2", system_metrics=False)
     t.end()
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
+
+
+def test_tracking_target_beside_the_output_and_on_s3(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri, artifacts = tracking.tracking_target(None, str(tmp_path / "runs" / "model"))
+    assert uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert artifacts == str(tmp_path / "runs" / "mlartifacts")
+    # a remote output: artifacts beside it on S3; the sqlite store is local to this machine
+    uri, artifacts = tracking.tracking_target(None, "s3://bucket/exp/model")
+    assert artifacts == "s3://bucket/exp/mlartifacts"
+    assert uri == f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
+    # ... which a cluster whose nodes may share no disk cannot use
+    with pytest.raises(ValueError, match="mlflow.tracking_uri.*MLflow server"):
+        tracking.tracking_target(None, "s3://bucket/exp/model", joins_cluster=True)
+    uri, _ = tracking.tracking_target("http://mlflow:5000", "s3://bucket/exp/model",
+                                      joins_cluster=True)
+    assert uri == "http://mlflow:5000"
