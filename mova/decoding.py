@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -209,6 +210,7 @@ class BatchDecoder:
         self._last: Tensor | None = None  # (B,) token fed at the next step
         self._pending: list[tuple[list[_Row], Tensor, Tensor]] = []
         self._cancelled: set[Hashable] = set()
+        self._cancel_lock = threading.Lock()  # cancel() may come from another thread
 
     @property
     def device(self) -> torch.device:
@@ -245,8 +247,10 @@ class BatchDecoder:
         self._pending.append((rows, embeds, attention_mask))
 
     def cancel(self, key: Hashable) -> None:
-        """End a row at the next step (no more compute for it, no final event)."""
-        self._cancelled.add(key)
+        """End a row at the next step (no more compute for it, no final event). Safe to call
+        from another thread than the one stepping."""
+        with self._cancel_lock:
+            self._cancelled.add(key)
 
     @torch.no_grad()
     def step(self) -> list[StepEvent]:
@@ -356,16 +360,17 @@ class BatchDecoder:
         return events
 
     def _drop_cancelled(self) -> None:
-        if not self._cancelled:
+        with self._cancel_lock:
+            cancelled, self._cancelled = self._cancelled, set()
+        if not cancelled:
             return
         kept_pending = []
         for rows, e, m in self._pending:
-            idx = [i for i, r in enumerate(rows) if r.key not in self._cancelled]
+            idx = [i for i, r in enumerate(rows) if r.key not in cancelled]
             if idx:
                 kept_pending.append(([rows[i] for i in idx], e[idx], m[idx]))
         self._pending = kept_pending
-        self._keep([i for i, r in enumerate(self._rows) if r.key not in self._cancelled])
-        self._cancelled.clear()
+        self._keep([i for i, r in enumerate(self._rows) if r.key not in cancelled])
 
     def _keep(self, indices: list[int]) -> None:
         """Keep only these running rows (finished and cancelled rows leave the batch)."""
@@ -380,6 +385,20 @@ class BatchDecoder:
         assert self._mask is not None and self._positions is not None and self._last is not None
         self._mask, self._positions, self._last = (self._mask[index], self._positions[index],
                                                    self._last[index])
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop leading cache positions no remaining row attends to: with rows joining and
+        leaving a batch that never empties, the cache would otherwise only ever grow."""
+        assert self._mask is not None
+        used = self._mask.any(0).nonzero()
+        start = int(used[0]) if used.numel() else 0
+        if start == 0 or not _joinable(self._cache):
+            return
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[:, :, start:]
+            layer.values = layer.values[:, :, start:]
+        self._mask = self._mask[:, start:]
 
 
 def _output_cache(out: Any) -> Any:

@@ -52,6 +52,8 @@ class LoadResult:
     errors: int = 0
     identical: int = 0
     vision_ms: list[float] = field(default_factory=list)
+    steps_ms: list[dict[str, float]] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -71,6 +73,8 @@ class ServeBenchResult:
     experts: dict[str, list[LoadResult]] = field(default_factory=dict)
     memory_mib: dict[str, float] = field(default_factory=dict)
     reference_peak_rss_mib: float = 0.0
+    replica_batches: dict[str, Any] = field(default_factory=dict)
+    real: dict[str, Any] = field(default_factory=dict)
 
     key: str = "bench:serve:tiny:cpu"
 
@@ -114,6 +118,7 @@ def run_reference(model, inputs: list[tuple[str, str]], levels: Sequence[int], *
         return (time.perf_counter() - start) * 1e3
 
     call(0)  # warm-up
+    answers.clear()
     results = []
     for clients in levels:
         n = requests_for(clients, quick)
@@ -130,7 +135,8 @@ async def _load(url: str, clients: int, n: int, body: Callable[[int], dict],
                 answers: dict[int, str] | None, count: int) -> LoadResult:
     import httpx
 
-    latencies, vision, errors, identical = [], [], 0, 0
+    latencies, vision, errors, identical, steps = [], [], 0, 0, []
+    statuses: dict[str, int] = {}
     next_index = iter(range(n))
     limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
@@ -140,18 +146,21 @@ async def _load(url: str, clients: int, n: int, body: Callable[[int], dict],
                 start = time.perf_counter()
                 resp = await http.post("/v1/chat/completions", json=body(i))
                 latencies.append((time.perf_counter() - start) * 1e3)
+                statuses[str(resp.status_code)] = statuses.get(str(resp.status_code), 0) + 1
                 if resp.status_code != 200:
                     errors += 1
                     continue
                 data = resp.json()
-                vision.append(MoVAInfo.from_response(data).vision_ms)
+                info = MoVAInfo.from_response(data)
+                vision.append(info.vision_ms)
+                steps.append({**info.vision_steps_ms, **(info.timings_ms or {})})
                 if answers is not None:
                     identical += data["choices"][0]["message"]["content"] == answers[i % count]
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
     return LoadResult(clients, n, time.perf_counter() - start, latencies, errors, identical,
-                      vision)
+                      vision, steps, statuses)
 
 
 def _body(inputs: list[tuple[str, str]], max_tokens: int,
@@ -181,7 +190,8 @@ def _memory() -> dict[str, float]:
 
 def run_served(checkpoint: str, inputs: list[tuple[str, str]], levels: Sequence[int],
                answers: dict[int, str], result: ServeBenchResult, *, max_new_tokens: int,
-               quick: bool, port: int) -> None:
+               quick: bool, port: int, overrides: Sequence[str] = (),
+               expert_sets: bool = True) -> None:
     import ray
     from ray import serve
 
@@ -193,7 +203,7 @@ def run_served(checkpoint: str, inputs: list[tuple[str, str]], levels: Sequence[
     recipe = load_recipe(ServeRecipe, None, [
         f"checkpoint={checkpoint}", f"port={port}", "limits.max_inflight=256",
         f"limits.max_tokens={max(64, max_new_tokens)}", "experts.default.num_replicas=1",
-        "experts.default.autoscaling=null"])
+        "experts.default.autoscaling=null", *overrides])
     init_ray("local", num_cpus=os.cpu_count() or 2,
              temp_dir=tempfile.mkdtemp(prefix="mova-bench-serve-", dir="/tmp"))
     try:
@@ -210,16 +220,28 @@ def run_served(checkpoint: str, inputs: list[tuple[str, str]], levels: Sequence[
             log.info("serve, %d clients: %.1f req/s (%d errors)", clients, res.throughput,
                      res.errors)
         sets = EXPERT_SETS[::3] if quick else EXPERT_SETS
-        for label, names in sets:
+        for label, names in sets if expert_sets else ():
             experts = _all_experts(checkpoint) if names is None else list(names)
             body = _body(inputs, 8, experts=experts)
             result.experts[label] = [
                 asyncio.run(_load(url, c, requests_for(c, quick), body, None, len(inputs)))
                 for c in (1, 8)]
         result.memory_mib = _memory()
+        result.replica_batches = _batches()
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _batches() -> dict[str, Any]:
+    from ray import serve
+
+    out = {}
+    for name in serve.status().applications["mova"].deployments:
+        info = serve.get_deployment_handle(name, app_name="mova").info.remote().result()
+        if "batches" in info:
+            out[name] = info["batches"]
+    return out
 
 
 def _all_experts(checkpoint: str) -> list[str]:
@@ -230,8 +252,10 @@ def _all_experts(checkpoint: str) -> list[str]:
 
 def bench_serve(*, levels: Sequence[int] = CONCURRENCY, max_new_tokens: int = 32,
                 seed: int = 0, quick: bool = False, port: int | None = None) -> ServeBenchResult:
-    """Run the reference loop, then the Serve app, on the same tiny model and inputs."""
+    """Run the reference loop, then the Serve app, on the same tiny model and inputs (both
+    decode routing replies under the routing constraint, the server's default)."""
     from mova.factory import build_tiny_mova
+    from mova.routing_constraint import use_constrained_routing
 
     result = ServeBenchResult(machine=machine_info(torch.device("cpu")),
                               settings={"levels": list(levels), "max_new_tokens": max_new_tokens,
@@ -240,6 +264,8 @@ def bench_serve(*, levels: Sequence[int] = CONCURRENCY, max_new_tokens: int = 32
     inputs = bench_inputs(16, seed)
     with tempfile.TemporaryDirectory(prefix="mova-bench-serve-") as tmp:
         checkpoint = str(model.save_pretrained(f"{tmp}/ckpt"))
+        result.real["routing"] = routing_cost(model, inputs[:8])
+        use_constrained_routing(model)
         with torch.inference_mode():
             result.reference, answers = run_reference(model, inputs, levels,
                                                       max_new_tokens=max_new_tokens,
@@ -253,6 +279,41 @@ def bench_serve(*, levels: Sequence[int] = CONCURRENCY, max_new_tokens: int = 32
     return result
 
 
+def routing_cost(model, inputs: list[tuple[str, str]]) -> dict[str, Any]:
+    """Routing decode per request (batch 1), free vs constrained: median ms and steps."""
+    from mova.routing_constraint import constrained_routing_params
+
+    out: dict[str, Any] = {}
+    pil = model.prepare_images([uri for uri, _ in inputs])
+    for label, params in (("free", model.routing_params()),
+                          ("constrained", constrained_routing_params(model))):
+        times, steps, parsed = [], [], 0
+        for image, (_, question) in zip(pil, inputs, strict=True):
+            with torch.inference_mode():
+                base = model.encode_base(model.processor.base([image]))
+                text = model.encode_questions([[question]])
+                tokens = model.routing_tokens(base, text)
+                rows = model.routing_prompt_ids([question], tokens.shape[1])
+                start = time.perf_counter()
+                reply, _, n = model.decode(rows, tokens, params)[0]
+                times.append((time.perf_counter() - start) * 1e3)
+            steps.append(n)
+            parsed += bool(model.parse_routes([reply]).experts[0]) or reply.lower().strip(
+                ". ") == "none"
+        out[label] = {"median_ms": statistics.median(times), "mean_steps": statistics.mean(steps),
+                      "well_formed": parsed, "requests": len(inputs)}
+    return out
+
+
+def routing_table(routing: dict[str, Any]) -> str:
+    rows = [[k, fmt_ms(v["median_ms"]), f"{v['mean_steps']:.1f}",
+             f"{v['well_formed']}/{v['requests']}"] for k, v in routing.items()]
+    ratio = routing["free"]["median_ms"] / max(routing["constrained"]["median_ms"], 1e-9)
+    return (markdown_table(["routing decode", "median ms", "mean decode steps",
+                            "replies naming experts or none"], rows)
+            + f"\n\nConstrained routing takes {1 / ratio:.2f}x the free decode's time here.")
+
+
 def render_markdown(r: ServeBenchResult) -> str:
     """The results as the markdown section (also what the CLI prints)."""
     s = r.settings
@@ -264,7 +325,8 @@ def render_markdown(r: ServeBenchResult) -> str:
            "Closed-loop clients (each sends its next request when its answer arrives), "
            f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEG data URIs (16 distinct), one question each, "
            f"greedy decoding of {s['max_new_tokens']} answer tokens after the routing decode "
-           "(the random tiny model routes to no expert and never stops early). **Reference**: "
+           "(the random tiny model's routing reply, constrained to a well-formed one, takes a "
+           "few decode steps; its answers never stop early). **Reference**: "
            "the released code's way, `model.generate` at batch size 1 in one process, one "
            "request at a time (latency includes the wait for earlier requests; torch's default "
            "threads). **Serve**: `mova serve` on a local Ray over HTTP (ingress, adapter, LLM "
@@ -302,6 +364,9 @@ def render_markdown(r: ServeBenchResult) -> str:
     out += [markdown_table(["k", "experts", "1 client: p50 ms", "1 client: vision ms p50",
                             "vision ratio to all", "8 clients: req/s",
                             "8 clients: vision ms p50", "errors"], rows), ""]
+    if r.real.get("routing"):
+        out += ["### Routing decode, free vs constrained (batch 1, in-process)", "",
+                routing_table(r.real["routing"]), ""]
     out += ["### Memory per deployment", "",
             "Resident set size of each replica's process after the runs (includes torch and "
             "Ray's worker runtime, about 250 MiB of it before any weights); the reference is "

@@ -150,8 +150,10 @@ def _pipeline(recipe: EvalRecipe, scans: dict[str, ManifestScan], pool: list[str
     ds = streams[0].union(*streams[1:]) if len(streams) > 1 else streams[0]
     if recipe.checkpoint:
         ds = ds.map_batches(EvalWorker, batch_size=recipe.batch_size,
-                            fn_constructor_kwargs={"checkpoint": recipe.checkpoint,
-                                                   "max_new_tokens": recipe.max_new_tokens},
+                            fn_constructor_kwargs={
+                                "checkpoint": recipe.checkpoint,
+                                "max_new_tokens": recipe.max_new_tokens,
+                                "constrained_routing": recipe.constrained_routing},
                             **actor_pool_args(recipe.workers, recipe.cpus_per_worker,
                                               recipe.gpus_per_worker))
     else:

@@ -53,6 +53,7 @@ class EvalRecipe(TrackedRecipe):
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     routing: str = "model"
+    constrained_routing: bool = True  # the routing decode as served (mova.routing_constraint)
     experts: list[str] = field(default_factory=list)
     on_error: str = "empty"
     output: str = ""

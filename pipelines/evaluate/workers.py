@@ -87,11 +87,15 @@ def _items(batch: dict[str, np.ndarray]) -> list[EvalItem]:
 class EvalWorker:
     """Ray Data actor: the model loaded once, greedy batched generation per batch."""
 
-    def __init__(self, checkpoint: str, max_new_tokens: int) -> None:
+    def __init__(self, checkpoint: str, max_new_tokens: int,
+                 constrained_routing: bool = True) -> None:
         from mova.factory import from_pretrained
+        from mova.routing_constraint import use_constrained_routing
         from pipelines.common.checkpoints import local_checkpoint
 
-        self.model = from_pretrained(local_checkpoint(checkpoint), device="auto")
+        # routes as `mova serve` does (its recipe's constrained_routing, on by default)
+        self.model = use_constrained_routing(
+            from_pretrained(local_checkpoint(checkpoint), device="auto"), constrained_routing)
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:

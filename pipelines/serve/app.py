@@ -37,9 +37,12 @@ def _absolute(recipe: ServeRecipe) -> ServeRecipe:
 
 
 def pool_of(recipe: ServeRecipe) -> list[str]:
+    """The checkpoint's expert pool (an s3:// checkpoint is fetched once into the node's
+    cache, as every replica does with :func:`pipelines.common.checkpoints.local_checkpoint`)."""
     from mova.checkpoint import load_config
+    from pipelines.common.checkpoints import local_checkpoint
 
-    pool = load_config(recipe.checkpoint).expert_names
+    pool = load_config(local_checkpoint(recipe.checkpoint)).expert_names
     recipe.check_pool(pool)
     return pool
 
@@ -51,6 +54,9 @@ def deployment_table(recipe: ServeRecipe, pool: list[str]) -> dict[str, dict[str
     table["Ingress"].pop("user_config")
     for name in pool:
         table[expert_deployment_name(name)] = recipe.experts.for_expert(name).options()
+    for options in table.values():
+        if "user_config" in options:
+            options["user_config"]["stall_grace_s"] = recipe.limits.stall_grace_s
     return table
 
 
@@ -101,7 +107,8 @@ def build_app(args: dict[str, Any] | ServeRecipe):
     table = deployment_table(recipe, pool)
     ckpt, device = recipe.checkpoint, recipe.device
     adapter = AdapterServer.options(name="Adapter", **table["Adapter"]).bind(ckpt, device)
-    llm = LLMServer.options(name="LLM", **table["LLM"]).bind(ckpt, device)
+    llm = LLMServer.options(name="LLM", **table["LLM"]).bind(ckpt, device,
+                                                           recipe.constrained_routing)
     experts = {
         name: ExpertServer.options(name=expert_deployment_name(name),
                                    **table[expert_deployment_name(name)]).bind(ckpt, name,
@@ -160,6 +167,7 @@ def start(recipe: ServeRecipe) -> str:
     from ray import serve
 
     recipe = _absolute(recipe.validate())
+    recipe.check_exposure()
     pool = pool_of(recipe)
     import ray
 

@@ -1,36 +1,39 @@
 """The vision deployments: the adapter (preprocessing, base and text encoders, MoV-Adapter) and
-one deployment per frozen expert. Both batch concurrent requests with ``@serve.batch`` and run
-model work in a worker thread, so a replica's event loop never blocks.
+one deployment per frozen expert.
 
-Large tensors stay in Ray's object store: the adapter returns references to the base and text
-features (reused by the fusion call) and to the fused image tokens (read by the LLM).
+Tensors travel by value in handle calls (Ray resolves large arguments before the method runs,
+never in a worker thread), and every call carries its request's ``deadline`` (``time.time()``
+seconds). Model work runs in a :class:`pipelines.serve.batching.Batcher` per method: batched,
+in the replica's own thread, with a watchdog that turns the replica unhealthy (and so
+replaced by Serve) when a batch runs far past its requests' deadlines.
 """
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import os
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 from ray import serve
+
+from pipelines.serve.batching import Batcher, BatchSettings, faults_enabled
 
 log = logging.getLogger(__name__)
 
 
 def load_serving_model(checkpoint: str, device: str, keep: Sequence[str]):
-    """Load a checkpoint and drop the parts this replica never runs (``keep`` among ``llm``,
-    ``base``, ``text``); expert weights are always dropped (expert deployments load their
-    own). The adapter stays: it defines the model's device and dtype."""
+    """Load a checkpoint (local or s3://, downloaded once per node) and drop the parts this
+    replica never runs (``keep`` among ``llm``, ``base``, ``text``); expert weights are always
+    dropped (expert deployments load their own). The adapter stays: it defines the model's
+    device and dtype."""
     from torch import nn
 
     from mova.factory import from_pretrained
+    from pipelines.common.checkpoints import local_checkpoint
 
-    model = from_pretrained(checkpoint, device=device)
+    model = from_pretrained(local_checkpoint(checkpoint), device=device)
     for name in list(model.experts):
         model.experts[name] = nn.Identity()
     if "llm" not in keep:
@@ -57,166 +60,140 @@ def process_info(deployment: str) -> dict[str, Any]:
     return {"deployment": deployment, "pid": os.getpid(), "rss_bytes": rss}
 
 
-def fetch(value: Any) -> Any:
-    """Unwrap ``[ObjectRef]`` (how references travel without Ray resolving them en route)."""
-    import ray
+def apply_threads(config: dict[str, Any]) -> None:
+    """Let the replica use the CPUs it was given (Ray sets one thread for fractional CPUs)."""
+    import torch
 
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], ray.ObjectRef):
-        return ray.get(value[0])
-    return value
+    threads = int(config.get("torch_threads") or 0)
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
-class BatchControl:
-    """Settings, adaptive wait and statistics of one ``@serve.batch`` method.
+class BatchedReplica:
+    """What every batched model replica shares: settings, health, info, fault injection."""
 
-    ``@serve.batch`` forms the next batch while the current one still runs, from whatever
-    arrives within its wait window, so under load batches stay tiny (measured: a mean batch of
-    1.05 at 16 clients). While a batch runs, the wait is stretched to the recent batch duration
-    (at most ``max_batch_wait_s``): the next batch then gathers what arrives meanwhile. An idle
-    replica keeps the short ``batch_wait_timeout_s``.
-    """
+    name = "replica"
+    batchers: dict[str, Batcher]
 
-    def __init__(self, instance: Any, method_name: str) -> None:
-        self.method = getattr(instance, method_name)
-        self.base_wait, self.max_wait = 0.002, 0.1
-        self.duration = 0.0
-        self.running = self.batches = self.items = 0
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        apply_threads(config)
+        settings = BatchSettings.from_config(config)
+        for batcher in self.batchers.values():
+            batcher.settings = settings
 
-    def configure(self, config: dict[str, Any]) -> None:
-        """Apply the deployment's ``user_config`` (set from the recipe)."""
-        self.method.set_max_batch_size(int(config.get("max_batch_size", 8)))
-        self.base_wait = float(config.get("batch_wait_timeout_s", self.base_wait))
-        self.max_wait = float(config.get("max_batch_wait_s", self.max_wait))
-        self.method.set_batch_wait_timeout_s(self.base_wait)
+    async def check_health(self) -> None:
+        """Serve calls this periodically: a stuck batch makes it fail (the replica is then
+        replaced)."""
+        for batcher in self.batchers.values():
+            batcher.check()
 
-    @contextmanager
-    def run(self, size: int) -> Iterator[None]:
-        """Wrap one batch's work (in the event loop, around the awaited thread)."""
-        self.running += 1
-        self.batches += 1
-        self.items += size
-        self.method.set_batch_wait_timeout_s(min(self.max_wait,
-                                                 max(self.base_wait, self.duration)))
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            took = time.perf_counter() - start
-            self.duration = took if not self.duration else 0.7 * self.duration + 0.3 * took
-            self.running -= 1
-            if not self.running:
-                self.method.set_batch_wait_timeout_s(self.base_wait)
+    def info(self) -> dict[str, Any]:
+        from pipelines.serve.metrics import metric
 
-    def summary(self) -> dict[str, float]:
-        return {"batches": self.batches, "requests": self.items,
-                "mean_batch": round(self.items / self.batches, 2) if self.batches else 0.0}
+        data = process_info(self.name)
+        metric("resident_memory_bytes").set(data["rss_bytes"])
+        return {**data, "batches": {n: b.summary() for n, b in self.batchers.items()}}
+
+    def inject_stall(self, seconds: float) -> None:
+        """Test-only (``MOVA_SERVE_FAULT_INJECTION=1``): the next batch blocks its thread."""
+        if not faults_enabled():
+            raise RuntimeError("fault injection is disabled on this server")
+        for batcher in self.batchers.values():
+            batcher.stall_next_s = seconds
 
 
 @serve.deployment(name="Adapter")
-class AdapterServer:
+class AdapterServer(BatchedReplica):
     """Preprocess + base encoder + text encoder + routing pass; later, the MoV-Adapter fusion."""
+
+    name = "Adapter"
 
     def __init__(self, checkpoint: str, device: str = "auto") -> None:
         self.model = load_serving_model(checkpoint, device, keep=("base", "text"))
-        self.batching = {m: BatchControl(self, m) for m in ("encode", "fuse")}
+        self.batchers = {"encode": Batcher("encode", self._encode),
+                         "fuse": Batcher("fuse", self._fuse)}
 
-    def reconfigure(self, config: dict[str, Any]) -> None:
-        for control in self.batching.values():
-            control.configure(config)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-    async def encode(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Per request ``{"image", "questions"}`` -> routing tokens plus a reference to the
-        base and text features (computed once, reused by :meth:`fuse`)."""
-        with self.batching["encode"].run(len(items)):
-            return await asyncio.to_thread(self._encode, items)
+    async def encode(self, item: dict[str, Any]) -> dict[str, Any]:
+        """``{"image", "questions", "deadline"}`` -> routing tokens ``(1, R, D)`` and the base
+        and text features (returned to the caller, which hands them to :meth:`fuse`)."""
+        return await self.batchers["encode"].submit(item, item["deadline"])
 
     def _encode(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        import ray
         import torch
 
         model = self.model
         with torch.no_grad():
-            images = model.prepare_images([fetch(item["image"]) for item in items])
+            images = model.prepare_images([item["image"] for item in items])
             base = model.encode_base(model.processor.base(images))
             text = model.encode_questions([item["questions"] for item in items])
             routing = model.routing_tokens(base, text)
         return [{"routing_tokens": routing[i:i + 1].cpu().clone(),
-                 "features": [ray.put((base[i:i + 1].clone(), text[i:i + 1].clone()))]}
+                 "base": base[i:i + 1].cpu().clone(), "text": text[i:i + 1].cpu().clone()}
                 for i in range(len(items))]
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-    async def fuse(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Per request ``{"features", "experts": {name: native features}}`` -> a reference to
-        the image tokens and the gate weights ``(blocks, N)``."""
-        with self.batching["fuse"].run(len(items)):
-            return await asyncio.to_thread(self._fuse, items)
+    async def fuse(self, item: dict[str, Any]) -> dict[str, Any]:
+        """``{"base", "text", "experts": {name: native features}, "deadline"}`` -> the image
+        tokens ``(1, L, D)`` and the gate weights ``(blocks, N)``."""
+        return await self.batchers["fuse"].submit(item, item["deadline"])
 
     def _fuse(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        import ray
         import torch
 
         model = self.model
-        pairs = [fetch(item["features"]) for item in items]
-        base = torch.cat([b for b, _ in pairs]).to(model.device)
-        text = torch.cat([t for _, t in pairs]).to(model.device)
-        names = [list(item["experts"]) for item in items]
-        mask = model.mask_from_names(names)
+        base = torch.cat([item["base"] for item in items]).to(model.device)
+        text = torch.cat([item["text"] for item in items]).to(model.device)
+        mask = model.mask_from_names([list(item["experts"]) for item in items])
         feats: dict[str, torch.Tensor] = {}
         for i, item in enumerate(items):
             for name, value in item["experts"].items():
                 if name not in feats:
                     feats[name] = value.new_zeros((len(items), *value.shape[1:]))
                 feats[name][i] = value[0]
+        debug = any(item.get("debug") for item in items)
         with torch.no_grad():
-            out = model.fuse(base, text, feats, mask)
+            out = model.fuse(base, text, feats, mask, debug=debug)
         gates = out.gate_weights
-        return [{"image_tokens": [ray.put(out.image_tokens[i:i + 1].clone())],
-                 "gate_weights": gates[i].tolist() if gates is not None else []}
-                for i in range(len(items))]
-
-    def info(self) -> dict[str, Any]:
-        return {**process_info("Adapter"),
-                "batches": {m: c.summary() for m, c in self.batching.items()}}
+        results = [{"image_tokens": out.image_tokens[i:i + 1].cpu().clone(),
+                    "gate_weights": gates[i].tolist() if gates is not None else []}
+                   for i in range(len(items))]
+        for i, item in enumerate(items):
+            if item.get("debug") and out.router_logits is not None:
+                results[i]["debug"] = {"router_logits": out.router_logits[i].tolist(),
+                                       "top_k": out.top_k[i].tolist()}
+        return results
 
 
 @serve.deployment(name="Expert")
-class ExpertServer:
+class ExpertServer(BatchedReplica):
     """One frozen vision expert: preprocesses the request image itself (so only routed experts
     preprocess) and returns its native feature map ``(1, L_j, C_j)``."""
 
     def __init__(self, checkpoint: str, expert: str, device: str = "auto") -> None:
         from mova.checkpoint import load_config, load_expert
         from mova.device import resolve_device, torch_dtype
+        from pipelines.common.checkpoints import local_checkpoint
 
-        self.name = expert
+        local = local_checkpoint(checkpoint)
+        self.name = f"Expert:{expert}"
         self.device = resolve_device(device)
-        self.dtype = torch_dtype(load_config(checkpoint).dtype)
-        module, self.resolved, _ = load_expert(checkpoint, expert)
+        self.dtype = torch_dtype(load_config(local).dtype)
+        module, self.resolved, _ = load_expert(local, expert)
         self.expert = module.to(self.device, self.dtype).eval().requires_grad_(False)
-        self.batching = BatchControl(self, "features")
+        self.batchers = {"features": Batcher(f"features:{expert}", self._features)}
 
-    def reconfigure(self, config: dict[str, Any]) -> None:
-        self.batching.configure(config)
+    async def features(self, item: dict[str, Any]) -> Any:
+        """``{"image", "deadline"}`` -> the expert's native features ``(1, L_j, C_j)``."""
+        return await self.batchers["features"].submit(item, item["deadline"])
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-    async def features(self, images: list[Any]) -> list[Any]:
-        with self.batching.run(len(images)):
-            return await asyncio.to_thread(self._features, images)
-
-    def _features(self, images: list[Any]) -> list[Any]:
+    def _features(self, items: list[dict[str, Any]]) -> list[Any]:
         import torch
 
         from mova.experts.preprocess import expert_input
         from mova.images import load_image
 
-        pil = [load_image(fetch(im)) for im in images]
+        pil = [load_image(item["image"]) for item in items]
         inputs = torch.stack([expert_input(im, self.resolved) for im in pil])
         dtype = self.dtype if inputs.is_floating_point() else inputs.dtype
         with torch.no_grad():
             out = self.expert(inputs.to(self.device, dtype))
-        return [out[i:i + 1].cpu().clone() for i in range(len(images))]
-
-    def info(self) -> dict[str, Any]:
-        return {**process_info(f"Expert:{self.name}"),
-                "batches": {"features": self.batching.summary()}}
+        return [out[i:i + 1].cpu().clone() for i in range(len(items))]

@@ -1,7 +1,8 @@
 """OpenAI-style error envelopes, and the mapping from Ray/Serve failures to HTTP statuses.
 
-Every error leaves the server healthy: bad input is a 400 before any model work, a missing or
-dead replica or a full queue a 503 (with ``Retry-After``), a deadline a 408.
+Every error leaves the server healthy: bad input is a 400 before any model work (413 for a body
+over the limit), a missing, dead or unhealthy replica or a full queue a 503 (with
+``Retry-After``), a deadline a 408.
 """
 
 from __future__ import annotations
@@ -23,6 +24,21 @@ class RequestError(ValueError):
 
     def __reduce__(self):
         return (type(self), (str(self), self.param, self.code))
+
+
+class DeadlineExceeded(TimeoutError):
+    """A request's deadline passed inside a deployment (travels back as a 408)."""
+
+    def __reduce__(self):
+        return (type(self), self.args)
+
+
+class ReplicaUnhealthy(RuntimeError):
+    """A replica found itself stuck (a batch far past its deadline) and refuses work until
+    Serve replaces it (travels back as a 503 with ``Retry-After``)."""
+
+    def __reduce__(self):
+        return (type(self), self.args)
 
 
 class APIError(Exception):
@@ -59,6 +75,11 @@ def unavailable(message: str) -> APIError:
                     headers={"Retry-After": "2"})
 
 
+def payload_too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than {limit} bytes",
+                    code="request_too_large")
+
+
 def timeout(seconds: float) -> APIError:
     return APIError(408, f"the request did not finish within {seconds:g} s",
                     type="timeout_error", code="timeout")
@@ -82,9 +103,14 @@ def to_api_error(exc: BaseException, *, timeout_s: float | None = None) -> APIEr
     cause = getattr(exc, "cause", None)  # a RayTaskError carries the replica's exception
     if isinstance(cause, RequestError):
         exc = cause
+    if isinstance(cause, (DeadlineExceeded, ReplicaUnhealthy)):
+        exc = cause
     if isinstance(exc, RequestError):
         return bad_request(exc.args[0] if exc.args else "bad request", param=exc.param,
                            code=exc.code or "invalid_value")
+    if isinstance(exc, ReplicaUnhealthy):
+        return unavailable(f"a model replica is unhealthy and being replaced ({exc}); retry "
+                           "shortly")
     from ray.serve.exceptions import BackPressureError
 
     if isinstance(exc, BackPressureError):
@@ -127,7 +153,8 @@ def install_handlers(app) -> None:
     @app.exception_handler(HTTPException)
     async def _http(request, exc: HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return respond(APIError(exc.status_code, str(exc.detail), code=code))
+        headers = dict(exc.headers or {})
+        return respond(APIError(exc.status_code, str(exc.detail), code=code, headers=headers))
 
     @app.exception_handler(Exception)
     async def _other(request, exc: Exception):

@@ -1,33 +1,43 @@
-"""The HTTP ingress: an OpenAI-compatible API (FastAPI) in front of the MoVA deployments.
+"""The ingress deployment: checks requests, drives the pipeline, speaks the OpenAI wire format.
 
-Endpoints: ``POST /v1/chat/completions`` (plain or SSE streaming), ``GET /v1/models``,
-``GET /v1/models/{id}``, ``GET /health`` (liveness), ``GET /ready`` (runs the model),
-``GET /metrics`` (Prometheus text). Every error is an OpenAI error envelope.
+Each request gets a deadline (``limits.request_timeout_s``, or less with ``mova.timeout_s``)
+that every downstream call carries. Its in-flight slot is a ticket that is always given back:
+when the reply is sent, when the request fails or its client goes away (also before a stream
+starts: the stream's generator is primed while the request still owns the ticket, and
+reclaimed when dropped), and, as a last resort, by a sweep of tickets held past their
+deadline. The HTTP routes are in :mod:`pipelines.serve.api`.
 """
 
-# No `from __future__ import annotations` here: Serve's ingress wrapper re-creates the route
-# methods, and FastAPI must see real classes (not strings) to recognise `request: Request`.
+from __future__ import annotations
+
 import asyncio
-import hmac
+import itertools
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from mova.config import from_dict
 from mova.decoding import DecodeParams
-from pipelines.serve import sources
+from pipelines.serve import remote, sources
+from pipelines.serve.api import build_api
 from pipelines.serve.deployments import process_info
-from pipelines.serve.errors import APIError, bad_request, install_handlers, overloaded, to_api_error
-from pipelines.serve.metrics import ServeMetrics
+from pipelines.serve.errors import (
+    APIError,
+    bad_request,
+    overloaded,
+    payload_too_large,
+    to_api_error,
+)
+from pipelines.serve.metrics import metric, node_metrics_text
 from pipelines.serve.openai_types import (
     ChatRequest,
+    Conversation,
     chunk_body,
     completion_body,
     model_card,
@@ -42,135 +52,180 @@ from pipelines.serve.pipeline import Pipeline, Prepared, PromptChecker, Vision, 
 from pipelines.serve.recipe import ServeRecipe
 
 log = logging.getLogger(__name__)
-
-api = FastAPI(title="MoVA", description="OpenAI-compatible MoVA chat completions")
-install_handlers(api)
+TICKET_GRACE_S = 10.0
 
 
 def _sse(body: dict[str, Any] | str) -> str:
     return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
 
 
-@serve.deployment(name="Ingress")
-@serve.ingress(api)
-class MoVAIngress:
-    """Checks requests, drives the pipeline, and speaks the OpenAI wire format."""
+class Tickets:
+    """In-flight slots: taken per request, given back exactly once."""
 
-    def __init__(self, recipe: dict[str, Any], adapter, llm, experts: dict[str, Any]) -> None:
+    def __init__(self) -> None:
+        self.held: dict[int, float] = {}  # ticket -> when it must have been given back
+        self._ids = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self.held)
+
+    def take(self, expires: float) -> int:
+        ticket = next(self._ids)
+        self.held[ticket] = expires
+        metric("requests_in_flight").set(len(self.held))
+        return ticket
+
+    def give_back(self, ticket: int) -> None:
+        if self.held.pop(ticket, None) is not None:
+            metric("requests_in_flight").set(len(self.held))
+
+    def sweep(self) -> int:
+        """Reclaim tickets held past their expiry (never expected; logged)."""
+        now = time.time()
+        stale = [t for t, expires in self.held.items() if now > expires]
+        for ticket in stale:
+            self.give_back(ticket)
+        if stale:
+            log.warning("reclaimed %d in-flight slot(s) held past their deadline", len(stale))
+        return len(stale)
+
+
+async def proxy_bind_host() -> str | None:
+    """The host Serve's HTTP proxies bind (None if the controller cannot tell in time)."""
+    try:
+        import ray
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        config = await asyncio.wait_for(controller.get_http_config.remote(), timeout=10)
+        return config.host
+    except Exception as exc:  # never block start-up on it: the recipe's host is the fallback
+        log.warning("could not read Serve's HTTP options: %r", exc)
+        return None
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class MoVAIngress:
+    """The OpenAI-compatible front of the app (one FastAPI app per replica)."""
+
+    async def __init__(self, recipe: dict[str, Any], adapter, llm,
+                       experts: dict[str, Any]) -> None:
         self.recipe = from_dict(ServeRecipe, recipe).validate()
-        self.checker = PromptChecker(self.recipe.checkpoint, self.recipe)
-        self.metrics = ServeMetrics()
-        self.pipeline = Pipeline(adapter, llm, experts, self.metrics)
-        self.api_key = self.recipe.api_key or os.environ.get(self.recipe.api_key_env) or None
+        self.api_key = self.recipe.resolve_api_key()
+        self.recipe.check_exposure(await proxy_bind_host())
+        self.public_health = self.recipe.public_health
+        self.max_body_bytes = self.recipe.limits.max_body_bytes
+        self.checker = await asyncio.to_thread(PromptChecker, self.recipe.checkpoint,
+                                               self.recipe)
+        self.pipeline = Pipeline(adapter, llm, experts)
         self.created = int(time.time())
-        self.in_flight = 0
+        self.tickets = Tickets()
+
+    def __serve_build_asgi_app__(self):
+        return build_api(self)
+
+    async def check_health(self) -> None:
+        self.tickets.sweep()
 
     def info(self) -> dict[str, Any]:
-        """PID and memory of this replica (a handle method, not an HTTP route)."""
-        return {**process_info("Ingress"), "in_flight": self.in_flight}
+        """PID, memory and in-flight count of this replica (a handle method, not a route)."""
+        data = process_info("Ingress")
+        metric("resident_memory_bytes").set(data["rss_bytes"])
+        return {**data, "in_flight": len(self.tickets)}
 
-    # ---- small endpoints ---------------------------------------------------------------
-    @api.get("/health")
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
-
-    @api.get("/metrics")
-    async def metrics_text(self) -> Response:
-        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
-
-    @api.get("/v1/models")
-    async def models(self, request: Request) -> dict[str, Any]:
-        self._authorize(request)
+    # ---- small routes -------------------------------------------------------------------
+    def models(self) -> dict[str, Any]:
         return models_body(self.recipe.model_name, self.created)
 
-    @api.get("/v1/models/{model_id:path}")
-    async def model(self, model_id: str, request: Request) -> dict[str, Any]:
-        self._authorize(request)
+    def model(self, model_id: str) -> dict[str, Any]:
         if model_id != self.recipe.model_name:
             raise unknown_model(model_id, self.recipe.model_name)
         return model_card(model_id, self.created)
 
-    @api.get("/ready")
+    def limits(self) -> dict[str, Any]:
+        lim = self.recipe.limits
+        return {"max_images": lim.max_images, "max_image_bytes": lim.max_image_bytes,
+                "max_image_side": self.checker.max_image_side,
+                "max_body_bytes": lim.max_body_bytes, "max_prompt_chars": lim.max_prompt_chars,
+                "max_tokens": lim.max_tokens, "max_inflight_per_replica": lim.max_inflight,
+                "request_timeout_s": lim.request_timeout_s, "max_stop": 4,
+                "remote_images": lim.allow_remote_images,
+                "context_tokens": self.checker.config.llm.max_position_embeddings}
+
+    async def metrics_text(self) -> str:
+        try:
+            return await node_metrics_text()
+        except Exception as exc:
+            log.warning("metrics unavailable: %r", exc)
+            return ""
+
     async def ready(self) -> dict[str, Any]:
-        """Readiness: one tiny request through encoder, router, fusion and one answer token
-        (experts are not woken: they may be scaled to zero on purpose)."""
-        import ray
+        """One tiny request through encoder, router, fusion and one answer token (experts
+        are not woken: they may be scaled to zero on purpose)."""
         from PIL import Image
 
         start = time.perf_counter()
-        image = [ray.put(Image.new("RGB", (64, 64), (128, 128, 128)))]
-        prep = Prepared(image=image, questions=["Is the server ready?"],
-                        prompt_ids=self._probe_prompt(), forced=None,
-                        params=DecodeParams(max_new_tokens=1))
+        timeout_s = min(30.0, self.recipe.limits.request_timeout_s)
+        conv = Conversation(turns=[{"from": "human", "value": "Is the server ready?"}],
+                            image_url="", image_param="", questions=["Is the server ready?"])
+        params = DecodeParams(max_new_tokens=1)
+        prep = Prepared(image=Image.new("RGB", (64, 64), (128, 128, 128)),
+                        questions=conv.questions, forced=None, params=params,
+                        prompt_ids=self.checker.prompt_ids(conv, params, route=True),
+                        deadline=time.time() + timeout_s)
         try:
-            async with asyncio.timeout(min(30.0, self.recipe.limits.request_timeout_s)):
+            async with asyncio.timeout(timeout_s):
                 vision = await self.pipeline.vision(prep, skip_experts=True)
                 await collect(self.pipeline.answer(prep, vision, stream=False))
         except Exception as exc:
-            err = to_api_error(exc, timeout_s=30.0)
+            err = to_api_error(exc, timeout_s=timeout_s)
             raise APIError(503, f"not ready: {err.message}", type="server_error",
-                           code="not_ready") from None
+                           code="not_ready", headers={"Retry-After": "2"}) from None
         return {"status": "ready", "latency_ms": round((time.perf_counter() - start) * 1e3, 2)}
 
-    def _probe_prompt(self) -> list[int]:
-        from pipelines.serve.openai_types import Conversation
-
-        conv = Conversation(turns=[{"from": "human", "value": "Is the server ready?"}],
-                            image_url="", image_param="", questions=["Is the server ready?"])
-        return self.checker.prompt_ids(conv, DecodeParams(max_new_tokens=1), route=True)
-
-    # ---- chat completions --------------------------------------------------------------
-    @api.post("/v1/chat/completions")
+    # ---- chat completions ------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
         start = time.perf_counter()
-        status, req, handed_off = 500, None, False
+        status, req, ticket, handed_off = "500", None, None, False
+        self.tickets.sweep()
         try:
-            self._authorize(request)
             req = parse_chat_request(await self._json(request))
             if req.model != self.recipe.model_name:
                 raise unknown_model(req.model, self.recipe.model_name)
-            if self.in_flight >= self.recipe.limits.max_inflight:
-                raise overloaded(f"{self.in_flight} requests are in flight on this replica "
+            if len(self.tickets) >= self.recipe.limits.max_inflight:
+                raise overloaded(f"{len(self.tickets)} requests are in flight on this replica "
                                  f"(limit {self.recipe.limits.max_inflight}); retry shortly")
-            self.in_flight += 1
-            self.metrics.in_flight.inc()
-            response: Response | None = None
-            try:
-                response = await self._complete(req, start)
-            finally:
-                # a stream releases its slot when it ends (see _sse_events)
-                handed_off = isinstance(response, StreamingResponse)
-                if not handed_off:
-                    self._release()
-            status = 200
+            timeout_s = self._timeout(req)
+            deadline = time.time() + timeout_s
+            ticket = self.tickets.take(deadline + TICKET_GRACE_S)
+            response = await self._complete(req, start, deadline, timeout_s, ticket)
+            handed_off = isinstance(response, StreamingResponse)
+            status = "200"
             return response
+        except asyncio.CancelledError:  # the client went away: everything below is cancelled
+            status = "499"
+            raise
         except Exception as exc:
             err = to_api_error(exc, timeout_s=self._timeout(req))
-            status = err.status
+            status = str(err.status)
             return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
         finally:
-            self.metrics.requests.labels(status=str(status)).inc()
+            if ticket is not None and not handed_off:
+                self.tickets.give_back(ticket)
+            metric("requests").inc(tags={"status": status})
             if not handed_off:
-                self.metrics.latency.observe(time.perf_counter() - start)
+                metric("request_seconds").observe(time.perf_counter() - start)
 
-    def _release(self) -> None:
-        self.in_flight -= 1
-        self.metrics.in_flight.dec()
-
-    def _authorize(self, request: Request) -> None:
-        if not self.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                 self.api_key.encode()):
-            raise APIError(401, "incorrect or missing API key (send 'Authorization: Bearer "
-                           "<key>')", code="invalid_api_key")
-
-    @staticmethod
-    async def _json(request: Request) -> Any:
+    async def _json(self, request: Request) -> Any:
+        limit, chunks, size = self.max_body_bytes, [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise payload_too_large(limit)
+            chunks.append(chunk)
         try:
-            return json.loads(await request.body())
+            return json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise bad_request(f"the request body is not valid JSON: {exc}",
                               code="invalid_json") from None
@@ -181,41 +236,43 @@ class MoVAIngress:
             return min(limit, req.mova.timeout_s)
         return limit
 
-    async def _prepare(self, req: ChatRequest) -> Prepared:
-        import ray
-
+    async def _prepare(self, req: ChatRequest, deadline: float) -> Prepared:
         limits = self.recipe.limits
         conv = to_conversation(req.messages, limits.max_images)
         forced = self.checker.forced_experts(req.mova.experts if req.mova else None)
         params = self.checker.decode_params(req)
-        if sources.classify(conv.image_url) == "remote" and limits.allow_remote_images:
-            data = await sources.fetch_remote(conv.image_url, max_bytes=limits.max_image_bytes,
-                                              timeout_s=limits.remote_image_timeout_s)
-        else:
-            data = await asyncio.to_thread(sources.image_bytes, conv.image_url,
-                                           max_bytes=limits.max_image_bytes,
-                                           allowed_dirs=limits.allowed_image_dirs)
-
-        def work() -> Prepared:
-            ids = self.checker.prompt_ids(conv, params, route=forced is None)
-            image = sources.decode_image(data)
-            return Prepared(image=[ray.put(image)], questions=conv.questions, prompt_ids=ids,
-                            params=params, forced=forced)
-
         try:
+            if sources.classify(conv.image_url) == "remote" and limits.allow_remote_images:
+                data = await remote.fetch_remote(
+                    conv.image_url, domains=limits.remote_image_domains,
+                    max_bytes=limits.max_image_bytes,
+                    timeout_s=max(0.1, min(limits.remote_image_timeout_s,
+                                           deadline - time.time())),
+                    max_redirects=limits.remote_image_max_redirects)
+            else:
+                data = await asyncio.to_thread(sources.image_bytes, conv.image_url,
+                                               max_bytes=limits.max_image_bytes,
+                                               allowed_dirs=limits.allowed_image_dirs)
+
+            def work() -> Prepared:
+                ids = self.checker.prompt_ids(conv, params, route=forced is None)
+                image = sources.decode_image(data, self.checker.max_image_side)
+                return Prepared(image=image, questions=conv.questions, prompt_ids=ids,
+                                params=params, forced=forced, deadline=deadline,
+                                debug=bool(req.mova and req.mova.debug))
+
             return await asyncio.to_thread(work)
         except APIError as exc:
-            if exc.code in ("invalid_image", "image_too_large"):
+            if exc.code and "image" in exc.code and exc.param is None:
                 exc.param = conv.image_param
             raise
 
-    async def _complete(self, req: ChatRequest, start: float) -> Response:
-        timeout_s = self._timeout(req)
-        deadline = asyncio.get_running_loop().time() + timeout_s
+    async def _complete(self, req: ChatRequest, start: float, deadline: float,
+                        timeout_s: float, ticket: int) -> Response:
         stream = None
         try:
-            async with asyncio.timeout_at(deadline):
-                prep = await self._prepare(req)
+            async with asyncio.timeout(max(0.0, deadline - time.time())):
+                prep = await self._prepare(req, deadline)
                 prepared = time.perf_counter()
                 vision = await self.pipeline.vision(prep)
                 stream = self.pipeline.answer(prep, vision, stream=req.stream)
@@ -233,24 +290,25 @@ class MoVAIngress:
                 ("prepare", prepared - start), ("vision", vision.seconds),
                 ("answer", now - prepared - vision.seconds), ("total", now - start))}
             self._count_tokens(final)
-            self.metrics.first_token.observe(time.perf_counter() - start)
+            metric("time_to_first_token_seconds").observe(now - start)
             return JSONResponse(completion_body(
                 id=new_id(), model=self.recipe.model_name, text=final["text"],
                 finish_reason=final["finish_reason"], prompt_tokens=final["prompt_tokens"],
                 completion_tokens=final["completion_tokens"], mova=ext))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = self._sse_events(first, stream, vision, deadline, timeout_s, start,
-                                include_usage)
-        return StreamingResponse(body, media_type="text/event-stream",
+        events = self._sse_events(first, stream, vision, deadline, timeout_s, start,
+                                  include_usage, ticket)
+        opening = await anext(events)  # primed: from here on the generator owns the ticket
+        return StreamingResponse(_chain(opening, events), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
     def _count_tokens(self, final: dict[str, Any]) -> None:
-        self.metrics.prompt_tokens.inc(final["prompt_tokens"])
-        self.metrics.completion_tokens.inc(final["completion_tokens"])
+        metric("prompt_tokens").inc(final["prompt_tokens"])
+        metric("completion_tokens").inc(final["completion_tokens"])
 
     async def _sse_events(self, first: dict[str, Any], stream, vision: Vision,
                           deadline: float, timeout_s: float, start: float,
-                          include_usage: bool) -> AsyncIterator[str]:
+                          include_usage: bool, ticket: int) -> AsyncIterator[str]:
         """SSE chunks: role (with the ``mova`` field), content deltas, the finish reason,
         optionally usage, then ``[DONE]``. A failure mid-stream is sent as an error event
         (then ``[DONE]``), so no client waits on a dead stream."""
@@ -264,13 +322,14 @@ class MoVAIngress:
             while True:
                 if event["delta"]:
                     if not seen_text:
-                        self.metrics.first_token.observe(time.perf_counter() - start)
+                        metric("time_to_first_token_seconds").observe(
+                            time.perf_counter() - start)
                         seen_text = True
                     yield _sse(chunk_body(id=rid, model=model, created=created,
                                           delta={"content": event["delta"]}))
                 if event["done"]:
                     break
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout(max(0.0, deadline - time.time())):
                     following = await anext(stream, None)
                 if following is None:
                     raise RuntimeError("the answer stream ended without a final event")
@@ -286,11 +345,17 @@ class MoVAIngress:
             yield _sse("[DONE]")
         except Exception as exc:
             err = to_api_error(exc, timeout_s=timeout_s)
-            self.metrics.requests.labels(status=f"stream_{err.status}").inc()
+            metric("requests").inc(tags={"status": f"stream_{err.status}"})
             yield _sse(err.body())
             yield _sse("[DONE]")
         finally:
             if not finished:
                 stream.cancel()
-            self.metrics.latency.observe(time.perf_counter() - start)
-            self._release()
+            metric("request_seconds").observe(time.perf_counter() - start)
+            self.tickets.give_back(ticket)
+
+
+async def _chain(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    yield first
+    async for chunk in rest:
+        yield chunk

@@ -1,9 +1,11 @@
-"""The LLM deployment: the routing decode and the streamed answer decode, both batched.
+"""The LLM deployment: the routing decode and the streamed answer decode, continuously batched.
 
-Routing batches concurrent requests into one :meth:`mova.model.MoVAModel.route` call. Answers
-batch with a streaming ``@serve.batch`` generator: every row of a batch shares one
-:class:`mova.decoding.BatchDecoder` (each with its own sampling settings), and each request's
-stream ends as soon as its own row is done.
+Both passes of every request go through one :class:`pipelines.serve.engine.DecodeEngine`: a
+routing row and, later, an answer row join the running KV-cached batch at its next step, each
+with its own settings (the routing row under the routing-reply constraint of
+:mod:`mova.routing_constraint` unless the recipe turns it off). Every call carries its
+request's deadline; a cancelled call (caller timed out, client gone) ends its row within one
+step.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from typing import Any
 from ray import serve
 
 from mova.decoding import DecodeParams
-from pipelines.serve.deployments import BatchControl, fetch, load_serving_model, process_info
+from pipelines.serve.batching import faults_enabled
+from pipelines.serve.deployments import apply_threads, load_serving_model, process_info
+from pipelines.serve.engine import DecodeEngine
+from pipelines.serve.errors import ReplicaUnhealthy
 
 log = logging.getLogger(__name__)
 
@@ -25,99 +30,82 @@ log = logging.getLogger(__name__)
 class LLMServer:
     """Routes (which experts?) and answers (streamed text) with the same LLM weights."""
 
-    def __init__(self, checkpoint: str, device: str = "auto") -> None:
+    def __init__(self, checkpoint: str, device: str = "auto",
+                 constrained_routing: bool = True) -> None:
+        from mova.routing_constraint import constrained_routing_params
+
         self.model = load_serving_model(checkpoint, device, keep=("llm",))
-        self.batching = {m: BatchControl(self, m) for m in ("route", "_answer_batch")}
+        self.routing_params = constrained_routing_params(self.model, constrained_routing)
+        self.engine = DecodeEngine(self.model.new_decoder)
+        self._monitor: asyncio.Task | None = None
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        for control in self.batching.values():
-            control.configure(config)
+        apply_threads(config)
+        self.engine.max_rows = int(config.get("max_batch_size", 16))
+        self.engine.stall_grace_s = float(config.get("stall_grace_s", 10.0))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def route(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Per request ``{"routing_tokens": (1, R, D), "question"}`` -> the chosen experts and
+    async def check_health(self) -> None:
+        self.engine.check()
+
+    def _watch(self) -> None:
+        """A monitor task: a stuck step fails its waiting requests at once (503) even
+        between Serve's health checks."""
+        if self._monitor is None:
+            async def monitor() -> None:
+                while True:
+                    await asyncio.sleep(0.5)
+                    try:
+                        self.engine.check()
+                    except ReplicaUnhealthy:
+                        return
+            self._monitor = asyncio.get_running_loop().create_task(monitor())
+
+    async def route(self, item: dict[str, Any]) -> dict[str, Any]:
+        """``{"routing_tokens": (1, R, D), "question", "deadline"}`` -> the chosen experts and
         the raw routing reply."""
-        with self.batching["route"].run(len(items)):
-            return await asyncio.to_thread(self._route, items)
+        self._watch()
+        model, tokens = self.model, item["routing_tokens"]
 
-    def _route(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        import torch
+        def build():
+            ids = model.routing_prompt_ids([item["question"]], tokens.shape[1])
+            return model.prompt_embeddings(ids, tokens.to(model.device))
 
-        tokens = torch.cat([item["routing_tokens"] for item in items]).to(self.model.device)
-        with torch.no_grad():
-            result = self.model.route(tokens, [item["question"] for item in items])
-        return [{"experts": result.experts[i], "reply": result.replies[i]}
-                for i in range(len(items))]
+        final = None
+        async for event in self.engine.stream(build, self.routing_params, item["deadline"]):
+            final = event
+        assert final is not None
+        if final.get("error"):
+            return {"error_event": final}
+        routing = model.parse_routes([final["text"]])
+        return {"experts": routing.experts[0], "reply": final["text"]}
 
     async def answer(self, item: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream one request's answer: events ``{"delta", "done", "text", ...}`` and, on
-        failure, one ``{"error", "bad_request"}`` event. With ``item["stream"]`` false only
-        the final event is sent (no per-token messages between processes)."""
-        async for events in self._answer_batch(item):  # ends right after the final event
-            for event in events:
+        """Stream one request's answer: events ``{"delta", "done", "text", ...}``, or one final
+        error event. With ``item["stream"]`` false only the final event is sent (no per-token
+        messages between processes)."""
+        self._watch()
+        model = self.model
+        raw = item["params"]
+        params = DecodeParams(**{**raw, "stop": tuple(raw["stop"])})
+
+        def build():
+            tokens = item["image_tokens"].to(model.device)
+            return model.prompt_embeddings([item["prompt_ids"]], tokens)
+
+        streaming = item.get("stream", True)
+        async for event in self.engine.stream(build, params, item["deadline"]):
+            if streaming or event.get("done") or event.get("error"):
                 yield event
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002, max_concurrent_batches=2)
-    async def _answer_batch(self, items: list[dict[str, Any]]) -> AsyncIterator[list[Any]]:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def push(pairs: list[tuple[int, dict[str, Any]]] | None) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, pairs)
-
-        streaming = [item.get("stream", True) for item in items]
-        with self.batching["_answer_batch"].run(len(items)):
-            worker = loop.run_in_executor(None, self._decode, items, push)
-            open_rows, ended = set(range(len(items))), set()
-            while open_rows:
-                pairs = await events.get()
-                if pairs is None:
-                    break
-                slots: list[Any] = [[] for _ in items]
-                closed = set()
-                for row, event in pairs:
-                    final = bool(event.get("done") or event.get("error"))
-                    if row in open_rows and (final or streaming[row]):
-                        slots[row].append(event)
-                    if final:
-                        closed.add(row)
-                if any(slots) or closed:
-                    yield [StopIteration if i in ended else slots[i] for i in range(len(items))]
-                    ended |= open_rows & closed
-                open_rows -= closed
-            await worker
-
-    def _decode(self, items: list[dict[str, Any]], push) -> None:
-        """Worker thread: decode every row of the batch together, pushing events as they
-        come. A row that cannot start (e.g. too long) fails alone."""
-        import torch
-
-        model, decoder = self.model, self.model.new_decoder()
-        try:
-            for i, item in enumerate(items):
-                try:
-                    params = DecodeParams(**{**item["params"],
-                                             "stop": tuple(item["params"]["stop"])})
-                    tokens = fetch(item["image_tokens"]).to(model.device)
-                    embeds, mask = model.prompt_embeddings([item["prompt_ids"]], tokens)
-                    decoder.add(embeds, mask, [params], keys=[i])
-                except Exception as exc:  # reported to the waiting request, never raised
-                    push([(i, _error_event(exc))])
-            with torch.no_grad():
-                while len(decoder):
-                    events = decoder.step()
-                    if events:
-                        push([(e.row, e.to_dict()) for e in events])
-        except Exception as exc:
-            log.warning("answer decode failed: %s", exc)
-            push([(i, _error_event(exc)) for i in decoder.keys()])
-        finally:
-            push(None)
-
     def info(self) -> dict[str, Any]:
-        return {**process_info("LLM"),
-                "batches": {m.strip("_"): c.summary() for m, c in self.batching.items()}}
+        from pipelines.serve.metrics import metric
 
+        data = process_info("LLM")
+        metric("resident_memory_bytes").set(data["rss_bytes"])
+        return {**data, "batches": {"decode": self.engine.summary()}}
 
-def _error_event(exc: Exception) -> dict[str, Any]:
-    return {"error": str(exc), "bad_request": isinstance(exc, ValueError)}
+    def inject_stall(self, seconds: float) -> None:
+        """Test-only (``MOVA_SERVE_FAULT_INJECTION=1``): the next decode step blocks."""
+        if not faults_enabled():
+            raise RuntimeError("fault injection is disabled on this server")
+        self.engine.stall_next_s = seconds

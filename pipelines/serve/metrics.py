@@ -1,37 +1,144 @@
-"""Request metrics of one ingress replica, in Prometheus text format (``GET /metrics``)."""
+"""Serve metrics through ``ray.serve.metrics``: every replica records into Ray's metrics
+pipeline, which tags each series with its deployment, replica and application, so Prometheus
+(scraping each node's Ray metrics port) aggregates them across replicas and nodes.
+
+Families (Ray exports them with its ``ray_`` prefix): ``mova_requests`` by HTTP status,
+``mova_expert_routed`` by expert and source (routed or forced), ``mova_queue_depth`` and
+``mova_batch_size`` per stage (encode, fuse, features:<expert>, decode), ``mova_step_seconds``
+per stage (one batch or one decode step), ``mova_request_seconds``,
+``mova_time_to_first_token_seconds``, ``mova_requests_in_flight``, token counters,
+``mova_deadline_expired`` and ``mova_replica_unhealthy`` per stage.
+
+``GET /metrics`` on the ingress returns those families as the local node's metrics agent
+exports them (one node's view; a cluster scrapes every node's Ray metrics port instead).
+Outside a Ray worker (unit tests, the library) every recorder is a no-op.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import logging
+from typing import Any
 
-from pipelines.serve.deployments import process_info
+log = logging.getLogger(__name__)
 
-_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+PREFIX = "mova_"
+_LATENCY = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+_SIZES = [1, 2, 4, 8, 16, 32, 64]
+_SPECS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
+    "requests": ("counter", "Chat completion requests by HTTP status", ("status",), None),
+    "expert_routed": ("counter", "Requests sent to each expert (routed or forced)",
+                      ("expert", "source"), None),
+    "queue_depth": ("gauge", "Items waiting for a batch or a decode slot", ("stage",), None),
+    "batch_size": ("histogram", "Items per batch (rows per decode step)", ("stage",), _SIZES),
+    "step_seconds": ("histogram", "Duration of one batch or one decode step", ("stage",),
+                     _LATENCY),
+    "request_seconds": ("histogram", "Time from request to the last byte of the answer", (),
+                        _LATENCY),
+    "time_to_first_token_seconds": ("histogram", "Time from request to the first answer text",
+                                    (), _LATENCY),
+    "requests_in_flight": ("gauge", "Requests being served by the ingress", (), None),
+    "prompt_tokens": ("counter", "Prompt tokens of answered requests", (), None),
+    "completion_tokens": ("counter", "Generated tokens of answered requests", (), None),
+    "deadline_expired": ("counter", "Items dropped because their deadline passed",
+                         ("stage",), None),
+    "replica_unhealthy": ("counter", "Times a replica found itself stuck", ("stage",), None),
+    "resident_memory_bytes": ("gauge", "Resident memory of the replica's process", (), None),
+}
+_made: dict[str, Any] = {}
 
 
-class ServeMetrics:
-    """Counters and histograms kept in a registry of its own (one per ingress replica)."""
+class _Null:
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        pass
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("mova_requests", "Chat completion requests by HTTP status",
-                                ["status"], registry=r)
-        self.latency = Histogram("mova_request_latency_seconds",
-                                 "Time from request to the last byte of the answer",
-                                 buckets=_BUCKETS, registry=r)
-        self.first_token = Histogram("mova_time_to_first_token_seconds",
-                                     "Time from request to the first answer text",
-                                     buckets=_BUCKETS, registry=r)
-        self.in_flight = Gauge("mova_requests_in_flight", "Requests being served", registry=r)
-        self.expert_calls = Counter("mova_expert_calls", "Expert deployment calls by expert",
-                                    ["expert"], registry=r)
-        self.prompt_tokens = Counter("mova_prompt_tokens", "Prompt tokens", registry=r)
-        self.completion_tokens = Counter("mova_completion_tokens", "Generated tokens",
-                                         registry=r)
-        self.memory = Gauge("mova_ingress_resident_memory_bytes",
-                            "Resident memory of this ingress replica", registry=r)
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        pass
 
-    def render(self) -> bytes:
-        self.memory.set(process_info("Ingress")["rss_bytes"])
-        return generate_latest(self.registry)
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
+        pass
+
+
+def metric(name: str) -> Any:
+    """The ``ray.serve.metrics`` object of family ``mova_<name>`` (a no-op outside Ray)."""
+    if name in _made:
+        return _made[name]
+    kind, description, tags, boundaries = _SPECS[name]
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return _Null()
+        from ray.serve import metrics as sm
+
+        full = PREFIX + name
+        if kind == "counter":
+            made = sm.Counter(full, description=description, tag_keys=tags)
+        elif kind == "gauge":
+            made = sm.Gauge(full, description=description, tag_keys=tags)
+        else:
+            made = sm.Histogram(full, description=description, boundaries=boundaries,
+                                tag_keys=tags)
+    except Exception as exc:  # metrics must never break serving
+        log.warning("metric %s unavailable: %r", name, exc)
+        made = _Null()
+    _made[name] = made
+    return made
+
+
+class StageMetrics:
+    """The recorders of one batching stage of a replica."""
+
+    def __init__(self, stage: str) -> None:
+        self.tags = {"stage": stage}
+
+    def queue(self, depth: int) -> None:
+        metric("queue_depth").set(depth, tags=self.tags)
+
+    def batch(self, size: int, seconds: float) -> None:
+        metric("batch_size").observe(size, tags=self.tags)
+        metric("step_seconds").observe(seconds, tags=self.tags)
+
+    def expired(self, count: int = 1) -> None:
+        metric("deadline_expired").inc(count, tags=self.tags)
+
+    def unhealthy(self) -> None:
+        metric("replica_unhealthy").inc(tags=self.tags)
+
+
+def stage_metrics(stage: str) -> StageMetrics:
+    return StageMetrics(stage)
+
+
+def filter_families(text: str, prefixes: tuple[str, ...] = ("ray_" + PREFIX, PREFIX)) -> str:
+    """The lines of a Prometheus exposition that belong to our families."""
+    keep = []
+    for line in text.splitlines():
+        body = line.split(" ", 2)[2] if line.startswith(("# HELP ", "# TYPE ")) else line
+        if body.startswith(prefixes):
+            keep.append(line)
+    return "\n".join(keep) + ("\n" if keep else "")
+
+
+def _metrics_url() -> str | None:
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), None)
+    if node is None or not node.get("MetricsExportPort"):
+        return None
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
+async def node_metrics_text(timeout_s: float = 5.0) -> str:
+    """Our families as this node's Ray metrics agent exports them (Prometheus text)."""
+    import asyncio
+
+    import httpx
+
+    async with asyncio.timeout(timeout_s):
+        url = await asyncio.to_thread(_metrics_url)
+        if url is None:
+            return ""
+        async with httpx.AsyncClient(timeout=timeout_s) as client:
+            response = await client.get(url)
+    return filter_families(response.text)

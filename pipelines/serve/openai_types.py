@@ -19,13 +19,18 @@ from pipelines.serve.errors import APIError, bad_request
 
 _STRICT = ConfigDict(strict=True, extra="forbid")
 MAX_STOP = 4
-# Fields OpenAI clients may send that this server cannot honour unless left at their default.
+# Fields OpenAI clients may send that this server cannot honour unless left at their default
+# (a 400 naming the field otherwise). Any other unknown field is a 400 too.
 _UNSUPPORTED: dict[str, Any] = {
     "n": 1, "logprobs": False, "top_logprobs": None, "tools": None, "tool_choice": None,
     "functions": None, "function_call": None, "response_format": None, "logit_bias": None,
     "presence_penalty": 0, "frequency_penalty": 0, "audio": None, "modalities": None,
-    "prediction": None,
+    "prediction": None, "parallel_tool_calls": None, "reasoning_effort": None,
+    "web_search_options": None,
 }
+# Accepted and ignored (bookkeeping fields of the OpenAI API).
+_IGNORED = ("store", "metadata", "service_tier", "safety_identifier", "prompt_cache_key")
+_DEFAULT_ONLY = "Accepted for compatibility; only its default value is supported."
 
 
 class ImageURL(BaseModel):
@@ -62,10 +67,16 @@ class MoVAOptions(BaseModel):
     model_config = _STRICT
     experts: list[str] | None = None
     timeout_s: float | None = Field(default=None, gt=0)
+    debug: bool = Field(default=False, description="also return each adapter block's raw "
+                                                   "router logits and top-k picks")
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+    """The body of ``POST /v1/chat/completions`` (OpenAI's, with MoVA's ``mova`` field).
+    Fields not listed are refused with a 400."""
+
+    model_config = ConfigDict(strict=True, extra="allow",
+                              json_schema_extra={"additionalProperties": False})
     model: str
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
@@ -78,6 +89,12 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     user: str | None = None
     mova: MoVAOptions | None = None
+    n: Literal[1] | None = Field(default=None, description=_DEFAULT_ONLY)
+    logprobs: Literal[False] | None = Field(default=None, description=_DEFAULT_ONLY)
+    presence_penalty: Literal[0] | None = Field(default=None, description=_DEFAULT_ONLY)
+    frequency_penalty: Literal[0] | None = Field(default=None, description=_DEFAULT_ONLY)
+    store: bool | None = Field(default=None, description="Ignored.")
+    metadata: dict[str, str] | None = Field(default=None, description="Ignored.")
 
 
 class MoVAInfo(BaseModel):
@@ -99,6 +116,12 @@ class MoVAInfo(BaseModel):
                                               description="encode, route, experts, fuse")
     timings_ms: dict[str, float] | None = Field(
         default=None, description="non-streamed replies: prepare, vision, answer, total")
+    router_logits: list[list[float]] | None = Field(
+        default=None, description="with mova.debug: per adapter block, the raw router logit "
+                                  "of each pool expert (before the routing mask)")
+    top_k: list[list[int]] | None = Field(
+        default=None, description="with mova.debug: per adapter block, the pool indices of its "
+                                  "top-k picks, best first (-1: a pick with no weight)")
 
     @classmethod
     def from_response(cls, body: Any) -> MoVAInfo | None:
@@ -131,11 +154,18 @@ def parse_chat_request(body: Any) -> ChatRequest:
         param = ".".join(str(p) for p in first["loc"]) or None
         raise bad_request(f"{param}: {first['msg']}" if param else first["msg"],
                           param=param) from None
+    extra = dict(req.model_extra or {})
+    for name in ("n", "logprobs", "presence_penalty", "frequency_penalty"):
+        extra[name] = getattr(req, name)
     for name, default in _UNSUPPORTED.items():
-        value = (req.model_extra or {}).get(name, default)
+        value = extra.pop(name, default)
         if value is not None and value != default:
             raise bad_request(f"{name}={value!r} is not supported by this server",
                               param=name, code="unsupported_parameter")
+    unknown = sorted(set(extra) - set(_IGNORED))
+    if unknown:
+        raise bad_request(f"unrecognized request argument supplied: {unknown[0]}",
+                          param=unknown[0], code="unknown_parameter")
     if req.max_tokens is not None and req.max_completion_tokens is not None \
             and req.max_tokens != req.max_completion_tokens:
         raise bad_request("max_tokens and max_completion_tokens disagree", param="max_tokens")

@@ -4,6 +4,10 @@ preprocess + base + text (Adapter) -> routing decode (LLM) -> the routed experts
 (one deployment each) -> MoV-Adapter fusion (Adapter, reusing the base features) -> the answer
 decode, streamed (LLM). Everything that can be checked without a model (the image, the prompt
 length, the parameters, forced expert names) is checked before the first model call.
+
+Every hop carries the request's deadline: the callee drops work whose deadline has passed, and
+the caller stops waiting at the deadline and cancels the call (which ends the callee's work
+for it). Tensors travel by value.
 """
 
 from __future__ import annotations
@@ -15,14 +19,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from mova.builders import routing_descriptions
 from mova.checkpoint import load_config, read_components
 from mova.config import MoVAConfig
 from mova.conversation import get_template, tokenize_conversation, validate_turns
 from mova.decoding import DecodeParams
 from mova.experts.registry import resolve_expert
-from mova.routing import build_routing_prompt
+from mova.routing import render_routing_prompt
 from mova.tokenizers import IMAGE_TOKEN
-from pipelines.serve.errors import RequestError, bad_request
+from pipelines.serve.errors import DeadlineExceeded, ReplicaUnhealthy, RequestError, bad_request
 from pipelines.serve.openai_types import ChatRequest, Conversation, MoVAInfo, stop_list
 from pipelines.serve.recipe import ServeRecipe
 
@@ -31,11 +36,13 @@ from pipelines.serve.recipe import ServeRecipe
 class Prepared:
     """A checked request, ready for the model."""
 
-    image: Any  # [ObjectRef] of the decoded PIL image
+    image: Any  # the decoded RGB PIL image (travels by value)
     questions: list[str]
     prompt_ids: list[int]
     params: DecodeParams
     forced: list[str] | None
+    deadline: float = float("inf")  # time.time() seconds
+    debug: bool = False  # return the adapter's router logits and top-k picks
 
 
 @dataclass
@@ -46,16 +53,17 @@ class Vision:
     forced: bool
     routing_reply: str | None
     gate_weights: list[list[float]]
-    image_tokens: Any  # [ObjectRef] of (1, tokens, D)
+    image_tokens: Any  # (1, tokens, D) tensor
     seconds: float
     steps_ms: dict[str, float] = field(default_factory=dict)
+    debug: dict[str, Any] = field(default_factory=dict)  # router_logits, top_k (mova.debug)
 
     def extension(self, pool: list[str]) -> MoVAInfo:
         """The response's ``mova`` field."""
         return MoVAInfo(experts=self.experts, forced=self.forced,
                         routing_reply=self.routing_reply, pool=pool,
                         gate_weights=self.gate_weights, vision_ms=round(self.seconds * 1e3, 2),
-                        vision_steps_ms=self.steps_ms)
+                        vision_steps_ms=self.steps_ms, **self.debug)
 
 
 class PromptChecker:
@@ -68,16 +76,17 @@ class PromptChecker:
         from transformers import AutoTokenizer
 
         from mova.builders import ensure_image_token
+        from pipelines.common.checkpoints import local_checkpoint
 
+        checkpoint = local_checkpoint(checkpoint)
         self.config: MoVAConfig = load_config(checkpoint)
         llm_dir = Path(checkpoint) / read_components(checkpoint)["llm"]
         self.tokenizer = ensure_image_token(AutoTokenizer.from_pretrained(llm_dir))
         self.template = get_template(self.config.llm.chat_template)
         self.pool = self.config.expert_names
-        idx = self.config.routing.description_index
-        specs = [resolve_expert(e).spec for e in self.config.experts]
-        self.descriptions = [s.descriptions[idx % len(s.descriptions)] for s in specs]
+        self.descriptions = routing_descriptions(self.config)
         self.limits = recipe.limits
+        self.max_image_side = recipe.limits.max_image_side or pool_image_side(self.config)
 
     def forced_experts(self, names: list[str] | None) -> list[str] | None:
         if names is None:
@@ -106,6 +115,11 @@ class PromptChecker:
     def prompt_ids(self, conv: Conversation, params: DecodeParams, route: bool) -> list[int]:
         """The answer prompt's token ids; a 400 if it (or the routing prompt) does not fit."""
         context = self.config.llm.max_position_embeddings
+        chars = sum(len(t["value"]) for t in conv.turns)
+        if chars > self.limits.max_prompt_chars:
+            raise bad_request(f"the messages hold {chars} characters; at most "
+                              f"{self.limits.max_prompt_chars} are accepted", param="messages",
+                              code="context_length_exceeded")
         try:
             turns = validate_turns(conv.turns, for_generation=True)
             ids = tokenize_conversation(turns, self.tokenizer, self.template,
@@ -120,9 +134,9 @@ class PromptChecker:
                               code="context_length_exceeded")
         if route:
             try:
-                text = build_routing_prompt(conv.questions[-1], self.descriptions,
-                                            image_token=IMAGE_TOKEN,
-                                            max_experts=self.config.routing.max_experts)
+                text = render_routing_prompt(self.config.routing.prompt, conv.questions[-1],
+                                             self.descriptions, image_token=IMAGE_TOKEN,
+                                             max_experts=self.config.routing.max_experts)
                 routing = tokenize_conversation([{"from": "human", "value": text}],
                                                 self.tokenizer, self.template,
                                                 self.config.num_routing_tokens,
@@ -139,61 +153,95 @@ class PromptChecker:
 class Pipeline:
     """Calls the deployments for one request (the ingress maps their failures to HTTP)."""
 
-    def __init__(self, adapter, llm, experts: dict[str, Any], metrics=None) -> None:
+    def __init__(self, adapter, llm, experts: dict[str, Any]) -> None:
         self.adapter = adapter
         self.llm = llm
         self.experts = experts
-        self.metrics = metrics
 
     async def vision(self, prep: Prepared, *, skip_experts: bool = False) -> Vision:
         """Encode, route (unless forced), run the routed experts in parallel, fuse.
         ``skip_experts`` (readiness probe) routes but fuses no expert."""
+        from pipelines.serve.metrics import metric
+
+        deadline = prep.deadline
         marks = [time.perf_counter()]
-        encoded = await self.adapter.encode.remote({"image": prep.image,
-                                                    "questions": prep.questions})
+        encoded = await call(self.adapter.encode.remote(
+            {"image": prep.image, "questions": prep.questions, "deadline": deadline}), deadline)
         marks.append(time.perf_counter())
         reply = None
         if prep.forced is None:
-            routing = await self.llm.route.remote({"routing_tokens": encoded["routing_tokens"],
-                                                   "question": prep.questions[-1]})
+            routing = await call(self.llm.route.remote(
+                {"routing_tokens": encoded["routing_tokens"], "question": prep.questions[-1],
+                 "deadline": deadline}), deadline)
+            if "error_event" in routing:
+                check_event(routing["error_event"])
             experts, reply = list(routing["experts"]), routing["reply"]
         else:
             experts = list(prep.forced)
         if skip_experts:
             experts = []
         marks.append(time.perf_counter())
+        source = "forced" if prep.forced is not None else "routed"
         for name in experts:
-            if self.metrics is not None:
-                self.metrics.expert_calls.labels(expert=name).inc()
-        feats = await asyncio.gather(*(self.experts[n].features.remote(prep.image)
-                                       for n in experts))
+            metric("expert_routed").inc(tags={"expert": name, "source": source})
+        feats = await asyncio.gather(*(
+            call(self.experts[n].features.remote({"image": prep.image, "deadline": deadline}),
+                 deadline) for n in experts))
         marks.append(time.perf_counter())
-        fused = await self.adapter.fuse.remote({"features": encoded["features"],
-                                                "experts": dict(zip(experts, feats,
-                                                                    strict=True))})
+        fused = await call(self.adapter.fuse.remote(
+            {"base": encoded["base"], "text": encoded["text"],
+             "experts": dict(zip(experts, feats, strict=True)), "deadline": deadline,
+             "debug": prep.debug}), deadline)
         marks.append(time.perf_counter())
         steps = {name: round((b - a) * 1e3, 2) for name, a, b in
                  zip(("encode", "route", "experts", "fuse"), marks[:-1], marks[1:], strict=True)}
         return Vision(experts=experts, forced=prep.forced is not None, routing_reply=reply,
                       gate_weights=fused["gate_weights"], image_tokens=fused["image_tokens"],
-                      seconds=marks[-1] - marks[0], steps_ms=steps)
+                      seconds=marks[-1] - marks[0], steps_ms=steps,
+                      debug=fused.get("debug") or {})
 
     def answer(self, prep: Prepared, vision: Vision, *, stream: bool = True):
         """The LLM's answer stream (a ``DeploymentResponseGenerator`` of event dicts); with
         ``stream=False`` it carries the final event only."""
         params = dataclasses.asdict(prep.params)
         params["stop"] = list(params["stop"])
+        params.pop("constraint", None)
         return self.llm.options(stream=True).answer.remote(
             {"image_tokens": vision.image_tokens, "prompt_ids": prep.prompt_ids,
-             "params": params, "stream": stream})
+             "params": params, "stream": stream, "deadline": prep.deadline})
+
+
+async def call(response: Any, deadline: float) -> Any:
+    """Await one deployment call until ``deadline`` (``time.time()`` seconds); a call that
+    times out or is cancelled is cancelled downstream too."""
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.time())):
+            return await response
+    except BaseException:
+        response.cancel()
+        raise
+
+
+def pool_image_side(config: MoVAConfig) -> int:
+    """The largest image side any encoder of the checkpoint reads (at least 1024): the
+    default cap on request images' width and height."""
+    sides = [config.base.image_size]
+    for expert in config.experts:
+        size = resolve_expert(expert).size
+        sides += [size.image_size, getattr(size, "source_size", 0) or 0]
+    return max(1024, *sides)
 
 
 def check_event(event: dict[str, Any]) -> dict[str, Any]:
-    """Raise for an error event of the answer stream."""
+    """Raise for an error event of the LLM (routing or answer)."""
     if event.get("error"):
         if event.get("bad_request"):
             raise RequestError(event["error"], param="messages")
-        raise RuntimeError(f"answer decode failed: {event['error']}")
+        if event.get("timeout"):
+            raise DeadlineExceeded(event["error"])
+        if event.get("unavailable"):
+            raise ReplicaUnhealthy(event["error"])
+        raise RuntimeError(f"decoding failed: {event['error']}")
     return event
 
 

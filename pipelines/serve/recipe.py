@@ -7,6 +7,8 @@ One typed dataclass tree: the checkpoint, HTTP address, request limits, and for 
 from __future__ import annotations
 
 import copy
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,9 +65,10 @@ class AutoscalingRecipe:
 @dataclass
 class DeploymentRecipe:
     """Replicas (fixed, or ``autoscaling``), resources, queue limits and batching of one
-    deployment. ``max_queued_requests: -1`` means unbounded. A batch waits
-    ``batch_wait_timeout_s`` for company when the replica is idle, and up to
-    ``max_batch_wait_s`` while an earlier batch still runs."""
+    deployment. ``max_queued_requests: -1`` means unbounded. A batch takes what queued while
+    the previous one ran, and waits ``batch_wait_timeout_s`` for company only when the replica
+    was idle; for the LLM, ``max_batch_size`` is the number of rows decoded together.
+    ``torch_threads`` (0: one per whole CPU given) is what its model work may use."""
 
     num_replicas: int = 1
     autoscaling: AutoscalingRecipe | None = None
@@ -75,7 +78,9 @@ class DeploymentRecipe:
     max_queued_requests: int = 64
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.002
-    max_batch_wait_s: float = 0.1
+    torch_threads: int = 0
+    health_check_period_s: float = 5.0
+    health_check_timeout_s: float = 30.0
 
     def validate(self, prefix: str) -> None:
         if self.num_replicas < 1:
@@ -91,9 +96,18 @@ class DeploymentRecipe:
             raise ValueError(f"{prefix}.max_queued_requests must be -1 (unbounded) or >= 1")
         if self.max_batch_size < 1:
             raise ValueError(f"{prefix}.max_batch_size must be >= 1")
-        if self.batch_wait_timeout_s < 0 or self.max_batch_wait_s < self.batch_wait_timeout_s:
-            raise ValueError(f"{prefix}.batch_wait_timeout_s must be >= 0 and "
-                             f"{prefix}.max_batch_wait_s >= batch_wait_timeout_s")
+        if self.batch_wait_timeout_s < 0:
+            raise ValueError(f"{prefix}.batch_wait_timeout_s must be >= 0")
+        if self.torch_threads < 0:
+            raise ValueError(f"{prefix}.torch_threads must be >= 0 (0: one per CPU given)")
+        if self.health_check_period_s <= 0 or self.health_check_timeout_s <= 0:
+            raise ValueError(f"{prefix}.health_check_period_s and health_check_timeout_s "
+                             "must be > 0")
+
+    @property
+    def threads(self) -> int:
+        """Torch threads of one replica: ``torch_threads``, or one per whole CPU it holds."""
+        return self.torch_threads or max(1, math.ceil(self.num_cpus - 1e-9))
 
     @property
     def max_replicas(self) -> int:
@@ -110,9 +124,11 @@ class DeploymentRecipe:
             "ray_actor_options": actor,
             "graceful_shutdown_wait_loop_s": 0.2,
             "graceful_shutdown_timeout_s": 5.0,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
             "user_config": {"max_batch_size": self.max_batch_size,
                             "batch_wait_timeout_s": self.batch_wait_timeout_s,
-                            "max_batch_wait_s": self.max_batch_wait_s},
+                            "torch_threads": self.threads},
         }
         if self.autoscaling is not None:
             out["autoscaling_config"] = self.autoscaling.to_serve()
@@ -147,26 +163,47 @@ class ExpertsRecipe:
 
 @dataclass
 class LimitsRecipe:
-    """What one request may ask for; anything beyond is a 400 (or 408/503 for time/load)."""
+    """What one request may ask for; anything beyond is a 400 (413 for the body, 408/503 for
+    time/load). ``max_image_side`` (null: what the checkpoint's encoders use, at least 1024)
+    caps width and height, read from the image header before any pixel is decoded. A batch
+    still running ``stall_grace_s`` after its requests' deadlines marks its replica unhealthy
+    (Serve replaces it; requests waiting there get a 503)."""
 
     max_images: int = 1
     max_image_bytes: int = 20_000_000
+    max_image_side: int | None = None
+    max_body_bytes: int = 28_000_000
+    max_prompt_chars: int = 100_000
     max_tokens: int = 1024
     max_inflight: int = 64
     request_timeout_s: float = 60.0
+    stall_grace_s: float = 10.0
     allow_remote_images: bool = False
+    remote_image_domains: list[str] = field(default_factory=list)
+    remote_image_max_redirects: int = 0
     remote_image_timeout_s: float = 10.0
     allowed_image_dirs: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.max_images != 1:
             raise ValueError("limits.max_images must be 1: a MoVA prompt holds one image")
-        for name in ("max_image_bytes", "max_tokens", "max_inflight"):
+        for name in ("max_image_bytes", "max_body_bytes", "max_prompt_chars", "max_tokens",
+                     "max_inflight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"limits.{name} must be >= 1")
-        for name in ("request_timeout_s", "remote_image_timeout_s"):
+        if self.max_image_side is not None and self.max_image_side < 8:
+            raise ValueError("limits.max_image_side must be >= 8 (or null: from the pool)")
+        if self.max_body_bytes < self.max_image_bytes * 4 // 3:
+            raise ValueError("limits.max_body_bytes must hold a base64 image of "
+                             "max_image_bytes (>= 4/3 of it)")
+        for name in ("request_timeout_s", "remote_image_timeout_s", "stall_grace_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"limits.{name} must be > 0")
+        if not 0 <= self.remote_image_max_redirects <= 10:
+            raise ValueError("limits.remote_image_max_redirects must be in 0..10")
+        if self.allow_remote_images and not self.remote_image_domains:
+            raise ValueError("limits.allow_remote_images needs limits.remote_image_domains "
+                             "(the hosts images may come from, e.g. [images.example.com])")
 
 
 @dataclass
@@ -181,6 +218,9 @@ class ServeRecipe:
     route_prefix: str = "/"
     api_key: str | None = None
     api_key_env: str = "MOVA_API_KEY"
+    allow_unauthenticated: bool = False
+    public_health: bool = False
+    constrained_routing: bool = True
     device: str = "auto"
     limits: LimitsRecipe = field(default_factory=LimitsRecipe)
     ingress: DeploymentRecipe = field(default_factory=lambda: DeploymentRecipe(
@@ -213,8 +253,22 @@ class ServeRecipe:
             self.experts.for_expert(name)
         if self.llm.max_ongoing_requests < 2 * self.llm.max_batch_size:
             raise ValueError("llm.max_ongoing_requests must be >= 2 * llm.max_batch_size "
-                             "(two answer batches run at once)")
+                             "(each request holds a routing row, then an answer row)")
         return self
+
+    def resolve_api_key(self) -> str | None:
+        """The API key: ``api_key``, else the environment variable ``api_key_env``."""
+        return self.api_key or os.environ.get(self.api_key_env) or None
+
+    def check_exposure(self, bind_host: str | None = None) -> None:
+        """Refuse to serve beyond loopback without an API key, unless the recipe says
+        ``allow_unauthenticated: true``."""
+        host = bind_host or self.host
+        if self.resolve_api_key() or self.allow_unauthenticated or is_loopback(host):
+            return
+        raise ValueError(f"serve recipe: the endpoint would listen on {host!r} (beyond "
+                         f"loopback) without an API key; set {self.api_key_env} (or api_key), "
+                         "or allow_unauthenticated: true to serve openly on purpose")
 
     def check_pool(self, pool: list[str]) -> None:
         """Overrides must name experts of the checkpoint's pool."""
@@ -228,6 +282,18 @@ class ServeRecipe:
         parts = [self.ingress, self.adapter, self.llm, *(self.experts.for_expert(n)
                                                           for n in pool)]
         return sum(p.num_cpus * p.max_replicas for p in parts)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an HTTP bind address stays on this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _as_dict(obj: Any) -> Any:

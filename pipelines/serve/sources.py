@@ -1,14 +1,18 @@
 """Where a request's image may come from: ``data:`` URIs always; http(s) URLs only when the
-recipe allows them; local files never, unless they lie inside an allowed folder."""
+recipe allows them (:mod:`pipelines.serve.remote`); local files never, unless they lie inside an
+allowed folder. Every image's width and height are checked from its header before any pixel is
+decoded."""
 
 from __future__ import annotations
 
+import io
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mova.images import ImageError, decode_data_uri, load_image
 from pipelines.serve.errors import bad_request
@@ -71,32 +75,31 @@ def image_bytes(url: str, *, max_bytes: int, allowed_dirs: Sequence[str]) -> byt
     return data
 
 
-async def fetch_remote(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
-    """Download an http(s) image, at most ``max_bytes``, within ``timeout_s``."""
-    import httpx
-
+def image_size(data: bytes, max_side: int) -> tuple[int, int]:
+    """Width and height from the image header alone (``Image.open`` reads only the header);
+    a 400 when either exceeds ``max_side`` or the header is not an image's."""
     try:
-        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=True) as client:
-            async with client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise bad_request(f"fetching the image gave HTTP {response.status_code}",
-                                      code="invalid_image_url")
-                chunks, size = [], 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise bad_request(f"the image is larger than {max_bytes} bytes",
-                                          code="image_too_large")
-                    chunks.append(chunk)
-    except httpx.HTTPError as exc:
-        raise bad_request(f"the image URL cannot be fetched: {type(exc).__name__}",
-                          code="invalid_image_url") from None
-    return b"".join(chunks)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise bad_request(f"the image is too large; at most {max_side} pixels a side are "
+                          "accepted", code="image_too_large") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise bad_request(f"the image cannot be decoded: {exc}", code="invalid_image") from None
+    if width > max_side or height > max_side:
+        raise bad_request(f"the image is {width}x{height} pixels; at most {max_side} pixels a "
+                          "side are accepted", code="image_too_large")
+    return width, height
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode exactly as :func:`mova.images.load_image` does (so served answers equal the
-    library's); an undecodable image is a 400."""
+def decode_image(data: bytes, max_side: int | None = None) -> Image.Image:
+    """Check the header (when ``max_side`` is given), then decode exactly as
+    :func:`mova.images.load_image` does (so served answers equal the library's); an
+    undecodable image is a 400."""
+    if max_side is not None:
+        image_size(data, max_side)
     try:
         return load_image(data)
     except ImageError as exc:

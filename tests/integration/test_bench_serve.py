@@ -1,11 +1,13 @@
 """`mova bench serve --quick` in its own process (it starts and stops its own Ray and Serve):
 both sides answered every request, the table's ratios come from the measured runs, and only
-its own section of the results file is replaced."""
+its own section of the results file is replaced. Bounded: the benchmark runs in its own
+process group, killed whole (its Ray included) if it outlives the limit."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +23,21 @@ def test_bench_serve_quick_measures_both_sides(tmp_path):
                        "<!-- /bench:model:tiny:cpu -->\n")
     raw = tmp_path / "serve.json"
     exe = Path(sys.executable).parent / "mova"
-    proc = subprocess.run(
-        [str(exe), "bench", "serve", "--quick", "--concurrency", "1,4", "--max-new-tokens", "4",
-         "--out", str(results), "--json", str(raw)],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = tmp_path / "bench.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(exe), "bench", "serve", "--quick", "--concurrency", "1,4", "--max-new-tokens",
+             "4", "--out", str(results), "--json", str(raw)], stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            code = proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the benchmark and every Ray process it began
+            proc.wait(timeout=30)
+            pytest.fail("mova bench serve --quick did not finish within 600 s:\n"
+                        + log.read_text()[-3000:])
+    assert code == 0, log.read_text()[-3000:]
     data = json.loads(raw.read_text())
     assert [r["clients"] for r in data["reference"]] == [1, 4]
     assert [r["clients"] for r in data["served"]] == [1, 4]

@@ -101,9 +101,17 @@ def test_raycluster_autoscales():
     assert any(g["minReplicas"] < g["maxReplicas"] for g in spec["workerGroupSpecs"])
 
 
-def test_rayjob_runs_mova_train():
+def test_rayjob_runs_mova_train_with_every_path_on_s3():
+    from pipelines.common.recipe import load_recipe
+    from pipelines.train.recipe import TrainRecipe
+
     spec = _by_kind("RayJob")["spec"]
-    assert shlex.split(spec["entrypoint"]) == ["mova", "train", "--config", "jobs/sft.yaml"]
+    words = shlex.split(spec["entrypoint"])
+    assert words[:4] == ["mova", "train", "--config", "jobs/sft.yaml"]
+    recipe = load_recipe(TrainRecipe, ROOT / "jobs" / "sft.yaml", words[4:]).validate()
+    for name in TrainRecipe.paths:  # the pods share no disk: every path is on object storage
+        assert str(getattr(recipe, name)).startswith("s3://"), (name, getattr(recipe, name))
+    assert recipe.use_gpu and recipe.precision == "bf16"
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"] == WORKDIR_URI
     assert spec["shutdownAfterJobFinishes"] is True
@@ -117,16 +125,39 @@ def test_rayservice_serve_config_passes_ray_serve_schema(monkeypatch):
     schema = validate(config)
     (app,) = schema.applications
     assert app.import_path == "pipelines.serve.app:build_app"
-    assert app.args == {"config": "jobs/serve.yaml"}
-    from pipelines.serve.app import recipe_from_args
-
-    # build_app reads that recipe relative to the working_dir (the repo root in the image)
-    monkeypatch.chdir(ROOT)
-    recipe = recipe_from_args({**app.args, "overrides": ["checkpoint=/models/mova"]})
-    assert recipe.checkpoint == "/models/mova"
+    assert app.args["config"] == "jobs/serve.yaml"
     assert app.runtime_env["working_dir"] == WORKDIR_URI
     assert {d.name for d in app.deployments} == SERVE_DEPLOYMENTS
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8000, "request_timeout_s": 120}
+
+
+def test_rayservice_deploys_as_shipped_checkpoint_from_s3_key_from_a_secret(monkeypatch):
+    """build_app reads the recipe named by the Serve config's args (relative to the working
+    dir, the repo root in the image): the checkpoint is an s3:// URI, the API key comes from a
+    Kubernetes Secret through the env var the recipe names, and an endpoint bound beyond
+    loopback refuses to start without it."""
+    from pipelines.serve.app import recipe_from_args
+
+    config = _serve_config()
+    (app,) = config["applications"]
+    monkeypatch.chdir(ROOT)
+    recipe = recipe_from_args(app["args"])
+    assert recipe.checkpoint.startswith("s3://")
+    assert recipe.host == config["http_options"]["host"] == "0.0.0.0"
+    assert not recipe.allow_unauthenticated and not recipe.api_key
+    spec = _by_kind("RayService")["spec"]["rayClusterConfig"]
+    containers = [spec["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
+        g["template"]["spec"]["containers"][0] for g in spec["workerGroupSpecs"]]
+    for container in containers:  # every node hosts replicas: every pod gets the key
+        env = {e["name"]: e for e in container["env"]}
+        ref = env[recipe.api_key_env]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] and ref["key"] and "value" not in env[recipe.api_key_env]
+    monkeypatch.delenv(recipe.api_key_env, raising=False)
+    with pytest.raises(ValueError, match="without an API key"):
+        recipe.check_exposure(config["http_options"]["host"])
+    monkeypatch.setenv(recipe.api_key_env, "from-the-secret")
+    recipe.check_exposure(config["http_options"]["host"])
+    assert recipe.resolve_api_key() == "from-the-secret"
 
 
 def test_rayservice_deployments_fit_the_worker_groups():

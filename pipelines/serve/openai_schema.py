@@ -1,0 +1,183 @@
+"""The response side of the HTTP contract as pydantic models, and the OpenAPI document.
+
+``GET /openapi.json`` publishes what the server really does: the request model, every response
+model (the streamed ``chat.completion.chunk`` included), every status each route answers with
+the error envelope, and the limits the server enforces (``info.x-mova-limits`` and the route
+descriptions).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from pipelines.serve.openai_types import ChatRequest, MoVAInfo
+
+_OPEN = ConfigDict(extra="forbid")
+
+
+class ErrorBody(BaseModel):
+    model_config = _OPEN
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, whatever its status: OpenAI's envelope."""
+
+    model_config = _OPEN
+    error: ErrorBody
+
+
+class Usage(BaseModel):
+    model_config = _OPEN
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    model_config = _OPEN
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    model_config = _OPEN
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    model_config = _OPEN
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    mova: MoVAInfo
+
+
+class Delta(BaseModel):
+    model_config = _OPEN
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    model_config = _OPEN
+    index: int
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One ``data:`` event of a streamed reply (``stream: true``); the stream ends with
+    ``data: [DONE]``. The first chunk carries ``mova``; with ``stream_options.include_usage``
+    the last one carries ``usage`` and no choices. A failure after the stream started is sent
+    as one ``data:`` error envelope, then ``[DONE]``."""
+
+    model_config = _OPEN
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    mova: MoVAInfo | None = None
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    model_config = _OPEN
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    model_config = _OPEN
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    model_config = _OPEN
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    model_config = _OPEN
+    status: Literal["ready"]
+    latency_ms: float
+
+
+_WHY = {400: "bad input (the message and param name it)", 401: "missing or wrong API key",
+        404: "unknown route or model", 405: "method not allowed (see the Allow header)",
+        408: "the request's deadline passed", 413: "the body is over the size limit",
+        503: "overloaded, or a model replica is unavailable (see Retry-After)"}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """FastAPI ``responses=`` entries: the error envelope for each status."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {"model": ErrorResponse, "description": _WHY[status]}
+        if status in (503,):
+            entry["headers"] = {"Retry-After": {"schema": {"type": "integer"},
+                                                "description": "seconds to wait"}}
+        if status == 405:
+            entry["headers"] = {"Allow": {"schema": {"type": "string"},
+                                          "description": "the methods this route answers"}}
+        out[status] = entry
+    return out
+
+
+def chat_responses(auth: bool) -> dict[int | str, dict[str, Any]]:
+    """The responses of ``POST /v1/chat/completions``."""
+    out: dict[int | str, dict[str, Any]] = {200: {
+        "model": ChatCompletion,
+        "description": "the reply (JSON), or with stream: true an SSE stream of "
+                       "chat.completion.chunk events ending in [DONE]",
+        "content": {"text/event-stream": {"schema": sse_event_schema()}}}}
+    codes = (400, 401, 404, 405, 408, 413, 503) if auth else (400, 404, 405, 408, 413, 503)
+    out.update(errors(*codes))
+    return out
+
+
+def sse_event_schema() -> dict[str, Any]:
+    """One server-sent event of a streamed reply: its ``data`` is the JSON of a
+    ``ChatCompletionChunk`` (or, after a failure, of an ``ErrorResponse``), the last one
+    ``[DONE]``."""
+    chunk, error = "#/components/schemas/ChatCompletionChunk", "#/components/schemas/ErrorResponse"
+    json_event = {"type": "string", "contentMediaType": "application/json",
+                  "contentSchema": {"anyOf": [{"$ref": chunk}, {"$ref": error}]}}
+    return {"type": "object", "required": ["data"], "properties": {
+        "data": {"anyOf": [{"const": "[DONE]"}, json_event],
+                 "description": "a ChatCompletionChunk, an ErrorResponse, or [DONE]"},
+        "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
+
+
+def request_body() -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ChatRequest"}}}}}
+
+
+def add_components(schema: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
+    """Add the request and chunk models (not reachable from FastAPI's own walk, since the
+    chat route reads and caps its body itself) and the limits to a generated document."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (ChatRequest, ChatCompletionChunk):
+        generated = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, sub in generated.pop("$defs", {}).items():
+            components.setdefault(name, sub)
+        components[model.__name__] = generated
+    schema["info"]["x-mova-limits"] = limits
+    return schema
