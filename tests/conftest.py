@@ -18,6 +18,18 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_scan_cache(tmp_path_factory):
+    """Manifest scans the jobs keep for reuse go to a folder of this session, not ~/.cache."""
+    previous = os.environ.get("MOVA_SCAN_CACHE")
+    os.environ["MOVA_SCAN_CACHE"] = str(tmp_path_factory.mktemp("scans"))
+    yield
+    if previous is None:
+        os.environ.pop("MOVA_SCAN_CACHE", None)
+    else:
+        os.environ["MOVA_SCAN_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_dtype():
     """Seed torch before each test and restore the global default dtype after it."""

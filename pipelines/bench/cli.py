@@ -144,17 +144,26 @@ def zero_stages(text: str) -> list[int]:
 # ---- mova bench features ---------------------------------------------------------------------
 FEATURES_QUICK = {"images": 16, "repeats": 1}
 FEATURES_FULL = {"images": 4096, "repeats": 3}
+FEATURES_REAL = {"images": 256, "repeats": 2}  # the real DINOv2-S: ~10 min on 2 cores
+
+
+def _image_size(args: argparse.Namespace) -> None:
+    from pipelines.bench.real import REAL_IMAGE_SIZE
+
+    if args.image_size is None:
+        args.image_size = REAL_IMAGE_SIZE if args.real else 128
 
 
 def _run_features(args: argparse.Namespace) -> int:
     from pipelines.bench.features import bench_features, render_markdown
 
-    _fill(args, FEATURES_QUICK, FEATURES_FULL)
+    _fill(args, FEATURES_QUICK, FEATURES_REAL if args.real else FEATURES_FULL)
+    _image_size(args)
     with _workdir(args.workdir, "mova-bench-features-") as root:
         result = bench_features(root, images=args.images, expert=args.expert,
                                 batch_size=args.batch_size, workers=args.workers,
                                 repeats=args.repeats, image_size=args.image_size,
-                                seed=args.seed)
+                                seed=args.seed, real=args.real)
     _output(args, result.key, render_markdown(result), result.to_dict())
     return 0
 
@@ -167,13 +176,20 @@ def _add_features(sub: argparse._SubParsersAction) -> None:
                                    "images with a plain batched loop and with the Ray Data job "
                                    "(run_features); report images/s, Ray's fixed start-up, "
                                    "the ratios and a fully cached re-run.")
-    p.add_argument("--images", type=int, default=None, help="synthetic images (default 4096)")
-    p.add_argument("--expert", default=DEFAULT_EXPERT, help=f"default {DEFAULT_EXPERT}")
+    p.add_argument("--real", action="store_true",
+                   help="realistic compute: the real DINOv2-S/14 expert (mova model "
+                        "prepare-real), 224 px images, 256 images and 2 rounds by default")
+    p.add_argument("--images", type=int, default=None,
+                   help="synthetic images (default 4096; 256 with --real)")
+    p.add_argument("--expert", default=DEFAULT_EXPERT,
+                   help=f"default {DEFAULT_EXPERT} (the only one with --real)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch and shard")
     p.add_argument("--workers", type=int, default=1,
                    help="actors in the expert's pool (1 CPU each; default 1)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
-    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed rounds (default 3; 2 with --real)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="synthetic image size (default 128; 224 with --real)")
     p.add_argument("--seed", type=int, default=0)
     _output_options(p, "smoke-test settings: 16 images, 1 round")
     p.set_defaults(func=_run_features)
@@ -182,18 +198,24 @@ def _add_features(sub: argparse._SubParsersAction) -> None:
 # ---- mova bench train ------------------------------------------------------------------------
 TRAIN_QUICK = {"steps": 2, "batch_size": 2, "zero_stages": [2]}
 TRAIN_FULL = {"steps": 20, "batch_size": 8, "zero_stages": [1, 2, 3]}
+# The real SmolLM2 + DINOv2-S: ~10 min on 2 cores; no ZeRO runs unless --zero-stages is given.
+TRAIN_REAL = {"steps": 8, "batch_size": 4, "zero_stages": []}
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from pipelines.bench.train import bench_train, render_markdown
 
-    _fill(args, TRAIN_QUICK, TRAIN_FULL)
+    if args.real:
+        _fill(args, {**TRAIN_QUICK, "zero_stages": []}, TRAIN_REAL)
+    else:
+        _fill(args, TRAIN_QUICK, TRAIN_FULL)
+    _image_size(args)
     with _workdir(args.workdir, "mova-bench-train-") as root:
         result = bench_train(root, steps=args.steps, batch_size=args.batch_size,
                              zero_stages=args.zero_stages, log_every=args.log_every,
                              report_check=not (args.quick or args.no_report_check),
                              stage=args.stage,
-                             image_size=args.image_size, seed=args.seed)
+                             image_size=args.image_size, seed=args.seed, real=args.real)
     _output(args, result.key, render_markdown(result), result.to_dict())
     return 0
 
@@ -204,18 +226,26 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                                    "expert features vs experts computed each step (in one "
                                    "process), and of run_train (Ray Train + DeepSpeed, 2 "
                                    "workers) per ZeRO stage.")
+    p.add_argument("--real", action="store_true",
+                   help="realistic compute: the real SmolLM2-135M, MiniLM and DINOv2-S/14 "
+                        "(mova model prepare-real), every sample routing dinov2, 224 px; "
+                        "8 steps of batch 4 and no ZeRO runs by default")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed steps per configuration, after 1 warm-up step (default 20)")
-    p.add_argument("--batch-size", type=int, default=None, help="per step/worker (default 8)")
+                   help="timed steps per configuration, after 1 warm-up step (default 20; "
+                        "8 with --real)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="per step/worker (default 8; 4 with --real)")
     p.add_argument("--zero-stages", type=zero_stages, default=None,
-                   help="ZeRO stages to run with run_train, or 'none' (default 1,2,3)")
+                   help="ZeRO stages to run with run_train, or 'none' (default 1,2,3; none "
+                        "with --real)")
     p.add_argument("--log-every", type=int, default=5,
                    help="the ZeRO runs' metric/report interval in steps (default 5)")
     p.add_argument("--no-report-check", action="store_true",
                    help="skip the extra run of the first ZeRO stage with log_every=1 (the "
                         "shipped recipes' setting; not run with --quick)")
     p.add_argument("--stage", choices=["pretrain", "sft"], default="pretrain")
-    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="synthetic image size (default 128; 224 with --real)")
     p.add_argument("--seed", type=int, default=0)
     _output_options(p, "smoke-test settings: 2 steps of batch 2, ZeRO-2 only")
     p.set_defaults(func=_run_train)
@@ -226,6 +256,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     from pipelines.bench.serve import CONCURRENCY, bench_serve, render_markdown
 
     levels = args.concurrency or ([1, 4] if args.quick else list(CONCURRENCY))
+    if args.real:
+        from pipelines.bench.serve_real import bench_serve_real, render_real
+
+        result = bench_serve_real(args.checkpoint, levels=levels,
+                                  max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                  quick=args.quick, port=args.port)
+        _output(args, result.key, render_real(result), result.to_dict())
+        return 0
     result = bench_serve(levels=levels, max_new_tokens=args.max_new_tokens, seed=args.seed,
                          quick=args.quick, port=args.port)
     _output(args, result.key, render_markdown(result), result.to_dict())
@@ -250,11 +288,45 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     p.add_argument("--quick", action="store_true",
                    help="smoke-test settings: fewer clients, requests and expert sets")
+    p.add_argument("--real", action="store_true",
+                   help="a real-weights checkpoint (--checkpoint) on easy-VQA questions, vs the "
+                        "sequential loop and one batched generate")
+    p.add_argument("--checkpoint", default="outputs/demo-real/mova",
+                   help="--real: the checkpoint (`mova demo --real --quick --out X` makes "
+                        "X/mova; default outputs/demo-real/mova)")
     p.set_defaults(func=_run_serve)
 
 
+# ---- mova bench scale ------------------------------------------------------------------------
+def _run_scale(args: argparse.Namespace) -> int:
+    from pipelines.bench.scale import bench_scale, render_markdown
+
+    sizes = args.rows or ([2000, 20000] if args.quick else [10_000, 100_000, 1_000_000])
+    with _workdir(args.workdir, "mova-bench-scale-") as root:
+        result = bench_scale(root, sizes=sizes, rerun_max=args.rerun_max, seed=args.seed)
+    _output(args, result.key, render_markdown(result), result.to_dict())
+    return 0
+
+
+def _add_scale(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("scale", help="the streaming data path at 10k-1M rows vs the driver "
+                                     "holding the manifest",
+                       description="Scan, stream, first training batch, feature-cache index "
+                                   "and cached re-run at growing manifest sizes, with the "
+                                   "driver's peak memory, against the plain in-driver way; "
+                                   "read amplification of cached features at the full "
+                                   "preset's shape. Starts Ray: run it alone.")
+    p.add_argument("--rows", type=batch_sizes, default=None,
+                   help="manifest sizes (default 10000,100000,1000000; --quick 2000,20000)")
+    p.add_argument("--rerun-max", type=int, default=100_000,
+                   help="largest size that also times a cached `mova features` re-run")
+    p.add_argument("--seed", type=int, default=0)
+    _output_options(p, "smoke-test settings: 2,000 and 20,000 rows")
+    p.set_defaults(func=_run_scale)
+
+
 BENCHMARKS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_model, _add_features, _add_train, _add_serve)
+    _add_model, _add_features, _add_train, _add_serve, _add_scale)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

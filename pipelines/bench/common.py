@@ -34,7 +34,11 @@ replaced in place when its command is rerun (the HTML comments delimit the secti
 | `bench:model:<preset>:<device>` | `mova bench model --preset <preset> --device <device>` |
 | `bench:features:<device>` | `OMP_NUM_THREADS=1 mova bench features` (Ray; ~10 min) |
 | `bench:train:<device>` | `OMP_NUM_THREADS=1 mova bench train` (Ray; ~12 min) |
-| `bench:serve:...` (planned) | `mova bench serve` |
+| `bench:features:real:<device>` | `OMP_NUM_THREADS=1 mova bench features --real` (Ray; ~10 min) |
+| `bench:train:real:<device>` | `OMP_NUM_THREADS=1 mova bench train --real` (~10 min) |
+| `bench:serve:tiny:cpu` | `mova bench serve` (Ray Serve; ~5 min) |
+| `bench:serve:real:cpu` | `mova bench serve --real` (after `mova demo --real --quick`; ~20 min) |
+| `bench:scale:cpu` | `mova bench scale` (Ray; ~20 min) |
 
 Read the results as **ratios measured side by side** in one process on one machine (for example
 the cost of k routed experts against the whole pool; the calls compared are timed in

@@ -36,10 +36,12 @@ SMALL_FRACTION = 4  # the small manifest holds 1/SMALL_FRACTION of the images
 
 # ---- the workspace: synthetic images and a tiny checkpoint -----------------------------------
 def make_workspace(root: str | Path, images: int, *, image_size: int = 128, seed: int = 0,
-                   routing_samples: int = 0) -> tuple[str, str]:
+                   routing_samples: int = 0, real: bool = False) -> tuple[str, str]:
     """Write ``images`` synthetic samples (split over the 4 domains) and a tiny MoVA checkpoint
-    under ``root``; returns (train manifest, checkpoint folder)."""
-    from mova.factory import build_tiny_mova
+    under ``root``; returns (train manifest, checkpoint folder). ``real``: the checkpoint has
+    the real DINOv2-S, SmolLM2 and MiniLM (:mod:`pipelines.bench.real`) and every answer row
+    routes ``dinov2``."""
+    from pipelines.bench.real import relabel, save_checkpoint
     from pipelines.data.synth import SynthRecipe, generate
     from pipelines.data.synth_domains import DOMAINS
 
@@ -55,12 +57,14 @@ def make_workspace(root: str | Path, images: int, *, image_size: int = 128, seed
     routing = []
     for line in result.train_manifest.read_text().splitlines():
         row = json.loads(line)
-        (routing if row.get("kind") == "routing" else by_domain[row["domain"]]).append(line)
+        if row.get("kind") == "routing":
+            routing.append(line)
+        else:
+            by_domain[row["domain"]].append(json.dumps(relabel(row)) if real else line)
     answers = [rows[i] for i in range(per_domain) for rows in by_domain.values()][:images]
     result.train_manifest.write_text("\n".join(answers + routing) + "\n")
-    checkpoint = root / "checkpoint"
-    build_tiny_mova(seed=seed).save_pretrained(checkpoint)
-    return str(result.train_manifest), str(checkpoint)
+    checkpoint = save_checkpoint(root / "checkpoint", real=real, seed=seed)
+    return str(result.train_manifest), checkpoint
 
 
 def subset_manifest(manifest: str, count: int, name: str) -> str:
@@ -165,13 +169,15 @@ class FeaturesBenchResult:
     dtype: str
     machine: dict[str, str] = field(default_factory=dict)
     runs: list[RunTiming] = field(default_factory=list)
+    real: bool = False
 
     @property
     def key(self) -> str:
-        """The docs section key, ``bench:features:cpu`` (``:workers=N`` when N != 1)."""
+        """The docs section key, ``bench:features:cpu`` (``bench:features:real:cpu`` with the
+        real expert; ``:workers=N`` when N != 1)."""
         device = "cuda" if self.machine.get("gpu", "none") != "none" else "cpu"
-        return f"bench:features:{device}" + (f":workers={self.workers}" if self.workers != 1
-                                             else "")
+        return (f"bench:features:{'real:' if self.real else ''}{device}"
+                + (f":workers={self.workers}" if self.workers != 1 else ""))
 
     def of(self, kind: str) -> list[RunTiming]:
         return [r for r in self.runs if r.kind == kind]
@@ -258,9 +264,10 @@ def _ray_run(kind: str, manifest: str, checkpoint: str, cache: str, expert: str,
 
 def bench_features(workdir: str | Path, *, images: int = 4096, expert: str = DEFAULT_EXPERT,
                    batch_size: int = 16, workers: int = 1, repeats: int = 3,
-                   image_size: int = 128, dtype: str = "float16", seed: int = 0
-                   ) -> FeaturesBenchResult:
-    """Run the whole comparison under ``workdir`` (which receives data, checkpoint and caches).
+                   image_size: int = 128, dtype: str = "float16", seed: int = 0,
+                   real: bool = False) -> FeaturesBenchResult:
+    """Run the whole comparison under ``workdir`` (which receives data, checkpoint and caches);
+    ``real``: with the real DINOv2-S checkpoint (:mod:`pipelines.bench.real`).
 
     Order: an untimed plain warm-up batch; the cold Ray run if Ray is not running yet (the
     job then starts it; shut down at the end); ``repeats`` rounds of plain / Ray on the full
@@ -269,21 +276,25 @@ def bench_features(workdir: str | Path, *, images: int = 4096, expert: str = DEF
     import ray
 
     from mova.experts.registry import DEFAULT_POOL
+    from pipelines.bench.real import check_expert
     from pipelines.common.ray_init import prepare_env
 
     if expert not in DEFAULT_POOL:
         raise ValueError(f"expert={expert!r}; expected one of {list(DEFAULT_POOL)}")
+    if real:
+        check_expert(expert)
     for name, value, low in (("images", images, 2), ("batch_size", batch_size, 1),
                              ("workers", workers, 1), ("repeats", repeats, 1)):
         if value < low:
             raise ValueError(f"{name}={value} must be >= {low}")
     prepare_env()
     root = Path(workdir)
-    manifest, checkpoint = make_workspace(root, images, image_size=image_size, seed=seed)
+    manifest, checkpoint = make_workspace(root, images, image_size=image_size, seed=seed,
+                                          real=real)
     small = max(1, images // SMALL_FRACTION)
     small_manifest = subset_manifest(manifest, small, "small.jsonl")
     result = FeaturesBenchResult(expert, images, small, batch_size, workers, repeats,
-                                 image_size, dtype)
+                                 image_size, dtype, real=real)
     uris = manifest_images(manifest)
     if len(uris) != images:
         raise RuntimeError(f"{manifest} has {len(uris)} distinct images; expected {images}")
@@ -331,14 +342,23 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
 
 def render_markdown(r: FeaturesBenchResult) -> str:
     """The results as the markdown section (also what the CLI prints)."""
+    from pipelines.bench.real import FEATURES_NOTE, REAL_IMAGE_SIZE, goal_verdict
+
     tp, rt = throughput(r), ratios(r)
     threads = r.machine.get("torch threads")
     env = f"OMP_NUM_THREADS={threads} " if threads else ""
-    out = [f"## `mova bench features`: Ray Data job vs a plain loop, expert {r.expert}", "",
-           f"Reproduce: `{env}mova bench features --images {r.images} --expert {r.expert} "
-           f"--batch-size {r.batch_size} --workers {r.workers} --repeats {r.repeats}`", "",
+    flags = " --real" if r.real else ""
+    if r.image_size != (REAL_IMAGE_SIZE if r.real else 128):
+        flags += f" --image-size {r.image_size}"
+    kind = "real DINOv2-S/14" if r.real else "tiny"
+    out = [f"## `mova bench features`: Ray Data job vs a plain loop, expert {r.expert}"
+           + (" (real weights)" if r.real else ""), "",
+           f"Reproduce: `{env}mova bench features{flags} --images {r.images} --expert "
+           f"{r.expert} --batch-size {r.batch_size} --workers {r.workers} --repeats "
+           f"{r.repeats}`", "",
            "Machine: " + "; ".join(f"{k}: {v}" for k, v in r.machine.items()), "",
-           f"{r.images} synthetic {r.image_size}x{r.image_size} images (4 domains), the tiny "
+           *([FEATURES_NOTE, ""] if r.real else []),
+           f"{r.images} synthetic {r.image_size}x{r.image_size} images (4 domains), the {kind} "
            f"`{r.expert}` expert, batches of {r.batch_size}, {r.dtype} cache shards. Plain loop: "
            "one process (torch threads as above), per batch decode + hash, `expert_input`, the "
            "expert, `FeatureCache.write_shard`. Ray Data: `run_features` (`experts=all`, "
@@ -368,7 +388,9 @@ def render_markdown(r: FeaturesBenchResult) -> str:
     rows = [[what, f"`{ray}` / `{plain}`", _fmt(rt[f"{ray}/{plain}"], ".2f")]
             for ray, plain, what in RATIOS]
     out += [markdown_table(["comparison", "throughputs", "ratio"], rows), "",
-            "A ratio >= 0.9 meets the goal for that comparison.", "",
+            "A ratio >= 0.9 meets the goal for that comparison. "
+            + goal_verdict(rt["ray_steady/plain_batches"], 0.9,
+                           "Ray Data steady state / plain batched loop"), "",
             "### Runs", ""]
     rows = [[x.kind, x.images, x.computed, f"{x.seconds:.2f}", f"{x.stage_seconds:.2f}"]
             for x in r.runs]

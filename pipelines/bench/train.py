@@ -48,6 +48,7 @@ class ConfigTiming:
     experts_per_sample: float
     prepare_ms_per_sample: float
     collate_ms: float
+    expert_ms: list[float] = field(default_factory=list)  # compute: routed experts' forward
 
     @property
     def steps_per_s(self) -> float:
@@ -93,11 +94,12 @@ class TrainBenchResult:
     machine: dict[str, str] = field(default_factory=dict)
     configs: list[ConfigTiming] = field(default_factory=list)
     zero: list[ZeroTiming] = field(default_factory=list)
+    real: bool = False
 
     @property
     def key(self) -> str:
         device = "cuda" if self.machine.get("gpu", "none") != "none" else "cpu"
-        return f"bench:train:{device}"
+        return f"bench:train:{'real:' if self.real else ''}{device}"
 
     def config(self, masks: str, features: str) -> ConfigTiming:
         for c in self.configs:
@@ -110,7 +112,9 @@ class TrainBenchResult:
         for c, d in zip(self.configs, data["configs"], strict=True):
             d.update(steps_per_s=c.steps_per_s, tokens_per_s=c.tokens_per_s,
                      median_ms=c.median_ms)
-        return {**data, "speedups": speedups(self)}
+        from pipelines.bench.real import expert_cost
+
+        return {**data, "speedups": speedups(self), "expert_cost": expert_cost(self)}
 
 
 def speedups(r: TrainBenchResult) -> dict[str, dict[str, float]]:
@@ -128,18 +132,18 @@ def speedups(r: TrainBenchResult) -> dict[str, dict[str, float]]:
 
 
 # ---- data -----------------------------------------------------------------------------------
-def manifest_rows(manifest: str, masks: str, pool: Sequence[str]) -> list[dict]:
-    """The rows ``build_dataset`` maps, all experts routed when ``masks == "all"``."""
+def manifest_rows(manifest: str, masks: str, pool: Sequence[str]) -> list[Any]:
+    """The samples training prepares, all experts routed when ``masks == "all"``."""
+    import dataclasses
+
     from pipelines.data.manifest import load_manifest
 
     if masks not in MASKS:
         raise ValueError(f"masks={masks!r}; expected one of {MASKS}")
-    rows = [{"id": s.id, "image": s.image, "kind": s.kind, "experts": s.experts,
-             "conversations": s.conversations} for s in load_manifest(manifest, pool=pool,
-                                                                        check_images=False)]
+    samples = load_manifest(manifest, pool=pool, check_images=False)
     if masks == "all":
-        rows = [{**row, "experts": list(pool)} for row in rows]
-    return rows
+        samples = [dataclasses.replace(s, experts=list(pool)) for s in samples]
+    return samples
 
 
 def fill_cache(manifest: str, checkpoint: str, cache: str, rows_all: int,
@@ -152,33 +156,35 @@ def fill_cache(manifest: str, checkpoint: str, cache: str, rows_all: int,
     pool = load_config(checkpoint).expert_names
     label = manifest_rows(manifest, "label", pool)
     for name in pool:
-        uris = sorted({resolve_image(manifest, row["image"]) for i, row in enumerate(label)
-                       if i < rows_all or name in (row["experts"] or pool)})
+        uris = sorted({resolve_image(manifest, row.image) for i, row in enumerate(label)
+                       if i < rows_all or name in (row.experts or pool)})
         if uris:
             plain_features(uris, checkpoint, name, cache, batch_size=batch_size)
 
 
 def prepared_rows(manifest: str, checkpoint: str, cache: str, masks: str, features: str,
                   count: int) -> tuple[dict[str, list], float]:
-    """The first ``count`` samples prepared by ``prepare_batch``; returns (columns, seconds)."""
+    """The first ``count`` samples prepared as training prepares them (``prepare_rows``);
+    returns (columns, seconds)."""
     from mova.checkpoint import load_config
-    from pipelines.train.dataset import PrepareSpec, prepare_batch
+    from pipelines.train.dataset import PrepareSpec, prepare_rows
 
-    rows = manifest_rows(manifest, masks, load_config(checkpoint).expert_names)[:count]
-    spec = PrepareSpec(checkpoint=checkpoint, manifest=manifest, cache=cache, features=features,
-                       max_length=None)
-    columns = {k: [row[k] for row in rows] for k in rows[0]}
-    prepare_batch({k: v[:1] for k, v in columns.items()}, spec)  # tokenizers, cache index
+    rows = [(manifest, s) for s in
+            manifest_rows(manifest, masks, load_config(checkpoint).expert_names)[:count]]
+    spec = PrepareSpec(checkpoint=checkpoint, cache=cache, features=features, max_length=None)
+    prepare_rows(rows[:1], spec)  # tokenizers, cache index
     start = time.perf_counter()
-    prepared = prepare_batch(columns, spec)
-    return prepared, time.perf_counter() - start
+    prepared = prepare_rows(rows, spec)
+    seconds = time.perf_counter() - start
+    return {k: [p[k] for p in prepared] for k in prepared[0]}, seconds
 
 
 # ---- in-process timing ------------------------------------------------------------------------
 def bench_in_process(manifest: str, checkpoint: str, cache: str, *, steps: int, batch_size: int,
                      stage: str = "pretrain", lr: float = 2e-4) -> list[ConfigTiming]:
     """Time ``steps`` optimizer steps (after one warm-up step) of each (masks, features)
-    configuration, interleaved round by round."""
+    configuration, interleaved round by round; after each compute step, the routed experts'
+    forward alone on the same batch (``routed_expert_features``, as the step runs it)."""
     from mova.factory import from_pretrained
     from mova.training import set_stage, trainable_parameters
     from pipelines.train.dataset import collate
@@ -201,7 +207,7 @@ def bench_in_process(manifest: str, checkpoint: str, cache: str, *, steps: int, 
                                        features))
                 collate_s.append(time.perf_counter() - t0)
             runs[(masks, features)] = {
-                "model": model, "batches": batches, "step_ms": [], "tokens": [],
+                "model": model, "batches": batches, "step_ms": [], "tokens": [], "expert_ms": [],
                 "optimizer": torch.optim.AdamW(trainable_parameters(model), lr=lr),
                 "prepare_ms": 1000.0 * seconds / n,
                 "collate_ms": 1000.0 * statistics.median(collate_s),
@@ -218,11 +224,18 @@ def bench_in_process(manifest: str, checkpoint: str, cache: str, *, steps: int, 
             out.loss.backward()
             run["optimizer"].step()
             elapsed = time.perf_counter() - start
+            if key[1] == "compute":
+                mask = batch["expert_mask"].bool() & ~batch["routing_rows"].bool()[:, None]
+                start = time.perf_counter()
+                run["model"].routed_expert_features(batch["expert_inputs"], mask)
+                if s:
+                    run["expert_ms"].append(1000.0 * (time.perf_counter() - start))
             if s:  # the first step of each configuration is a warm-up
                 run["step_ms"].append(1000.0 * elapsed)
                 run["tokens"].append(int(batch["attention_mask"].sum()))
     return [ConfigTiming(m, f, run["step_ms"], run["tokens"], run["experts"],
-                         run["prepare_ms"], run["collate_ms"]) for (m, f), run in runs.items()]
+                         run["prepare_ms"], run["collate_ms"], run["expert_ms"])
+            for (m, f), run in runs.items()]
 
 
 # ---- Ray Train per ZeRO stage -----------------------------------------------------------------
@@ -270,11 +283,12 @@ def zero_run(zero_stage: int, manifest: str, checkpoint: str, cache: str, workdi
 def bench_train(workdir: str | Path, *, steps: int = 20, batch_size: int = 8,
                 zero_stages: Sequence[int] = (1, 2, 3), log_every: int = 5,
                 report_check: bool = True, stage: str = "pretrain", image_size: int = 128,
-                seed: int = 0) -> TrainBenchResult:
+                seed: int = 0, real: bool = False) -> TrainBenchResult:
     """Make the workspace (enough samples for ``steps + 1`` steps on each of 2 workers), fill
     the cache in-process, time the in-process configurations, then each ZeRO stage with the
     loop reporting every ``log_every`` steps; ``report_check`` adds a run of the first stage
-    reporting every step (the shipped recipes' ``log_every: 1``) to show that cost."""
+    reporting every step (the shipped recipes' ``log_every: 1``) to show that cost. ``real``:
+    the real SmolLM2 / MiniLM / DINOv2-S checkpoint, every answer row routing ``dinov2``."""
     for name, value in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every)):
         if value < 1:
             raise ValueError(f"{name}={value} must be >= 1")
@@ -282,10 +296,12 @@ def bench_train(workdir: str | Path, *, steps: int = 20, batch_size: int = 8,
         raise ValueError(f"zero_stages={list(zero_stages)}; expected some of 0, 1, 2, 3")
     root = Path(workdir)
     samples = ZERO_WORKERS * batch_size * (steps + 1)
-    manifest, checkpoint = make_workspace(root, samples, image_size=image_size, seed=seed)
+    manifest, checkpoint = make_workspace(root, samples, image_size=image_size, seed=seed,
+                                          real=real)
     cache = str(root / "features")
     fill_cache(manifest, checkpoint, cache, rows_all=batch_size * (steps + 1))
-    result = TrainBenchResult(steps, batch_size, stage, samples, image_size, log_every)
+    result = TrainBenchResult(steps, batch_size, stage, samples, image_size, log_every,
+                              real=real)
     result.configs = bench_in_process(manifest, checkpoint, cache, steps=steps,
                                       batch_size=batch_size, stage=stage)
     result.machine = machine_info(torch.device("cpu"))
@@ -323,15 +339,22 @@ def render_markdown(r: TrainBenchResult) -> str:
     stages = ",".join(str(z.zero_stage) for z in main) or "none"
     extra = "" if len(main) < len(r.zero) or not r.zero or r.log_every == 1 else \
         " --no-report-check"
+    from pipelines.bench.real import REAL_IMAGE_SIZE, TRAIN_NOTE, expert_cost, expert_cost_markdown
+
+    if r.image_size != (REAL_IMAGE_SIZE if r.real else 128):
+        extra += f" --image-size {r.image_size}"
     out = [f"## `mova bench train`: cached expert features vs computed, and ZeRO stages "
-           f"({r.stage})", "",
-           f"Reproduce: `{env}mova bench train --steps {r.steps} --batch-size {r.batch_size} "
-           f"--zero-stages {stages} --log-every {r.log_every}{extra} --stage {r.stage}`", "",
+           f"({r.stage}{', real weights' if r.real else ''})", "",
+           f"Reproduce: `{env}mova bench train{' --real' if r.real else ''} --steps {r.steps} "
+           f"--batch-size {r.batch_size} --zero-stages {stages} --log-every {r.log_every}"
+           f"{extra} --stage {r.stage}`", "",
            "Machine: " + "; ".join(f"{k}: {v}" for k, v in r.machine.items()), "",
-           f"Tiny MoVA (random init), stage `{r.stage}` (what it trains: `set_stage`), fp32 on "
+           *([TRAIN_NOTE, ""] if r.real else []),
+           f"{'MoVA (real LLM, text encoder, dinov2)' if r.real else 'Tiny MoVA (random init)'}"
+           f", stage `{r.stage}` (what it trains: `set_stage`), fp32 on "
            f"CPU, {r.samples} synthetic {r.image_size}x{r.image_size} samples (4 domains, "
-           "interleaved). MFU is not measured: no GPU here, and the tiny shapes would make it "
-           "meaningless.", "",
+           "interleaved). MFU is not measured: no GPU here"
+           + ("." if r.real else ", and the tiny shapes would make it meaningless."), "",
            "### In one process: cached features vs experts computed each step", "",
            f"Batch {r.batch_size}; {r.steps} timed steps per configuration after 1 warm-up "
            "step; the four configurations (own model + AdamW each) stepped in interleaved "
@@ -340,8 +363,8 @@ def render_markdown(r: TrainBenchResult) -> str:
            "each routed expert's input there), batches from `collate`; both timed apart "
            "(they run in Ray Data workers / the loop, not in the step). Tokens = "
            "`attention_mask.sum()` (text + image tokens), as the training loop counts them. "
-           "`label`: the synthetic routing labels; `all`: every sample routes every expert of "
-           "the pool.",
+           f"`label`: the rows' routing labels ({'`dinov2`' if r.real else 'synthetic'}); "
+           "`all`: every sample routes every expert of the pool.",
            ""]
     rows = [[c.masks, c.features, f"{c.experts_per_sample:.2f}", f"{c.median_ms:.1f}",
              f"{c.steps_per_s:.2f}", f"{c.tokens_per_s:.0f}", f"{c.prepare_ms_per_sample:.2f}",
@@ -352,7 +375,8 @@ def render_markdown(r: TrainBenchResult) -> str:
     rows = [[masks, f"{s['steps_per_s']:.2f}", f"{s['median']:.2f}"]
             for masks, s in speedups(r).items()]
     out += ["Cached / compute speed-up (goal >= 2x):", "",
-            markdown_table(["masks", "steps/s ratio", "median step-time ratio"], rows), ""]
+            markdown_table(["masks", "steps/s ratio", "median step-time ratio"], rows), "",
+            *expert_cost_markdown(expert_cost(r))]
     if r.zero:
         out += ["### Ray Train + DeepSpeed per ZeRO stage (cached features)", "",
                 f"`run_train`, {ZERO_WORKERS} workers x {ZERO_CPUS_PER_WORKER} CPU, batch "

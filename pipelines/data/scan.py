@@ -246,12 +246,26 @@ def _parquet_rows(path: str):
 
 def scan_manifest(uri: str, *, pool: Sequence[str] | None = None,
                   chunk_rows: int = CHUNK_ROWS, range_bytes: int = RANGE_BYTES,
-                  report: str | None = None) -> ManifestScan:
+                  report: str | None = None, reuse: bool = True) -> ManifestScan:
     """Scan a manifest with Ray tasks (Ray must be up); the driver gets chunks and counts.
-    With ``report`` (a folder), the tasks also write every bad row there."""
-    import ray
+    With ``report`` (a folder), the tasks also write every bad row there. ``reuse``: take an
+    earlier scan of the same, unchanged files on this node (``pipelines.data.scan_cache``)."""
+    from pipelines.data import scan_cache
 
     files = manifest_files(uri)
+    key = scan_cache.scan_key(files, pool, chunk_rows, range_bytes) if reuse else None
+    kept = scan_cache.load(key, uri)
+    if kept is not None and not (report and kept.error_count):
+        return kept
+    scan = _scan(uri, files, pool, chunk_rows, range_bytes, report)
+    scan_cache.save(key, scan)
+    return scan
+
+
+def _scan(uri: str, files: list[str], pool: Sequence[str] | None, chunk_rows: int,
+          range_bytes: int, report: str | None) -> ManifestScan:
+    import ray
+
     tasks = scan_tasks(files, range_bytes)
     remote = ray.remote(num_cpus=1)(scan_range)
     results = ray.get([remote.remote(t, list(pool) if pool else None, chunk_rows, report)

@@ -205,7 +205,10 @@ def worker_dataset(chunks: Sequence[dict], order: EpochOrder, rank: int, start_r
         raise ValueError(f"worker {rank} has no rows left in epoch {order.epoch}")
     items = [{"window": json.dumps(w)} for w in windows]
     return (ray.data.from_items(items, override_num_blocks=len(items))
+            # one window at a time: parsing a window is cheap next to preparing its rows, and
+            # windows read side by side would only delay the first batch on a busy node
             .map_batches(window_rows, batch_size=1,
+                         compute=ray.data.TaskPoolStrategy(size=1),
                          fn_kwargs={"order": order, "rank": rank, "pool": pool,
                                     "skip_bad_rows": skip_bad_rows})
             .map_batches(prepare_batch, batch_size=prepare_batch_size,

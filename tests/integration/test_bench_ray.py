@@ -32,8 +32,8 @@ def test_features_bench_on_ray(ray_session, tmp_path):
     key = expert_cache_keys(tmp_path / "checkpoint")["deplot"]
     plain = FeatureCache(str(next(tmp_path.glob("cache-plain-*"))))
     ray = FeatureCache(str(next(tmp_path.glob("cache-ray-*"))))
-    hashes = set(plain.index("deplot", key))
-    assert len(hashes) == 8 and set(ray.index("deplot", key)) == hashes
+    hashes = plain.hashes("deplot", key)
+    assert len(hashes) == 8 and ray.hashes("deplot", key) == hashes
     for h in hashes:
         torch.testing.assert_close(ray.get("deplot", key, h), plain.get("deplot", key, h),
                                    atol=2e-3, rtol=2e-3)
@@ -62,3 +62,27 @@ def test_train_bench_zero_2_run_on_ray_train(ray_session, tmp_path):
     text = train_markdown(result)
     assert "### Ray Train + DeepSpeed per ZeRO stage" in text and "--zero-stages 2" in text
     assert f"| 2 | 1 | 1 | {zero.steps_per_s:.2f} |" in text
+
+
+def test_scale_bench_at_smoke_sizes(ray_session, tmp_path):
+    """`mova bench scale` end to end at two small sizes: every driver in its own process, the
+    stream saw every row, ranged reads fetch exactly what a batch needs."""
+    from pipelines.bench.scale import bench_scale, goals
+    from pipelines.bench.scale import render_markdown as scale_markdown
+
+    result = bench_scale(tmp_path, sizes=[100, 200], rerun_max=100)
+    small, big = result.sizes
+    assert (small.rows, big.rows) == (100, 200) and big.chunks >= small.chunks >= 1
+    for s in result.sizes:
+        assert s.driver_peak_mib > 0 and s.plain_peak_mib > 0 and s.stream_rows_per_s > 0
+        assert s.index_entries == s.rows and 0 < s.index_bytes_per_entry < 200
+    assert small.rerun_s is not None and big.rerun_s is None  # rerun_max=100
+    amp = result.amplification
+    assert amp.ranged_bytes_ratio == pytest.approx(1.0)
+    assert amp.whole_shard_bytes_ratio > 1.0
+    g = goals(result)
+    assert g["read_amplification"] == amp.ranged_bytes_ratio
+    assert g["first_batch_slowdown"] and g["first_batch_slowdown_cold"]
+    assert g["driver_growth"] == pytest.approx(big.driver_peak_mib / small.driver_peak_mib - 1)
+    text = scale_markdown(result)
+    assert text.startswith("## Scale") and "goal: at most 1.2x" in text

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 EXCLUDES = ["outputs/", "tests/", "docs/", "*.egg-info", ".ruff_cache/", ".ci/", "__pycache__/"]
-EXPERTS = ["deplot", "dinov2"]
+EXPERTS = ["deplot", "pix2struct", "dinov2", "codetr"]  # what these domains route
 JOB_TIMEOUT_S = 420
 NODE_DIRS = ("home", "tmp", "cache")
 S3_BUCKET = "mova-test"  # created by the s3_endpoint fixture
@@ -51,7 +51,7 @@ def inputs(s3_root, tmp_path_factory):
 
     staging = tmp_path_factory.mktemp("staging")
     generate(SynthRecipe(out=str(staging / "data"), per_domain=4, test_per_domain=2,
-                         routing_samples=2, domains=("charts", "scenes"), image_size=48))
+                         routing_samples=2, domains=("charts", "scenes"), image_size=64))
     build_tiny_mova(seed=0, experts=EXPERTS).save_pretrained(staging / "init")
     upload_folder(str(staging / "data"), f"{s3_root}/data")
     publish(staging / "init", f"{s3_root}/init")
@@ -71,7 +71,8 @@ def nodes(local_cluster, s3_endpoint, tmp_path_factory):
             d.mkdir(parents=True)
         private.append(dirs)
     node_env = [{"HOME": str(d["home"]), "TMPDIR": str(d["tmp"]), "MOVA_CACHE": str(d["cache"]),
-                 "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"} for d in private]
+                 "MOVA_SCAN_CACHE": str(d["cache"] / "scans"), "PYTHONPATH": str(ROOT),
+                 "HF_HUB_OFFLINE": "1"} for d in private]
     temp_dir = f"/tmp/mova-sn-{os.getpid()}"
     handle = lc.start_cluster(nodes=2, cpus_per_node=3, temp_dir=temp_dir, node_env=node_env)
     try:

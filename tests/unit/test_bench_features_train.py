@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def test_plain_loop_caches_what_the_expert_computes(workspace, tmp_path):
     assert run.seconds >= run.setup_seconds + sum(run.batch_seconds) * 0.99
     key = expert_cache_keys(checkpoint)["deplot"]
     cache = FeatureCache(str(cache_root))
-    assert len(cache.shards("deplot", key)) == 2
+    assert len(cache.shard_files("deplot", key)) == len(cache.index_parts("deplot", key)) == 2
     model = from_pretrained(checkpoint)
     for uri in uris[:3]:
         image = load_image(uri)
@@ -151,9 +152,147 @@ def test_train_cli_quick_in_process(tmp_path):
         assert cached["experts_per_sample"] == compute["experts_per_sample"]
         assert data["speedups"][masks]["steps_per_s"] == pytest.approx(
             sum(compute["step_ms"]) / sum(cached["step_ms"]))
+    for masks in ("label", "all"):  # the routed experts' forward, timed after compute steps
+        cached, compute = configs[(masks, "cached")], configs[(masks, "compute")]
+        assert cached["expert_ms"] == [] and len(compute["expert_ms"]) == 2
+        cost = data["expert_cost"][masks]
+        assert cost["ratio"] == pytest.approx(
+            (compute["median_ms"] - cached["median_ms"]) / cost["expert_ms"])
     assert configs[("all", "cached")]["experts_per_sample"] == 7.0
     assert 1.0 <= configs[("label", "cached")]["experts_per_sample"] <= 2.0
     text = out.read_text()
     assert text.count("<!-- bench:train:cpu -->") == 1
     assert "Cached / compute speed-up" in text and "MFU is not measured" in text
     assert "per ZeRO stage" not in text  # none were run
+
+
+# ---- --real: the real DINOv2-S workspace, the expert-cost ratio, the sections ------------------
+def test_real_workspace_routes_dinov2_with_the_real_checkpoint(tmp_path, monkeypatch):
+    """``real=True`` builds the checkpoint from ``real_model_config`` (here the tiny config,
+    so no real weights are needed) and relabels every answer row to ``dinov2``."""
+    from mova.checkpoint import load_config
+    from mova.factory import tiny_config
+    from pipelines.bench import real
+
+    calls = []
+    monkeypatch.setattr(real, "real_model_config", lambda: calls.append(1) or tiny_config())
+    manifest, checkpoint = make_workspace(tmp_path / "real", 8, image_size=64, real=True)
+    rows = [json.loads(line) for line in open(manifest)]
+    assert calls == [1] and len(rows) == 8 and len({r["domain"] for r in rows}) == 4
+    assert all(r["experts"] == ["dinov2"] for r in rows)
+    assert "dinov2" in load_config(checkpoint).expert_names
+    tiny, _ = make_workspace(tmp_path / "tiny", 4, image_size=64)  # keeps the domain labels
+    assert calls == [1] and {tuple(json.loads(line)["experts"]) for line in open(tiny)} == {
+        ("vary", "pix2struct"), ("deplot", "pix2struct"), ("dinov2", "codetr"), ("biomedclip",)}
+    assert real.relabel({"kind": "routing", "experts": ["sam"]}) == {"kind": "routing",
+                                                                     "experts": ["sam"]}
+    real.check_expert("dinov2")
+    with pytest.raises(ValueError, match="only 'dinov2' has real weights"):
+        real.check_expert("deplot")
+
+
+def test_real_model_config_has_the_real_experts():
+    from pipelines.bench.real import REAL_IMAGE_SIZE, real_model_config, unavailable_reason
+    from pipelines.model.real_assets import default_cache_dir
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    config = real_model_config()  # reads the prepared configs only
+    (dinov2,) = [e for e in config.experts if e.name == "dinov2"]
+    cache = default_cache_dir()
+    assert dinov2.preset == "full" and dinov2.image_size == REAL_IMAGE_SIZE == 224
+    assert dinov2.pretrained.startswith(str(cache)) and dinov2.hidden_size == 384
+    assert config.llm.pretrained.startswith(str(cache))
+    assert config.text_encoder.pretrained.startswith(str(cache))
+    assert all(e.preset == "tiny" for e in config.experts if e.name != "dinov2")
+
+
+def test_expert_cost_ratio_from_given_numbers():
+    from pipelines.bench.real import cost_removed, expert_cost, paired_cost_removed
+    from pipelines.bench.train import ConfigTiming, TrainBenchResult, render_markdown
+
+    assert cost_removed(1300.0, 300.0, 1000.0) == pytest.approx(1.0)
+    assert cost_removed(1200.0, 300.0, 1000.0) == pytest.approx(0.9)
+    assert cost_removed(1000.0, 300.0, 0.0) is None
+    assert paired_cost_removed([1300, 1200, 2000], [300, 300, 400], [1000, 1000, 800]) == \
+        pytest.approx(1.0)  # rounds: 1.0, 0.9, 2.0
+    assert paired_cost_removed([], [], []) is None
+    r = TrainBenchResult(steps=3, batch_size=4, stage="pretrain", samples=32, image_size=224,
+                         machine={"torch threads": "1", "gpu": "none"}, real=True)
+    r.configs = [
+        ConfigTiming("label", "cached", [3000, 3100, 2900], [100] * 3, 1.0, 2.0, 1.0),
+        ConfigTiming("label", "compute", [3700, 3600, 3800], [100] * 3, 1.0, 9.0, 1.0,
+                     expert_ms=[800, 760, 700]),
+        ConfigTiming("all", "cached", [3200, 3200, 3200], [100] * 3, 7.0, 2.0, 1.0),
+        ConfigTiming("all", "compute", [3600, 3600, 3600], [100] * 3, 7.0, 9.0, 1.0)]
+    cost = expert_cost(r)
+    assert set(cost) == {"label"}  # "all" has no expert timing
+    assert cost["label"]["expert_ms"] == 760 and cost["label"]["saved_ms"] == 700
+    assert cost["label"]["ratio"] == pytest.approx(700 / 760)
+    assert cost["label"]["paired"] == pytest.approx(statistics.median(
+        [700 / 800, 500 / 760, 900 / 700]))
+    assert r.key == "bench:train:real:cpu" and r.to_dict()["expert_cost"] == cost
+    text = render_markdown(r)
+    assert "OMP_NUM_THREADS=1 mova bench train --real --steps 3 --batch-size 4 " \
+           "--zero-stages none" in text
+    assert "| label | 760.0 | 700.0 | 0.92 |" in text and "**met** (0.92)" in text
+    assert "SmolLM2-135M" in text and "per ZeRO stage" not in text
+    r.configs[1].expert_ms = [1000, 1000, 1000]
+    assert "**not met** (0.70)" in render_markdown(r)
+
+
+def test_real_features_section_sits_beside_the_tiny_one(tmp_path):
+    tiny, real = _result(), _result()
+    real.real, real.image_size = True, 224
+    assert real.key == "bench:features:real:cpu" != tiny.key
+    path = tmp_path / "benchmarks.md"
+    write_section(path, tiny.key, render_markdown(tiny))
+    write_section(path, real.key, render_markdown(real))
+    text = path.read_text()
+    assert text.count("<!-- bench:features:cpu -->") == 1
+    assert text.count("<!-- bench:features:real:cpu -->") == 1
+    body = render_markdown(real)
+    assert "mova bench features --real --images 400 --expert dinov2" in body
+    assert "the real DINOv2-S/14 `dinov2` expert" in body and "--image-size" not in body
+    assert "Goal (Ray Data steady state / plain batched loop >= 0.9): **not met** (0.75)" in body
+
+
+def test_real_cli_defaults(tmp_path, monkeypatch):
+    """``--real`` picks the smaller sizes, 224 px and (train) no ZeRO runs unless asked."""
+    from pipelines.bench import features, train
+    from pipelines.cli import main
+
+    seen = {}
+
+    def fake_train(root, **kw):
+        seen["train"] = kw
+        return train.TrainBenchResult(kw["steps"], kw["batch_size"], "pretrain", 1,
+                                      kw["image_size"], real=kw["real"])
+
+    def fake_features(root, **kw):
+        seen["features"] = kw
+        return FeaturesBenchResult(kw["expert"], kw["images"], 1, kw["batch_size"], 1,
+                                   kw["repeats"], kw["image_size"], "float16", real=kw["real"])
+
+    monkeypatch.setattr(train, "bench_train", fake_train)
+    monkeypatch.setattr(features, "bench_features", fake_features)
+    out = tmp_path / "b.md"
+    assert main(["bench", "train", "--real", "--out", str(out)]) == 0
+    assert {k: seen["train"][k] for k in ("steps", "batch_size", "zero_stages", "image_size",
+                                           "real")} == {"steps": 8, "batch_size": 4,
+                                                        "zero_stages": [], "image_size": 224,
+                                                        "real": True}
+    assert main(["bench", "train", "--real", "--zero-stages", "2", "--steps", "3", "--out",
+                 str(out)]) == 0
+    assert seen["train"]["zero_stages"] == [2] and seen["train"]["steps"] == 3
+    assert main(["bench", "train", "--out", str(out)]) == 0
+    assert seen["train"]["zero_stages"] == [1, 2, 3] and seen["train"]["image_size"] == 128
+    assert main(["bench", "features", "--real", "--out", str(out)]) == 0
+    assert {k: seen["features"][k] for k in ("images", "repeats", "image_size", "expert",
+                                              "real")} == {"images": 256, "repeats": 2,
+                                                           "image_size": 224,
+                                                           "expert": "dinov2", "real": True}
+    text = out.read_text()
+    assert "<!-- bench:train:real:cpu -->" in text and "<!-- bench:train:cpu -->" in text
+    assert "<!-- bench:features:real:cpu -->" in text

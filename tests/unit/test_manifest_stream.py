@@ -160,3 +160,26 @@ def test_manifest_files_name_what_is_wrong(tmp_path, image):
     assert manifest_files(str(dotted)) == [part]
     with pytest.raises(ManifestError, match="not found|does not exist|no such"):
         manifest_files(str(tmp_path / "missing.jsonl"))
+
+
+def test_a_kept_scan_is_reused_only_for_the_same_files_and_settings(jsonl, monkeypatch,
+                                                                   tmp_path):
+    import os
+
+    from pipelines.data import scan_cache
+
+    monkeypatch.setenv("MOVA_SCAN_CACHE", str(tmp_path / "scans"))
+    path, _ = jsonl
+    scan, _ = _scan(path, 1 << 20)
+    key = scan_cache.scan_key([str(path)], None, 5, 1 << 20)
+    assert scan_cache.load(key, str(path)) is None
+    scan_cache.save(key, scan)
+    kept = scan_cache.load(key, str(path))
+    assert kept.chunks == scan.chunks and (kept.rows, kept.valid, kept.error_count) == (
+        scan.rows, scan.valid, scan.error_count)
+    assert [e.line for e in kept.errors] == [e.line for e in scan.errors]
+    assert scan_cache.scan_key([str(path)], ["sam"], 5, 1 << 20) != key  # another pool
+    assert scan_cache.scan_key([str(path)], None, 6, 1 << 20) != key  # another chunk size
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # the file changed
+    assert scan_cache.scan_key([str(path)], None, 5, 1 << 20) != key
