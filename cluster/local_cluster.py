@@ -51,7 +51,7 @@ LITERAL_LOOPBACK = ("localhost", "127.0.0.1", "::1")
 V4_MAPPED_LOOPBACK = "[::ffff:127.0.0.1]"
 AUTH_MODES = ("token", "disabled")
 RESOURCE_PREFIX = "local_node_"
-MAX_TEMP_DIR_LEN = 60  # Ray's Unix sockets live under it; socket paths max out at 107 bytes
+MAX_TEMP_DIR_LEN = 54  # Ray's sockets live below it (worker nodes add /nodeN); paths max 107 bytes
 START_TIMEOUT_S = 120.0
 STOP_GRACE_S = 15.0
 
@@ -354,7 +354,11 @@ def start_cluster(
                        f"--ray-client-server-port={free_port()}"]
             else:  # a worker node: Ray refuses to join one when this variable is 0
                 cmd = [ray, "start", f"--address={alias}:{port}"]
-            cmd += [f"--temp-dir={temp_dir}", "--disable-usage-stats",
+            # each worker node its own temp dir (below the cluster's): its own session folder,
+            # logs and runtime_resources, as separate machines would have; nodes sharing one
+            # race when they unpack the same job package into it
+            node_dir = temp_dir if index == 0 else os.path.join(temp_dir, f"node{index}")
+            cmd += [f"--temp-dir={node_dir}", "--disable-usage-stats",
                     *_node_args(index, cpus_per_node, object_store_mb)]
             log.info("starting node %d: %s", index, " ".join(cmd[1:3]))
             start_env = env if index == 0 else {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}

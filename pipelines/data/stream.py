@@ -105,7 +105,7 @@ def manifest_dataset(scan: Any, *, pool: Sequence[str] | None = None,
         raise ManifestError(f"manifest {scan.uri} holds no valid row")
     return (ray.data.from_items([{"chunk": c} for c in chunks],
                                 override_num_blocks=min(len(chunks), MAX_BLOCKS))
-            .map_batches(_rows_of, batch_size=1,
+            .map_batches(_rows_of, batch_size=1, num_cpus=0.5,
                          fn_kwargs={"pool": list(pool) if pool else None,
                                     "skip_bad_rows": skip_bad_rows}))
 

@@ -35,6 +35,7 @@ from pipelines.features.workers import (
 )
 
 log = logging.getLogger(__name__)
+READ_CPUS = 0.5  # a read/decode task: light, and it must fit next to the expert actors
 
 
 @dataclass
@@ -134,9 +135,9 @@ def _pipeline(recipe: FeaturesRecipe, checkpoint: str, keys: dict[str, str], wan
     cpus = _cpus_per_worker(recipe, len(wanted))
     ds = (manifest_dataset(scan, pool=list(keys), skip_bad_rows=recipe.skip_bad_rows)
           .map_batches(image_needs, fn_kwargs={"mode": recipe.experts, "wanted": wanted},
-                       batch_size=256)
+                       batch_size=256, num_cpus=READ_CPUS)
           .groupby("uri").map_groups(union_needs, fn_kwargs={"wanted": wanted})
-          .map_batches(decode_images, batch_size=recipe.batch_size,
+          .map_batches(decode_images, batch_size=recipe.batch_size, num_cpus=READ_CPUS,
                        fn_kwargs={"skip_bad": recipe.skip_bad_rows, "report": report}))
     for name in wanted:
         spec = ExpertSpec(checkpoint=checkpoint, expert=name, key=keys[name],
@@ -158,8 +159,10 @@ def _cpus_per_worker(recipe: FeaturesRecipe, pools: int) -> float:
     total = ray.cluster_resources().get("CPU", 1.0)
     spare = max(total - 1.0, total / 2)
     # rounded down: 7 pools at round(1/7, 3) = 0.143 would take 1.001 CPUs and leave the
-    # read/decode tasks (1 CPU each) 0.9997 of a CPU, which is never enough
-    return max(0.05, math.floor(1000 * spare / (pools * recipe.workers_per_expert)) / 1000)
+    # read/decode tasks 0.9997 of a CPU, which is never enough; at most 1 CPU an actor, so
+    # that actors packed onto one node of a cluster still leave room for the read tasks
+    share = math.floor(1000 * spare / (pools * recipe.workers_per_expert)) / 1000
+    return max(0.05, min(1.0, share))
 
 
 def _count(summary: FeaturesSummary, batch: dict[str, np.ndarray]) -> None:

@@ -96,7 +96,7 @@ def _wipe(nodes) -> None:
 
 def _stray_outputs(nodes) -> list[str]:
     """Folders a job wrote relative to its working directory (a node-local path)."""
-    runtime = Path(nodes["temp_dir"]).glob("session_*/runtime_resources/*/*/outputs")
+    runtime = Path(nodes["temp_dir"]).glob("**/runtime_resources/*/*/outputs")  # every node
     return [str(p) for p in runtime]
 
 
