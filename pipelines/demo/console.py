@@ -3,9 +3,11 @@ MLflow, the output folder, and the private local Ray they start and always stop.
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -133,15 +135,54 @@ class DemoRay:
         return ray.cluster_resources().get("CPU", 0)
 
     def __enter__(self) -> DemoRay:
+        self.interrupts = Interrupts().install()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.interrupts.uninstall()  # no re-sent Ctrl-C while Ray is being stopped
         self.stopped = stop_ray(self.serve_started, self.echo)
         keep_logs(self.dir, self.root / "ray-logs")
         shutil.rmtree(self.dir, ignore_errors=True)
         if exc_type is not None:  # say what was cleaned up before the exception propagates
             self.echo("Stopped: " + ("; ".join(self.stopped) or "nothing was running") +
                       f". Outputs so far: {self.root}")
+
+
+class Interrupts:
+    """Ctrl-C that cannot get lost. Python swallows a ``KeyboardInterrupt`` raised while it
+    runs a finaliser or a callback ("Exception ignored in ..."), and a driver busy in Ray
+    runs many of them; an interrupt lost there would leave the demo running. After the first
+    SIGINT this re-raises it in the main thread every ``resend_s`` until :meth:`uninstall`
+    (called as the demo starts cleaning up)."""
+
+    def __init__(self, resend_s: float = 3.0) -> None:
+        self.resend_s = resend_s
+        self.done = threading.Event()
+        self.previous: Any = None
+        self.resender: threading.Thread | None = None
+
+    def install(self) -> Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def uninstall(self) -> None:
+        self.done.set()
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        if self.resender is None:
+            self.resender = threading.Thread(target=self._resend, name="mova-interrupts",
+                                             daemon=True)
+            self.resender.start()
+        raise KeyboardInterrupt
+
+    def _resend(self) -> None:
+        while not self.done.wait(self.resend_s):
+            log.info("Ctrl-C not acted on yet: raising it again")
+            _thread.interrupt_main(signal.SIGINT)
 
 
 def quiet_screen() -> None:

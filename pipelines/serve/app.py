@@ -105,6 +105,10 @@ def build_app(args: dict[str, Any] | ServeRecipe):
     recipe = _absolute(recipe.validate())
     pool = pool_of(recipe)
     table = deployment_table(recipe, pool)
+    env_vars = recipe.runtime_env.get("env_vars")
+    if env_vars:  # also when deployed from a driver whose Ray was started without them
+        for options in table.values():
+            options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(env_vars)}
     ckpt, device = recipe.checkpoint, recipe.device
     adapter = AdapterServer.options(name="Adapter", **table["Adapter"]).bind(ckpt, device)
     llm = LLMServer.options(name="LLM", **table["LLM"]).bind(ckpt, device,

@@ -17,6 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pipelines.data.rows import manifest_files
+
 pytestmark = pytest.mark.integration
 
 STAGES = ("mova data synth", "mova model init", "mova features", "stage pretrain",
@@ -81,8 +83,9 @@ def test_the_served_model_answered_through_the_openai_client(demo):
     assert len(served["gate_weights"]) == 3  # one row per adapter block
     # greedy decoding of the same checkpoint: the server answers and routes exactly like the
     # offline evaluation (Ray Data) did for the same test question
-    rows = [json.loads(line) for line in
-            (out / "eval" / "trained" / "predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for part in manifest_files(str(out / "eval" / "trained" /
+                                                         "predictions"))
+            for line in Path(part).read_text().splitlines()]
     offline = next(r for r in rows if Path(r["image"]).name == Path(served["image"]).name)
     assert served["answer"] == offline["prediction"]
     assert served["experts"] == offline["experts"]

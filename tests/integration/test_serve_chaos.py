@@ -112,14 +112,14 @@ def app(tmp_path_factory):
         "experts.default.autoscaling=null", "ingress.num_replicas=2",
         *(f"{d}.health_check_period_s=1" for d in ("ingress", "adapter", "llm")),
         f"experts.overrides={{{', '.join(f'{n}: {fast_health}' for n in POOL)}}}",
+        # read by the replicas; the tests' shared Ray was started without it
+        "runtime_env={env_vars: {MOVA_SERVE_FAULT_INJECTION: '1'}}",
     ])
-    os.environ["MOVA_SERVE_FAULT_INJECTION"] = "1"  # read by the replicas (inherited)
     started = not ray.is_initialized()
     init_ray("local", num_cpus=2, temp_dir=f"/tmp/mova-chaos-test-{os.getpid()}")
     try:
         yield start(recipe)
     finally:
-        os.environ.pop("MOVA_SERVE_FAULT_INJECTION", None)
         serve.shutdown()
         if started:
             ray.shutdown()

@@ -31,3 +31,32 @@ def test_cli_reports_bad_arguments(capsys):
 
     with pytest.raises(SystemExit):
         main(["nonsense"])
+
+
+def test_a_swallowed_ctrl_c_is_raised_again_until_cleanup_starts():
+    """An interrupt lost in a finaliser (Python only prints it) is re-raised, so the demo
+    still stops; once cleanup begins, the previous handler is back and nothing is re-sent."""
+    import os
+    import signal
+    import time
+
+    import pytest
+
+    from pipelines.demo.console import Interrupts
+
+    before = signal.getsignal(signal.SIGINT)
+    guard = Interrupts(resend_s=0.2).install()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                pass  # lost, as in a finaliser
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # still working: the interrupt comes again
+                time.sleep(0.01)
+    finally:
+        guard.uninstall()
+    assert signal.getsignal(signal.SIGINT) is before
+    time.sleep(0.5)  # nothing is re-sent after uninstall (a KeyboardInterrupt would fail here)
