@@ -19,6 +19,7 @@ import httpx
 import pytest
 import torch
 from PIL import Image
+from served import served_app
 
 pytestmark = pytest.mark.integration
 openai = pytest.importorskip("openai")
@@ -122,12 +123,7 @@ def wait_for(predicate, timeout: float, what: str) -> float:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    import ray
-    from ray import serve
-
-    from pipelines.common.ray_init import init_ray
     from pipelines.common.recipe import load_recipe
-    from pipelines.serve.app import start
     from pipelines.serve.recipe import ServeRecipe
 
     root = tmp_path_factory.mktemp("serve")
@@ -143,16 +139,9 @@ def served(tmp_path_factory):
         f"limits.allowed_image_dirs=[{image_dir}]", "experts.default.num_replicas=1",
         "experts.default.autoscaling=null", f"experts.overrides={{biomedclip: {fast_zero}}}",
     ])
-    started = not ray.is_initialized()
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # quick /metrics checks
-    init_ray("local", num_cpus=2, temp_dir=f"/tmp/mova-serve-test-{os.getpid()}")
-    try:
-        url = start(recipe)
+    with served_app(recipe, "serve") as url:
         yield Served(url, ckpt, image_dir)
-    finally:
-        serve.shutdown()
-        if started:
-            ray.shutdown()
 
 
 # ---- endpoints ----------------------------------------------------------------------------

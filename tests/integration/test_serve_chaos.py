@@ -24,6 +24,7 @@ import httpx
 import pytest
 import torch
 from PIL import Image
+from served import served_app
 
 pytestmark = pytest.mark.integration
 
@@ -95,12 +96,8 @@ def _plasma_bytes() -> float:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    import ray
-    from ray import serve
-
-    from pipelines.common.ray_init import free_local_port, init_ray
+    from pipelines.common.ray_init import free_local_port
     from pipelines.common.recipe import load_recipe
-    from pipelines.serve.app import start
     from pipelines.serve.recipe import ServeRecipe
 
     ckpt = _checkpoint(tmp_path_factory.mktemp("chaos") / "ckpt")
@@ -115,14 +112,8 @@ def app(tmp_path_factory):
         # read by the replicas; the tests' shared Ray was started without it
         "runtime_env={env_vars: {MOVA_SERVE_FAULT_INJECTION: '1'}}",
     ])
-    started = not ray.is_initialized()
-    init_ray("local", num_cpus=2, temp_dir=f"/tmp/mova-chaos-test-{os.getpid()}")
-    try:
-        yield start(recipe)
-    finally:
-        serve.shutdown()
-        if started:
-            ray.shutdown()
+    with served_app(recipe, "chaos") as url:
+        yield url
 
 
 class Client(threading.Thread):

@@ -1,5 +1,7 @@
-"""`mova serve` from the command line: the blocking server with a clean shutdown, and a
-written Serve config applied with `serve deploy` to a real `ray start` head on loopback."""
+"""`mova serve` from the command line: the blocking server with a clean shutdown; and the
+Serve config the RayService manifest carries, applied with `serve deploy` to a real `ray start`
+head on loopback with the checkpoint on S3 (moto). (A config written by `mova serve
+--write-serve-config` is deployed the same way in test_shared_nothing.)"""
 
 from __future__ import annotations
 
@@ -53,14 +55,16 @@ def write_recipe(path: Path, checkpoint: Path, port: int, temp_dir: str) -> Path
     return path
 
 
-def wait_healthy(url: str, proc: subprocess.Popen | None, log: Path, timeout: float) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen | None, log: Path, timeout: float,
+                 key: str | None = None) -> None:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"mova serve exited with {proc.returncode}:\n"
                                  f"{log.read_text()[-3000:]}")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
+            if httpx.get(url + "/health", headers=headers, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -69,7 +73,7 @@ def wait_healthy(url: str, proc: subprocess.Popen | None, log: Path, timeout: fl
                          f"{log.read_text()[-3000:]}")
 
 
-def chat(url: str) -> httpx.Response:
+def chat(url: str, key: str | None = None) -> httpx.Response:
     import base64
     import io
 
@@ -81,7 +85,8 @@ def chat(url: str) -> httpx.Response:
     body = {"model": "mova", "max_tokens": 4, "messages": [{"role": "user", "content": [
         {"type": "text", "text": "What is this?"}, {"type": "image_url",
                                                     "image_url": {"url": uri}}]}]}
-    return httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
 
 
 def processes_of(marker: str) -> list[psutil.Process]:
@@ -152,16 +157,46 @@ def test_mova_serve_blocks_until_interrupted_then_shuts_down(checkpoint, tmp_pat
     assert not processes_of(temp_dir), "Ray processes outlived `mova serve`"
 
 
-def test_written_serve_config_deploys_on_a_ray_start_head(checkpoint, tmp_path):
-    port, temp_dir = free_port(), f"/tmp/mova-serve-head-{os.getpid()}"
-    recipe = write_recipe(tmp_path / "serve.yaml", checkpoint, port, temp_dir)
-    config = tmp_path / "out.yaml"
-    subprocess.run([sys.executable, "-m", "pipelines.cli", "serve", "--config", str(recipe),
-                    "--write-serve-config", str(config)], cwd=REPO, env=env(), check=True,
-                   timeout=120)
-    written = yaml.safe_load(config.read_text())
-    assert written["http_options"]["port"] == port
-    assert written["applications"][0]["args"]["checkpoint"] == str(checkpoint)
+def shipped_serve_config(port: int) -> dict:
+    """The Serve config cluster/kuberay/rayservice.yaml carries, with what only a test changes:
+    loopback and a free port instead of 0.0.0.0:8000, the repository as the working dir
+    instead of the image's path, and replicas sized for 2 CPUs and no GPU. The application's
+    args (jobs/serve.yaml plus the overrides: the checkpoint on S3, the key's env var) and the
+    deployments' names and autoscaling are as shipped."""
+    doc = next(d for d in yaml.safe_load_all((REPO / "cluster/kuberay/rayservice.yaml")
+                                             .read_text()) if d["kind"] == "RayService")
+    config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    config["http_options"].update(host="127.0.0.1", port=port)
+    (app,) = config["applications"]
+    app["args"]["overrides"] = [o if not o.startswith("host=") else "host=127.0.0.1"
+                                for o in app["args"]["overrides"]]
+    app["runtime_env"]["working_dir"] = f"local://{REPO}"
+    for deployment in app["deployments"]:
+        deployment["ray_actor_options"] = {"num_cpus": 0.1, "num_gpus": 0}
+    return config
+
+
+def test_the_rayservice_serve_config_deploys_on_a_ray_start_head(s3_endpoint, tmp_path):
+    """`serve deploy` of the RayService's config on a `ray start` head against S3 (moto): the
+    replicas fetch the checkpoint from the s3:// URI the manifest names and the ingress takes
+    its key from the environment variable the Kubernetes Secret fills."""
+    import boto3
+
+    from mova.factory import build_tiny_mova
+    from pipelines.common.checkpoints import publish
+    from pipelines.serve.app import recipe_from_args
+
+    port, temp_dir, key = free_port(), f"/tmp/mova-serve-head-{os.getpid()}", "secret-key"
+    config = shipped_serve_config(port)
+    recipe = recipe_from_args({**config["applications"][0]["args"], "config": str(
+        REPO / config["applications"][0]["args"]["config"])})
+    bucket = recipe.checkpoint.removeprefix("s3://").split("/")[0]
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    model = build_tiny_mova(seed=0)  # the whole default pool: the manifest names every expert
+    publish(model.save_pretrained(tmp_path / "ckpt"), recipe.checkpoint)
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    head_env = {**env(), recipe.api_key_env: key, "MOVA_CACHE": str(tmp_path / "cache")}
     dashboard = free_port()
     log = tmp_path / "cluster.log"
     try:
@@ -171,15 +206,16 @@ def test_written_serve_config_deploys_on_a_ray_start_head(checkpoint, tmp_path):
                             f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}",
                             f"--ray-client-server-port={free_port()}",
                             "--include-dashboard=true", "--disable-usage-stats"],
-                           env=env(), stdout=out, stderr=subprocess.STDOUT, check=True,
+                           env=head_env, stdout=out, stderr=subprocess.STDOUT, check=True,
                            timeout=120)
-            subprocess.run([str(BIN / "serve"), "deploy", str(config), "--address",
+            subprocess.run([str(BIN / "serve"), "deploy", str(path), "--address",
                             f"http://127.0.0.1:{dashboard}"], env=env(), stdout=out,
                            stderr=subprocess.STDOUT, check=True, timeout=120)
         url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, None, log, timeout=180)
-        resp = chat(url)
+        wait_healthy(url, None, log, timeout=300, key=key)
+        assert chat(url).status_code == 401  # no key
+        resp = chat(url, key)
         assert resp.status_code == 200, resp.text
-        assert resp.json()["mova"]["pool"] == ["sam"]
+        assert resp.json()["mova"]["pool"] == model.expert_names
     finally:
         stop_cluster(temp_dir)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import zlib
 
 import pytest
 from PIL import Image
+from served import served_app
 
 pytestmark = pytest.mark.integration
 schemathesis = pytest.importorskip("schemathesis")
@@ -39,13 +39,9 @@ def _image_uri() -> str:
 
 @pytest.fixture(scope="module")
 def served_url(tmp_path_factory):
-    import ray
-    from ray import serve
-
     from mova.factory import build_tiny_mova
-    from pipelines.common.ray_init import free_local_port, init_ray
+    from pipelines.common.ray_init import free_local_port
     from pipelines.common.recipe import load_recipe
-    from pipelines.serve.app import start
     from pipelines.serve.recipe import ServeRecipe
 
     ckpt = build_tiny_mova(seed=0, experts=POOL).save_pretrained(
@@ -55,14 +51,8 @@ def served_url(tmp_path_factory):
         "limits.request_timeout_s=20", "limits.max_tokens=16", "limits.max_body_bytes=2000000",
         "limits.max_image_bytes=1000000", "experts.default.num_replicas=1",
         "experts.default.autoscaling=null"])
-    started = not ray.is_initialized()
-    init_ray("local", num_cpus=2, temp_dir=f"/tmp/mova-fuzz-test-{os.getpid()}")
-    try:
-        yield start(recipe)
-    finally:
-        serve.shutdown()
-        if started:
-            ray.shutdown()
+    with served_app(recipe, "fuzz") as url:
+        yield url
 
 
 def _reach_the_model(body: dict) -> None:
