@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
-import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
-T = TypeVar("T")
+from mova.typed_dict import from_dict
 
 PRESETS = ("tiny", "full")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -315,106 +313,3 @@ class MoVAConfig:
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a mapping at the top level")
         return cls.from_dict(data)
-
-
-_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _is_optional(tp: Any) -> tuple[bool, Any]:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
-            return True, args[0]
-    return False, tp
-
-
-def _coerce(name: str, tp: Any, value: Any) -> Any:
-    optional, inner = _is_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"{name} must not be null")
-    tp = inner
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ValueError(f"{name} must be a mapping, got {type(value).__name__}")
-        return from_dict(tp, value, prefix=name)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ValueError(f"{name} must be a list, got {type(value).__name__}")
-        return [_coerce(f"{name}[{i}]", item_tp, v) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{name} must be a mapping, got {type(value).__name__}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{name} must be a string, got {value!r}")
-        return value
-    return value
-
-
-def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from ``data`` with strict types; unknown keys are errors."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls) if f.init}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        where = f" in {prefix}" if prefix else ""
-        raise ValueError(f"unknown config key(s){where}: {unknown}; allowed: {sorted(known)}")
-    kwargs = {
-        key: _coerce(f"{prefix}.{key}" if prefix else key, hints[key], value)
-        for key, value in data.items()
-    }
-    return cls(**kwargs)
-
-
-def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars) to a nested dict."""
-    out = json.loads(json.dumps(data))
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key.path=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise ValueError(f"override {item!r}: cannot parse the value: {exc}") from exc
-        node: Any = out
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ValueError(f"override {item!r}: {part!r} is not an index of a list")
-                node = node[int(part)]
-                continue
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {parts[i - 1]!r} is not a mapping")
-            node = node.setdefault(part, {})
-        last = parts[-1]
-        if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise ValueError(f"override {item!r}: {last!r} is not an index of a list")
-            node[int(last)] = value
-        elif isinstance(node, dict):
-            node[last] = value
-        else:
-            raise ValueError(f"override {item!r}: {parts[-2]!r} is not a mapping")
-    return out

@@ -6,13 +6,13 @@ settings (:class:`DecodeParams`: token limit, greedy or sampling with its own se
 strings, an optional token constraint), so any mix of requests shares one forward pass per
 step. Rows can join a running batch (:meth:`BatchDecoder.add`: continuous batching) and leave
 it as soon as they finish or are cancelled, so a finished or abandoned row costs no more
-compute. Text is assembled per row so streamed deltas always concatenate to the final text.
+compute. Text is assembled per row (:mod:`mova.text_stream`) so streamed deltas always
+concatenate to the final text.
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
 import threading
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
@@ -22,9 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-log = logging.getLogger(__name__)
-
-_INCOMPLETE = "\ufffd"  # what a tokenizer decodes half of a multi-byte character to
+from mova.text_stream import TextAssembler
 
 
 class TokenConstraint(Protocol):
@@ -69,63 +67,6 @@ class StepEvent:
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("delta", "done", "text", "finish_reason",
                                               "prompt_tokens", "completion_tokens")}
-
-
-def cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
-    """``text`` up to the first occurrence of any stop string."""
-    for s in stop or ():
-        pos = text.find(s)
-        if s and pos >= 0:
-            text = text[:pos]
-    return text
-
-
-class TextAssembler:
-    """Turns one row's growing token list into text deltas.
-
-    Text is held back while it could still change: trailing and leading whitespace (the final
-    text is stripped), an incomplete multi-byte character, and a suffix that may be the start
-    of a stop string. So the deltas always concatenate to a prefix of the final text.
-    """
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stop = tuple(stop)
-        self.tokens: list[int] = []
-        self.emitted = ""
-        self.stopped = False
-
-    def _decode(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-
-    def add(self, token: int) -> str:
-        """Add one token; returns the text that became stable."""
-        self.tokens.append(int(token))
-        text = self._decode()
-        cut = cut_at_stop(text, self.stop)
-        if len(cut) < len(text):
-            self.stopped = True
-            return self._advance(cut.strip())
-        if text.endswith(_INCOMPLETE):
-            return ""
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])),
-                   default=0)
-        return self._advance(text[:len(text) - hold].strip())
-
-    def _advance(self, stable: str) -> str:
-        if not stable.startswith(self.emitted):
-            return ""
-        delta, self.emitted = stable[len(self.emitted):], stable
-        return delta
-
-    def finish(self) -> tuple[str, str]:
-        """(final text, the delta still to send)."""
-        final = cut_at_stop(self._decode(), self.stop).strip()
-        if not final.startswith(self.emitted):
-            log.warning("streamed text %r is not a prefix of the final text %r", self.emitted,
-                        final)
-            return final, ""
-        return final, final[len(self.emitted):]
 
 
 class _Row:

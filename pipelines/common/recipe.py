@@ -14,7 +14,7 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
-from mova.config import apply_overrides, from_dict
+from mova.typed_dict import apply_overrides, from_dict
 from pipelines.common import storage
 
 T = TypeVar("T")

@@ -9,7 +9,8 @@ import json
 import sys
 import time
 
-from mova.config import MoVAConfig, apply_overrides
+from mova.config import MoVAConfig
+from mova.typed_dict import apply_overrides
 
 
 def init(args: argparse.Namespace) -> int:

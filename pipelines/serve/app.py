@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from mova.config import from_dict
+from mova.typed_dict import from_dict
 from pipelines.serve.recipe import ServeRecipe, recipe_dict
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def recipe_from_args(args: dict[str, Any] | ServeRecipe) -> ServeRecipe:
         if overrides:
             raise ValueError("serve args: 'overrides' needs 'config' (a recipe file)")
         return from_dict(ServeRecipe, data)
-    from mova.config import apply_overrides
+    from mova.typed_dict import apply_overrides
 
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ValueError("serve args: 'overrides' must be a list of 'key=value' strings")

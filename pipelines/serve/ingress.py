@@ -22,8 +22,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from mova.config import from_dict
 from mova.decoding import DecodeParams
+from mova.typed_dict import from_dict
 from pipelines.serve import remote, sources
 from pipelines.serve.api import build_api
 from pipelines.serve.deployments import process_info

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from mova.config import from_dict
+from mova.typed_dict import from_dict
 from pipelines.common.recipe import RayConfig
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -138,7 +138,7 @@ def train_loop(config: dict) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import ray.train
 
-    from mova.config import from_dict
+    from mova.typed_dict import from_dict
 
     recipe = from_dict(TrainRecipe, config["recipe"])
     total_steps = int(config["total_steps"])

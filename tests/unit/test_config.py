@@ -12,10 +12,10 @@ from mova.config import (
     AdapterConfig,
     ExpertConfig,
     MoVAConfig,
-    apply_overrides,
     default_experts,
 )
 from mova.experts.registry import DEFAULT_POOL
+from mova.typed_dict import apply_overrides
 
 
 def _non_default() -> MoVAConfig:

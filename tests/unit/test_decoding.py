@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mova.conversation import tokenize_conversation
-from mova.decoding import DecodeParams, TextAssembler
+from mova.decoding import DecodeParams
+from mova.text_stream import TextAssembler
 
 
 @pytest.fixture(scope="module")
