@@ -5,7 +5,7 @@ This package is the pure model library (PyTorch + transformers); it never import
 
 from mova.config import MoVAConfig
 from mova.factory import build_model, from_pretrained
-from mova.model import MoVAModel
+from mova.modeling import MoVAModel
 from mova.outputs import GenerationResult, RoutingResult
 
 __version__ = "0.1.0"

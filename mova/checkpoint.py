@@ -98,7 +98,7 @@ def write_file_list(folder: Path) -> dict:
 
 def check_complete(path: str | Path) -> dict:
     """The checkpoint's file list, after checking that every listed file is there (sizes and
-    digests are checked when a checkpoint is copied, see ``pipelines.common.checkpoints``); a
+    digests are checked when a checkpoint is copied, see ``pipelines.common.checkpoint_store``); a
     missing list or file is a :class:`CheckpointError` naming it."""
     root = Path(path)
     if not root.is_dir():
@@ -275,7 +275,7 @@ def _save(model: Any, path: Path, experts: str) -> Path:
 
 
 class CheckpointMixin:
-    """``save_pretrained`` / ``from_pretrained`` for :class:`mova.model.MoVAModel`."""
+    """``save_pretrained`` / ``from_pretrained`` for :class:`mova.modeling.MoVAModel`."""
 
     def save_pretrained(self, path: str | Path, *, experts: str = "copy") -> Path:
         """Write this model to ``path`` atomically (a temp folder renamed into place).

@@ -12,7 +12,7 @@ import torch
 from mova.builders import build_parts
 from mova.config import ExpertConfig, MoVAConfig
 from mova.device import torch_dtype
-from mova.model import MoVAModel
+from mova.modeling import MoVAModel
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ def _as_turns(item: str | Sequence[dict]) -> list[dict]:
 
 
 class GenerationMixin:
-    """Routing, answering and end-to-end generation for :class:`mova.model.MoVAModel`."""
+    """Routing, answering and end-to-end generation for :class:`mova.modeling.MoVAModel`."""
 
     # ---- decoding ------------------------------------------------------------------------
     def eos_ids(self) -> list[int]:

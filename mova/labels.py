@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mova.conversation import IGNORE_INDEX
-from mova.model import MoVAModel
+from mova.modeling import MoVAModel
 
 BASE = "base"
 """Name of the no-expert condition (column 0 of :func:`single_expert_losses`)."""

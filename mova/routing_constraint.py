@@ -111,7 +111,7 @@ def _letter_runs_ok(piece: str) -> bool:
 
 
 def routing_constraint_for(model: Any, enabled: bool = True) -> RoutingConstraint | None:
-    """The routing constraint of a :class:`mova.model.MoVAModel` (built once per model), or
+    """The routing constraint of a :class:`mova.modeling.MoVAModel` (built once per model), or
     None when ``enabled`` is false (the free decode)."""
     if not enabled:
         return None

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mova.model import MoVAModel
+from mova.modeling import MoVAModel
 
 log = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ from mova.convert.reference_keys import (
 from mova.device import torch_dtype
 from mova.experts.encoders import BaseEncoder, VisionExpert, build_base_encoder, build_expert
 from mova.experts.registry import DEFAULT_POOL, resolve_expert
-from mova.model import MoVAModel
+from mova.modeling import MoVAModel
 
 log = logging.getLogger(__name__)
 

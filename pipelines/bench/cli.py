@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pipelines.bench.common import DEFAULT_RESULTS, resolve_device, write_section
+from pipelines.bench.harness import DEFAULT_RESULTS, resolve_device, write_section
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ def _common_options(p: argparse.ArgumentParser) -> None:
 
 # ---- mova bench model ------------------------------------------------------------------------
 def _run_model(args: argparse.Namespace) -> int:
-    from pipelines.bench.model import bench_model
-    from pipelines.bench.model_report import render_markdown
+    from pipelines.bench.step_latency import bench_model
+    from pipelines.bench.step_latency_report import render_markdown
 
     _resolve(args)
     result = bench_model(args.preset, device=resolve_device(args.device), dtype=args.dtype,

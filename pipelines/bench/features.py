@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from pipelines.bench.common import machine_info, markdown_table
+from pipelines.bench.harness import machine_info, markdown_table
 from pipelines.common import storage
-from pipelines.features.cache import FeatureCache
+from pipelines.common.feature_cache import FeatureCache
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def subset_manifest(manifest: str, count: int, name: str) -> str:
 
 def manifest_images(manifest: str) -> list[str]:
     """Distinct image URIs of a manifest, sorted (what the job plans over)."""
-    from pipelines.data.manifest import load_manifest, resolve_image
+    from pipelines.common.manifests.validate import load_manifest, resolve_image
 
     samples = load_manifest(manifest, check_images=False)
     return sorted({resolve_image(manifest, s.image) for s in samples if s.image})

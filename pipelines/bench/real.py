@@ -128,7 +128,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def expert_cost_markdown(costs: dict[str, dict[str, float | None]]) -> list[str]:
     """The "expert cost removed" table and the goal's verdict (on the ``label`` masks), as
     markdown lines; none when the expert forward was not timed."""
-    from pipelines.bench.common import markdown_table
+    from pipelines.bench.harness import markdown_table
 
     if not costs:
         return []

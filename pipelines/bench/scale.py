@@ -73,7 +73,7 @@ def _child_main(step: str, address: str | None, kwargs: dict[str, Any]) -> dict[
 
 def grow_manifest(base: str, rows: int, path: Path) -> Path:
     """``rows`` rows cycling through ``base``'s rows, ids ``r<n>``, image paths absolute."""
-    from pipelines.data.manifest import resolve_image
+    from pipelines.common.manifests.validate import resolve_image
 
     template = []
     for line in Path(base).read_text().splitlines():
@@ -95,7 +95,7 @@ class SizeResult:
     manifest_mib: float
     chunks: int
     scan_s: float
-    scan_reused_s: float  # the same scan again, kept by the first (pipelines.data.scan_cache)
+    scan_reused_s: float  # the same scan again, kept by the first (manifests.scan_cache)
     stream_rows_per_s: float
     first_batch_s: float  # after the scan
     driver_peak_mib: float  # the streaming driver process: scan, stream, first batch
@@ -142,7 +142,7 @@ def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
 def streaming_driver(manifest: str, pool: list[str], checkpoint: str, cache: str
                      ) -> dict[str, Any]:
     """What a job's driver does: scan, stream every row (counting them), first batch."""
-    from pipelines.data.scan import scan_manifest
+    from pipelines.common.manifests.scan import scan_manifest
 
     scan, scan_s = _timed(scan_manifest, manifest, pool=pool)  # a first scan, then kept
     scan.require_ok(False)
@@ -155,8 +155,8 @@ def streaming_driver(manifest: str, pool: list[str], checkpoint: str, cache: str
 def plain_driver(manifest: str, pool: list[str], checkpoint: str, cache: str
                  ) -> dict[str, Any]:
     """The plain way: every row in the driver, then the first batch prepared."""
-    from pipelines.data.manifest import load_manifest
-    from pipelines.train.dataset import PrepareSpec, prepare_rows
+    from pipelines.common.batches import PrepareSpec, prepare_rows
+    from pipelines.common.manifests.validate import load_manifest
 
     spec = PrepareSpec(checkpoint=checkpoint, cache=cache, features="cached", max_length=None)
     start = time.perf_counter()
@@ -167,7 +167,7 @@ def plain_driver(manifest: str, pool: list[str], checkpoint: str, cache: str
 
 
 def stream_rows_per_s(scan: Any, pool: Sequence[str]) -> float:
-    from pipelines.data.stream import manifest_dataset
+    from pipelines.common.manifests.stream import manifest_dataset
 
     start = time.perf_counter()
     count = 0
@@ -181,7 +181,8 @@ def stream_rows_per_s(scan: Any, pool: Sequence[str]) -> float:
 
 def first_batch_s(scan: Any, pool: list[str], checkpoint: str, cache: str) -> float:
     """Seconds from a scanned manifest to the first prepared batch of worker 0."""
-    from pipelines.train.dataset import PrepareSpec, worker_dataset
+    from pipelines.common.batches import PrepareSpec
+    from pipelines.train.dataset import worker_dataset
     from pipelines.train.order import EpochOrder
 
     spec = PrepareSpec(checkpoint=checkpoint, cache=cache, features="cached", max_length=None)
@@ -201,7 +202,7 @@ def index_step(root: Path, entries: int) -> tuple[float, float]:
 
     import torch
 
-    from pipelines.features.cache import FeatureCache
+    from pipelines.common.feature_cache import FeatureCache
 
     cache = FeatureCache(str(root))
     feature = torch.zeros(1, 4)
@@ -241,7 +242,7 @@ def amplification_step(root: Path, expert: str = "dinov2", images: int = 64,
 
     from mova.experts.registry import get_expert_spec
     from pipelines.common import storage
-    from pipelines.features.cache import FeatureCache, feature_bytes
+    from pipelines.common.feature_cache import FeatureCache, feature_bytes
 
     size = get_expert_spec(expert).size("full")
     tokens, channels = size.out_grid ** 2, size.out_channels
@@ -288,8 +289,8 @@ def _run_sizes(root: Path, sizes: Sequence[int], rerun_max: int, seed: int) -> S
     import torch
 
     from mova.checkpoint import load_config
-    from pipelines.bench.common import machine_info
     from pipelines.bench.features import make_workspace
+    from pipelines.bench.harness import machine_info
     from pipelines.bench.train import fill_cache
 
     base, checkpoint = make_workspace(root / "base", BASE_IMAGES, image_size=64, seed=seed)
@@ -346,7 +347,7 @@ def goals(r: ScaleResult) -> dict[str, float | None]:
 
 
 def render_markdown(r: ScaleResult) -> str:
-    from pipelines.bench.common import markdown_table
+    from pipelines.bench.harness import markdown_table
 
     rows = []
     for s in r.sizes:

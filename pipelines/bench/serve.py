@@ -28,8 +28,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.bench.common import IMAGE_SIZE, fmt_ms, machine_info, markdown_table, peak_memory_mib
-from pipelines.serve.openai_types import MoVAInfo
+from pipelines.bench.harness import (
+    IMAGE_SIZE,
+    fmt_ms,
+    machine_info,
+    markdown_table,
+    peak_memory_mib,
+)
+from pipelines.common.wire import MoVAInfo
 
 log = logging.getLogger(__name__)
 

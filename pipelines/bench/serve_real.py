@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pipelines.bench.common import fmt_ms, machine_info, markdown_table, peak_memory_mib
+from pipelines.bench.harness import fmt_ms, machine_info, markdown_table, peak_memory_mib
 from pipelines.bench.serve import (
     LoadResult,
     ServeBenchResult,
@@ -78,7 +78,7 @@ def bench_serve_real(checkpoint: str, *, levels: Sequence[int], max_new_tokens: 
                      seed: int, quick: bool, port: int | None) -> ServeBenchResult:
     from mova.factory import from_pretrained
     from mova.routing_constraint import use_constrained_routing
-    from pipelines.common.checkpoints import local_checkpoint
+    from pipelines.common.checkpoint_store import local_checkpoint
     from pipelines.common.ray_init import free_local_port
 
     checkpoint = local_checkpoint(checkpoint)

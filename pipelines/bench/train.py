@@ -2,10 +2,10 @@
 and the Ray Train + DeepSpeed loop per ZeRO stage.
 
 In-process part (one process, no Ray): the same synthetic samples are prepared by
-:func:`pipelines.train.dataset.prepare_batch` (the function ``build_dataset`` maps over the
+:func:`pipelines.common.batches.prepare_batch` (the function ``build_dataset`` maps over the
 manifest) with ``features=cached`` and ``features=compute``, once with each sample's routing
 label (1-2 experts) and once with every expert of the pool routed; batches are made with
-:func:`pipelines.train.dataset.collate`. Each configuration has its own model and AdamW, and the
+:func:`pipelines.common.batches.collate`. Each configuration has its own model and AdamW, and the
 four are stepped in interleaved rounds (``model(**batch)``, backward, ``optimizer.step``); the first
 step of each is a warm-up and is not timed. Ray part: :func:`pipelines.train.job.run_train` with 2
 workers for each ZeRO stage, timed from the loop's own per-step MLflow records.
@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from pipelines.bench.common import machine_info, markdown_table
 from pipelines.bench.features import make_workspace, plain_features
+from pipelines.bench.harness import machine_info, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def manifest_rows(manifest: str, masks: str, pool: Sequence[str]) -> list[Any]:
     """The samples training prepares, all experts routed when ``masks == "all"``."""
     import dataclasses
 
-    from pipelines.data.manifest import load_manifest
+    from pipelines.common.manifests.validate import load_manifest
 
     if masks not in MASKS:
         raise ValueError(f"masks={masks!r}; expected one of {MASKS}")
@@ -151,7 +151,7 @@ def fill_cache(manifest: str, checkpoint: str, cache: str, rows_all: int,
     """Cache, in this process, each sample's label experts and all experts of the first
     ``rows_all`` samples (what the cached configurations and the ZeRO runs read)."""
     from mova.checkpoint import load_config
-    from pipelines.data.manifest import resolve_image
+    from pipelines.common.manifests.validate import resolve_image
 
     pool = load_config(checkpoint).expert_names
     label = manifest_rows(manifest, "label", pool)
@@ -167,7 +167,7 @@ def prepared_rows(manifest: str, checkpoint: str, cache: str, masks: str, featur
     """The first ``count`` samples prepared as training prepares them (``prepare_rows``);
     returns (columns, seconds)."""
     from mova.checkpoint import load_config
-    from pipelines.train.dataset import PrepareSpec, prepare_rows
+    from pipelines.common.batches import PrepareSpec, prepare_rows
 
     rows = [(manifest, s) for s in
             manifest_rows(manifest, masks, load_config(checkpoint).expert_names)[:count]]
@@ -187,7 +187,7 @@ def bench_in_process(manifest: str, checkpoint: str, cache: str, *, steps: int, 
     forward alone on the same batch (``routed_expert_features``, as the step runs it)."""
     from mova.factory import from_pretrained
     from mova.training import set_stage, trainable_parameters
-    from pipelines.train.dataset import collate
+    from pipelines.common.batches import collate
 
     count = batch_size * (steps + 1)
     runs: dict[tuple[str, str], dict[str, Any]] = {}

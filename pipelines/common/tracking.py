@@ -136,8 +136,8 @@ class Tracker:
 
     def log_parts(self, folder: str, artifact_path: str, max_parts: int = 8) -> int:
         """Copy the first ``max_parts`` parts of a published output folder (local or s3://,
-        see ``pipelines.data.parts``) into the run; the rest stay where they are (a pointer
-        file says where). Returns how many were copied."""
+        see ``pipelines.common.manifests.parts``) into the run; the rest stay where they are
+        (a pointer file says where). Returns how many were copied."""
         import json
         import tempfile
 

@@ -1,1 +1,2 @@
-"""Data: manifests (LLaVA-style records), validation, converters and the synthetic data set."""
+"""The `mova data` stage: the synthetic data set, converters from public formats and validation
+(the manifest reader itself is shared: :mod:`pipelines.common.manifests`)."""

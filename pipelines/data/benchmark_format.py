@@ -11,8 +11,8 @@ from typing import Any
 
 from mova.tokenizers import IMAGE_TOKEN
 from pipelines.common import storage
-from pipelines.data.manifest import write_manifest
-from pipelines.data.schema import Sample
+from pipelines.common.manifests.schema import Sample
+from pipelines.common.manifests.validate import write_manifest
 
 logger = logging.getLogger(__name__)
 

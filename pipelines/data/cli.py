@@ -8,10 +8,10 @@ import sys
 
 from mova.metrics import METRICS
 from pipelines.common.command import recipe_command
+from pipelines.common.manifests.validate import validate_manifest
 from pipelines.common.storage import StorageError
 from pipelines.data.benchmarks import BENCHMARK_CONVERTERS, BENCHMARK_METRICS, convert_benchmark
 from pipelines.data.convert import convert_llava, convert_vqa
-from pipelines.data.manifest import validate_manifest
 from pipelines.data.synth import SynthRecipe, generate
 
 ERROR_LIMIT = 50

@@ -17,8 +17,8 @@ from mova.conversation import validate_turns
 from mova.metrics import METRICS
 from mova.tokenizers import IMAGE_TOKEN
 from pipelines.common import storage
-from pipelines.data.manifest import write_manifest
-from pipelines.data.schema import Sample
+from pipelines.common.manifests.schema import Sample
+from pipelines.common.manifests.validate import write_manifest
 
 logger = logging.getLogger(__name__)
 

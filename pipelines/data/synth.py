@@ -26,7 +26,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from pipelines.data.schema import Sample
+from pipelines.common.manifests.schema import Sample
 from pipelines.data.synth_domains import DOMAINS, GENERATORS, MIN_IMAGE_SIZE
 
 logger = logging.getLogger(__name__)

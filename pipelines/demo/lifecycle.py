@@ -120,9 +120,9 @@ def ask_server(checkpoint: Path, sample: dict[str, Any], max_tokens: int) -> dic
 
     from pipelines.common.ray_init import free_local_port
     from pipelines.common.recipe import load_recipe
+    from pipelines.common.wire import MoVAInfo
     from pipelines.evaluate.http import image_data_uri
     from pipelines.serve.app import start
-    from pipelines.serve.openai_types import MoVAInfo
     from pipelines.serve.recipe import ServeRecipe
 
     recipe = load_recipe(ServeRecipe, None, [f"checkpoint={checkpoint}",

@@ -74,7 +74,7 @@ def _sample_rows(path: Path, n: int, seed: int) -> list[dict]:
 
 
 def _write_rows(rows: list[dict], path: Path) -> str:
-    from pipelines.data.manifest import write_manifest
+    from pipelines.common.manifests.validate import write_manifest
 
     return write_manifest(rows, str(path))
 

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from mova.images import ImageError, load_image
 from mova.tokenizers import IMAGE_TOKEN
 from pipelines.common import storage
-from pipelines.serve.openai_types import MoVAInfo
+from pipelines.common.wire import MoVAInfo
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ def item_of(sample: Any, file: str, benchmark: str, metric: str | None, routing:
             pool: Sequence[str] | None = None) -> EvalItem | None:
     """One manifest row as a question to ask (None for a routing-instruction row); a row that
     cannot be asked is an error naming the benchmark, the file and the row."""
-    from pipelines.data.manifest import resolve_image
+    from pipelines.common.manifests.validate import resolve_image
 
     if sample.kind == "routing":
         return None

@@ -25,10 +25,10 @@ import time
 from typing import Any
 
 from pipelines.common import storage
+from pipelines.common.manifests.parts import begin_parts, publish_parts
+from pipelines.common.manifests.scan import ManifestScan, scan_manifest
+from pipelines.common.manifests.stream import manifest_dataset
 from pipelines.common.ray_init import actor_pool_args
-from pipelines.data.parts import begin_parts, publish_parts
-from pipelines.data.scan import ManifestScan, scan_manifest
-from pipelines.data.stream import manifest_dataset
 from pipelines.evaluate.recipe import EvalRecipe
 from pipelines.evaluate.report import (
     PREDICTIONS,
@@ -56,7 +56,7 @@ def check_inputs(recipe: EvalRecipe) -> list[str] | None:
     if not recipe.checkpoint:
         return None
     from mova.checkpoint import load_config, read_components
-    from pipelines.common.checkpoints import local_checkpoint
+    from pipelines.common.checkpoint_store import local_checkpoint
 
     local = local_checkpoint(recipe.checkpoint)
     read_components(local)

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from pipelines.common import storage
-from pipelines.data.parts import write_jsonl_part
-from pipelines.data.stream import samples_of
+from pipelines.common.manifests.parts import write_jsonl_part
+from pipelines.common.manifests.stream import samples_of
 from pipelines.evaluate.items import EvalItem, item_of
 from pipelines.evaluate.report import build_records
 from pipelines.evaluate.scoring import YES_NO_BENCHMARKS
@@ -91,7 +91,7 @@ class EvalWorker:
                  constrained_routing: bool = True) -> None:
         from mova.factory import from_pretrained
         from mova.routing_constraint import use_constrained_routing
-        from pipelines.common.checkpoints import local_checkpoint
+        from pipelines.common.checkpoint_store import local_checkpoint
 
         # routes as `mova serve` does (its recipe's constrained_routing, on by default)
         self.model = use_constrained_routing(

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 
 from pipelines.common import storage
-from pipelines.common.checkpoints import local_checkpoint
+from pipelines.common.checkpoint_store import local_checkpoint
+from pipelines.common.feature_cache import FeatureCache
+from pipelines.common.manifests.scan import scan_manifest
+from pipelines.common.manifests.stream import manifest_dataset
 from pipelines.common.ray_init import actor_pool_args
-from pipelines.data.scan import scan_manifest
-from pipelines.data.stream import manifest_dataset
-from pipelines.features.cache import FeatureCache
 from pipelines.features.recipe import FeaturesRecipe
 from pipelines.features.workers import (
     ExpertSpec,

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.common import storage
-from pipelines.data.stream import samples_of
+from pipelines.common.manifests.stream import samples_of
 
 
 def image_needs(batch: dict[str, np.ndarray], mode: str, wanted: list[str]
                 ) -> dict[str, list]:
     """Manifest rows -> (image URI, the experts it needs): the row's routing label, or every
     wanted expert for ``mode="all"`` or an unlabelled row; rows without image or need drop."""
-    from pipelines.data.manifest import resolve_image
+    from pipelines.common.manifests.validate import resolve_image
 
     uris, needs = [], []
     for file, _, sample in samples_of(batch):
@@ -41,7 +41,7 @@ def decode_images(batch: dict[str, np.ndarray], skip_bad: bool, report: str
     """Read and decode each image once: its content hash and RGB pixels. An unreadable image
     fails the job naming it, or (``skip_bad``) is reported and passed on marked bad."""
     from mova.images import ImageError, image_hash, load_image
-    from pipelines.data.scan import write_report_part
+    from pipelines.common.manifests.scan import write_report_part
 
     out: dict[str, list] = {"uri": [], "experts": [], "hash": [], "pixels": [], "width": [],
                             "height": [], "error": []}
@@ -99,7 +99,7 @@ class ExpertWorker:
 
         from mova.checkpoint import load_expert
         from mova.device import resolve_device
-        from pipelines.features.cache import FeatureCache
+        from pipelines.common.feature_cache import FeatureCache
 
         self.spec = spec
         self.model, self.resolved, loaded_key = load_expert(spec.checkpoint, spec.expert)

@@ -18,10 +18,10 @@ import time
 from collections import Counter
 
 from pipelines.common import storage
+from pipelines.common.manifests.parts import begin_parts, is_published, publish_parts
+from pipelines.common.manifests.scan import manifest_files, scan_manifest
+from pipelines.common.manifests.stream import manifest_dataset
 from pipelines.common.ray_init import actor_pool_args
-from pipelines.data.parts import begin_parts, is_published, publish_parts
-from pipelines.data.scan import manifest_files, scan_manifest
-from pipelines.data.stream import manifest_dataset
 from pipelines.labels.recipe import LabelsRecipe
 from pipelines.labels.report import LabelsSummary, plot, track
 from pipelines.labels.workers import LabelSpec, LossWorker, write_parts
@@ -33,7 +33,7 @@ PART_ROWS = 1024  # rows per written part
 def check_inputs(recipe: LabelsRecipe) -> str:
     """Fail early, naming the missing or unusable input; returns a local checkpoint copy."""
     from mova.checkpoint import CheckpointError, load_config, read_components
-    from pipelines.common.checkpoints import local_checkpoint
+    from pipelines.common.checkpoint_store import local_checkpoint
 
     try:
         local = local_checkpoint(recipe.checkpoint)

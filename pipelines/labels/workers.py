@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.common import storage
-from pipelines.data.parts import part_name, write_jsonl_part, write_parquet_part
-from pipelines.data.schema import Sample
-from pipelines.data.stream import samples_of
+from pipelines.common.manifests.parts import part_name, write_jsonl_part, write_parquet_part
+from pipelines.common.manifests.schema import Sample
+from pipelines.common.manifests.stream import samples_of
 from pipelines.labels.report import NO_DOMAIN
 
 
@@ -49,7 +49,7 @@ def losses_schema(experts: tuple[str, ...]) -> pa.Schema:
 def image_for_output(file: str, output: str, image: str | None) -> str | None:
     """Relative image paths are relative to their manifest file's folder: re-point them for the
     output folder."""
-    from pipelines.data.manifest import resolve_image
+    from pipelines.common.manifests.validate import resolve_image
 
     if image is None or storage.is_remote(image) or os.path.isabs(image):
         return image
@@ -70,8 +70,8 @@ class LossWorker:
 
         from mova.device import resolve_device, resolve_precision
         from mova.factory import from_pretrained
-        from pipelines.common.checkpoints import local_checkpoint
-        from pipelines.train.dataset import PrepareSpec
+        from pipelines.common.batches import PrepareSpec
+        from pipelines.common.checkpoint_store import local_checkpoint
 
         self.spec = spec
         local = local_checkpoint(spec.checkpoint)
@@ -87,7 +87,7 @@ class LossWorker:
 
     def _prepare(self, rows: list[tuple[str, Sample]]) -> tuple[list[dict], str]:
         """Rows with every candidate's features (the cache) or inputs (computing them)."""
-        from pipelines.train.dataset import prepare_rows
+        from pipelines.common.batches import prepare_rows
 
         rows = [(f, Sample(**{**vars(s), "experts": list(self.spec.experts), "kind": "answer"}))
                 for f, s in rows]
@@ -121,7 +121,7 @@ class LossWorker:
 
     def _losses(self, prepared: list[dict], source: str) -> np.ndarray:
         from mova.labels import single_expert_losses
-        from pipelines.train.dataset import collate, unpack
+        from pipelines.common.batches import collate, unpack
 
         torch, model = self._torch, self.model
         plain = {k: [p[k] for p in prepared]
@@ -145,7 +145,7 @@ def write_parts(batch: dict[str, np.ndarray], spec: LabelSpec, losses_folder: st
     """Apply the label rule, write this batch's manifest part and loss part, and return its
     counts (one row) for the driver to add up."""
     from mova.labels import select_experts
-    from pipelines.data.scan import write_report_part
+    from pipelines.common.manifests.scan import write_report_part
 
     stats = _Stats(spec.experts)
     rows, loss_rows, bad = [], [], []

@@ -31,7 +31,7 @@ def _save(model, out: str, experts: str) -> str:
     import tempfile
 
     from pipelines.common import storage
-    from pipelines.common.checkpoints import publish
+    from pipelines.common.checkpoint_store import publish
 
     if not storage.is_remote(out):
         return str(model.save_pretrained(out, experts=experts))
@@ -41,7 +41,7 @@ def _save(model, out: str, experts: str) -> str:
 
 def info(args: argparse.Namespace) -> int:
     from mova.checkpoint import expert_cache_keys, load_config, read_components
-    from pipelines.common.checkpoints import local_checkpoint
+    from pipelines.common.checkpoint_store import local_checkpoint
 
     local = local_checkpoint(args.checkpoint)
     config = load_config(local)
@@ -59,7 +59,7 @@ def info(args: argparse.Namespace) -> int:
 
 def publish_checkpoint(args: argparse.Namespace) -> int:
     from mova.checkpoint import CheckpointError
-    from pipelines.common.checkpoints import publish
+    from pipelines.common.checkpoint_store import publish
 
     try:
         uri = publish(args.src, args.dest)

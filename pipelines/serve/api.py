@@ -18,16 +18,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
 from pipelines.serve.errors import APIError, install_handlers, payload_too_large
-from pipelines.serve.openai_schema import (
-    Health,
-    ModelCard,
-    ModelList,
-    Ready,
-    add_components,
-    chat_responses,
-    errors,
-    request_body,
-)
+from pipelines.serve.openai_response import Health, ModelCard, ModelList, Ready
+from pipelines.serve.openapi import add_components, chat_responses, errors, request_body
 
 
 class ChatService(Protocol):

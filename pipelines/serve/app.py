@@ -38,9 +38,10 @@ def _absolute(recipe: ServeRecipe) -> ServeRecipe:
 
 def pool_of(recipe: ServeRecipe) -> list[str]:
     """The checkpoint's expert pool (an s3:// checkpoint is fetched once into the node's
-    cache, as every replica does with :func:`pipelines.common.checkpoints.local_checkpoint`)."""
+    cache, as every replica does with
+    :func:`pipelines.common.checkpoint_store.local_checkpoint`)."""
     from mova.checkpoint import load_config
-    from pipelines.common.checkpoints import local_checkpoint
+    from pipelines.common.checkpoint_store import local_checkpoint
 
     pool = load_config(local_checkpoint(recipe.checkpoint)).expert_names
     recipe.check_pool(pool)

@@ -31,7 +31,7 @@ def load_serving_model(checkpoint: str, device: str, keep: Sequence[str]):
     from torch import nn
 
     from mova.factory import from_pretrained
-    from pipelines.common.checkpoints import local_checkpoint
+    from pipelines.common.checkpoint_store import local_checkpoint
 
     model = from_pretrained(local_checkpoint(checkpoint), device=device)
     for name in list(model.experts):
@@ -171,7 +171,7 @@ class ExpertServer(BatchedReplica):
     def __init__(self, checkpoint: str, expert: str, device: str = "auto") -> None:
         from mova.checkpoint import load_config, load_expert
         from mova.device import resolve_device, torch_dtype
-        from pipelines.common.checkpoints import local_checkpoint
+        from pipelines.common.checkpoint_store import local_checkpoint
 
         local = local_checkpoint(checkpoint)
         self.name = f"Expert:{expert}"

@@ -35,21 +35,30 @@ from pipelines.serve.errors import (
     to_api_error,
 )
 from pipelines.serve.metrics import metric, node_metrics_text
-from pipelines.serve.openai_types import (
+from pipelines.serve.openai_request import (
     ChatRequest,
     Conversation,
+    parse_chat_request,
+    to_conversation,
+    unknown_model,
+)
+from pipelines.serve.openai_response import (
     chunk_body,
     completion_body,
     model_card,
     models_body,
     new_id,
-    parse_chat_request,
-    to_conversation,
-    unknown_model,
-    usage,
+    usage_chunk_body,
 )
-from pipelines.serve.pipeline import Pipeline, Prepared, PromptChecker, Vision, check_event, collect
 from pipelines.serve.recipe import ServeRecipe
+from pipelines.serve.request_flow import (
+    Pipeline,
+    Prepared,
+    PromptChecker,
+    Vision,
+    check_event,
+    collect,
+)
 
 log = logging.getLogger(__name__)
 TICKET_GRACE_S = 10.0
@@ -317,7 +326,7 @@ class MoVAIngress:
         try:
             yield _sse(chunk_body(id=rid, model=model, created=created,
                                   delta={"role": "assistant", "content": ""},
-                                  mova=vision.extension(self.checker.pool).model_dump()))
+                                  mova=vision.extension(self.checker.pool)))
             event, seen_text = first, False
             while True:
                 if event["delta"]:
@@ -339,9 +348,9 @@ class MoVAIngress:
             yield _sse(chunk_body(id=rid, model=model, created=created, delta={},
                                   finish_reason=event["finish_reason"]))
             if include_usage:
-                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                            "model": model, "choices": [],
-                            "usage": usage(event["prompt_tokens"], event["completion_tokens"])})
+                yield _sse(usage_chunk_body(id=rid, model=model, created=created,
+                                            prompt_tokens=event["prompt_tokens"],
+                                            completion_tokens=event["completion_tokens"]))
             yield _sse("[DONE]")
         except Exception as exc:
             err = to_api_error(exc, timeout_s=timeout_s)

@@ -47,7 +47,7 @@ def check_inputs(recipe: TrainRecipe) -> str:
     """Fail early, naming the problem, and never overwrite a finished model; returns a local
     folder holding ``init_from`` (an s3:// checkpoint is downloaded once per node)."""
     from mova.checkpoint import CheckpointError, load_config, read_components
-    from pipelines.common.checkpoints import local_checkpoint
+    from pipelines.common.checkpoint_store import local_checkpoint
 
     try:
         local = local_checkpoint(recipe.init_from)
@@ -85,8 +85,8 @@ def optimizer_steps(valid_rows: int, recipe: TrainRecipe) -> tuple[int, int]:
 def run_train(recipe: TrainRecipe) -> TrainResult:
     """Run (or resume) one training run on Ray Train; returns what it did."""
     from mova.checkpoint import load_config
+    from pipelines.common.manifests.scan import scan_manifest
     from pipelines.common.tracking import tracking_target
-    from pipelines.data.scan import scan_manifest
 
     start = time.perf_counter()
     recipe = recipe.absolute()

@@ -101,7 +101,7 @@ def build_engine(recipe: TrainRecipe, total_steps: int) -> Engine:
         trainable_parameters,
         warmup_cosine,
     )
-    from pipelines.common.checkpoints import local_checkpoint
+    from pipelines.common.checkpoint_store import local_checkpoint
 
     gpu = torch.cuda.is_available() and recipe.use_gpu
     bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and gpu)
@@ -220,8 +220,8 @@ class EpochData:
     def __init__(self, config: dict, recipe: TrainRecipe, rank: int) -> None:
         import ray.train
 
-        from pipelines.common.checkpoints import local_checkpoint
-        from pipelines.train.dataset import PrepareSpec
+        from pipelines.common.batches import PrepareSpec
+        from pipelines.common.checkpoint_store import local_checkpoint
 
         self.chunks = config["chunks"]
         self.batches = int(config["steps_per_epoch"]) * recipe.grad_accum
@@ -291,7 +291,7 @@ class StepLoop:
 
     def micro_step(self, batch: dict, epoch: int, index: int) -> bool:
         """Forward and backward of one batch; True when it completed an optimizer step."""
-        from pipelines.train.dataset import collate
+        from pipelines.common.batches import collate
 
         engine, names = self.parts.engine, self.parts.names
         if self.recipe.data.record_batches:
@@ -381,7 +381,7 @@ def _export(recipe: TrainRecipe, parts: Engine, rank: int, tracker: Any, step: i
     from mova.checkpoint import write_file_list
     from mova.device import place
     from mova.training import merge_lora
-    from pipelines.common.checkpoints import publish
+    from pipelines.common.checkpoint_store import publish
 
     engine, model = parts.engine, parts.model
     gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()),

@@ -163,6 +163,6 @@ def no_driver_rows(monkeypatch):
     def driver_parse(*args, **kwargs):
         raise AssertionError("the driver parsed a manifest row: stages stream the manifest")
 
-    for module in ("manifest", "stream", "scan", "ids"):
-        monkeypatch.setattr(f"pipelines.data.{module}.check_row", driver_parse)
+    for module in ("validate", "stream", "scan", "ids"):
+        monkeypatch.setattr(f"pipelines.common.manifests.{module}.check_row", driver_parse)
     return monkeypatch

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipelines.data.rows import manifest_files
+from pipelines.common.manifests.rows import manifest_files
 
 pytestmark = pytest.mark.integration
 

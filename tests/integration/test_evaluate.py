@@ -16,8 +16,8 @@ from PIL import Image
 from mova.factory import build_tiny_mova, from_pretrained
 from mova.images import load_image
 from mova.metrics import score
+from pipelines.common.manifests.validate import write_manifest
 from pipelines.common.recipe import MlflowConfig
-from pipelines.data.manifest import write_manifest
 from pipelines.evaluate.job import run_eval
 from pipelines.evaluate.recipe import BenchmarkSpec, EvalRecipe
 from pipelines.evaluate.scoring import score_all

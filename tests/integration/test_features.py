@@ -20,7 +20,7 @@ from mova.checkpoint import expert_cache_keys
 from mova.factory import build_tiny_mova, from_pretrained
 from mova.images import image_hash, load_image
 from pipelines.common import storage
-from pipelines.features.cache import FeatureCache
+from pipelines.common.feature_cache import FeatureCache
 from pipelines.features.job import run_features
 from pipelines.features.recipe import FeaturesRecipe
 

@@ -20,8 +20,8 @@ from mova.conversation import collate, tokenize_conversation
 from mova.factory import build_tiny_mova
 from mova.images import image_hash, load_image
 from pipelines.cli import main
-from pipelines.data.manifest import ManifestError, read_rows, validate_manifest
-from pipelines.features.cache import FeatureCache
+from pipelines.common.feature_cache import FeatureCache
+from pipelines.common.manifests.validate import ManifestError, read_rows, validate_manifest
 from pipelines.labels.job import run_labels
 from pipelines.labels.recipe import LabelsRecipe
 

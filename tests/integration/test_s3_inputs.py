@@ -15,7 +15,7 @@ import pytest
 from mova.checkpoint import CheckpointError
 from mova.factory import build_tiny_mova, from_pretrained
 from pipelines.common import storage
-from pipelines.common.checkpoints import local_checkpoint, publish
+from pipelines.common.checkpoint_store import local_checkpoint, publish
 
 pytestmark = pytest.mark.integration
 

@@ -12,13 +12,13 @@ import pytest
 from PIL import Image
 
 from pipelines.common import storage
-from pipelines.data.manifest import (
+from pipelines.common.manifests.schema import Sample
+from pipelines.common.manifests.validate import (
     ManifestError,
     load_manifest,
     validate_manifest,
     write_manifest,
 )
-from pipelines.data.schema import Sample
 
 pytestmark = pytest.mark.integration
 

@@ -183,7 +183,7 @@ def test_the_rayservice_serve_config_deploys_on_a_ray_start_head(s3_endpoint, tm
     import boto3
 
     from mova.factory import build_tiny_mova
-    from pipelines.common.checkpoints import publish
+    from pipelines.common.checkpoint_store import publish
     from pipelines.serve.app import recipe_from_args
 
     port, temp_dir, key = free_port(), f"/tmp/mova-serve-head-{os.getpid()}", "secret-key"

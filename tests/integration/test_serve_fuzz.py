@@ -71,7 +71,7 @@ def _reach_the_model(body: dict) -> None:
 def _check_events(text: str) -> None:
     """Every event of a stream is a chunk or an error envelope (their published models), and
     the stream ends with [DONE]."""
-    from pipelines.serve.openai_schema import ChatCompletionChunk, ErrorResponse
+    from pipelines.serve.openai_response import ChatCompletionChunk, ErrorResponse
 
     events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
     assert events and events[-1] == "[DONE]", text[-300:]

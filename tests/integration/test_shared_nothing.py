@@ -45,7 +45,7 @@ def s3_root(s3_endpoint):
 def inputs(s3_root, tmp_path_factory):
     """Synthetic data and a tiny 2-expert model, written locally, uploaded, deleted."""
     from mova.factory import build_tiny_mova
-    from pipelines.common.checkpoints import publish
+    from pipelines.common.checkpoint_store import publish
     from pipelines.common.storage import upload_folder
     from pipelines.data.synth import SynthRecipe, generate
 

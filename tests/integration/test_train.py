@@ -15,10 +15,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mova.factory import build_tiny_mova, from_pretrained
-from pipelines.data.manifest import load_manifest
+from pipelines.common.batches import PrepareSpec, collate, prepare_rows
+from pipelines.common.manifests.validate import load_manifest
 from pipelines.features.job import run_features
 from pipelines.features.recipe import FeaturesRecipe
-from pipelines.train.dataset import PrepareSpec, collate, prepare_rows
 from pipelines.train.job import run_train
 from pipelines.train.recipe import TrainRecipe
 

@@ -15,7 +15,6 @@ from mova.checkpoint import expert_cache_keys
 from mova.factory import from_pretrained
 from mova.images import image_hash, load_image
 from pipelines.bench.cli import zero_stages
-from pipelines.bench.common import markers, write_section
 from pipelines.bench.features import (
     FeaturesBenchResult,
     RunTiming,
@@ -27,7 +26,8 @@ from pipelines.bench.features import (
     subset_manifest,
     throughput,
 )
-from pipelines.features.cache import FeatureCache
+from pipelines.bench.harness import markers, write_section
+from pipelines.common.feature_cache import FeatureCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

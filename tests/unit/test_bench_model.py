@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from pipelines.bench.common import markers, measure_interleaved, write_section
-from pipelines.bench.model import K_VALUES, bench_model, full_config, step_names, vision_path
-from pipelines.bench.model_report import render_markdown, step_label
+from pipelines.bench.harness import markers, measure_interleaved, write_section
+from pipelines.bench.step_latency import K_VALUES, bench_model, full_config, step_names, vision_path
+from pipelines.bench.step_latency_report import render_markdown, step_label
 
 BATCHES = (1, 2)
 

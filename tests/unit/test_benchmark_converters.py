@@ -11,6 +11,7 @@ import types
 import pytest
 
 from mova.metrics import METRICS, mme_scores, pope_scores, score
+from pipelines.common.manifests.validate import load_manifest, resolve_image
 from pipelines.data import cli as data_cli
 from pipelines.data.benchmarks import (
     BENCHMARK_CONVERTERS,
@@ -29,7 +30,6 @@ from pipelines.data.benchmarks import (
     convert_textvqa,
     convert_vqav2,
 )
-from pipelines.data.manifest import load_manifest, resolve_image
 
 
 def _dump(path, data) -> str:

@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from pipelines.cli import build_parser
+from pipelines.common.manifests.validate import check_row, read_rows, write_manifest
 from pipelines.data.benchmarks import convert_gqa
-from pipelines.data.manifest import check_row, read_rows, write_manifest
 from pipelines.evaluate.http import EndpointError, ask_endpoint, post_chat, to_messages
 from pipelines.evaluate.items import item_of
 from pipelines.evaluate.job import run_eval
@@ -428,5 +428,5 @@ def test_ask_endpoint_sends_image_and_routing(tmp_path, png_file):
 
 
 def test_cli_has_eval():
-    args = build_parser().parse_args(["eval", "--config", "jobs/eval.yaml", "workers=2"])
+    args = build_parser("eval").parse_args(["eval", "--config", "jobs/eval.yaml", "workers=2"])
     assert args.command == "eval" and args.overrides == ["workers=2"]

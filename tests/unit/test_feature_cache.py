@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.features.cache import FeatureCache, feature_bytes
+from pipelines.common.feature_cache import FeatureCache, feature_bytes
 
 
 def _features(n: int, seed: int) -> list[torch.Tensor]:

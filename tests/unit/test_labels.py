@@ -191,8 +191,8 @@ def test_loss_worker_reads_the_cache_falls_back_to_the_experts_and_reports_bad_i
     computed ones give the same losses; an unreadable image is an error row, not a crash."""
     from mova.checkpoint import expert_cache_keys
     from mova.images import image_hash
-    from pipelines.data.schema import Sample
-    from pipelines.features.cache import FeatureCache
+    from pipelines.common.feature_cache import FeatureCache
+    from pipelines.common.manifests.schema import Sample
     from pipelines.labels.workers import LabelSpec, LossWorker
 
     model, _ = useful_model

@@ -8,9 +8,14 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.data.parts import begin_parts, is_published, publish_parts, write_jsonl_part
-from pipelines.data.rows import SUCCESS, ManifestError, manifest_files, write_manifest
-from pipelines.data.scan import (
+from pipelines.common.manifests.parts import (
+    begin_parts,
+    is_published,
+    publish_parts,
+    write_jsonl_part,
+)
+from pipelines.common.manifests.rows import SUCCESS, ManifestError, manifest_files, write_manifest
+from pipelines.common.manifests.scan import (
     _lines_before,
     merge_ranges,
     scan_range,
@@ -18,7 +23,7 @@ from pipelines.data.scan import (
     shift_report_lines,
     write_report_part,
 )
-from pipelines.data.stream import chunk_lines, chunk_samples
+from pipelines.common.manifests.stream import chunk_lines, chunk_samples
 
 
 def _row(i: int, image: str) -> dict:
@@ -166,7 +171,7 @@ def test_a_kept_scan_is_reused_only_for_the_same_files_and_settings(jsonl, monke
                                                                    tmp_path):
     import os
 
-    from pipelines.data import scan_cache
+    from pipelines.common.manifests import scan_cache
 
     monkeypatch.setenv("MOVA_SCAN_CACHE", str(tmp_path / "scans"))
     path, _ = jsonl

@@ -18,7 +18,7 @@ def _rows(path: str) -> list[dict]:
 
 
 def test_mova_and_base_only_manifests_hold_the_same_answers(tmp_path):
-    from pipelines.data.manifest import load_manifest
+    from pipelines.common.manifests.validate import load_manifest
 
     plan = RealPlan(train_questions=40, test_questions=12, synth_per_domain=2, routing_samples=4)
     data = build_data(tmp_path, plan)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipelines.common.recipe import load_recipe
 from pipelines.serve.errors import APIError, RequestError, to_api_error
-from pipelines.serve.openai_types import parse_chat_request, to_conversation
+from pipelines.serve.openai_request import parse_chat_request, to_conversation
 from pipelines.serve.recipe import ServeRecipe
 from pipelines.serve.sources import classify, decode_image, image_bytes
 

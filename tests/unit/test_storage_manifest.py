@@ -11,9 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.common import storage
-from pipelines.data import cli as data_cli
-from pipelines.data.convert import convert_llava, convert_vqa
-from pipelines.data.manifest import (
+from pipelines.common.manifests.schema import Sample
+from pipelines.common.manifests.validate import (
     ManifestError,
     load_manifest,
     read_rows,
@@ -22,7 +21,8 @@ from pipelines.data.manifest import (
     validate_row,
     write_manifest,
 )
-from pipelines.data.schema import Sample
+from pipelines.data import cli as data_cli
+from pipelines.data.convert import convert_llava, convert_vqa
 
 
 def _turns(question="<image>\nWhat is this?", answer="A square."):

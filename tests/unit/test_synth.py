@@ -17,8 +17,8 @@ from mova.conversation import validate_turns
 from mova.experts.registry import DEFAULT_POOL
 from mova.images import load_image
 from mova.routing import parse_routing
+from pipelines.common.manifests.schema import FIELDS, KINDS, Sample
 from pipelines.data import render
-from pipelines.data.schema import FIELDS, KINDS, Sample
 from pipelines.data.synth import SynthRecipe, generate
 from pipelines.data.synth_domains import DOMAINS, LABELS, answer_from_meta
 

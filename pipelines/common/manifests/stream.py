@@ -3,7 +3,7 @@ Ray task, so neither the driver nor any single worker holds the whole manifest.
 
 Rows travel as ``{"file", "line", "sample"}`` with the sample as JSON text (a fixed Arrow
 schema whatever the rows hold); :func:`samples_of` turns a batch back into
-:class:`~pipelines.data.schema.Sample` objects.
+:class:`~pipelines.common.manifests.schema.Sample` objects.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipelines.common import storage
-from pipelines.data.manifest import check_row
-from pipelines.data.rows import ManifestError, RowError, parquet_row, parse_line
-from pipelines.data.schema import Sample
+from pipelines.common.manifests.rows import ManifestError, RowError, parquet_row, parse_line
+from pipelines.common.manifests.schema import Sample
+from pipelines.common.manifests.validate import check_row
 
 MAX_BLOCKS = 200  # input blocks of a manifest dataset (each a few chunks)
 
@@ -62,7 +62,7 @@ def chunk_samples(chunk: dict, pool: Sequence[str] | None, skip_bad_rows: bool
     for line, row in chunk_lines(chunk):
         if chunk.get("limit") is not None and len(out) >= chunk["limit"]:
             break
-        if line in skip:  # repeats an earlier row's id (pipelines.data.ids)
+        if line in skip:  # repeats an earlier row's id (pipelines.common.manifests.ids)
             if not skip_bad_rows:
                 raise ManifestError(f"manifest {chunk['path']}: line {line}: duplicate id")
             continue

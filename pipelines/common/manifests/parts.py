@@ -3,7 +3,7 @@
 Each worker writes its part atomically under a name derived from its first input row, so parts
 sort in input order. The driver marks the folder ``_STARTED`` before any part is written and,
 when every part is there, writes ``_SUCCESS`` listing them: the manifest readers of
-``pipelines.data.scan`` read exactly those, refuse a folder that was started but never
+``pipelines.common.manifests.scan`` read exactly those, refuse a folder that was started but never
 published, and jobs refuse to overwrite either kind silently.
 """
 
@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.common import storage
-from pipelines.data.rows import STARTED, SUCCESS
+from pipelines.common.manifests.rows import STARTED, SUCCESS
 
 
 def part_name(file_index: int, line: int, suffix: str) -> str:

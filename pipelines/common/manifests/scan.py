@@ -14,15 +14,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict
 
 import pyarrow.parquet as pq
 
 from pipelines.common import storage
-from pipelines.data.ids import duplicates_across, mark_duplicates
-from pipelines.data.manifest import check_row
-from pipelines.data.rows import (
+from pipelines.common.manifests.chunks import Chunk, ManifestScan, RangeResult
+from pipelines.common.manifests.ids import duplicates_across, mark_duplicates
+from pipelines.common.manifests.rows import (
     ManifestError,
     RowError,
     format_of,
@@ -30,75 +29,13 @@ from pipelines.data.rows import (
     parquet_row,
     parse_line,
 )
+from pipelines.common.manifests.validate import check_row
 
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 1024
 RANGE_BYTES = 64 << 20  # one scan task reads at most this much of a JSON-lines file
 MAX_ERRORS = 50  # errors kept per task (their total is always counted)
-
-
-@dataclass
-class Chunk:
-    """Consecutive rows of one file: bytes ``[start, end)`` (JSON lines) or rows
-    ``[start, end)`` within one row group (Parquet); ``line`` is the 1-based line (or row)
-    number of its first row; ``skip`` lists rows that pass the row checks but repeat an
-    earlier row's id (see ``pipelines.data.ids``)."""
-
-    path: str
-    fmt: str
-    start: int
-    end: int
-    line: int
-    rows: int  # rows in the chunk (non-blank lines)
-    valid: int  # of them valid
-    skip: list[int] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class ManifestScan:
-    """What a scan found: every chunk in order, counts and the first errors."""
-
-    uri: str
-    chunks: list[Chunk]
-    rows: int = 0
-    valid: int = 0
-    error_count: int = 0
-    errors: list[RowError] = field(default_factory=list)
-    row_limit: int | None = None  # readers stop after this many valid rows
-
-    @property
-    def ok(self) -> bool:
-        return self.error_count == 0
-
-    def format_errors(self) -> str:
-        lines = [e.format() for e in self.errors]
-        if self.error_count > len(self.errors):
-            lines.append(f"... and {self.error_count - len(self.errors)} more error(s)")
-        return "\n".join(lines)
-
-    def require_ok(self, skip_bad_rows: bool) -> None:
-        """Fail naming the bad rows, unless they are to be skipped."""
-        if self.error_count and not skip_bad_rows:
-            raise ManifestError(f"manifest {self.uri}: {self.error_count} error(s) in "
-                                f"{self.rows} rows (use skip_bad_rows=true to skip and report "
-                                f"them):\n{self.format_errors()}")
-
-
-@dataclass
-class RangeResult:
-    """What one scan task found in one byte range (line numbers relative to the range)."""
-
-    chunks: list[dict] = field(default_factory=list)
-    rows: int = 0
-    valid: int = 0
-    error_count: int = 0
-    errors: list[dict] = field(default_factory=list)
-    lines: int = 0  # lines in the range, blank ones included
-    duplicates: list[dict] = field(default_factory=list)  # ids repeated within the range
 
 
 def scan_tasks(files: Sequence[str], range_bytes: int = RANGE_BYTES) -> list[dict]:
@@ -249,8 +186,8 @@ def scan_manifest(uri: str, *, pool: Sequence[str] | None = None,
                   report: str | None = None, reuse: bool = True) -> ManifestScan:
     """Scan a manifest with Ray tasks (Ray must be up); the driver gets chunks and counts.
     With ``report`` (a folder), the tasks also write every bad row there. ``reuse``: take an
-    earlier scan of the same, unchanged files on this node (``pipelines.data.scan_cache``)."""
-    from pipelines.data import scan_cache
+    earlier scan of the same, unchanged files on this node (:mod:`.scan_cache`)."""
+    from pipelines.common.manifests import scan_cache
 
     files = manifest_files(uri)
     key = scan_cache.scan_key(files, pool, chunk_rows, range_bytes) if reuse else None

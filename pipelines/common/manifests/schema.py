@@ -34,5 +34,5 @@ class Sample:
 
     @classmethod
     def from_dict(cls, row: dict[str, Any]) -> Sample:
-        """Build from a validated row (see ``pipelines.data.manifest.validate_row``)."""
+        """Build from a validated row (see ``pipelines.common.manifests.validate.validate_row``)."""
         return cls(**{k: row[k] for k in FIELDS if k in row})

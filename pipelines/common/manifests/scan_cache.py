@@ -14,10 +14,10 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from pipelines.common import storage
-from pipelines.data.rows import RowError
+from pipelines.common.manifests.chunks import Chunk, ManifestScan
+from pipelines.common.manifests.rows import RowError
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,8 @@ def scan_key(files: Sequence[str], pool: Sequence[str] | None, chunk_rows: int,
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def load(key: str | None, uri: str) -> Any | None:
-    """The kept scan for ``key`` (a :class:`~pipelines.data.scan.ManifestScan`), or None."""
-    from pipelines.data.scan import Chunk, ManifestScan
-
+def load(key: str | None, uri: str) -> ManifestScan | None:
+    """The kept scan for ``key``, or None."""
     if key is None:
         return None
     path = cache_dir() / f"{key}.json"
@@ -67,7 +65,7 @@ def load(key: str | None, uri: str) -> Any | None:
     return scan
 
 
-def save(key: str | None, scan: Any) -> None:
+def save(key: str | None, scan: ManifestScan) -> None:
     """Keep ``scan`` (atomically; a failure to write only loses the reuse)."""
     if key is None:
         return

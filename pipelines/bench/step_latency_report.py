@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipelines.bench.common import IMAGE_SIZE, fmt_ms, markdown_table
-from pipelines.bench.model import ModelBenchResult, step_names, vision_path
+from pipelines.bench.harness import IMAGE_SIZE, fmt_ms, markdown_table
+from pipelines.bench.step_latency import ModelBenchResult, step_names, vision_path
 
 
 def step_label(step: str, pool_size: int) -> str:

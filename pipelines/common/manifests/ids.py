@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.data.manifest import check_row
-from pipelines.data.rows import ManifestError, RowError
-from pipelines.data.stream import chunk_lines
+from pipelines.common.manifests.rows import ManifestError, RowError
+from pipelines.common.manifests.stream import chunk_lines
+from pipelines.common.manifests.validate import check_row
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,9 @@ from mova.decoding import DecodeParams
 from mova.experts.registry import resolve_expert
 from mova.routing import render_routing_prompt
 from mova.tokenizers import IMAGE_TOKEN
+from pipelines.common.wire import MoVAInfo
 from pipelines.serve.errors import DeadlineExceeded, ReplicaUnhealthy, RequestError, bad_request
-from pipelines.serve.openai_types import ChatRequest, Conversation, MoVAInfo, stop_list
+from pipelines.serve.openai_request import ChatRequest, Conversation, stop_list
 from pipelines.serve.recipe import ServeRecipe
 
 
@@ -76,7 +77,7 @@ class PromptChecker:
         from transformers import AutoTokenizer
 
         from mova.builders import ensure_image_token
-        from pipelines.common.checkpoints import local_checkpoint
+        from pipelines.common.checkpoint_store import local_checkpoint
 
         checkpoint = local_checkpoint(checkpoint)
         self.config: MoVAConfig = load_config(checkpoint)

@@ -25,8 +25,8 @@ from mova.config import (
     default_experts,
 )
 from mova.factory import build_model
-from mova.model import MoVAModel
-from pipelines.bench.common import (
+from mova.modeling import MoVAModel
+from pipelines.bench.harness import (
     available_bytes,
     machine_info,
     measure_interleaved,

@@ -1,15 +1,13 @@
-"""The OpenAI chat-completions wire format: strict request parsing and response builders.
+"""The request side of the OpenAI chat-completions API: strict parsing into MoVA turns.
 
 Requests are checked here, before any model work, so every bad field is a 400 naming it. The
 MoVA extension travels in a ``mova`` field: in a request ``{"experts": [...]}`` forces the
 routing (``[]`` forces none) and ``timeout_s`` shortens the deadline; in a response it holds
-the routing decision and the gate weights.
+the routing decision and the gate weights (:mod:`pipelines.common.wire`).
 """
 
 from __future__ import annotations
 
-import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -97,42 +95,6 @@ class ChatRequest(BaseModel):
     metadata: dict[str, str] | None = Field(default=None, description="Ignored.")
 
 
-class MoVAInfo(BaseModel):
-    """The response's ``mova`` field: the routing decision, the gate weights and where the
-    time went. The ingress writes it; ``mova eval endpoint=``, the demo and the serve
-    benchmark read it back with :meth:`from_response`."""
-
-    model_config = ConfigDict(extra="forbid")
-    experts: list[str] = Field(description="the experts fused for this request, pool order")
-    forced: bool = Field(description="true when the request forced the experts")
-    routing_reply: str | None = Field(default=None,
-                                      description="the LLM's raw routing reply (None if forced)")
-    pool: list[str] = Field(description="the model's expert pool, in routing-letter order")
-    gate_weights: list[list[float]] = Field(
-        default_factory=list, description="per adapter block, one soft-gate weight per expert")
-    vision_ms: float = Field(description="server time from the first model call to the fused "
-                                         "image tokens")
-    vision_steps_ms: dict[str, float] = Field(default_factory=dict,
-                                              description="encode, route, experts, fuse")
-    timings_ms: dict[str, float] | None = Field(
-        default=None, description="non-streamed replies: prepare, vision, answer, total")
-    router_logits: list[list[float]] | None = Field(
-        default=None, description="with mova.debug: per adapter block, the raw router logit "
-                                  "of each pool expert (before the routing mask)")
-    top_k: list[list[int]] | None = Field(
-        default=None, description="with mova.debug: per adapter block, the pool indices of its "
-                                  "top-k picks, best first (-1: a pick with no weight)")
-
-    @classmethod
-    def from_response(cls, body: Any) -> MoVAInfo | None:
-        """The ``mova`` field of a response body (a dict, or an ``openai`` client object whose
-        extra fields hold it); None when the server sent none."""
-        if not isinstance(body, dict):
-            body = getattr(body, "model_extra", None) or {}
-        data = body.get("mova")
-        return None if data is None else cls.model_validate(data)
-
-
 @dataclass
 class Conversation:
     """A request's messages as MoVA turns plus its one image source."""
@@ -214,43 +176,6 @@ def to_conversation(messages: list[Message], max_images: int) -> Conversation:
     questions = [t["value"] for t in turns if t["from"] == "human"]
     return Conversation(turns=turns, image_url=url, image_param=param, questions=questions)
 
-
-def new_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
-
-
-def completion_body(*, id: str, model: str, text: str, finish_reason: str,
-                    prompt_tokens: int, completion_tokens: int,
-                    mova: MoVAInfo) -> dict[str, Any]:
-    return {
-        "id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish_reason, "logprobs": None}],
-        "usage": usage(prompt_tokens, completion_tokens),
-        "mova": mova.model_dump(),
-    }
-
-
-def chunk_body(*, id: str, model: str, created: int, delta: dict[str, Any],
-               finish_reason: str | None = None, **extra: Any) -> dict[str, Any]:
-    body = {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                         "logprobs": None}]}
-    body.update(extra)
-    return body
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def models_body(model: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [model_card(model, created)]}
-
-
-def model_card(model: str, created: int) -> dict[str, Any]:
-    return {"id": model, "object": "model", "created": created, "owned_by": "mova"}
 
 
 def unknown_model(name: str, served: str) -> APIError:

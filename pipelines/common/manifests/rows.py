@@ -1,5 +1,5 @@
 """Reading and writing manifest rows: JSON lines (``.jsonl``/``.json``) or Parquet, local or
-s3://, one :class:`~pipelines.data.schema.Sample` per line or row."""
+s3://, one :class:`~pipelines.common.manifests.schema.Sample` per line or row."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.common import storage
-from pipelines.data.schema import FIELDS, Sample
+from pipelines.common.manifests.schema import FIELDS, Sample
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +132,8 @@ def format_of(uri: str) -> str:
 def read_rows(uri: str) -> list[tuple[int, dict | RowError]]:
     """The raw rows of a small manifest (a file, or a folder of part files in order) with their
     line numbers (1-based per file; Parquet: row index + 1); jobs stream manifests instead
-    (``pipelines.data.stream``). A JSON line that does not parse, or is not an object, comes
-    back as a :class:`RowError` in place of its dict. An unreadable manifest raises
+    (``pipelines.common.manifests.stream``). A JSON line that does not parse, or is not an
+    object, comes back as a :class:`RowError` in place of its dict. An unreadable manifest raises
     :class:`ManifestError` naming ``uri``."""
     return [row for path in manifest_files(uri) for row in _read_file_rows(path)]
 

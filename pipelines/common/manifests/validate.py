@@ -1,9 +1,9 @@
 """Manifests: read, validate (reporting every bad row), load and write sample records.
 
 A manifest is JSON-lines (``.jsonl``/``.json``) or Parquet (``.parquet``), local or ``s3://``,
-with one :class:`~pipelines.data.schema.Sample` per line or row. Validation collects every
-problem with its line number and field, so a bad data set is fixed in one pass, not one error
-per run.
+with one :class:`~pipelines.common.manifests.schema.Sample` per line or row. Validation
+collects every problem with its line number and field, so a bad data set is fixed in one
+pass, not one error per run.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from mova.images import ImageError, load_image
 from mova.metrics import METRICS
 from mova.tokenizers import IMAGE_TOKEN
 from pipelines.common import storage
-from pipelines.data.rows import (
+from pipelines.common.manifests.rows import (
     JSONL_SUFFIXES,
     PARQUET_SUFFIXES,
     ManifestError,
@@ -30,7 +30,7 @@ from pipelines.data.rows import (
     read_rows,
     write_manifest,
 )
-from pipelines.data.schema import FIELDS, KINDS, Sample
+from pipelines.common.manifests.schema import FIELDS, KINDS, Sample
 
 __all__ = ["ManifestError", "RowError", "ValidationReport", "check_row", "load_manifest",
            "read_rows", "resolve_image", "validate_manifest", "validate_row", "write_manifest"]

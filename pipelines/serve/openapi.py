@@ -1,123 +1,15 @@
-"""The response side of the HTTP contract as pydantic models, and the OpenAPI document.
-
-``GET /openapi.json`` publishes what the server really does: the request model, every response
-model (the streamed ``chat.completion.chunk`` included), every status each route answers with
-the error envelope, and the limits the server enforces (``info.x-mova-limits`` and the route
-descriptions).
+"""The OpenAPI document of the server: ``GET /openapi.json`` publishes what the server really
+does: the request model, every response model (the streamed ``chat.completion.chunk``
+included), every status each route answers with the error envelope, and the limits the server
+enforces (``info.x-mova-limits`` and the route descriptions).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
-from pipelines.serve.openai_types import ChatRequest, MoVAInfo
-
-_OPEN = ConfigDict(extra="forbid")
-
-
-class ErrorBody(BaseModel):
-    model_config = _OPEN
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    """Every error, whatever its status: OpenAI's envelope."""
-
-    model_config = _OPEN
-    error: ErrorBody
-
-
-class Usage(BaseModel):
-    model_config = _OPEN
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class AssistantMessage(BaseModel):
-    model_config = _OPEN
-    role: Literal["assistant"]
-    content: str
-
-
-class Choice(BaseModel):
-    model_config = _OPEN
-    index: int
-    message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
-
-
-class ChatCompletion(BaseModel):
-    model_config = _OPEN
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage
-    mova: MoVAInfo
-
-
-class Delta(BaseModel):
-    model_config = _OPEN
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChunkChoice(BaseModel):
-    model_config = _OPEN
-    index: int
-    delta: Delta
-    finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    """One ``data:`` event of a streamed reply (``stream: true``); the stream ends with
-    ``data: [DONE]``. The first chunk carries ``mova``; with ``stream_options.include_usage``
-    the last one carries ``usage`` and no choices. A failure after the stream started is sent
-    as one ``data:`` error envelope, then ``[DONE]``."""
-
-    model_config = _OPEN
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    mova: MoVAInfo | None = None
-    usage: Usage | None = None
-
-
-class ModelCard(BaseModel):
-    model_config = _OPEN
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-
-
-class ModelList(BaseModel):
-    model_config = _OPEN
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-class Health(BaseModel):
-    model_config = _OPEN
-    status: Literal["ok"]
-
-
-class Ready(BaseModel):
-    model_config = _OPEN
-    status: Literal["ready"]
-    latency_ms: float
-
+from pipelines.serve.openai_request import ChatRequest
+from pipelines.serve.openai_response import ChatCompletion, ChatCompletionChunk, ErrorResponse
 
 _WHY = {400: "bad input (the message and param name it)", 401: "missing or wrong API key",
         404: "unknown route or model", 405: "method not allowed (see the Allow header)",
