@@ -12,6 +12,9 @@ from typing import Any
 
 import yaml
 
+from mova.conversation import TEMPLATES
+from mova.experts.registry import DEFAULT_POOL, expert_names, get_expert_spec
+from mova.routing import ROUTING_PROMPT_STYLES
 from mova.typed_dict import from_dict
 
 PRESETS = ("tiny", "full")
@@ -95,8 +98,6 @@ class ExpertConfig:
     compress_channels: int | None = None
 
     def validate(self, prefix: str = "expert") -> None:
-        from mova.experts.registry import expert_names
-
         _check_choice(f"{prefix}.name", self.name, expert_names())
         _check_choice(f"{prefix}.preset", self.preset, PRESETS)
         for f in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads",
@@ -163,8 +164,6 @@ class LLMConfig:
     attn_implementation: str = "sdpa"
 
     def validate(self, prefix: str = "llm") -> None:
-        from mova.conversation import TEMPLATES
-
         _check_choice(f"{prefix}.family", self.family, ("llama",))
         _check_choice(f"{prefix}.preset", self.preset, PRESETS)
         _check_choice(f"{prefix}.chat_template", self.chat_template, TEMPLATES)
@@ -189,8 +188,6 @@ class RoutingConfig:
     prompt: str = "mova"
 
     def validate(self, prefix: str = "routing") -> None:
-        from mova.routing import ROUTING_PROMPT_STYLES
-
         _check_choice(f"{prefix}.prompt", self.prompt, ROUTING_PROMPT_STYLES)
         _check_positive(f"{prefix}.max_experts", self.max_experts)
         _check_positive(f"{prefix}.max_new_tokens", self.max_new_tokens)
@@ -216,8 +213,6 @@ class GenerationConfig:
 
 def default_experts(preset: str = "tiny") -> list[ExpertConfig]:
     """The default pool in the released code's order."""
-    from mova.experts.registry import DEFAULT_POOL
-
     return [ExpertConfig(name=n, preset=preset) for n in DEFAULT_POOL]
 
 
@@ -272,7 +267,6 @@ class MoVAConfig:
         self.llm.validate("llm")
         self.routing.validate("routing")
         if self.routing.prompt == "released":
-            from mova.experts.registry import get_expert_spec
             if lacking := [n for n in names if not get_expert_spec(n).reference_description]:
                 raise ValueError(f"routing.prompt='released': experts {lacking} have no "
                                  "released description")

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from mova.modeling import MoVAModel
@@ -50,8 +51,6 @@ def freeze_unused_base_layers(model: MoVAModel) -> None:
 def add_lora(model: MoVAModel, r: int, alpha: int, dropout: float,
              target_modules: Sequence[str]) -> None:
     """Wrap the LLM with peft LoRA adapters; only they train in the LLM."""
-    from peft import LoraConfig, get_peft_model
-
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=list(target_modules), task_type="CAUSAL_LM")
     model.llm = get_peft_model(model.llm, config)
@@ -59,8 +58,6 @@ def add_lora(model: MoVAModel, r: int, alpha: int, dropout: float,
 
 def merge_lora(model: MoVAModel) -> None:
     """Fold LoRA weights into the LLM (for export); no-op without LoRA."""
-    from peft import PeftModel
-
     if isinstance(model.llm, PeftModel):
         model.llm = model.llm.merge_and_unload()
 

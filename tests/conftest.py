@@ -8,9 +8,12 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-# Every Ray the tests start is private to this machine: loopback only (read at `import ray`).
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+# Every Ray the tests start is private to this machine (loopback only), and DeepSpeed takes its
+# CPU accelerator: both are read when Ray and DeepSpeed are imported, as the CLI arranges.
+from pipelines.common.ray_init import prepare_env  # noqa: E402
+
+prepare_env(local=True)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -7,6 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
 from mova.convert import ConversionError
 
 log = logging.getLogger(__name__)
@@ -21,9 +24,6 @@ def gguf_to_llama(path: Path) -> Any:
     ``quantization_config`` that ``save_pretrained`` refuses, so the weights move into a plain
     model built from the same config without it.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
-
     start = time.perf_counter()
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                   dtype=torch.float32)
@@ -47,8 +47,6 @@ def gguf_to_llama(path: Path) -> Any:
 
 def greedy_answer(model: Any, tokenizer: Any, question: str, max_new_tokens: int = 16) -> str:
     """The model's greedy reply to one user turn, with the tokenizer's own chat template."""
-    import torch
-
     ids = tokenizer.apply_chat_template([{"role": "user", "content": question}],
                                         add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True)

@@ -8,6 +8,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from transformers import Dinov2Config, Dinov2Model
+
 from mova.convert import ConversionError
 
 TOLERANCE = 1e-3
@@ -40,8 +44,6 @@ def dinov2_state_from_onnx(graph: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     embeddings are the unnamed CLS position (1, 1, C) and patch grid (1, N, C) initialisers,
     concatenated.
     """
-    import numpy as np
-    import torch
     from onnx import numpy_helper
 
     inits = {i.name: i for i in graph.initializer}
@@ -94,8 +96,6 @@ def dinov2_state_from_onnx(graph: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 def build_dinov2_from_onnx(onnx_path: Path) -> tuple[Any, Any]:
     """(Dinov2Model with the ONNX graph's backbone weights, the loaded ONNX model)."""
     import onnx
-    import torch
-    from transformers import Dinov2Config, Dinov2Model
 
     proto = onnx.load(str(onnx_path))
     state, values = dinov2_state_from_onnx(proto.graph)
@@ -139,10 +139,8 @@ def compare_dinov2_with_onnx(model: Any, proto: Any, *, seed: int = 0) -> dict[s
     """Run the ONNX graph (onnxruntime) and ``model`` on one random normalised image and return
     the largest absolute differences of every layer's hidden state and of the final layer norm
     (``last_hidden_state``), plus the size of the compared values."""
-    import numpy as np
     import onnx
     import onnxruntime as ort
-    import torch
 
     graph = proto.graph
     layer_names, final_name = _backbone_outputs(graph)

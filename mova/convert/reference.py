@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
 from transformers import (
     AutoTokenizer,
     BertConfig,
@@ -98,8 +99,6 @@ def resolve_source(src: str | Path) -> Path:
     if path.is_dir():
         return path
     if isinstance(src, str) and _HUB_ID.match(src) and not path.exists():
-        from huggingface_hub import snapshot_download
-
         log.info("downloading %s from the hub", src)
         try:
             return Path(snapshot_download(src))

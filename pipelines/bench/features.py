@@ -22,11 +22,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 
+from mova.checkpoint import load_expert
+from mova.experts.preprocess import expert_input
+from mova.experts.registry import DEFAULT_POOL
+from mova.images import image_hash, load_image
 from pipelines.bench.harness import machine_info, markdown_table
+from pipelines.bench.real import (
+    FEATURES_NOTE,
+    REAL_IMAGE_SIZE,
+    check_expert,
+    goal_verdict,
+    relabel,
+    save_checkpoint,
+)
 from pipelines.common import storage
 from pipelines.common.feature_cache import FeatureCache
+from pipelines.common.manifests.validate import load_manifest, resolve_image
+from pipelines.common.ray_init import prepare_env
+from pipelines.data.synth import SynthRecipe, generate
+from pipelines.data.synth_domains import DOMAINS
+from pipelines.features.job import run_features
+from pipelines.features.recipe import FeaturesRecipe
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +60,6 @@ def make_workspace(root: str | Path, images: int, *, image_size: int = 128, seed
     under ``root``; returns (train manifest, checkpoint folder). ``real``: the checkpoint has
     the real DINOv2-S, SmolLM2 and MiniLM (:mod:`pipelines.bench.real`) and every answer row
     routes ``dinov2``."""
-    from pipelines.bench.real import relabel, save_checkpoint
-    from pipelines.data.synth import SynthRecipe, generate
-    from pipelines.data.synth_domains import DOMAINS
-
     if images < 1:
         raise ValueError(f"images={images} must be >= 1")
     root = Path(root)
@@ -76,8 +91,6 @@ def subset_manifest(manifest: str, count: int, name: str) -> str:
 
 def manifest_images(manifest: str) -> list[str]:
     """Distinct image URIs of a manifest, sorted (what the job plans over)."""
-    from pipelines.common.manifests.validate import load_manifest, resolve_image
-
     samples = load_manifest(manifest, check_images=False)
     return sorted({resolve_image(manifest, s.image) for s in samples if s.image})
 
@@ -100,10 +113,6 @@ def plain_features(uris: Sequence[str], checkpoint: str, expert: str, cache_root
     """Compute and cache ``expert``'s features of ``uris`` in this process, batch by batch:
     decode + hash, ``expert_input``, the expert, ``write_shard`` (what the Ray job's actor does,
     plus the hashing its first stage does)."""
-    from mova.checkpoint import load_expert
-    from mova.experts.preprocess import expert_input
-    from mova.images import image_hash, load_image
-
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     start = time.perf_counter()
@@ -244,9 +253,6 @@ def ratios(r: FeaturesBenchResult) -> dict[str, float | None]:
 # ---- the benchmark ------------------------------------------------------------------------
 def _ray_run(kind: str, manifest: str, checkpoint: str, cache: str, expert: str,
              batch_size: int, workers: int, dtype: str, images: int) -> RunTiming:
-    from pipelines.features.job import run_features
-    from pipelines.features.recipe import FeaturesRecipe
-
     recipe = FeaturesRecipe(manifest=manifest, checkpoint=checkpoint, cache=cache,
                             experts="all", only=[expert], dtype=dtype, batch_size=batch_size,
                             workers_per_expert=workers, cpus_per_worker=1.0).validate()
@@ -273,12 +279,6 @@ def bench_features(workdir: str | Path, *, images: int = 4096, expert: str = DEF
     job then starts it; shut down at the end); ``repeats`` rounds of plain / Ray on the full
     manifest / Ray on the small one; a cached re-run.
     """
-    import ray
-
-    from mova.experts.registry import DEFAULT_POOL
-    from pipelines.bench.real import check_expert
-    from pipelines.common.ray_init import prepare_env
-
     if expert not in DEFAULT_POOL:
         raise ValueError(f"expert={expert!r}; expected one of {list(DEFAULT_POOL)}")
     if real:
@@ -342,8 +342,6 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
 
 def render_markdown(r: FeaturesBenchResult) -> str:
     """The results as the markdown section (also what the CLI prints)."""
-    from pipelines.bench.real import FEATURES_NOTE, REAL_IMAGE_SIZE, goal_verdict
-
     tp, rt = throughput(r), ratios(r)
     threads = r.machine.get("torch threads")
     env = f"OMP_NUM_THREADS={threads} " if threads else ""

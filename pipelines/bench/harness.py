@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -155,8 +156,6 @@ def cpu_model() -> str:
 
 def machine_info(device: torch.device) -> dict[str, str]:
     """The facts a reader needs to compare a result: CPU, cores, threads, versions, GPU, date."""
-    import transformers
-
     info = {
         "cpu": cpu_model(),
         "cores": str(os.cpu_count()),

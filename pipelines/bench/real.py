@@ -10,9 +10,22 @@ the checkpoint builder, the labels, and the "expert cost removed" ratio of the t
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from mova.factory import build_model, build_tiny_mova
+from pipelines.bench.harness import markdown_table
+from pipelines.model.real_assets import (
+    COMPONENTS,
+    default_cache_dir,
+    install_command,
+    missing_packages,
+    prepare_real_assets,
+    read_manifest,
+    real_config,
+)
 
 REAL_EXPERT = "dinov2"  # the one expert of the pool with real weights
 REAL_LABEL = [REAL_EXPERT]  # what every answer row routes in --real mode
@@ -23,14 +36,6 @@ EXPERT_COST_GOAL = 0.9  # the issue's goal for (step computed - step cached) / e
 def unavailable_reason() -> str | None:
     """Why the real weights cannot be used here without preparing them (None when the local
     cache already holds every component)."""
-    from pipelines.model.real_assets import (
-        COMPONENTS,
-        default_cache_dir,
-        install_command,
-        missing_packages,
-        read_manifest,
-    )
-
     cache = default_cache_dir()
     try:
         comps = read_manifest(cache)["components"]
@@ -49,16 +54,12 @@ def unavailable_reason() -> str | None:
 def real_model_config() -> Any:
     """The ``--real`` MoVAConfig: :func:`real_config` at :data:`REAL_IMAGE_SIZE` over the local
     cache (prepared there from the installed packages if needed; never downloaded)."""
-    from pipelines.model.real_assets import default_cache_dir, prepare_real_assets, real_config
-
     return real_config(prepare_real_assets(default_cache_dir()), image_size=REAL_IMAGE_SIZE)
 
 
 def save_checkpoint(path: str | Path, *, real: bool = False, seed: int = 0) -> str:
     """Write the workspace checkpoint: the tiny MoVA, or with ``real`` the MoVA of
     :func:`real_model_config`; returns its folder."""
-    from mova.factory import build_model, build_tiny_mova
-
     model = build_model(real_model_config(), seed=seed) if real else build_tiny_mova(seed=seed)
     model.save_pretrained(path)
     return str(path)
@@ -94,8 +95,6 @@ def paired_cost_removed(compute_ms: Sequence[float], cached_ms: Sequence[float],
     """The median over rounds of :func:`cost_removed` on one round's three timings (each round
     steps both configurations and times the expert within a short span, so a slow spell of a
     shared machine hits the three alike); None without complete rounds."""
-    import statistics
-
     values = [v for v in (cost_removed(c, k, e) for c, k, e in
                           zip(compute_ms, cached_ms, expert_ms, strict=False)) if v is not None]
     return float(statistics.median(values)) if values else None
@@ -106,8 +105,6 @@ def expert_cost(r: Any) -> dict[str, dict[str, float | None]]:
     forward: the routed experts' forward alone (median ms), the step time cached features save
     (median compute step - median cached step), :func:`cost_removed` from those medians
     (``ratio``, the issue's figure) and :func:`paired_cost_removed` (``paired``)."""
-    import statistics
-
     out = {}
     for compute in r.configs:
         cached = [c for c in r.configs if (c.masks, c.features) == (compute.masks, "cached")]
@@ -128,8 +125,6 @@ def _fmt(value: float | None, spec: str) -> str:
 def expert_cost_markdown(costs: dict[str, dict[str, float | None]]) -> list[str]:
     """The "expert cost removed" table and the goal's verdict (on the ``label`` masks), as
     markdown lines; none when the expert forward was not timed."""
-    from pipelines.bench.harness import markdown_table
-
     if not costs:
         return []
     rows = [[masks, _fmt(c["expert_ms"], ".1f"), _fmt(c["saved_ms"], ".1f"),

@@ -20,15 +20,38 @@ a random training batch: bytes fetched per byte served, ranged reads vs reading 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import random
+import resource
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import ray
+import torch
+
+from mova.checkpoint import load_config
+from mova.experts.registry import get_expert_spec
+from pipelines.bench.features import make_workspace
+from pipelines.bench.harness import machine_info, markdown_table
+from pipelines.bench.train import fill_cache
+from pipelines.common import storage
+from pipelines.common.batches import PrepareSpec, prepare_rows
+from pipelines.common.feature_cache import FeatureCache, feature_bytes
+from pipelines.common.manifests.scan import scan_manifest
+from pipelines.common.manifests.stream import manifest_dataset
+from pipelines.common.manifests.validate import load_manifest, resolve_image
+from pipelines.common.ray_init import init_ray
+from pipelines.features.job import run_features
+from pipelines.features.recipe import FeaturesRecipe
+from pipelines.train.dataset import worker_dataset
+from pipelines.train.order import EpochOrder
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +65,6 @@ def in_child(step: str, address: str | None, timeout_s: float = 3600, **kwargs: 
              ) -> dict[str, Any]:
     """Run ``step`` in a fresh Python process (joined to Ray at ``address``), so its peak
     resident memory is its own; returns the step's figures plus ``peak_mib``."""
-    import multiprocessing
-
     pool = multiprocessing.get_context("spawn").Pool(1)
     try:
         out = pool.apply_async(_child_main, (step, address, kwargs)).get(timeout=timeout_s)
@@ -56,25 +77,17 @@ def in_child(step: str, address: str | None, timeout_s: float = 3600, **kwargs: 
 
 
 def _child_main(step: str, address: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-    import resource
-
     if address:
-        from pipelines.common.ray_init import init_ray
-
         init_ray(address)
     out = STEPS[step](**kwargs)
     out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if address:
-        import ray
-
         ray.shutdown()
     return out
 
 
 def grow_manifest(base: str, rows: int, path: Path) -> Path:
     """``rows`` rows cycling through ``base``'s rows, ids ``r<n>``, image paths absolute."""
-    from pipelines.common.manifests.validate import resolve_image
-
     template = []
     for line in Path(base).read_text().splitlines():
         row = json.loads(line)
@@ -142,8 +155,6 @@ def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
 def streaming_driver(manifest: str, pool: list[str], checkpoint: str, cache: str
                      ) -> dict[str, Any]:
     """What a job's driver does: scan, stream every row (counting them), first batch."""
-    from pipelines.common.manifests.scan import scan_manifest
-
     scan, scan_s = _timed(scan_manifest, manifest, pool=pool)  # a first scan, then kept
     scan.require_ok(False)
     _, reused_s = _timed(scan_manifest, manifest, pool=pool)  # what a later stage pays
@@ -155,9 +166,6 @@ def streaming_driver(manifest: str, pool: list[str], checkpoint: str, cache: str
 def plain_driver(manifest: str, pool: list[str], checkpoint: str, cache: str
                  ) -> dict[str, Any]:
     """The plain way: every row in the driver, then the first batch prepared."""
-    from pipelines.common.batches import PrepareSpec, prepare_rows
-    from pipelines.common.manifests.validate import load_manifest
-
     spec = PrepareSpec(checkpoint=checkpoint, cache=cache, features="cached", max_length=None)
     start = time.perf_counter()
     samples = load_manifest(manifest, pool=pool, check_images=False)
@@ -167,8 +175,6 @@ def plain_driver(manifest: str, pool: list[str], checkpoint: str, cache: str
 
 
 def stream_rows_per_s(scan: Any, pool: Sequence[str]) -> float:
-    from pipelines.common.manifests.stream import manifest_dataset
-
     start = time.perf_counter()
     count = 0
     for batch in manifest_dataset(scan, pool=pool).iter_batches(batch_size=4096,
@@ -181,10 +187,6 @@ def stream_rows_per_s(scan: Any, pool: Sequence[str]) -> float:
 
 def first_batch_s(scan: Any, pool: list[str], checkpoint: str, cache: str) -> float:
     """Seconds from a scanned manifest to the first prepared batch of worker 0."""
-    from pipelines.common.batches import PrepareSpec
-    from pipelines.train.dataset import worker_dataset
-    from pipelines.train.order import EpochOrder
-
     spec = PrepareSpec(checkpoint=checkpoint, cache=cache, features="cached", max_length=None)
     start = time.perf_counter()
     dataset = worker_dataset([c.to_dict() for c in scan.chunks], EpochOrder(0, 0, 1), 0, 0,
@@ -198,12 +200,6 @@ def first_batch_s(scan: Any, pool: list[str], checkpoint: str, cache: str) -> fl
 
 def index_step(root: Path, entries: int) -> tuple[float, float]:
     """Write an index of ``entries`` tiny features in parts, compact it, load it fresh."""
-    import hashlib
-
-    import torch
-
-    from pipelines.common.feature_cache import FeatureCache
-
     cache = FeatureCache(str(root))
     feature = torch.zeros(1, 4)
     for first in range(0, entries, INDEX_PART):
@@ -219,9 +215,6 @@ def index_step(root: Path, entries: int) -> tuple[float, float]:
 
 
 def rerun_driver(manifest: str, checkpoint: str, cache: str) -> dict[str, Any]:
-    from pipelines.features.job import run_features
-    from pipelines.features.recipe import FeaturesRecipe
-
     recipe = FeaturesRecipe(manifest=manifest, checkpoint=checkpoint, cache=cache,
                             experts="all").validate()
     summary, seconds = _timed(run_features, recipe)
@@ -238,12 +231,6 @@ def amplification_step(root: Path, expert: str = "dinov2", images: int = 64,
                        ) -> Amplification:
     """A random batch read from a cache at the full preset's shape of ``expert``: ranged
     reads (what training does) vs whole shard files."""
-    import torch
-
-    from mova.experts.registry import get_expert_spec
-    from pipelines.common import storage
-    from pipelines.common.feature_cache import FeatureCache, feature_bytes
-
     size = get_expert_spec(expert).size("full")
     tokens, channels = size.out_grid ** 2, size.out_channels
     cache = FeatureCache(str(root))
@@ -270,10 +257,6 @@ def amplification_step(root: Path, expert: str = "dinov2", images: int = 64,
 def bench_scale(workdir: str | Path, *, sizes: Sequence[int] = SIZES,
                 rerun_max: int = 100_000, seed: int = 0) -> ScaleResult:
     """Every step at every size (starts a private local Ray unless one is up)."""
-    import ray
-
-    from pipelines.common.ray_init import init_ray
-
     started = not ray.is_initialized()
     if started:
         init_ray(None)
@@ -285,14 +268,6 @@ def bench_scale(workdir: str | Path, *, sizes: Sequence[int] = SIZES,
 
 
 def _run_sizes(root: Path, sizes: Sequence[int], rerun_max: int, seed: int) -> ScaleResult:
-    import ray
-    import torch
-
-    from mova.checkpoint import load_config
-    from pipelines.bench.features import make_workspace
-    from pipelines.bench.harness import machine_info
-    from pipelines.bench.train import fill_cache
-
     base, checkpoint = make_workspace(root / "base", BASE_IMAGES, image_size=64, seed=seed)
     cache = str(root / "features")
     fill_cache(base, checkpoint, cache, rows_all=BASE_IMAGES)  # every expert of every image
@@ -347,8 +322,6 @@ def goals(r: ScaleResult) -> dict[str, float | None]:
 
 
 def render_markdown(r: ScaleResult) -> str:
-    from pipelines.bench.harness import markdown_table
-
     rows = []
     for s in r.sizes:
         rows.append([

@@ -24,10 +24,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import httpx
 import numpy as np
+import ray
 import torch
 from PIL import Image
+from ray import serve
 
+from mova.checkpoint import load_config
+from mova.factory import build_tiny_mova
+from mova.routing_constraint import constrained_routing_params, use_constrained_routing
 from pipelines.bench.harness import (
     IMAGE_SIZE,
     fmt_ms,
@@ -35,7 +41,11 @@ from pipelines.bench.harness import (
     markdown_table,
     peak_memory_mib,
 )
+from pipelines.common.ray_init import free_local_port, init_ray
+from pipelines.common.recipe import load_recipe
 from pipelines.common.wire import MoVAInfo
+from pipelines.serve.app import start
+from pipelines.serve.recipe import ServeRecipe
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +149,6 @@ def run_reference(model, inputs: list[tuple[str, str]], levels: Sequence[int], *
 # ---- the Serve app -----------------------------------------------------------------------------
 async def _load(url: str, clients: int, n: int, body: Callable[[int], dict],
                 answers: dict[int, str] | None, count: int) -> LoadResult:
-    import httpx
-
     latencies, vision, errors, identical, steps = [], [], 0, 0, []
     statuses: dict[str, int] = {}
     next_index = iter(range(n))
@@ -184,8 +192,6 @@ def _body(inputs: list[tuple[str, str]], max_tokens: int,
 
 
 def _memory() -> dict[str, float]:
-    from ray import serve
-
     status = serve.status().applications["mova"].deployments
     out = {}
     for name in status:
@@ -198,14 +204,6 @@ def run_served(checkpoint: str, inputs: list[tuple[str, str]], levels: Sequence[
                answers: dict[int, str], result: ServeBenchResult, *, max_new_tokens: int,
                quick: bool, port: int, overrides: Sequence[str] = (),
                expert_sets: bool = True) -> None:
-    import ray
-    from ray import serve
-
-    from pipelines.common.ray_init import init_ray
-    from pipelines.common.recipe import load_recipe
-    from pipelines.serve.app import start
-    from pipelines.serve.recipe import ServeRecipe
-
     recipe = load_recipe(ServeRecipe, None, [
         f"checkpoint={checkpoint}", f"port={port}", "limits.max_inflight=256",
         f"limits.max_tokens={max(64, max_new_tokens)}", "experts.default.num_replicas=1",
@@ -240,8 +238,6 @@ def run_served(checkpoint: str, inputs: list[tuple[str, str]], levels: Sequence[
 
 
 def _batches() -> dict[str, Any]:
-    from ray import serve
-
     out = {}
     for name in serve.status().applications["mova"].deployments:
         info = serve.get_deployment_handle(name, app_name="mova").info.remote().result()
@@ -251,8 +247,6 @@ def _batches() -> dict[str, Any]:
 
 
 def _all_experts(checkpoint: str) -> list[str]:
-    from mova.checkpoint import load_config
-
     return load_config(checkpoint).expert_names
 
 
@@ -260,9 +254,6 @@ def bench_serve(*, levels: Sequence[int] = CONCURRENCY, max_new_tokens: int = 32
                 seed: int = 0, quick: bool = False, port: int | None = None) -> ServeBenchResult:
     """Run the reference loop, then the Serve app, on the same tiny model and inputs (both
     decode routing replies under the routing constraint, the server's default)."""
-    from mova.factory import build_tiny_mova
-    from mova.routing_constraint import use_constrained_routing
-
     result = ServeBenchResult(machine=machine_info(torch.device("cpu")),
                               settings={"levels": list(levels), "max_new_tokens": max_new_tokens,
                                         "seed": seed, "quick": quick})
@@ -278,7 +269,6 @@ def bench_serve(*, levels: Sequence[int] = CONCURRENCY, max_new_tokens: int = 32
                                                       quick=quick)
         result.reference_peak_rss_mib = peak_memory_mib(torch.device("cpu"))
         del model
-        from pipelines.common.ray_init import free_local_port
 
         run_served(checkpoint, inputs, levels, answers, result, max_new_tokens=max_new_tokens,
                    quick=quick, port=port or free_local_port())
@@ -287,8 +277,6 @@ def bench_serve(*, levels: Sequence[int] = CONCURRENCY, max_new_tokens: int = 32
 
 def routing_cost(model, inputs: list[tuple[str, str]]) -> dict[str, Any]:
     """Routing decode per request (batch 1), free vs constrained: median ms and steps."""
-    from mova.routing_constraint import constrained_routing_params
-
     out: dict[str, Any] = {}
     pil = model.prepare_images([uri for uri, _ in inputs])
     for label, params in (("free", model.routing_params()),

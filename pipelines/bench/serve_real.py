@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import random
 import statistics
 import tempfile
 import time
@@ -19,7 +20,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 
+from mova.factory import from_pretrained
+from mova.routing_constraint import use_constrained_routing
 from pipelines.bench.harness import fmt_ms, machine_info, markdown_table, peak_memory_mib
 from pipelines.bench.serve import (
     LoadResult,
@@ -29,6 +33,8 @@ from pipelines.bench.serve import (
     run_reference,
     run_served,
 )
+from pipelines.common.checkpoint_store import local_checkpoint
+from pipelines.common.ray_init import free_local_port
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +48,7 @@ SERVE_OVERRIDES = ("llm.num_cpus=1.0", "llm.torch_threads=2", "adapter.num_cpus=
 
 def easyvqa_inputs(count: int, seed: int = 0) -> list[tuple[str, str]]:
     """(PNG data URI, question) pairs from easy-VQA's test split (package ``easy-vqa``)."""
-    import random
-
     import easy_vqa
-    from PIL import Image
 
     texts, _, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
@@ -76,11 +79,6 @@ def batched_library(model, inputs: list[tuple[str, str]], max_new_tokens: int,
 
 def bench_serve_real(checkpoint: str, *, levels: Sequence[int], max_new_tokens: int,
                      seed: int, quick: bool, port: int | None) -> ServeBenchResult:
-    from mova.factory import from_pretrained
-    from mova.routing_constraint import use_constrained_routing
-    from pipelines.common.checkpoint_store import local_checkpoint
-    from pipelines.common.ray_init import free_local_port
-
     checkpoint = local_checkpoint(checkpoint)
     result = ServeBenchResult(machine=machine_info(torch.device("cpu")),
                               settings={"levels": list(levels), "max_new_tokens": max_new_tokens,

@@ -24,10 +24,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
+from mlflow.tracking import MlflowClient
 
+from mova.checkpoint import load_config
+from mova.factory import from_pretrained
+from mova.training import set_stage, trainable_parameters
 from pipelines.bench.features import make_workspace, plain_features
 from pipelines.bench.harness import machine_info, markdown_table
+from pipelines.bench.real import REAL_IMAGE_SIZE, TRAIN_NOTE, expert_cost, expert_cost_markdown
+from pipelines.common.batches import PrepareSpec, collate, prepare_rows
+from pipelines.common.manifests.validate import load_manifest, resolve_image
+from pipelines.common.ray_init import prepare_env
+from pipelines.common.recipe import MlflowConfig, RayConfig
+from pipelines.train.job import run_train
+from pipelines.train.recipe import DeepSpeedConfig, TrainRecipe
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +124,6 @@ class TrainBenchResult:
         for c, d in zip(self.configs, data["configs"], strict=True):
             d.update(steps_per_s=c.steps_per_s, tokens_per_s=c.tokens_per_s,
                      median_ms=c.median_ms)
-        from pipelines.bench.real import expert_cost
 
         return {**data, "speedups": speedups(self), "expert_cost": expert_cost(self)}
 
@@ -134,10 +145,6 @@ def speedups(r: TrainBenchResult) -> dict[str, dict[str, float]]:
 # ---- data -----------------------------------------------------------------------------------
 def manifest_rows(manifest: str, masks: str, pool: Sequence[str]) -> list[Any]:
     """The samples training prepares, all experts routed when ``masks == "all"``."""
-    import dataclasses
-
-    from pipelines.common.manifests.validate import load_manifest
-
     if masks not in MASKS:
         raise ValueError(f"masks={masks!r}; expected one of {MASKS}")
     samples = load_manifest(manifest, pool=pool, check_images=False)
@@ -150,9 +157,6 @@ def fill_cache(manifest: str, checkpoint: str, cache: str, rows_all: int,
                batch_size: int = 16) -> None:
     """Cache, in this process, each sample's label experts and all experts of the first
     ``rows_all`` samples (what the cached configurations and the ZeRO runs read)."""
-    from mova.checkpoint import load_config
-    from pipelines.common.manifests.validate import resolve_image
-
     pool = load_config(checkpoint).expert_names
     label = manifest_rows(manifest, "label", pool)
     for name in pool:
@@ -166,9 +170,6 @@ def prepared_rows(manifest: str, checkpoint: str, cache: str, masks: str, featur
                   count: int) -> tuple[dict[str, list], float]:
     """The first ``count`` samples prepared as training prepares them (``prepare_rows``);
     returns (columns, seconds)."""
-    from mova.checkpoint import load_config
-    from pipelines.common.batches import PrepareSpec, prepare_rows
-
     rows = [(manifest, s) for s in
             manifest_rows(manifest, masks, load_config(checkpoint).expert_names)[:count]]
     spec = PrepareSpec(checkpoint=checkpoint, cache=cache, features=features, max_length=None)
@@ -185,10 +186,6 @@ def bench_in_process(manifest: str, checkpoint: str, cache: str, *, steps: int, 
     """Time ``steps`` optimizer steps (after one warm-up step) of each (masks, features)
     configuration, interleaved round by round; after each compute step, the routed experts'
     forward alone on the same batch (``routed_expert_features``, as the step runs it)."""
-    from mova.factory import from_pretrained
-    from mova.training import set_stage, trainable_parameters
-    from pipelines.common.batches import collate
-
     count = batch_size * (steps + 1)
     runs: dict[tuple[str, str], dict[str, Any]] = {}
     for masks in MASKS:
@@ -244,12 +241,6 @@ def zero_run(zero_stage: int, manifest: str, checkpoint: str, cache: str, workdi
              log_every: int = 1) -> ZeroTiming:
     """One ``run_train`` (2 workers, ``steps + 1`` optimizer steps, cached features). The
     loop reports (MLflow + ``ray.train.report``) every ``log_every`` steps and at the end."""
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.common.recipe import MlflowConfig, RayConfig
-    from pipelines.train.job import run_train
-    from pipelines.train.recipe import DeepSpeedConfig, TrainRecipe
-
     root = Path(workdir).resolve()
     tag = f"zero{zero_stage}-{uuid.uuid4().hex[:8]}"
     recipe = TrainRecipe(
@@ -307,10 +298,6 @@ def bench_train(workdir: str | Path, *, steps: int = 20, batch_size: int = 8,
     result.machine = machine_info(torch.device("cpu"))
     load_start = os.getloadavg()[0]
     if zero_stages:
-        import ray
-
-        from pipelines.common.ray_init import prepare_env
-
         prepare_env()
         started = not ray.is_initialized()
         try:
@@ -339,7 +326,6 @@ def render_markdown(r: TrainBenchResult) -> str:
     stages = ",".join(str(z.zero_stage) for z in main) or "none"
     extra = "" if len(main) < len(r.zero) or not r.zero or r.log_every == 1 else \
         " --no-report-check"
-    from pipelines.bench.real import REAL_IMAGE_SIZE, TRAIN_NOTE, expert_cost, expert_cost_markdown
 
     if r.image_size != (REAL_IMAGE_SIZE if r.real else 128):
         extra += f" --image-size {r.image_size}"

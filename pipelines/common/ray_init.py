@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 import warnings
 from typing import Any
+
+from mova.device import cuda_available
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,6 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
 
 def _process_env(gpu: bool | None) -> dict[str, str]:
     if gpu is None:
-        from mova.device import cuda_available
-
         gpu = cuda_available()
     return {**COMMON_ENV, **({} if gpu else CPU_ENV)}
 
@@ -99,8 +100,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
 
 def free_local_port() -> int:
     """A TCP port free on 127.0.0.1 right now (for a Serve HTTP proxy started on loopback)."""
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

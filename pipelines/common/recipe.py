@@ -16,6 +16,7 @@ import yaml
 
 from mova.typed_dict import apply_overrides, from_dict
 from pipelines.common import storage
+from pipelines.common.ray_init import init_ray
 
 T = TypeVar("T")
 
@@ -77,8 +78,6 @@ class JobRecipe:
 
     def start_ray(self) -> None:
         """Join the recipe's cluster (or ``RAY_ADDRESS``), else start a private local Ray."""
-        from pipelines.common.ray_init import init_ray
-
         init_ray(self.ray.address, num_cpus=self.ray.num_cpus,
                  object_store_memory=self.ray.object_store_memory, temp_dir=self.ray.temp_dir)
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import shutil
 import tempfile
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -268,10 +270,6 @@ def upload_folder(local_dir: str, uri: str) -> str:
     never see half a folder. On S3 every object is one atomic put; ``components.json``-style
     manifests should be written last by the caller's layout (files are put in sorted order).
     """
-    import shutil
-    import tempfile
-    from pathlib import Path
-
     src = Path(local_dir)
     if not is_remote(uri):
         dest = Path(_local_path(uri))

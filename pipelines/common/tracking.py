@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from pipelines.common import storage
 
 log = logging.getLogger(__name__)
 FLUSH_EVERY_S = 10.0  # the longest a logged metric waits in the buffer
@@ -29,8 +37,6 @@ def tracking_target(configured: str | None, output: str, joins_cluster: bool = F
     the output is remote). Artifacts go beside the output, on S3 when it is there. A remote
     output on a cluster means nodes may share no disk: a sqlite file (one node's) is refused
     there, naming the fix."""
-    from pipelines.common import storage
-
     remote = storage.is_remote(output)
     root = str(Path("outputs").resolve()) if remote else storage.parent(storage.absolute(output))
     uri = resolve_tracking_uri(configured, root)
@@ -71,9 +77,6 @@ class Tracker:
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: str,
                  run_name: str | None, run_id: str | None = None,
                  system_metrics: bool = True) -> None:
-        import mlflow
-        from mlflow.tracking import MlflowClient
-
         self.mlflow = mlflow
         # The fluent run (it carries the system-metrics thread) needs the global tracking URI,
         # and mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI. Both are put back in
@@ -102,16 +105,12 @@ class Tracker:
         self._flushed_ms = int(time.time() * 1000)
 
     def log_params(self, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
-
         existing = self.client.get_run(self.run_id).data.params
         new = [Param(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(new), 100):
             self.client.log_batch(self.run_id, params=new[i:i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
         # batched writes, but never older than FLUSH_EVERY_S: live views (the MLflow UI, the
@@ -138,11 +137,6 @@ class Tracker:
         """Copy the first ``max_parts`` parts of a published output folder (local or s3://,
         see ``pipelines.common.manifests.parts``) into the run; the rest stay where they are
         (a pointer file says where). Returns how many were copied."""
-        import json
-        import tempfile
-
-        from pipelines.common import storage
-
         listing = json.loads(storage.read_text(storage.join(folder, "_SUCCESS")))
         parts = listing["parts"][:max_parts]
         with tempfile.TemporaryDirectory(prefix="mova-parts-") as tmp:

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from matplotlib import font_manager
 from PIL import Image, ImageDraw, ImageFont
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,6 @@ def load_font(size: int) -> Font:
     if size < 1:
         raise ValueError(f"font size must be >= 1, got {size}")
     try:
-        from matplotlib import font_manager
-
         path = font_manager.findfont("DejaVu Sans", fallback_to_default=True)
         return ImageFont.truetype(path, size)
     except (ImportError, OSError, ValueError) as exc:

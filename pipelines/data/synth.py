@@ -26,6 +26,8 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from mova.experts.registry import DEFAULT_POOL, get_expert_spec
+from mova.routing import augment_routing_example
 from pipelines.common.manifests.schema import Sample
 from pipelines.data.synth_domains import DOMAINS, GENERATORS, MIN_IMAGE_SIZE
 
@@ -135,9 +137,6 @@ def _domain_split(config: SynthRecipe, domain: str, split: str, count: int, out:
 
 def _routing_samples(config: SynthRecipe, train: dict[str, list[Sample]]) -> list[Sample]:
     """Routing-instruction records over the default pool, from random train questions."""
-    from mova.experts.registry import DEFAULT_POOL, get_expert_spec
-    from mova.routing import augment_routing_example
-
     pool = [(name, get_expert_spec(name).descriptions) for name in DEFAULT_POOL]
     rng = random.Random(f"mova-synth:{config.seed}:routing")
     domains = [d for d in config.domains if train.get(d)]

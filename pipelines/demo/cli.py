@@ -6,10 +6,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from mova.factory import build_tiny_mova
+from pipelines.demo.lifecycle import DemoPlan, run_demo
+from pipelines.demo.real import RealPlan, run_real_demo
+from pipelines.model.real_assets import MissingPackagesError
 
 DEFAULT_OUT = "outputs/demo"
 
@@ -18,8 +24,6 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
 
 def shapes_image(seed: int = 0, size: int = 160) -> tuple[Image.Image, str, str]:
     """A white canvas with a few coloured squares; returns (image, question, answer)."""
-    import random
-
     rng = random.Random(seed)
     colour = rng.choice(sorted(COLOURS))
     count = rng.randint(1, 4)
@@ -34,8 +38,6 @@ def shapes_image(seed: int = 0, size: int = 160) -> tuple[Image.Image, str, str]
 
 def chart_image(seed: int = 1, size: int = 160) -> tuple[Image.Image, str, str]:
     """A small bar chart; returns (image, question, answer)."""
-    import random
-
     rng = random.Random(seed)
     values = [rng.randint(1, 9) for _ in range(4)]
     image = Image.new("RGB", (size, size), "white")
@@ -53,7 +55,6 @@ def run(args: argparse.Namespace) -> int:
         return run_tour(args)
     if args.real:
         return run_real(args)
-    from pipelines.demo.lifecycle import DemoPlan, run_demo
 
     plan = DemoPlan.quick() if args.quick else DemoPlan()
     plan.seed = args.seed
@@ -71,9 +72,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_real(args: argparse.Namespace) -> int:
-    from pipelines.demo.real import RealPlan, run_real_demo
-    from pipelines.model.real_assets import MissingPackagesError
-
     plan = RealPlan.quick() if args.quick else RealPlan()
     plan.seed = args.seed
     out = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT + "-real"
@@ -92,8 +90,6 @@ def run_real(args: argparse.Namespace) -> int:
 
 
 def run_tour(args: argparse.Namespace) -> int:
-    from mova.factory import build_tiny_mova
-
     start = time.perf_counter()
     print("Building a tiny MoVA (CLIP base, the default expert pool, MoV-Adapter, BERT, "
           "Llama) ...")

@@ -15,6 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+import ray
+import ray.data
+import ray.serve
+import transformers
+from mlflow import MlflowClient
+from ray import serve
+
+from pipelines.common.ray_init import init_ray
+
 log = logging.getLogger(__name__)
 
 MARKER = ".mova-demo"
@@ -61,8 +71,6 @@ class TrainProgress:
 
     def latest(self) -> tuple[int, float] | None:
         """(step, loss) of the newest run named ``run_name``, or None before it logs any."""
-        from mlflow import MlflowClient
-
         client = MlflowClient(tracking_uri=self.tracking_uri)
         exp = client.get_experiment_by_name(EXPERIMENT)
         if exp is None:
@@ -106,8 +114,6 @@ def prepare_out(out: Path) -> Path:
 
 def _ray_processes() -> int:
     """How many processes the local Ray runs (for the report of what was stopped)."""
-    import psutil
-
     me = psutil.Process()
     return len(me.children(recursive=True))
 
@@ -125,11 +131,8 @@ class DemoRay:
 
     def start(self) -> float:
         """Start the local Ray (all CPUs, worker output to log files only); its CPU count."""
-        from pipelines.common.ray_init import init_ray
-
         init_ray("local", num_cpus=os.cpu_count() or 2, temp_dir=str(self.dir),
                  log_to_driver=False)
-        import ray
 
         quiet_ray()
         return ray.cluster_resources().get("CPU", 0)
@@ -188,9 +191,6 @@ class Interrupts:
 def quiet_screen() -> None:
     """One line per step on the screen: no per-batch progress bars from Ray Data or
     transformers (worker output is kept in ``ray-logs/`` instead of echoed)."""
-    import mlflow  # noqa: F401  (configures its logger, which this then quiets)
-    import transformers
-
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     transformers.utils.logging.disable_progress_bar()
@@ -199,9 +199,6 @@ def quiet_screen() -> None:
 
 def quiet_ray() -> None:
     """After Ray is up (ray.init and ray.data configure their loggers): warnings only."""
-    import ray.data  # noqa: F401  (these configure their loggers, which this then quiets)
-    import ray.serve  # noqa: F401
-
     for name in ("ray", "ray.data", "ray.train", "ray.serve", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Its notice that progress bars are off: the demo turned them off on purpose.
@@ -218,12 +215,8 @@ def keep_logs(ray_dir: Path, dest: Path) -> None:
 
 def stop_ray(serve_started: bool, echo: Callable[[str], None]) -> list[str]:
     """Stop what the demo started: the Serve app, then the local Ray (every process of it)."""
-    import ray
-
     stopped = []
     if serve_started:
-        from ray import serve
-
         try:
             # The apps' replicas drain and stop; the Serve system actors go with Ray below
             # (serve.shutdown() would kill its controller mid-call, which Ray reports).

@@ -25,6 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import openai
+
+from mova.factory import build_tiny_mova
+from pipelines.common.ray_init import free_local_port
+from pipelines.common.recipe import MlflowConfig, RayConfig, load_recipe
+from pipelines.common.wire import MoVAInfo
+from pipelines.data.synth import SynthRecipe, generate
 from pipelines.demo.console import (
     EXPERIMENT,
     DemoRay,
@@ -34,6 +41,17 @@ from pipelines.demo.console import (
     quiet_screen,
 )
 from pipelines.demo.report import DemoResult, eval_table, served_text, summary_text
+from pipelines.evaluate.http import image_data_uri
+from pipelines.evaluate.job import run_eval
+from pipelines.evaluate.recipe import BenchmarkSpec, EvalRecipe
+from pipelines.features.job import run_features
+from pipelines.features.recipe import FeaturesRecipe
+from pipelines.labels.job import run_labels
+from pipelines.labels.recipe import LabelsRecipe
+from pipelines.serve.app import start
+from pipelines.serve.recipe import ServeRecipe
+from pipelines.train.job import run_train
+from pipelines.train.recipe import DeepSpeedConfig, OptimConfig, TrainRecipe
 
 
 @dataclass
@@ -59,9 +77,6 @@ class DemoPlan:
 
 def _train_recipe(plan: DemoPlan, out: Path, stage: str, init_from: Path, manifest: str,
                   steps: int, tracking_uri: str):
-    from pipelines.common.recipe import MlflowConfig, RayConfig
-    from pipelines.train.recipe import DeepSpeedConfig, OptimConfig, TrainRecipe
-
     return TrainRecipe(
         stage=stage, init_from=str(init_from), manifest=manifest, cache=str(out / "features"),
         features="cached", output=str(out / stage), name=f"demo-{stage}",
@@ -78,8 +93,6 @@ def _train_recipe(plan: DemoPlan, out: Path, stage: str, init_from: Path, manife
 
 def _train(plan: DemoPlan, out: Path, stage: str, init_from: Path, manifest: str, steps: int,
            tracking_uri: str, echo: Callable[[str], None]):
-    from pipelines.train.job import run_train
-
     recipe = _train_recipe(plan, out, stage, init_from, manifest, steps, tracking_uri)
     with TrainProgress(tracking_uri, recipe.mlflow.run_name, steps, echo):
         return run_train(recipe)
@@ -87,10 +100,6 @@ def _train(plan: DemoPlan, out: Path, stage: str, init_from: Path, manifest: str
 
 def _eval(plan: DemoPlan, out: Path, name: str, checkpoint: Path, test: str,
           tracking_uri: str) -> dict[str, Any]:
-    from pipelines.common.recipe import MlflowConfig, RayConfig
-    from pipelines.evaluate.job import run_eval
-    from pipelines.evaluate.recipe import BenchmarkSpec, EvalRecipe
-
     summary = run_eval(EvalRecipe(
         checkpoint=str(checkpoint), benchmarks=[BenchmarkSpec(name="synth", path=test)],
         max_new_tokens=plan.max_new_tokens, batch_size=16, workers=1, cpus_per_worker=1.0,
@@ -116,15 +125,6 @@ def pick_question(test: str) -> dict[str, Any]:
 
 
 def ask_server(checkpoint: Path, sample: dict[str, Any], max_tokens: int) -> dict[str, Any]:
-    import openai
-
-    from pipelines.common.ray_init import free_local_port
-    from pipelines.common.recipe import load_recipe
-    from pipelines.common.wire import MoVAInfo
-    from pipelines.evaluate.http import image_data_uri
-    from pipelines.serve.app import start
-    from pipelines.serve.recipe import ServeRecipe
-
     recipe = load_recipe(ServeRecipe, None, [f"checkpoint={checkpoint}",
                                              f"port={free_local_port()}",
                                              "experts.default.autoscaling.min_replicas=0"])
@@ -155,8 +155,6 @@ class Lifecycle:
         self.tracking_uri = result.tracking_uri
 
     def data(self) -> tuple[str, str]:
-        from pipelines.data.synth import SynthRecipe, generate
-
         plan = self.plan
         data = self.steps.run(
             "Synthetic data: documents, charts, scenes, scans (mova data synth)",
@@ -169,8 +167,6 @@ class Lifecycle:
         return train, test
 
     def init(self) -> Path:
-        from mova.factory import build_tiny_mova
-
         def build() -> Path:
             model = build_tiny_mova(seed=self.plan.seed)
             path = model.save_pretrained(self.root / "init")
@@ -182,10 +178,6 @@ class Lifecycle:
                               "(mova model init)", build)
 
     def features(self, train: str, init_path: Path) -> None:
-        from pipelines.common.recipe import RayConfig
-        from pipelines.features.job import run_features
-        from pipelines.features.recipe import FeaturesRecipe
-
         cpus = self.ray.start()
         self.echo(f"    local Ray started ({cpus:g} CPUs); worker logs go to "
                   f"{self.root / 'ray-logs'}")
@@ -205,10 +197,6 @@ class Lifecycle:
         return run
 
     def labels(self, train: str, checkpoint: str) -> str:
-        from pipelines.common.recipe import MlflowConfig, RayConfig
-        from pipelines.labels.job import run_labels
-        from pipelines.labels.recipe import LabelsRecipe
-
         labelled = str(self.root / "data" / "train.labels")
         labels = self.steps.run(
             "Loss-driven routing labels with the pretrained model (mova labels)",

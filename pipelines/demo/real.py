@@ -25,6 +25,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mova.factory import build_model
+from pipelines.common.manifests.validate import write_manifest
+from pipelines.common.recipe import MlflowConfig, RayConfig
+from pipelines.data.benchmarks import convert_easyvqa
+from pipelines.data.synth import SynthRecipe, generate
+from pipelines.demo.console import (
+    EXPERIMENT,
+    DemoRay,
+    Steps,
+    TrainProgress,
+    prepare_out,
+    quiet_screen,
+)
+from pipelines.evaluate.job import run_eval
+from pipelines.evaluate.recipe import BenchmarkSpec, EvalRecipe
+from pipelines.features.job import run_features
+from pipelines.features.recipe import FeaturesRecipe
+from pipelines.model.real_assets import default_cache_dir, prepare_real_assets, real_config
+from pipelines.train.job import run_train
+from pipelines.train.recipe import DeepSpeedConfig, LoraConfig, OptimConfig, TrainRecipe
+
 log = logging.getLogger(__name__)
 
 EASYVQA_LABEL = ["dinov2"]  # shapes and colours: the scene expert (the synthetic scenes' too)
@@ -74,17 +95,12 @@ def _sample_rows(path: Path, n: int, seed: int) -> list[dict]:
 
 
 def _write_rows(rows: list[dict], path: Path) -> str:
-    from pipelines.common.manifests.validate import write_manifest
-
     return write_manifest(rows, str(path))
 
 
 def build_data(root: Path, plan: RealPlan) -> dict[str, str]:
     """easy-VQA (train sample + test sample) and the synthetic domains, as three manifests:
     MoVA's training rows, the base-only model's (no experts, no routing rows) and the test."""
-    from pipelines.data.benchmarks import convert_easyvqa
-    from pipelines.data.synth import SynthRecipe, generate
-
     data = root / "data"
     synth = generate(SynthRecipe(out=str(data), seed=plan.seed, per_domain=plan.synth_per_domain,
                                  test_per_domain=1, image_size=64,
@@ -115,11 +131,6 @@ def build_data(root: Path, plan: RealPlan) -> dict[str, str]:
 
 def _train(plan: RealPlan, root: Path, name: str, init: Path, manifest: str, tracking_uri: str,
            echo: Callable[[str], None]):
-    from pipelines.common.recipe import MlflowConfig, RayConfig
-    from pipelines.demo.console import EXPERIMENT, TrainProgress
-    from pipelines.train.job import run_train
-    from pipelines.train.recipe import DeepSpeedConfig, LoraConfig, OptimConfig, TrainRecipe
-
     recipe = TrainRecipe(
         stage="sft", init_from=str(init), manifest=manifest, cache=str(root / "features"),
         features="cached", output=str(root / name), name=f"real-{name}",
@@ -138,11 +149,6 @@ def _train(plan: RealPlan, root: Path, name: str, init: Path, manifest: str, tra
 
 def _accuracy(plan: RealPlan, root: Path, name: str, checkpoint: str, test: str,
               tracking_uri: str, routing: str, experts: list[str]) -> tuple[float, int]:
-    from pipelines.common.recipe import MlflowConfig, RayConfig
-    from pipelines.demo.console import EXPERIMENT
-    from pipelines.evaluate.job import run_eval
-    from pipelines.evaluate.recipe import BenchmarkSpec, EvalRecipe
-
     summary = run_eval(EvalRecipe(
         checkpoint=checkpoint, benchmarks=[BenchmarkSpec(name="easyvqa", path=test)],
         max_new_tokens=plan.max_new_tokens, batch_size=16, workers=1, cpus_per_worker=1.0,
@@ -159,13 +165,6 @@ def run_real_demo(out: str | Path = "outputs/demo-real", plan: RealPlan | None =
                   echo: Callable[[str], None] = print) -> RealDemoResult:
     """Prepare (or reuse) the real weights, build the data, train MoVA and the base-only model
     the same way, and compare them on easy-VQA test questions."""
-    from mova.factory import build_model
-    from pipelines.common.recipe import RayConfig
-    from pipelines.demo.console import DemoRay, Steps, prepare_out, quiet_screen
-    from pipelines.features.job import run_features
-    from pipelines.features.recipe import FeaturesRecipe
-    from pipelines.model.real_assets import default_cache_dir, prepare_real_assets, real_config
-
     plan = plan or RealPlan()
     quiet_screen()
     start = time.perf_counter()

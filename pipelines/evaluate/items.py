@@ -11,6 +11,7 @@ from typing import Any
 
 from mova.tokenizers import IMAGE_TOKEN
 from pipelines.common import storage
+from pipelines.common.manifests.validate import resolve_image
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,6 @@ def item_of(sample: Any, file: str, benchmark: str, metric: str | None, routing:
             pool: Sequence[str] | None = None) -> EvalItem | None:
     """One manifest row as a question to ask (None for a routing-instruction row); a row that
     cannot be asked is an error naming the benchmark, the file and the row."""
-    from pipelines.common.manifests.validate import resolve_image
-
     if sample.kind == "routing":
         return None
     where = f"benchmark {benchmark!r} ({file}) row {sample.id!r}"

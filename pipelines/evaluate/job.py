@@ -24,11 +24,14 @@ import logging
 import time
 from typing import Any
 
+from mova.checkpoint import load_config, read_components
 from pipelines.common import storage
+from pipelines.common.checkpoint_store import local_checkpoint
 from pipelines.common.manifests.parts import begin_parts, publish_parts
 from pipelines.common.manifests.scan import ManifestScan, scan_manifest
 from pipelines.common.manifests.stream import manifest_dataset
 from pipelines.common.ray_init import actor_pool_args
+from pipelines.evaluate.http import check_endpoint, resolve_api_key
 from pipelines.evaluate.recipe import EvalRecipe
 from pipelines.evaluate.report import (
     PREDICTIONS,
@@ -55,8 +58,6 @@ def check_inputs(recipe: EvalRecipe) -> list[str] | None:
     """The checkpoint (its pool) and forced experts, before any Ray or HTTP work."""
     if not recipe.checkpoint:
         return None
-    from mova.checkpoint import load_config, read_components
-    from pipelines.common.checkpoint_store import local_checkpoint
 
     local = local_checkpoint(recipe.checkpoint)
     read_components(local)
@@ -78,8 +79,6 @@ def run_eval(recipe: EvalRecipe) -> EvalSummary:
     pool = check_inputs(recipe)
     api_key = None
     if recipe.endpoint:
-        from pipelines.evaluate.http import check_endpoint, resolve_api_key
-
         api_key = resolve_api_key(recipe.api_key, recipe.api_key_env)
         check_endpoint(recipe.endpoint, api_key)
     recipe.start_ray()

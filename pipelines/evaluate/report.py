@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.common.tracking import flatten, open_run
 from pipelines.evaluate.items import EvalItem
 from pipelines.evaluate.recipe import EvalRecipe
 from pipelines.evaluate.scoring import (
@@ -86,8 +87,6 @@ def _metric_key(key: str) -> str:
 
 
 def log_mlflow(recipe: EvalRecipe, summary: EvalSummary, files: dict[str, str]) -> None:
-    from pipelines.common.tracking import flatten, open_run
-
     source = Path(recipe.checkpoint).name if recipe.checkpoint else (recipe.endpoint or "")
     tracker = open_run(recipe.mlflow, recipe.output, f"eval-{source}", recipe.joins_cluster())
     try:

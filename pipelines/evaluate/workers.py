@@ -12,9 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from mova.factory import from_pretrained
+from mova.images import ImageError, load_image
+from mova.routing_constraint import use_constrained_routing
 from pipelines.common import storage
+from pipelines.common.checkpoint_store import local_checkpoint
 from pipelines.common.manifests.parts import write_jsonl_part
 from pipelines.common.manifests.stream import samples_of
+from pipelines.evaluate.http import predict_http
 from pipelines.evaluate.items import EvalItem, item_of
 from pipelines.evaluate.report import build_records
 from pipelines.evaluate.scoring import YES_NO_BENCHMARKS
@@ -47,8 +52,6 @@ def predict_batch(model: Any, images: Sequence[str], turns: Sequence[list[dict]]
                   ) -> list[dict[str, Any]]:
     """Greedy answers for one batch; an unreadable image (or a question the model refuses,
     e.g. too long) becomes an error result instead of failing the batch."""
-    from mova.images import ImageError, load_image
-
     out: list[dict[str, Any] | None] = [None] * len(images)
     pil: dict[int, Any] = {}
     for i, uri in enumerate(images):
@@ -89,10 +92,6 @@ class EvalWorker:
 
     def __init__(self, checkpoint: str, max_new_tokens: int,
                  constrained_routing: bool = True) -> None:
-        from mova.factory import from_pretrained
-        from mova.routing_constraint import use_constrained_routing
-        from pipelines.common.checkpoint_store import local_checkpoint
-
         # routes as `mova serve` does (its recipe's constrained_routing, on by default)
         self.model = use_constrained_routing(
             from_pretrained(local_checkpoint(checkpoint), device="auto"), constrained_routing)
@@ -122,8 +121,6 @@ class EndpointSpec:
 
 def ask_batch(batch: dict[str, np.ndarray], spec: EndpointSpec) -> dict[str, list]:
     """Ray Data task: ask a running endpoint every question of the batch (bounded pool)."""
-    from pipelines.evaluate.http import predict_http
-
     items = _items(batch)
     results = predict_http(
         spec.endpoint,

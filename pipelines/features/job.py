@@ -18,7 +18,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import ray
 
+from mova.checkpoint import expert_cache_keys, load_config
 from pipelines.common import storage
 from pipelines.common.checkpoint_store import local_checkpoint
 from pipelines.common.feature_cache import FeatureCache
@@ -92,8 +94,6 @@ class FeaturesSummary:
 
 def run_features(recipe: FeaturesRecipe) -> FeaturesSummary:
     """Run the feature-cache job; returns what it did."""
-    from mova.checkpoint import expert_cache_keys, load_config
-
     start = time.perf_counter()
     recipe = recipe.absolute().validate()
     checkpoint = local_checkpoint(recipe.checkpoint)
@@ -154,7 +154,6 @@ def _cpus_per_worker(recipe: FeaturesRecipe, pools: int) -> float:
     one CPU for reading and decoding."""
     if recipe.cpus_per_worker is not None:
         return recipe.cpus_per_worker
-    import ray
 
     total = ray.cluster_resources().get("CPU", 1.0)
     spare = max(total - 1.0, total / 2)
@@ -184,7 +183,6 @@ def _compact(cache: FeatureCache, targets: list[tuple[str, str]]) -> None:
     """Merge each expert's index parts into one (Ray tasks, in parallel)."""
     if not targets:
         return
-    import ray
 
     @ray.remote(num_cpus=0.5)
     def compact(root: str, expert: str, key: str) -> int:

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from PIL import Image
 
+from mova.checkpoint import load_expert
+from mova.device import resolve_device, to_model_inputs
+from mova.experts.preprocess import expert_input
+from mova.images import ImageError, image_hash, load_image
 from pipelines.common import storage
+from pipelines.common.feature_cache import FeatureCache
+from pipelines.common.manifests.scan import write_report_part
 from pipelines.common.manifests.stream import samples_of
+from pipelines.common.manifests.validate import resolve_image
 
 
 def image_needs(batch: dict[str, np.ndarray], mode: str, wanted: list[str]
                 ) -> dict[str, list]:
     """Manifest rows -> (image URI, the experts it needs): the row's routing label, or every
     wanted expert for ``mode="all"`` or an unlabelled row; rows without image or need drop."""
-    from pipelines.common.manifests.validate import resolve_image
-
     uris, needs = [], []
     for file, _, sample in samples_of(batch):
         if not sample.image:
@@ -40,9 +48,6 @@ def decode_images(batch: dict[str, np.ndarray], skip_bad: bool, report: str
                   ) -> dict[str, list]:
     """Read and decode each image once: its content hash and RGB pixels. An unreadable image
     fails the job naming it, or (``skip_bad``) is reported and passed on marked bad."""
-    from mova.images import ImageError, image_hash, load_image
-    from pipelines.common.manifests.scan import write_report_part
-
     out: dict[str, list] = {"uri": [], "experts": [], "hash": [], "pixels": [], "width": [],
                             "height": [], "error": []}
     bad = []
@@ -70,8 +75,6 @@ def decode_images(batch: dict[str, np.ndarray], skip_bad: bool, report: str
 def _trace_decodes(uris: list[str]) -> None:
     """With ``MOVA_TRACE_DECODES=<folder>`` set, record every decode (a debugging aid: the job
     should decode each image once, whatever the number of experts and rows that need it)."""
-    import os
-
     folder = os.environ.get("MOVA_TRACE_DECODES")
     if folder:
         with open(os.path.join(folder, f"decodes-{os.getpid()}.log"), "a") as handle:
@@ -95,12 +98,6 @@ class ExpertWorker:
     (``s_<expert>``: "" not needed, "cached", "computed"), bytes and seconds."""
 
     def __init__(self, spec: ExpertSpec) -> None:
-        import torch
-
-        from mova.checkpoint import load_expert
-        from mova.device import resolve_device
-        from pipelines.common.feature_cache import FeatureCache
-
         self.spec = spec
         self.model, self.resolved, loaded_key = load_expert(spec.checkpoint, spec.expert)
         if loaded_key != spec.key:
@@ -133,12 +130,6 @@ class ExpertWorker:
                 f"t_{name}": seconds}
 
     def _compute(self, batch: dict[str, np.ndarray], rows: list[int]) -> int:
-        import torch
-        from PIL import Image
-
-        from mova.device import to_model_inputs
-        from mova.experts.preprocess import expert_input
-
         images = [Image.frombytes("RGB", (int(batch["width"][i]), int(batch["height"][i])),
                                   bytes(batch["pixels"][i])) for i in rows]
         inputs = torch.stack([expert_input(image, self.resolved) for image in images])

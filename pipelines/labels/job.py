@@ -17,7 +17,9 @@ import logging
 import time
 from collections import Counter
 
+from mova.checkpoint import CheckpointError, load_config, read_components
 from pipelines.common import storage
+from pipelines.common.checkpoint_store import local_checkpoint
 from pipelines.common.manifests.parts import begin_parts, is_published, publish_parts
 from pipelines.common.manifests.scan import manifest_files, scan_manifest
 from pipelines.common.manifests.stream import manifest_dataset
@@ -32,9 +34,6 @@ PART_ROWS = 1024  # rows per written part
 
 def check_inputs(recipe: LabelsRecipe) -> str:
     """Fail early, naming the missing or unusable input; returns a local checkpoint copy."""
-    from mova.checkpoint import CheckpointError, load_config, read_components
-    from pipelines.common.checkpoint_store import local_checkpoint
-
     try:
         local = local_checkpoint(recipe.checkpoint)
         read_components(local)
@@ -58,8 +57,6 @@ def check_inputs(recipe: LabelsRecipe) -> str:
 
 def _candidates(recipe: LabelsRecipe, checkpoint: str) -> tuple[list[str], int]:
     """The experts to score (the pool, or ``only``) and the label size limit."""
-    from mova.checkpoint import load_config
-
     config = load_config(checkpoint)
     pool = config.expert_names
     unknown = [e for e in recipe.only if e not in pool]
@@ -74,8 +71,6 @@ def _candidates(recipe: LabelsRecipe, checkpoint: str) -> tuple[list[str], int]:
 
 def run_labels(recipe: LabelsRecipe) -> LabelsSummary:
     """Run the routing-label job; returns what it did (see :class:`LabelsSummary`)."""
-    from mova.checkpoint import load_config
-
     start = time.perf_counter()
     recipe = recipe.validate().absolute()
     local = check_inputs(recipe)

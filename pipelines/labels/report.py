@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
+from matplotlib.figure import Figure
 
+from pipelines.common.tracking import flatten, open_run
 from pipelines.labels.recipe import LabelsRecipe
 
 NO_DOMAIN = "(none)"
@@ -96,8 +99,6 @@ def _metric_name(text: str) -> str:
 
 def plot(summary: LabelsSummary) -> bytes:
     """A heatmap of activation rates (experts x all/domains) as PNG bytes (no display)."""
-    from matplotlib.figure import Figure
-
     columns = ["all", *summary.activation_by_domain]
     data = np.array([[summary.activation.get(e, 0.0),
                       *(summary.activation_by_domain[d].get(e, 0.0)
@@ -122,10 +123,6 @@ def plot(summary: LabelsSummary) -> bytes:
 
 def track(recipe: LabelsRecipe, summary: LabelsSummary, png: bytes) -> None:
     """One MLflow run: the recipe as params and artifact, rates as metrics, table and plot."""
-    import yaml
-
-    from pipelines.common.tracking import flatten, open_run
-
     tracker = open_run(recipe.mlflow, recipe.output, joins_cluster=recipe.joins_cluster())
     status = "FAILED"
     try:

@@ -16,11 +16,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import torch
 
+from mova.device import resolve_device, resolve_precision
+from mova.factory import from_pretrained
+from mova.images import ImageError
+from mova.labels import select_experts, single_expert_losses
 from pipelines.common import storage
+from pipelines.common.batches import PrepareSpec, collate, prepare_rows, unpack
+from pipelines.common.checkpoint_store import local_checkpoint
 from pipelines.common.manifests.parts import part_name, write_jsonl_part, write_parquet_part
+from pipelines.common.manifests.scan import write_report_part
 from pipelines.common.manifests.schema import Sample
 from pipelines.common.manifests.stream import samples_of
+from pipelines.common.manifests.validate import resolve_image
 from pipelines.labels.report import NO_DOMAIN
 
 
@@ -49,8 +58,6 @@ def losses_schema(experts: tuple[str, ...]) -> pa.Schema:
 def image_for_output(file: str, output: str, image: str | None) -> str | None:
     """Relative image paths are relative to their manifest file's folder: re-point them for the
     output folder."""
-    from pipelines.common.manifests.validate import resolve_image
-
     if image is None or storage.is_remote(image) or os.path.isabs(image):
         return image
     if storage.parent(file) == output.rstrip("/"):
@@ -66,13 +73,6 @@ class LossWorker:
     no expert and with each candidate expert alone, and its new routing label."""
 
     def __init__(self, spec: LabelSpec) -> None:
-        import torch
-
-        from mova.device import resolve_device, resolve_precision
-        from mova.factory import from_pretrained
-        from pipelines.common.batches import PrepareSpec
-        from pipelines.common.checkpoint_store import local_checkpoint
-
         self.spec = spec
         local = local_checkpoint(spec.checkpoint)
         device = resolve_device("auto")
@@ -87,8 +87,6 @@ class LossWorker:
 
     def _prepare(self, rows: list[tuple[str, Sample]]) -> tuple[list[dict], str]:
         """Rows with every candidate's features (the cache) or inputs (computing them)."""
-        from pipelines.common.batches import prepare_rows
-
         rows = [(f, Sample(**{**vars(s), "experts": list(self.spec.experts), "kind": "answer"}))
                 for f, s in rows]
         if self.cached is not None:
@@ -100,8 +98,6 @@ class LossWorker:
         return prepare_rows(rows, self.compute), "compute"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from mova.images import ImageError
-
         out: dict[str, list] = {"file": [], "line": [], "sample": [], "loss": [], "error": []}
         for file, line, sample in samples_of(batch):
             loss, error = None, ""
@@ -120,9 +116,6 @@ class LossWorker:
         return out
 
     def _losses(self, prepared: list[dict], source: str) -> np.ndarray:
-        from mova.labels import single_expert_losses
-        from pipelines.common.batches import collate, unpack
-
         torch, model = self._torch, self.model
         plain = {k: [p[k] for p in prepared]
                  for k in ("input_ids", "labels", "gate_input_ids", "pixel_values", "routing")}
@@ -144,9 +137,6 @@ def write_parts(batch: dict[str, np.ndarray], spec: LabelSpec, losses_folder: st
                 skip_bad_rows: bool, report: str) -> dict[str, list]:
     """Apply the label rule, write this batch's manifest part and loss part, and return its
     counts (one row) for the driver to add up."""
-    from mova.labels import select_experts
-    from pipelines.common.manifests.scan import write_report_part
-
     stats = _Stats(spec.experts)
     rows, loss_rows, bad = [], [], []
     for file, line, raw, loss, error in zip(batch["file"], batch["line"], batch["sample"],

@@ -7,15 +7,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 
+from mova.checkpoint import CheckpointError, expert_cache_keys, load_config, read_components
 from mova.config import MoVAConfig
+from mova.convert import ConversionError, ReferenceImportError
+from mova.convert.reference import import_reference as run_import
+from mova.factory import build_model
 from mova.typed_dict import apply_overrides
+from pipelines.common import storage
+from pipelines.common.checkpoint_store import local_checkpoint, publish
+from pipelines.model.real_assets import (
+    COMPONENTS,
+    MissingPackagesError,
+    default_cache_dir,
+    install_command,
+    prepare_real_assets,
+)
 
 
 def init(args: argparse.Namespace) -> int:
-    from mova.factory import build_model
-
     data = MoVAConfig.load(args.config).to_dict() if args.config else MoVAConfig().to_dict()
     config = MoVAConfig.from_dict(apply_overrides(data, args.overrides))
     model = build_model(config, seed=args.seed)
@@ -28,11 +40,6 @@ def init(args: argparse.Namespace) -> int:
 
 def _save(model, out: str, experts: str) -> str:
     """Save locally, or (an s3:// ``out``) into a temporary folder published to S3."""
-    import tempfile
-
-    from pipelines.common import storage
-    from pipelines.common.checkpoint_store import publish
-
     if not storage.is_remote(out):
         return str(model.save_pretrained(out, experts=experts))
     with tempfile.TemporaryDirectory(prefix="mova-init-") as tmp:
@@ -40,9 +47,6 @@ def _save(model, out: str, experts: str) -> str:
 
 
 def info(args: argparse.Namespace) -> int:
-    from mova.checkpoint import expert_cache_keys, load_config, read_components
-    from pipelines.common.checkpoint_store import local_checkpoint
-
     local = local_checkpoint(args.checkpoint)
     config = load_config(local)
     components = read_components(local)
@@ -58,9 +62,6 @@ def info(args: argparse.Namespace) -> int:
 
 
 def publish_checkpoint(args: argparse.Namespace) -> int:
-    from mova.checkpoint import CheckpointError
-    from pipelines.common.checkpoint_store import publish
-
     try:
         uri = publish(args.src, args.dest)
     except (CheckpointError, OSError) as exc:
@@ -71,14 +72,6 @@ def publish_checkpoint(args: argparse.Namespace) -> int:
 
 
 def prepare_real(args: argparse.Namespace) -> int:
-    from mova.convert import ConversionError
-    from pipelines.model.real_assets import (
-        COMPONENTS,
-        MissingPackagesError,
-        default_cache_dir,
-        prepare_real_assets,
-    )
-
     cache = args.cache or default_cache_dir()
     start = time.perf_counter()
     try:
@@ -122,9 +115,6 @@ def _expert_paths(items: list[str]) -> dict[str, str]:
 
 
 def import_reference(args: argparse.Namespace) -> int:
-    from mova.convert import ReferenceImportError
-    from mova.convert.reference import import_reference as run_import
-
     try:
         report = run_import(
             args.src, args.out, expert_paths=_expert_paths(args.expert), base_path=args.base,
@@ -182,7 +172,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("src", help="a local checkpoint folder")
     pp.add_argument("dest", help="s3://bucket/prefix (or a folder)")
     pp.set_defaults(func=publish_checkpoint)
-    from pipelines.model.real_assets import install_command
 
     pr = msub.add_parser(
         "prepare-real",

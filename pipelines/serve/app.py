@@ -13,9 +13,18 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
 
-from mova.typed_dict import from_dict
+from mova.checkpoint import load_config
+from mova.typed_dict import apply_overrides, from_dict
+from pipelines.common.checkpoint_store import local_checkpoint
+from pipelines.common.ray_init import init_ray
+from pipelines.serve.deployments import AdapterServer, ExpertServer
+from pipelines.serve.ingress import MoVAIngress
+from pipelines.serve.llm import LLMServer
 from pipelines.serve.recipe import ServeRecipe, recipe_dict
 
 log = logging.getLogger(__name__)
@@ -40,9 +49,6 @@ def pool_of(recipe: ServeRecipe) -> list[str]:
     """The checkpoint's expert pool (an s3:// checkpoint is fetched once into the node's
     cache, as every replica does with
     :func:`pipelines.common.checkpoint_store.local_checkpoint`)."""
-    from mova.checkpoint import load_config
-    from pipelines.common.checkpoint_store import local_checkpoint
-
     pool = load_config(local_checkpoint(recipe.checkpoint)).expert_names
     recipe.check_pool(pool)
     return pool
@@ -74,7 +80,6 @@ def recipe_from_args(args: dict[str, Any] | ServeRecipe) -> ServeRecipe:
         if overrides:
             raise ValueError("serve args: 'overrides' needs 'config' (a recipe file)")
         return from_dict(ServeRecipe, data)
-    from mova.typed_dict import apply_overrides
 
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ValueError("serve args: 'overrides' must be a list of 'key=value' strings")
@@ -98,10 +103,6 @@ def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def build_app(args: dict[str, Any] | ServeRecipe):
     """The Serve application for a recipe (see :func:`recipe_from_args` for ``args``)."""
-    from pipelines.serve.deployments import AdapterServer, ExpertServer
-    from pipelines.serve.ingress import MoVAIngress
-    from pipelines.serve.llm import LLMServer
-
     recipe = recipe_from_args(args)
     recipe = _absolute(recipe.validate())
     pool = pool_of(recipe)
@@ -148,8 +149,6 @@ def serve_config(recipe: ServeRecipe) -> dict[str, Any]:
 
 def write_serve_config(recipe: ServeRecipe, path: str | Path) -> Path:
     """Write :func:`serve_config` as YAML after checking it against Serve's own schema."""
-    from ray.serve.schema import ServeDeploySchema
-
     config = serve_config(recipe)
     ServeDeploySchema.model_validate(config)
     path = Path(path)
@@ -169,12 +168,9 @@ def check_cpu_budget(recipe: ServeRecipe, pool: list[str], cpus: float) -> None:
 
 def start(recipe: ServeRecipe) -> str:
     """Deploy the app on the connected Ray (starting Serve if needed); returns its base URL."""
-    from ray import serve
-
     recipe = _absolute(recipe.validate())
     recipe.check_exposure()
     pool = pool_of(recipe)
-    import ray
 
     check_cpu_budget(recipe, pool, ray.cluster_resources().get("CPU", 0.0))
     serve.start(http_options={"host": recipe.host, "port": recipe.port,
@@ -189,11 +185,6 @@ def start(recipe: ServeRecipe) -> str:
 def serve_forever(recipe: ServeRecipe, stop: threading.Event | None = None) -> None:
     """`mova serve`: start Ray (or join ``ray.address``), deploy, block until interrupted or
     ``stop`` is set, then shut down: the whole private Ray, or only this app on a cluster."""
-    import ray
-    from ray import serve
-
-    from pipelines.common.ray_init import init_ray
-
     recipe.validate()
     joined = bool(recipe.ray.address and recipe.ray.address != "local")
     init_ray(recipe.ray.address, num_cpus=recipe.ray.num_cpus,

@@ -11,21 +11,19 @@ from __future__ import annotations
 import argparse
 import logging
 
+from pipelines.common.recipe import load_recipe
+from pipelines.serve.app import serve_forever, write_serve_config
+from pipelines.serve.recipe import ServeRecipe
+
 log = logging.getLogger(__name__)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.common.recipe import load_recipe
-    from pipelines.serve.recipe import ServeRecipe
-
     recipe = load_recipe(ServeRecipe, args.config, args.overrides)
     if args.write_serve_config:
-        from pipelines.serve.app import write_serve_config
-
         path = write_serve_config(recipe, args.write_serve_config)
         print(f"Wrote the Ray Serve config {path}; apply it with: serve deploy {path}")
         return 0
-    from pipelines.serve.app import serve_forever
 
     serve_forever(recipe)
     print("mova serve: stopped")

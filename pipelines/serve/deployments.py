@@ -16,9 +16,18 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from ray import serve
+from torch import nn
 
+from mova.checkpoint import load_config, load_expert
+from mova.device import resolve_device, torch_dtype
+from mova.experts.preprocess import expert_input
+from mova.factory import from_pretrained
+from mova.images import load_image
+from pipelines.common.checkpoint_store import local_checkpoint
 from pipelines.serve.batching import Batcher, BatchSettings, faults_enabled
+from pipelines.serve.metrics import metric
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +37,6 @@ def load_serving_model(checkpoint: str, device: str, keep: Sequence[str]):
     replica never runs (``keep`` among ``llm``, ``base``, ``text``); expert weights are always
     dropped (expert deployments load their own). The adapter stays: it defines the model's
     device and dtype."""
-    from torch import nn
-
-    from mova.factory import from_pretrained
-    from pipelines.common.checkpoint_store import local_checkpoint
-
     model = from_pretrained(local_checkpoint(checkpoint), device=device)
     for name in list(model.experts):
         model.experts[name] = nn.Identity()
@@ -62,8 +66,6 @@ def process_info(deployment: str) -> dict[str, Any]:
 
 def apply_threads(config: dict[str, Any]) -> None:
     """Let the replica use the CPUs it was given (Ray sets one thread for fractional CPUs)."""
-    import torch
-
     threads = int(config.get("torch_threads") or 0)
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
@@ -88,8 +90,6 @@ class BatchedReplica:
             batcher.check()
 
     def info(self) -> dict[str, Any]:
-        from pipelines.serve.metrics import metric
-
         data = process_info(self.name)
         metric("resident_memory_bytes").set(data["rss_bytes"])
         return {**data, "batches": {n: b.summary() for n, b in self.batchers.items()}}
@@ -119,8 +119,6 @@ class AdapterServer(BatchedReplica):
         return await self.batchers["encode"].submit(item, item["deadline"])
 
     def _encode(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        import torch
-
         model = self.model
         with torch.no_grad():
             images = model.prepare_images([item["image"] for item in items])
@@ -137,8 +135,6 @@ class AdapterServer(BatchedReplica):
         return await self.batchers["fuse"].submit(item, item["deadline"])
 
     def _fuse(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        import torch
-
         model = self.model
         base = torch.cat([item["base"] for item in items]).to(model.device)
         text = torch.cat([item["text"] for item in items]).to(model.device)
@@ -169,10 +165,6 @@ class ExpertServer(BatchedReplica):
     preprocess) and returns its native feature map ``(1, L_j, C_j)``."""
 
     def __init__(self, checkpoint: str, expert: str, device: str = "auto") -> None:
-        from mova.checkpoint import load_config, load_expert
-        from mova.device import resolve_device, torch_dtype
-        from pipelines.common.checkpoint_store import local_checkpoint
-
         local = local_checkpoint(checkpoint)
         self.name = f"Expert:{expert}"
         self.device = resolve_device(device)
@@ -186,11 +178,6 @@ class ExpertServer(BatchedReplica):
         return await self.batchers["features"].submit(item, item["deadline"])
 
     def _features(self, items: list[dict[str, Any]]) -> list[Any]:
-        import torch
-
-        from mova.experts.preprocess import expert_input
-        from mova.images import load_image
-
         pil = [load_image(item["image"]) for item in items]
         inputs = torch.stack([expert_input(im, self.resolved) for im in pil])
         dtype = self.dtype if inputs.is_floating_point() else inputs.dtype

@@ -11,6 +11,12 @@ import asyncio
 import logging
 from typing import Any
 
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import exceptions as rx
+from ray.serve.exceptions import BackPressureError, RayServeException
+from starlette.exceptions import HTTPException
+
 log = logging.getLogger(__name__)
 
 
@@ -86,9 +92,6 @@ def timeout(seconds: float) -> APIError:
 
 
 def _ray_failure_types() -> tuple[type[BaseException], ...]:
-    from ray import exceptions as rx
-    from ray.serve.exceptions import RayServeException
-
     names = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ObjectLostError",
              "OwnerDiedError", "WorkerCrashedError", "NodeDiedError",
              "ObjectFetchTimedOutError", "ReferenceCountingAssertionError")
@@ -111,7 +114,6 @@ def to_api_error(exc: BaseException, *, timeout_s: float | None = None) -> APIEr
     if isinstance(exc, ReplicaUnhealthy):
         return unavailable(f"a model replica is unhealthy and being replaced ({exc}); retry "
                            "shortly")
-    from ray.serve.exceptions import BackPressureError
 
     if isinstance(exc, BackPressureError):
         return overloaded(f"the server is overloaded ({exc.message}); retry shortly")
@@ -133,10 +135,6 @@ def _first_line(exc: BaseException) -> str:
 
 def install_handlers(app) -> None:
     """Answer every error of a FastAPI app with an OpenAI error envelope."""
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from starlette.exceptions import HTTPException
-
     def respond(err: APIError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 

@@ -18,9 +18,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from PIL import Image
 from ray import serve
+from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
 from mova.decoding import DecodeParams
 from mova.typed_dict import from_dict
@@ -102,9 +105,6 @@ class Tickets:
 async def proxy_bind_host() -> str | None:
     """The host Serve's HTTP proxies bind (None if the controller cannot tell in time)."""
     try:
-        import ray
-        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
         controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
         config = await asyncio.wait_for(controller.get_http_config.remote(), timeout=10)
         return config.host
@@ -172,8 +172,6 @@ class MoVAIngress:
     async def ready(self) -> dict[str, Any]:
         """One tiny request through encoder, router, fusion and one answer token (experts
         are not woken: they may be scaled to zero on purpose)."""
-        from PIL import Image
-
         start = time.perf_counter()
         timeout_s = min(30.0, self.recipe.limits.request_timeout_s)
         conv = Conversation(turns=[{"from": "human", "value": "Is the server ready?"}],

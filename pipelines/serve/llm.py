@@ -18,10 +18,12 @@ from typing import Any
 from ray import serve
 
 from mova.decoding import DecodeParams
+from mova.routing_constraint import constrained_routing_params
 from pipelines.serve.batching import faults_enabled
 from pipelines.serve.deployments import apply_threads, load_serving_model, process_info
 from pipelines.serve.engine import DecodeEngine
 from pipelines.serve.errors import ReplicaUnhealthy
+from pipelines.serve.metrics import metric
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,6 @@ class LLMServer:
 
     def __init__(self, checkpoint: str, device: str = "auto",
                  constrained_routing: bool = True) -> None:
-        from mova.routing_constraint import constrained_routing_params
-
         self.model = load_serving_model(checkpoint, device, keep=("llm",))
         self.routing_params = constrained_routing_params(self.model, constrained_routing)
         self.engine = DecodeEngine(self.model.new_decoder)
@@ -98,8 +98,6 @@ class LLMServer:
                 yield event
 
     def info(self) -> dict[str, Any]:
-        from pipelines.serve.metrics import metric
-
         data = process_info("LLM")
         metric("resident_memory_bytes").set(data["rss_bytes"])
         return {**data, "batches": {"decode": self.engine.summary()}}

@@ -16,8 +16,13 @@ Outside a Ray worker (unit tests, the library) every recorder is a no-op.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
+
+import httpx
+import ray
+from ray.serve import metrics as sm
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +69,8 @@ def metric(name: str) -> Any:
         return _made[name]
     kind, description, tags, boundaries = _SPECS[name]
     try:
-        import ray
-
         if not ray.is_initialized():
             return _Null()
-        from ray.serve import metrics as sm
 
         full = PREFIX + name
         if kind == "counter":
@@ -120,8 +122,6 @@ def filter_families(text: str, prefixes: tuple[str, ...] = ("ray_" + PREFIX, PRE
 
 
 def _metrics_url() -> str | None:
-    import ray
-
     node_id = ray.get_runtime_context().get_node_id()
     node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), None)
     if node is None or not node.get("MetricsExportPort"):
@@ -131,10 +131,6 @@ def _metrics_url() -> str | None:
 
 async def node_metrics_text(timeout_s: float = 5.0) -> str:
     """Our families as this node's Ray metrics agent exports them (Prometheus text)."""
-    import asyncio
-
-    import httpx
-
     async with asyncio.timeout(timeout_s):
         url = await asyncio.to_thread(_metrics_url)
         if url is None:

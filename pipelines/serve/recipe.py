@@ -7,6 +7,8 @@ One typed dataclass tree: the checkpoint, HTTP address, request limits, and for 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import ipaddress
 import math
 import os
 from dataclasses import dataclass, field
@@ -286,8 +288,6 @@ class ServeRecipe:
 
 def is_loopback(host: str) -> bool:
     """Whether an HTTP bind address stays on this machine."""
-    import ipaddress
-
     if host == "localhost":
         return True
     try:
@@ -297,8 +297,6 @@ def is_loopback(host: str) -> bool:
 
 
 def _as_dict(obj: Any) -> Any:
-    import dataclasses
-
     return copy.deepcopy(dataclasses.asdict(obj))
 
 

@@ -20,6 +20,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
+import httpx
+
 from pipelines.serve.errors import APIError, bad_request
 
 log = logging.getLogger(__name__)
@@ -95,8 +97,6 @@ async def _checked_target(url: str, domains: Sequence[str],
 async def fetch_remote(url: str, *, domains: Sequence[str], max_bytes: int, timeout_s: float,
                        max_redirects: int = 0, resolver: Resolver = resolve) -> bytes:
     """Download an allowed http(s) image, at most ``max_bytes``, within ``timeout_s``."""
-    import httpx
-
     deadline = time.monotonic() + timeout_s
     try:
         async with asyncio.timeout(timeout_s):

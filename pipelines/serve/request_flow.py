@@ -17,9 +17,12 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from mova.builders import routing_descriptions
+from transformers import AutoTokenizer
+
+from mova.builders import ensure_image_token, routing_descriptions
 from mova.checkpoint import load_config, read_components
 from mova.config import MoVAConfig
 from mova.conversation import get_template, tokenize_conversation, validate_turns
@@ -27,8 +30,10 @@ from mova.decoding import DecodeParams
 from mova.experts.registry import resolve_expert
 from mova.routing import render_routing_prompt
 from mova.tokenizers import IMAGE_TOKEN
+from pipelines.common.checkpoint_store import local_checkpoint
 from pipelines.common.wire import MoVAInfo
 from pipelines.serve.errors import DeadlineExceeded, ReplicaUnhealthy, RequestError, bad_request
+from pipelines.serve.metrics import metric
 from pipelines.serve.openai_request import ChatRequest, Conversation, stop_list
 from pipelines.serve.recipe import ServeRecipe
 
@@ -72,13 +77,6 @@ class PromptChecker:
     length, pool and generation defaults (loaded from the checkpoint, no weights)."""
 
     def __init__(self, checkpoint: str, recipe: ServeRecipe) -> None:
-        from pathlib import Path
-
-        from transformers import AutoTokenizer
-
-        from mova.builders import ensure_image_token
-        from pipelines.common.checkpoint_store import local_checkpoint
-
         checkpoint = local_checkpoint(checkpoint)
         self.config: MoVAConfig = load_config(checkpoint)
         llm_dir = Path(checkpoint) / read_components(checkpoint)["llm"]
@@ -162,8 +160,6 @@ class Pipeline:
     async def vision(self, prep: Prepared, *, skip_experts: bool = False) -> Vision:
         """Encode, route (unless forced), run the routed experts in parallel, fuse.
         ``skip_experts`` (readiness probe) routes but fuses no expert."""
-        from pipelines.serve.metrics import metric
-
         deadline = prep.deadline
         marks = [time.perf_counter()]
         encoded = await call(self.adapter.encode.remote(

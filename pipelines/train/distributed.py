@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 
 def _group() -> Any:
-    import torch.distributed as dist
-
     return dist if dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
@@ -18,8 +19,6 @@ def world_size() -> int:
 
 
 def mean_across_ranks(value: float) -> float:
-    import torch
-
     dist = _group()
     if dist is None:
         return value
@@ -53,8 +52,6 @@ def routed_on_any_rank(inputs: dict, names: Sequence[str]) -> list[str]:
 
     Each rank then runs the adapter branches of exactly these experts, so the backward graphs
     and the order of gradient reductions match across ranks (ZeRO-2/3 need that)."""
-    import torch
-
     mask = inputs["expert_mask"].bool()
     if "routing_rows" in inputs:
         mask = mask & ~inputs["routing_rows"].bool()[:, None]

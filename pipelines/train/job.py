@@ -13,7 +13,17 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from mova.checkpoint import CheckpointError, load_config, read_components
 from pipelines.common import storage
+from pipelines.common.checkpoint_store import local_checkpoint
+from pipelines.common.manifests.scan import scan_manifest
+from pipelines.common.ray_init import worker_env
+from pipelines.common.tracking import tracking_target
+from pipelines.train.loop import train_loop
+from pipelines.train.order import batches_per_epoch
 from pipelines.train.recipe import TrainRecipe
 
 log = logging.getLogger(__name__)
@@ -46,9 +56,6 @@ class TrainResult:
 def check_inputs(recipe: TrainRecipe) -> str:
     """Fail early, naming the problem, and never overwrite a finished model; returns a local
     folder holding ``init_from`` (an s3:// checkpoint is downloaded once per node)."""
-    from mova.checkpoint import CheckpointError, load_config, read_components
-    from pipelines.common.checkpoint_store import local_checkpoint
-
     try:
         local = local_checkpoint(recipe.init_from)
         read_components(local)
@@ -73,8 +80,6 @@ def check_inputs(recipe: TrainRecipe) -> str:
 
 def optimizer_steps(valid_rows: int, recipe: TrainRecipe) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps) for ``valid_rows`` manifest rows."""
-    from pipelines.train.order import batches_per_epoch
-
     if valid_rows < recipe.num_workers:
         raise ValueError(f"{valid_rows} valid rows cannot feed {recipe.num_workers} workers")
     per_epoch = max(1, batches_per_epoch(valid_rows, recipe.num_workers, recipe.batch_size)
@@ -84,10 +89,6 @@ def optimizer_steps(valid_rows: int, recipe: TrainRecipe) -> tuple[int, int]:
 
 def run_train(recipe: TrainRecipe) -> TrainResult:
     """Run (or resume) one training run on Ray Train; returns what it did."""
-    from mova.checkpoint import load_config
-    from pipelines.common.manifests.scan import scan_manifest
-    from pipelines.common.tracking import tracking_target
-
     start = time.perf_counter()
     recipe = recipe.absolute()
     local = check_inputs(recipe)
@@ -128,12 +129,6 @@ def run_train(recipe: TrainRecipe) -> TrainResult:
 def _trainer(recipe: TrainRecipe, loop_config: dict[str, Any]) -> Any:
     """The TorchTrainer of a run: workers, storage, failures, checkpoints, environment (each
     worker reads its own rows of the manifest; see ``pipelines.train.loop.EpochData``)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipelines.common.ray_init import worker_env
-    from pipelines.train.loop import train_loop
-
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,

@@ -14,9 +14,37 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import deepspeed
+import ray
+import ray.train
+import torch
+import yaml
+from ray.train import Checkpoint
+
+from mova.checkpoint import write_file_list
+from mova.device import place
+from mova.factory import from_pretrained
+from mova.training import (
+    TrainableParts,
+    add_lora,
+    count_parameters,
+    enable_gradient_checkpointing,
+    merge_lora,
+    routing_stats,
+    set_stage,
+    trainable_parameters,
+    warmup_cosine,
+)
+from mova.typed_dict import from_dict
+from pipelines.common import storage
+from pipelines.common.batches import PrepareSpec, collate
+from pipelines.common.checkpoint_store import local_checkpoint, publish
+from pipelines.common.tracking import Tracker, flatten
+from pipelines.train.dataset import worker_dataset
 from pipelines.train.distributed import (
     broadcast_text,
     gather_text,
@@ -24,6 +52,7 @@ from pipelines.train.distributed import (
     routed_on_any_rank,
     world_size,
 )
+from pipelines.train.order import EpochOrder
 from pipelines.train.recipe import TrainRecipe
 
 log = logging.getLogger(__name__)
@@ -87,22 +116,6 @@ class Engine:
 def build_engine(recipe: TrainRecipe, total_steps: int) -> Engine:
     """Load the init checkpoint, apply the stage's freezing, LoRA and checkpointing rules,
     and wrap the trainable parts in DeepSpeed."""
-    import deepspeed
-    import torch
-
-    from mova.device import place
-    from mova.factory import from_pretrained
-    from mova.training import (
-        TrainableParts,
-        add_lora,
-        count_parameters,
-        enable_gradient_checkpointing,
-        set_stage,
-        trainable_parameters,
-        warmup_cosine,
-    )
-    from pipelines.common.checkpoint_store import local_checkpoint
-
     gpu = torch.cuda.is_available() and recipe.use_gpu
     bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and gpu)
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -131,15 +144,9 @@ def build_engine(recipe: TrainRecipe, total_steps: int) -> Engine:
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train entry point: one worker of a pretrain or SFT run."""
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import ray.train
-
-    from mova.typed_dict import from_dict
-
+    """Ray Train entry point: one worker of a pretrain or SFT run (its environment, set by the
+    job's ``worker_runtime_env``, chose DeepSpeed's accelerator before this module imported
+    it)."""
     recipe = from_dict(TrainRecipe, config["recipe"])
     total_steps = int(config["total_steps"])
     rank = ray.train.get_context().get_world_rank()
@@ -164,8 +171,6 @@ def train_loop(config: dict) -> None:
 
 def _resume(engine: Any, rank: int) -> tuple[RunState, bool]:
     """The run state of Ray Train's latest checkpoint (engine state loaded), or a fresh one."""
-    import ray.train
-
     state = RunState()
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
@@ -183,19 +188,14 @@ def _open_tracker(config: dict, recipe: TrainRecipe, parts: Engine, state: RunSt
                   rank: int, resumed: bool) -> Any:
     """Rank 0's MLflow run (a resumed run continues its own); every rank joins the node
     gather, a collective."""
-    import ray
-
     nodes = gather_text(ray.get_runtime_context().get_node_id())
     if rank != 0:
         return None
-    from pipelines.common.tracking import Tracker, flatten
 
     tracker = Tracker(config["tracking_uri"], recipe.mlflow.experiment,
                       config["artifact_root"], recipe.mlflow.run_name or recipe.name,
                       run_id=state.mlflow_run_id, system_metrics=recipe.mlflow.system_metrics)
     if state.mlflow_run_id is None:
-        import yaml
-
         tracker.log_text(yaml.safe_dump(config["recipe"], sort_keys=False), "recipe.yaml")
     state.mlflow_run_id = tracker.run_id
     trainable, total = parts.params
@@ -218,11 +218,6 @@ class EpochData:
     """This worker's prepared batches of an epoch, in the epoch order, from a batch on."""
 
     def __init__(self, config: dict, recipe: TrainRecipe, rank: int) -> None:
-        import ray.train
-
-        from pipelines.common.batches import PrepareSpec
-        from pipelines.common.checkpoint_store import local_checkpoint
-
         self.chunks = config["chunks"]
         self.batches = int(config["steps_per_epoch"]) * recipe.grad_accum
         self.recipe, self.rank = recipe, rank
@@ -233,9 +228,6 @@ class EpochData:
     def batches_from(self, epoch: int, first_batch: int, pool: list[str]) -> Any:
         """(batch index, batch) of the epoch from ``first_batch`` on; nothing before it is
         read or prepared."""
-        from pipelines.train.dataset import worker_dataset
-        from pipelines.train.order import EpochOrder
-
         recipe = self.recipe
         order = EpochOrder(seed=recipe.seed, epoch=epoch, world=self.world,
                            window_chunks=recipe.data.window_chunks, shuffle=recipe.data.shuffle)
@@ -291,8 +283,6 @@ class StepLoop:
 
     def micro_step(self, batch: dict, epoch: int, index: int) -> bool:
         """Forward and backward of one batch; True when it completed an optimizer step."""
-        from pipelines.common.batches import collate
-
         engine, names = self.parts.engine, self.parts.names
         if self.recipe.data.record_batches:
             self.seen.append({"epoch": epoch, "batch": index,
@@ -324,17 +314,12 @@ class StepLoop:
             self.state.epoch, self.state.batch = epoch, index + 1
             self._save(metrics)
         else:
-            import ray.train
-
             ray.train.report(metrics)
 
     def write_seen(self) -> None:
         """Record the sample ids of the batches since the last call (one small file)."""
         if not self.seen:
             return
-        import uuid
-
-        from pipelines.common import storage
 
         path = storage.join(self.recipe.storage_path, self.recipe.name, "batches",
                             f"rank{self.data.rank}-{uuid.uuid4().hex}.jsonl")
@@ -343,8 +328,6 @@ class StepLoop:
         self.seen = []
 
     def _metrics(self, inputs: dict, epoch: int) -> dict[str, float]:
-        from mova.training import routing_stats
-
         window, engine = self.window, self.parts.engine
         elapsed = time.perf_counter() - window.start
         grad_norm = engine.get_global_grad_norm()
@@ -360,9 +343,6 @@ class StepLoop:
         return metrics
 
     def _save(self, metrics: dict[str, float]) -> None:
-        import ray.train
-        from ray.train import Checkpoint
-
         if self.tracker is not None:
             self.tracker.flush()
         self.write_seen()
@@ -376,13 +356,6 @@ class StepLoop:
 def _export(recipe: TrainRecipe, parts: Engine, rank: int, tracker: Any, step: int,
             run_id: str, config: dict) -> None:
     """Write the self-describing model checkpoint (LoRA merged) from rank 0."""
-    import deepspeed
-
-    from mova.checkpoint import write_file_list
-    from mova.device import place
-    from mova.training import merge_lora
-    from pipelines.common.checkpoint_store import publish
-
     engine, model = parts.engine, parts.model
     gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()),
                                                 modifier_rank=0)

@@ -369,12 +369,11 @@ def test_template_override_is_checked(parts, tmp_path):
 
 
 def test_only_a_hub_id_is_downloaded(tmp_path, monkeypatch):
-    import huggingface_hub
-
+    from mova.convert import reference
     from mova.convert.reference import resolve_source
 
     calls = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+    monkeypatch.setattr(reference, "snapshot_download",
                         lambda repo: calls.append(repo) or str(tmp_path))
     assert resolve_source(tmp_path) == tmp_path and calls == []
     assert resolve_source("zongzhuofan/llama3-mova-8b") == tmp_path

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import ray
 
 from pipelines.common.manifests.rows import ManifestError, RowError
 from pipelines.common.manifests.stream import chunk_lines
@@ -60,8 +61,6 @@ def duplicates_across(chunks: Sequence[dict], files: Sequence[str],
                       pool: Sequence[str] | None) -> Iterator[dict]:
     """Stream every later row of a duplicated id (Ray must be up): ``id``, ``file``, ``line``,
     ``first_file``, ``first_line`` with files as paths."""
-    import ray
-
     index = {path: i for i, path in enumerate(files)}
     items = [{"chunk": json.dumps({**c, "file_index": index[c["path"]]})} for c in chunks]
     if not items:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.common import storage
@@ -81,10 +83,6 @@ def parquet_row(row: dict, line: int) -> dict | RowError:
 
 def manifest_files(uri: str) -> list[str]:
     """The data files of a manifest: the file itself, or a folder's parts in name order."""
-    import posixpath
-
-    import pyarrow.fs as pafs
-
     fs, path = storage.filesystem(uri)
     try:
         kind = fs.get_file_info(path).type

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 
 import pyarrow.parquet as pq
+import ray
 
 from pipelines.common import storage
+from pipelines.common.manifests import scan_cache
 from pipelines.common.manifests.chunks import Chunk, ManifestScan, RangeResult
 from pipelines.common.manifests.ids import duplicates_across, mark_duplicates
 from pipelines.common.manifests.rows import (
@@ -156,8 +159,6 @@ def shift_report_lines(part: str, lines_before: int) -> None:
 
 def write_report_part(folder: str, kind: str, records: list[dict]) -> str:
     """One JSON-lines part of a job's bad-row report, written atomically by a worker."""
-    import uuid
-
     path = storage.join(folder, f"{kind}-{uuid.uuid4().hex}.jsonl")
     storage.write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                             for r in records))
@@ -187,8 +188,6 @@ def scan_manifest(uri: str, *, pool: Sequence[str] | None = None,
     """Scan a manifest with Ray tasks (Ray must be up); the driver gets chunks and counts.
     With ``report`` (a folder), the tasks also write every bad row there. ``reuse``: take an
     earlier scan of the same, unchanged files on this node (:mod:`.scan_cache`)."""
-    from pipelines.common.manifests import scan_cache
-
     files = manifest_files(uri)
     key = scan_cache.scan_key(files, pool, chunk_rows, range_bytes) if reuse else None
     kept = scan_cache.load(key, uri)
@@ -201,8 +200,6 @@ def scan_manifest(uri: str, *, pool: Sequence[str] | None = None,
 
 def _scan(uri: str, files: list[str], pool: Sequence[str] | None, chunk_rows: int,
           range_bytes: int, report: str | None) -> ManifestScan:
-    import ray
-
     tasks = scan_tasks(files, range_bytes)
     remote = ray.remote(num_cpus=1)(scan_range)
     results = ray.get([remote.remote(t, list(pool) if pool else None, chunk_rows, report)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+import ray
 
 from pipelines.common import storage
 from pipelines.common.manifests.rows import ManifestError, RowError, parquet_row, parse_line
@@ -90,8 +91,6 @@ def _rows_of(batch: dict[str, np.ndarray], pool: list[str] | None,
 def manifest_dataset(scan: Any, *, pool: Sequence[str] | None = None,
                      skip_bad_rows: bool = False) -> Any:
     """A Ray Dataset of a scanned manifest's valid rows, in manifest order per chunk."""
-    import ray
-
     chunks, left = [], scan.row_limit
     for c in scan.chunks:
         if not c.valid or left == 0:
