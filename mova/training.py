@@ -8,7 +8,6 @@ Experts are never trained.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 
 import torch
@@ -78,20 +77,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def warmup_cosine(total_steps: int, warmup_ratio: float, min_lr_ratio: float = 0.0):
-    """LR multiplier: linear warmup then cosine decay to ``min_lr_ratio``."""
-    warmup = int(round(total_steps * warmup_ratio))
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        progress = min(max(progress, 0.0), 1.0)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def routing_stats(mask: torch.Tensor, names: Sequence[str]) -> dict[str, float]:

@@ -14,22 +14,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from mova.checkpoint import FILES, CheckpointError, check_complete, file_digest
 from pipelines.common import storage
+from pipelines.common.local_cache import cache_dir
 
 log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
-    """Where downloaded checkpoints live: ``$MOVA_CACHE/checkpoints`` (default
-    ``~/.cache/mova/checkpoints``)."""
-    base = os.environ.get("MOVA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mova")
-    return Path(base) / "checkpoints"
+    """Where downloaded checkpoints live: ``$MOVA_CACHE/checkpoints``."""
+    return cache_dir("checkpoints")
 
 
 def publish(local_dir: str | Path, uri: str) -> str:

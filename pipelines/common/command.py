@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -54,15 +55,20 @@ def command_line(stage: str | Sequence[str], config: str | None = None,
     if config:
         argv += ["--config", str(config)]
     if isinstance(overrides, Mapping):
-        argv += [f"{key}={_scalar(value)}" for key, value in overrides.items()]
+        argv += format_overrides(overrides)
     else:
         argv += [str(item) for item in overrides]
     return argv
 
 
+def format_overrides(values: Mapping[str, Any]) -> list[str]:
+    """``key=value`` overrides, each value a YAML scalar or flow collection."""
+    return [f"{key}={_scalar(value)}" for key, value in values.items()]
+
+
 def _scalar(value: Any) -> str:
-    if isinstance(value, str):
-        return value
+    if isinstance(value, str | os.PathLike):
+        return str(value)
     if value is None:
         return "null"
     if isinstance(value, bool):

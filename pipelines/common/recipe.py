@@ -14,7 +14,7 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
-from mova.typed_dict import apply_overrides, from_dict
+from mova.typed_dict import apply_overrides, deep_merge, from_dict
 from pipelines.common import storage
 from pipelines.common.ray_init import init_ray
 
@@ -76,10 +76,12 @@ class JobRecipe:
         address = self.ray.address or os.environ.get("RAY_ADDRESS")
         return bool(address and address != "local")
 
-    def start_ray(self) -> None:
-        """Join the recipe's cluster (or ``RAY_ADDRESS``), else start a private local Ray."""
+    def start_ray(self, runtime_env: dict[str, Any] | None = None) -> None:
+        """Join the recipe's cluster (or ``RAY_ADDRESS``), else start a private local Ray;
+        ``runtime_env`` applies to every worker of this driver's job."""
         init_ray(self.ray.address, num_cpus=self.ray.num_cpus,
-                 object_store_memory=self.ray.object_store_memory, temp_dir=self.ray.temp_dir)
+                 object_store_memory=self.ray.object_store_memory, temp_dir=self.ray.temp_dir,
+                 runtime_env=runtime_env)
 
 
 @dataclass
@@ -89,18 +91,20 @@ class TrackedRecipe(JobRecipe):
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
-def load_recipe(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
-    """Read a recipe YAML (optional), apply overrides, build and validate ``cls``."""
+def load_recipe(cls: type[T], path: str | Path | None, overrides: list[str] | None = None,
+                fields: dict[str, Any] | None = None) -> T:
+    """Read a recipe YAML (optional), lay ``fields`` over it, apply ``key=value`` overrides,
+    build and validate ``cls``."""
     data: dict[str, Any] = {}
     if path:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"recipe not found: {path}")
+            raise FileNotFoundError(f"recipe not found: {path.resolve()}")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"recipe {path} must hold a mapping at the top level")
         data = loaded
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(deep_merge(data, fields or {}), overrides or [])
     recipe = from_dict(cls, data)
     validate = getattr(recipe, "validate", None)
     return validate() if validate else recipe

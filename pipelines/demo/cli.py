@@ -13,8 +13,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from mova.factory import build_tiny_mova
-from pipelines.demo.lifecycle import DemoPlan, run_demo
-from pipelines.demo.real import RealPlan, run_real_demo
+from pipelines.demo.lifecycle import run_demo
+from pipelines.demo.plans import FULL, QUICK, REAL, REAL_QUICK
+from pipelines.demo.real import run_real_demo
 from pipelines.model.real_assets import MissingPackagesError
 
 DEFAULT_OUT = "outputs/demo"
@@ -56,27 +57,23 @@ def run(args: argparse.Namespace) -> int:
     if args.real:
         return run_real(args)
 
-    plan = DemoPlan.quick() if args.quick else DemoPlan()
-    plan.seed = args.seed
     try:
-        result = run_demo(args.out, plan, serve=not args.no_serve)
+        result = run_demo(args.out, QUICK if args.quick else FULL, seed=args.seed,
+                          serve=not args.no_serve)
     except KeyboardInterrupt:
         print("mova demo: interrupted (everything it started was stopped, see above)")
         return 130
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "out": result.out, "eval": result.eval, "served": result.served,
-            "labels": result.labels, "stopped": result.stopped, "seconds": result.seconds,
-            "steps_seconds": result.steps_seconds}, indent=2, default=str))
+        Path(args.json).write_text(json.dumps(dataclasses.asdict(result), indent=2,
+                                              default=str))
     return 0
 
 
 def run_real(args: argparse.Namespace) -> int:
-    plan = RealPlan.quick() if args.quick else RealPlan()
-    plan.seed = args.seed
     out = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT + "-real"
     try:
-        result = run_real_demo(out, plan, cache=args.cache)
+        result = run_real_demo(out, REAL_QUICK if args.quick else REAL, seed=args.seed,
+                               cache=args.cache)
     except MissingPackagesError as exc:
         print(f"mova demo --real: {exc}")
         return 2

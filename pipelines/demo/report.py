@@ -5,19 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.demo.session import RunRecord
+
 
 @dataclass
-class DemoResult:
+class DemoResult(RunRecord):
     """What the demo did; ``eval`` maps "untrained"/"trained" to per-benchmark scores."""
 
-    out: str
-    tracking_uri: str
-    steps_seconds: dict[str, float] = field(default_factory=dict)
     eval: dict[str, dict[str, Any]] = field(default_factory=dict)
     served: dict[str, Any] = field(default_factory=dict)
     labels: dict[str, float] = field(default_factory=dict)
-    stopped: list[str] = field(default_factory=list)
-    seconds: float = 0.0
 
     @property
     def trained_beats_untrained(self) -> bool:

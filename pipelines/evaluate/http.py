@@ -2,9 +2,9 @@
 
 Each question is one ``POST {endpoint}/v1/chat/completions`` (greedy: temperature 0) with the
 image as a base64 data URI; forced or labelled routing travels in the ``mova`` extension
-field, and the routing decision comes back in the response's ``mova`` field. 429/502/503/504
-answers and dropped connections are retried after ``Retry-After`` (or 1 s), up to
-``max_retries`` times.
+field, and the routing decision comes back in the response's ``mova`` field. Requests go
+through the official ``openai`` client, which retries overload answers (408/409/429/5xx) and
+dropped connections after ``Retry-After`` (or its own back-off), up to ``max_retries`` times.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import io
 import logging
 import os
 import re
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import openai
 from PIL import Image
 from pydantic import ValidationError
 
@@ -30,34 +30,36 @@ from pipelines.common.wire import MoVAInfo
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUS = (429, 502, 503, 504)
-MAX_RETRY_WAIT_S = 30.0
 _ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 _PLACEHOLDER = re.compile(r"\s*" + re.escape(IMAGE_TOKEN) + r"\s*")
 
 
-class EndpointError(RuntimeError):
-    """A request that failed for good (after retries, or with a non-retryable status)."""
-
-
-def api_headers(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+def openai_client(endpoint: str, api_key: str | None, *, timeout_s: float = 10.0,
+                  max_retries: int = 0, concurrency: int = 8,
+                  http_client: httpx.Client | None = None) -> openai.OpenAI:
+    """The official client for ``{endpoint}/v1``, sized for ``concurrency`` requests."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    return openai.OpenAI(base_url=endpoint.rstrip("/") + "/v1", api_key=api_key or "none",
+                         timeout=timeout_s, max_retries=max_retries,
+                         http_client=http_client or openai.DefaultHttpxClient(limits=limits))
 
 
 def check_endpoint(endpoint: str, api_key: str | None, timeout_s: float = 10.0) -> None:
     """Fail early, naming the endpoint, when it does not answer ``GET /v1/models``."""
-    url = endpoint.rstrip("/") + "/v1/models"
-    try:
-        response = httpx.get(url, headers=api_headers(api_key), timeout=timeout_s)
-    except httpx.HTTPError as exc:
-        raise ValueError(f"endpoint {endpoint} cannot be reached ({url}): "
-                         f"{type(exc).__name__}: {exc}") from exc
-    if response.status_code in (401, 403):
-        raise ValueError(f"endpoint {endpoint} refused the API key (HTTP "
-                         f"{response.status_code}); set api_key or the api_key_env variable")
-    if response.status_code != 200:
-        raise ValueError(f"endpoint {endpoint}: GET /v1/models answered HTTP "
-                         f"{response.status_code}; is it a MoVA (OpenAI-compatible) server?")
+    with openai_client(endpoint, api_key, timeout_s=timeout_s) as client:
+        try:
+            client.models.list()
+        except openai.APIConnectionError as exc:
+            raise ValueError(f"endpoint {endpoint} cannot be reached ({client.base_url}"
+                             f"models): {exc.__cause__ or exc}") from exc
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+            raise ValueError(f"endpoint {endpoint} refused the API key (HTTP "
+                             f"{exc.status_code}); set api_key or the api_key_env variable"
+                             ) from exc
+        except openai.APIStatusError as exc:
+            raise ValueError(f"endpoint {endpoint}: GET /v1/models answered HTTP "
+                             f"{exc.status_code}; is it a MoVA (OpenAI-compatible) server?"
+                             ) from exc
 
 
 def image_data_uri(data: bytes) -> str:
@@ -85,64 +87,31 @@ def to_messages(turns: Sequence[dict], image_uri: str) -> list[dict[str, Any]]:
     return messages
 
 
-def _retry_after(response: httpx.Response | None) -> float:
-    raw = response.headers.get("Retry-After") if response is not None else None
-    try:
-        return min(MAX_RETRY_WAIT_S, max(0.0, float(raw))) if raw is not None else 1.0
-    except ValueError:
-        return 1.0
+def _failure(exc: openai.APIError) -> str:
+    if isinstance(exc, openai.APIStatusError):
+        body = exc.body if isinstance(exc.body, dict) else {}
+        message = body.get("message") or exc.response.text[:200]
+        return f"HTTP {exc.status_code}: {message}"
+    return f"{type(exc).__name__}: {exc.__cause__ or exc}"
 
 
-def _error_message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
-    except ValueError:
-        message = None
-    return f"HTTP {response.status_code}: {message or response.text[:200]}"
-
-
-def post_chat(client: httpx.Client, url: str, body: dict[str, Any], max_retries: int,
-              sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
-    """POST one chat completion; retries overload answers and dropped connections."""
-    for attempt in range(max_retries + 1):
-        response = None
-        try:
-            response = client.post(url, json=body)
-        except httpx.TransportError as exc:
-            if attempt == max_retries:
-                raise EndpointError(f"{type(exc).__name__}: {exc}") from exc
-        else:
-            if response.status_code == 200:
-                return response.json()
-            if response.status_code not in RETRY_STATUS or attempt == max_retries:
-                raise EndpointError(_error_message(response))
-        wait = _retry_after(response)
-        log.debug("retrying %s in %.1f s (attempt %d)", url, wait, attempt + 1)
-        sleep(wait)
-    raise AssertionError("unreachable")
-
-
-def ask_endpoint(client: httpx.Client, endpoint: str, *, model: str, image: str,
-                 turns: Sequence[dict], experts: list[str] | None, max_new_tokens: int,
-                 max_retries: int) -> dict[str, Any]:
+def ask_endpoint(client: openai.OpenAI, *, model: str, image: str, turns: Sequence[dict],
+                 experts: list[str] | None, max_new_tokens: int) -> dict[str, Any]:
     """One question -> ``{prediction, experts, routing_reply, forced, error, pool}``."""
     try:
         uri = image_data_uri(storage.read_bytes(image))
     except (ImageError, OSError, ValueError) as exc:
         return {"error": f"image {image}: {exc}"}
-    body: dict[str, Any] = {"model": model, "messages": to_messages(turns, uri),
-                            "max_tokens": max_new_tokens, "temperature": 0}
-    if experts is not None:
-        body["mova"] = {"experts": list(experts)}
+    extra = None if experts is None else {"mova": {"experts": list(experts)}}
     try:
-        reply = post_chat(client, endpoint.rstrip("/") + "/v1/chat/completions", body,
-                          max_retries)
-    except EndpointError as exc:
-        return {"error": f"request: {exc}"}
+        reply = client.chat.completions.create(
+            model=model, messages=to_messages(turns, uri), max_tokens=max_new_tokens,
+            temperature=0, extra_body=extra)
+    except openai.APIError as exc:
+        return {"error": f"request: {_failure(exc)}"}
     try:
-        text = reply["choices"][0]["message"]["content"] or ""
-    except (KeyError, IndexError, TypeError):
+        text = reply.choices[0].message.content or ""
+    except (AttributeError, IndexError, TypeError):
         return {"error": f"request: unexpected response {str(reply)[:200]}"}
     try:
         ext = MoVAInfo.from_response(reply)  # None from a plain OpenAI-compatible server
@@ -160,13 +129,13 @@ def predict_http(endpoint: str, items: Sequence[dict[str, Any]], *, model: str,
                  timeout_s: float, max_retries: int) -> list[dict[str, Any]]:
     """Ask every item (``image``, ``turns``, ``experts``) with at most ``concurrency`` requests
     in flight; results in item order. Raises when every request failed."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    with httpx.Client(timeout=timeout_s, headers=api_headers(api_key), limits=limits) as client, \
-            ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="mova-eval") as pool:
+    client = openai_client(endpoint, api_key, timeout_s=timeout_s, max_retries=max_retries,
+                           concurrency=concurrency)
+    with client, ThreadPoolExecutor(max_workers=concurrency,
+                                    thread_name_prefix="mova-eval") as pool:
         results = list(pool.map(lambda it: ask_endpoint(
-            client, endpoint, model=model, image=it["image"], turns=it["turns"],
-            experts=it["experts"], max_new_tokens=max_new_tokens, max_retries=max_retries),
-            items))
+            client, model=model, image=it["image"], turns=it["turns"],
+            experts=it["experts"], max_new_tokens=max_new_tokens), items))
     failed = [r["error"] for r in results if (r.get("error") or "").startswith("request:")]
     if failed and len(failed) == len(results):
         raise RuntimeError(f"endpoint {endpoint}: all {len(results)} requests failed; first: "

@@ -26,7 +26,6 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -49,6 +48,7 @@ from mova.convert.onnx_dinov2 import (
     compare_dinov2_with_onnx,
 )
 from mova.factory import tiny_config
+from pipelines.common.local_cache import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +161,8 @@ def _source_file(dist: str, relative: str) -> Path:
 
 # ---- cache bookkeeping -----------------------------------------------------------------------
 def default_cache_dir() -> Path:
-    """``$MOVA_CACHE/real`` when ``MOVA_CACHE`` is set, else ``~/.cache/mova/real``."""
-    root = os.environ.get("MOVA_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "mova") / "real"
+    """``$MOVA_CACHE/real`` (default ``~/.cache/mova/real``)."""
+    return cache_dir("real")
 
 
 def folder_bytes(path: Path) -> int:

@@ -19,9 +19,8 @@ from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from mova.checkpoint import load_config
-from mova.typed_dict import apply_overrides, from_dict
 from pipelines.common.checkpoint_store import local_checkpoint
-from pipelines.common.ray_init import init_ray
+from pipelines.common.recipe import load_recipe
 from pipelines.serve.deployments import AdapterServer, ExpertServer
 from pipelines.serve.ingress import MoVAIngress
 from pipelines.serve.llm import LLMServer
@@ -38,8 +37,7 @@ def expert_deployment_name(expert: str) -> str:
 
 
 def _absolute(recipe: ServeRecipe) -> ServeRecipe:
-    if "://" not in recipe.checkpoint:
-        recipe.checkpoint = str(Path(recipe.checkpoint).expanduser().resolve())
+    recipe = recipe.absolute()
     recipe.limits.allowed_image_dirs = [str(Path(d).expanduser().resolve())
                                         for d in recipe.limits.allowed_image_dirs]
     return recipe
@@ -76,29 +74,11 @@ def recipe_from_args(args: dict[str, Any] | ServeRecipe) -> ServeRecipe:
     data = dict(args)
     config = data.pop("config", None)
     overrides = data.pop("overrides", None) or []
-    if config is None:
-        if overrides:
-            raise ValueError("serve args: 'overrides' needs 'config' (a recipe file)")
-        return from_dict(ServeRecipe, data)
-
+    if config is None and overrides:
+        raise ValueError("serve args: 'overrides' needs 'config' (a recipe file)")
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ValueError("serve args: 'overrides' must be a list of 'key=value' strings")
-    path = Path(config)
-    if not path.is_file():
-        raise FileNotFoundError(f"serve args: recipe file not found: {path.resolve()}")
-    loaded = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(loaded, dict):
-        raise ValueError(f"recipe {path} must hold a mapping at the top level")
-    recipe = from_dict(ServeRecipe, apply_overrides(_merged(loaded, data), overrides))
-    return recipe.validate()
-
-
-def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _merged(out[key], value) if both else value
-    return out
+    return load_recipe(ServeRecipe, config, overrides, fields=data)
 
 
 def build_app(args: dict[str, Any] | ServeRecipe):
@@ -186,10 +166,8 @@ def serve_forever(recipe: ServeRecipe, stop: threading.Event | None = None) -> N
     """`mova serve`: start Ray (or join ``ray.address``), deploy, block until interrupted or
     ``stop`` is set, then shut down: the whole private Ray, or only this app on a cluster."""
     recipe.validate()
-    joined = bool(recipe.ray.address and recipe.ray.address != "local")
-    init_ray(recipe.ray.address, num_cpus=recipe.ray.num_cpus,
-             object_store_memory=recipe.ray.object_store_memory, temp_dir=recipe.ray.temp_dir,
-             runtime_env=(recipe.runtime_env or None) if joined else None)
+    joined = recipe.joins_cluster()
+    recipe.start_ray(runtime_env=(recipe.runtime_env or None) if joined else None)
     stop = stop or threading.Event()
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if main else None

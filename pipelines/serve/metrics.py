@@ -22,6 +22,8 @@ from typing import Any
 
 import httpx
 import ray
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from ray.serve import metrics as sm
 
 log = logging.getLogger(__name__)
@@ -111,14 +113,23 @@ def stage_metrics(stage: str) -> StageMetrics:
     return StageMetrics(stage)
 
 
+class _Families:
+    """A collector that yields already-parsed metric families (to print them again)."""
+
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
+
+    def collect(self) -> Any:
+        return iter(self.families)
+
+
 def filter_families(text: str, prefixes: tuple[str, ...] = ("ray_" + PREFIX, PREFIX)) -> str:
-    """The lines of a Prometheus exposition that belong to our families."""
-    keep = []
-    for line in text.splitlines():
-        body = line.split(" ", 2)[2] if line.startswith(("# HELP ", "# TYPE ")) else line
-        if body.startswith(prefixes):
-            keep.append(line)
-    return "\n".join(keep) + ("\n" if keep else "")
+    """The families of a Prometheus exposition whose names start with ``prefixes``, as
+    Prometheus text again (parsed and written by ``prometheus_client``)."""
+    kept = [f for f in text_string_to_metric_families(text) if f.name.startswith(prefixes)]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(kept))
+    return generate_latest(registry).decode()
 
 
 def _metrics_url() -> str | None:

@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from mova.typed_dict import from_dict
-from pipelines.common.recipe import RayConfig
+from mova.typed_dict import deep_merge, from_dict
+from pipelines.common.recipe import JobRecipe
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -157,7 +157,7 @@ class ExpertsRecipe:
         extra = self.overrides.get(name) or {}
         if not isinstance(extra, dict):
             raise ValueError(f"experts.overrides.{name} must be a mapping")
-        merged = _merge(base, extra)
+        merged = deep_merge(base, extra)
         recipe = from_dict(DeploymentRecipe, merged, prefix=f"experts.overrides.{name}")
         recipe.validate(f"experts.overrides.{name}")
         return recipe
@@ -209,8 +209,11 @@ class LimitsRecipe:
 
 
 @dataclass
-class ServeRecipe:
+class ServeRecipe(JobRecipe):
     """`mova serve`: an OpenAI-compatible MoVA endpoint on Ray Serve."""
+
+    kind = "serve"
+    paths = ("checkpoint",)
 
     checkpoint: str = ""
     model_name: str = "mova"
@@ -232,11 +235,9 @@ class ServeRecipe:
         max_batch_size=16, max_ongoing_requests=64, max_queued_requests=128))
     experts: ExpertsRecipe = field(default_factory=ExpertsRecipe)
     runtime_env: dict[str, Any] = field(default_factory=dict)
-    ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> ServeRecipe:
-        if not self.checkpoint:
-            raise ValueError("serve recipe: checkpoint must be set")
+        self.require("checkpoint")
         if not self.model_name or not self.app_name:
             raise ValueError("serve recipe: model_name and app_name must be non-empty")
         if not 0 < self.port < 65536:
@@ -298,16 +299,6 @@ def is_loopback(host: str) -> bool:
 
 def _as_dict(obj: Any) -> Any:
     return copy.deepcopy(dataclasses.asdict(obj))
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def recipe_dict(recipe: ServeRecipe) -> dict[str, Any]:

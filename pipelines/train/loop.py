@@ -24,6 +24,7 @@ import ray.train
 import torch
 import yaml
 from ray.train import Checkpoint
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from mova.checkpoint import write_file_list
 from mova.device import place
@@ -37,7 +38,6 @@ from mova.training import (
     routing_stats,
     set_stage,
     trainable_parameters,
-    warmup_cosine,
 )
 from mova.typed_dict import from_dict
 from pipelines.common import storage
@@ -130,9 +130,9 @@ def build_engine(recipe: TrainRecipe, total_steps: int) -> Engine:
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=recipe.optim.lr,
                                   betas=tuple(recipe.optim.betas),
                                   weight_decay=recipe.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, recipe.optim.warmup_ratio,
-                                 recipe.optim.min_lr_ratio))
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=int(round(total_steps * recipe.optim.warmup_ratio)),
+        num_training_steps=total_steps, min_lr_rate=recipe.optim.min_lr_ratio)
     _skip_shm_build()
     engine, _, _, scheduler = deepspeed.initialize(
         model=TrainableParts(model), optimizer=optimizer, lr_scheduler=scheduler,

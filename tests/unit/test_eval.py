@@ -12,7 +12,7 @@ import pytest
 from pipelines.cli import build_parser
 from pipelines.common.manifests.validate import check_row, read_rows, write_manifest
 from pipelines.data.benchmarks import convert_gqa
-from pipelines.evaluate.http import EndpointError, ask_endpoint, post_chat, to_messages
+from pipelines.evaluate.http import ask_endpoint, openai_client, to_messages
 from pipelines.evaluate.items import item_of
 from pipelines.evaluate.job import run_eval
 from pipelines.evaluate.recipe import BenchmarkSpec, EvalRecipe
@@ -366,36 +366,48 @@ def test_to_messages_moves_the_image_out_of_the_text():
                             {"role": "user", "content": "Colour?"}]
 
 
-def test_post_chat_retries_overload_then_succeeds():
-    answers = [httpx.Response(503, headers={"Retry-After": "2"}, text="busy"),
-               httpx.Response(200, json={"choices": [{"message": {"content": "ok"}}]})]
-    seen, waits = [], []
+def _client(handler, max_retries: int = 0):
+    return openai_client("http://x/", None, max_retries=max_retries,
+                         http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+
+
+def test_overload_is_retried_after_retry_after_by_the_openai_client(tmp_path, png_file):
+    image = str(png_file(tmp_path / "a.png"))
+    turns = [{"from": "human", "value": "<image>\nColour?"}]
+    answers = [httpx.Response(503, headers={"retry-after-ms": "20"}, text="busy"),
+               httpx.Response(200, json={"id": "c", "object": "chat.completion", "created": 0,
+                                         "model": "mova", "choices": [{
+                                             "index": 0, "finish_reason": "stop",
+                                             "message": {"role": "assistant",
+                                                         "content": "ok"}}]})]
+    seen = []
 
     def handler(request):
-        seen.append(json.loads(request.content))
+        seen.append(request.url.path)
         return answers.pop(0)
 
-    client = httpx.Client(transport=httpx.MockTransport(handler))
-    body = {"model": "m", "messages": []}
-    reply = post_chat(client, "http://x/v1/chat/completions", body, 3, sleep=waits.append)
-    assert reply["choices"][0]["message"]["content"] == "ok"
-    assert waits == [2.0] and len(seen) == 2
+    out = ask_endpoint(_client(handler, max_retries=3), model="m", image=image, turns=turns,
+                       experts=None, max_new_tokens=4)
+    assert out["prediction"] == "ok" and out["error"] is None
+    assert seen == ["/v1/chat/completions"] * 2
 
     def refuse(request):
-        return httpx.Response(400, json={"error": {"message": "bad field"}})
+        seen.append("refused")
+        return httpx.Response(400, json={"error": {"message": "bad field", "type": "x"}})
 
-    client = httpx.Client(transport=httpx.MockTransport(refuse))
-    with pytest.raises(EndpointError, match="HTTP 400: bad field"):
-        post_chat(client, "http://x", body, 3, sleep=waits.append)
+    seen.clear()
+    out = ask_endpoint(_client(refuse, max_retries=3), model="m", image=image, turns=turns,
+                       experts=None, max_new_tokens=4)
+    assert out["error"] == "request: HTTP 400: bad field" and seen == ["refused"]
 
     def always_busy(request):
-        return httpx.Response(503)
+        seen.append("busy")
+        return httpx.Response(503, headers={"retry-after-ms": "5"})
 
-    client = httpx.Client(transport=httpx.MockTransport(always_busy))
-    waits.clear()
-    with pytest.raises(EndpointError, match="HTTP 503"):
-        post_chat(client, "http://x", body, 2, sleep=waits.append)
-    assert waits == [1.0, 1.0]
+    seen.clear()
+    out = ask_endpoint(_client(always_busy, max_retries=2), model="m", image=image,
+                       turns=turns, experts=None, max_new_tokens=4)
+    assert out["error"].startswith("request: HTTP 503") and seen == ["busy"] * 3
 
 
 def test_ask_endpoint_sends_image_and_routing(tmp_path, png_file):
@@ -405,14 +417,16 @@ def test_ask_endpoint_sends_image_and_routing(tmp_path, png_file):
     def handler(request):
         sent.append(json.loads(request.content))
         return httpx.Response(200, json={
-            "choices": [{"message": {"content": " Green "}}],
+            "id": "c", "object": "chat.completion", "created": 0, "model": "mova",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": " Green "}}],
             "mova": {"experts": ["vary"], "forced": True, "routing_reply": None,
                      "pool": ["vary", "sam"], "vision_ms": 3.5}})
 
-    client = httpx.Client(transport=httpx.MockTransport(handler))
+    client = _client(handler)
     turns = [{"from": "human", "value": "<image>\nColour?"}]
-    out = ask_endpoint(client, "http://x/", model="mova", image=image, turns=turns,
-                       experts=["vary"], max_new_tokens=7, max_retries=0)
+    out = ask_endpoint(client, model="mova", image=image, turns=turns, experts=["vary"],
+                       max_new_tokens=7)
     assert out == {"prediction": "Green", "experts": ["vary"], "routing_reply": None,
                    "forced": True, "pool": ["vary", "sam"], "error": None}
     body = sent[0]
@@ -422,8 +436,8 @@ def test_ask_endpoint_sends_image_and_routing(tmp_path, png_file):
     assert url.startswith("data:image/png;base64,")
     broken = tmp_path / "bad.png"
     broken.write_bytes(b"junk")
-    out = ask_endpoint(client, "http://x", model="mova", image=str(broken), turns=turns,
-                       experts=None, max_new_tokens=7, max_retries=0)
+    out = ask_endpoint(client, model="mova", image=str(broken), turns=turns, experts=None,
+                       max_new_tokens=7)
     assert out["error"].startswith(f"image {broken}: ") and len(sent) == 1
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.demo.real import EASYVQA_LABEL, RealPlan, build_data, report
+from pipelines.data.synth import SynthRecipe
+from pipelines.demo.real import EASYVQA_LABEL, build_data, report
 
 pytest.importorskip("easy_vqa", reason="easy-VQA ships in the easy-vqa package "
                                        "(make setup installs it)")
@@ -20,8 +21,9 @@ def _rows(path: str) -> list[dict]:
 def test_mova_and_base_only_manifests_hold_the_same_answers(tmp_path):
     from pipelines.common.manifests.validate import load_manifest
 
-    plan = RealPlan(train_questions=40, test_questions=12, synth_per_domain=2, routing_samples=4)
-    data = build_data(tmp_path, plan)
+    synth = SynthRecipe(out=str(tmp_path / "data"), per_domain=2, test_per_domain=1,
+                        image_size=64, routing_samples=4)
+    data = build_data(synth, train_questions=40, test_questions=12)
     mova, base, test = _rows(data["mova"]), _rows(data["base"]), _rows(data["test"])
     easy = [r for r in mova if r.get("domain") == "easyvqa"]
     assert len(easy) == 40 and all(r["experts"] == EASYVQA_LABEL for r in easy)

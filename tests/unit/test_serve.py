@@ -168,3 +168,34 @@ def test_app_args_name_a_recipe_file_as_a_rayservice_does(tmp_path, monkeypatch)
         recipe_from_args({"config": "jobs/serve.yaml", "overrides": "port=1"})
     with pytest.raises(ValueError, match="unknown config key.*prot"):
         recipe_from_args({"config": "jobs/serve.yaml", "checkpoint": "c", "prot": 1})
+
+
+def test_metrics_view_keeps_only_our_families():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pipelines.serve.metrics import filter_families
+
+    text = """# HELP ray_mova_requests_total Chat completion requests by HTTP status
+# TYPE ray_mova_requests_total counter
+ray_mova_requests_total{status="200",Version="2.60.0"} 3.0
+ray_mova_requests_total{status="503",Version="2.60.0"} 1.0
+# HELP ray_node_cpu_utilization Total CPU usage
+# TYPE ray_node_cpu_utilization gauge
+ray_node_cpu_utilization{ip="127.0.0.1"} 12.5
+# HELP ray_mova_step_seconds Duration of one batch
+# TYPE ray_mova_step_seconds histogram
+ray_mova_step_seconds_bucket{stage="decode",le="0.1"} 2.0
+ray_mova_step_seconds_bucket{stage="decode",le="+Inf"} 3.0
+ray_mova_step_seconds_count{stage="decode"} 3.0
+ray_mova_step_seconds_sum{stage="decode"} 0.42
+"""
+    kept = filter_families(text)
+    families = {f.name: f for f in text_string_to_metric_families(kept)}
+    assert set(families) == {"ray_mova_requests", "ray_mova_step_seconds"}
+    requests = {s.labels["status"]: s.value for s in families["ray_mova_requests"].samples}
+    assert requests == {"200": 3.0, "503": 1.0}
+    steps = {(s.name, s.labels.get("le")): s.value
+             for s in families["ray_mova_step_seconds"].samples}
+    assert steps[("ray_mova_step_seconds_sum", None)] == 0.42
+    assert steps[("ray_mova_step_seconds_bucket", "+Inf")] == 3.0
+    assert "cpu_utilization" not in kept and filter_families("") == ""

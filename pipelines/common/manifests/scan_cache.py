@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipelines.common import storage
+from pipelines.common.local_cache import cache_dir
 from pipelines.common.manifests.chunks import Chunk, ManifestScan
 from pipelines.common.manifests.rows import RowError
 
@@ -24,12 +25,11 @@ log = logging.getLogger(__name__)
 VERSION = 1
 
 
-def cache_dir() -> Path:
-    """``$MOVA_SCAN_CACHE``, else ``$MOVA_CACHE/scans`` (default ``~/.cache/mova/scans``)."""
+def scan_dir() -> Path:
+    """``$MOVA_SCAN_CACHE``, else ``$MOVA_CACHE/scans``."""
     if os.environ.get("MOVA_SCAN_CACHE"):
         return Path(os.environ["MOVA_SCAN_CACHE"])
-    base = os.environ.get("MOVA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mova")
-    return Path(base) / "scans"
+    return cache_dir("scans")
 
 
 def scan_key(files: Sequence[str], pool: Sequence[str] | None, chunk_rows: int,
@@ -51,7 +51,7 @@ def load(key: str | None, uri: str) -> ManifestScan | None:
     """The kept scan for ``key``, or None."""
     if key is None:
         return None
-    path = cache_dir() / f"{key}.json"
+    path = scan_dir() / f"{key}.json"
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -69,7 +69,7 @@ def save(key: str | None, scan: ManifestScan) -> None:
     """Keep ``scan`` (atomically; a failure to write only loses the reuse)."""
     if key is None:
         return
-    folder = cache_dir()
+    folder = scan_dir()
     data = {"chunks": [c.to_dict() for c in scan.chunks], "rows": scan.rows,
             "valid": scan.valid, "error_count": scan.error_count,
             "errors": [asdict(e) for e in scan.errors]}

@@ -1,0 +1,77 @@
+"""What a demo changes in the `jobs/` recipes: one small, visible override set per plan.
+
+Every step of a demo loads its recipe from ``jobs/<job>.yaml`` exactly as the separate
+commands do (``mova train --config jobs/pretrain.yaml ...``). A plan only sizes the run for a
+2-core machine and a few minutes; the session adds where the run's files go
+(:mod:`pipelines.demo.session`). The overrides are printed with each step, so what the demo ran
+can be re-run by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# Training a 0.9M-parameter, randomly initialised MoVA for tens of steps: ten times the
+# recipes' learning rate (written for pretrained LLMs), a longer warm-up, and half a CPU per
+# worker so that two workers and the Ray Data tasks feeding them fit on 2 cores.
+TINY_TRAINING = ("optim.lr=2.0e-3", "optim.warmup_ratio=0.1", "optim.min_lr_ratio=0.1",
+                 "cpus_per_worker=0.5", "keep_checkpoints=1")
+# The real small weights: LoRA on the pretrained LLM plus the adapter, on 2 cores.
+REAL_TRAINING = ("optim.lr=3.0e-4", "optim.warmup_ratio=0.05", "optim.min_lr_ratio=0.1",
+                 "cpus_per_worker=0.5", "keep_checkpoints=1", "lora.enabled=true")
+
+
+def _train(steps: int, batch_size: int, base: tuple[str, ...], log_every: int) -> tuple[str, ...]:
+    return (f"max_steps={steps}", f"batch_size={batch_size}", f"checkpoint_every={steps}",
+            f"log_every={log_every}", *base)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One demo size: ``jobs`` maps a recipe (``jobs/<name>.yaml``) to its overrides;
+    ``sizes`` holds the few numbers that are no recipe field (sampled data, image size)."""
+
+    name: str
+    jobs: Mapping[str, tuple[str, ...]]
+    sizes: Mapping[str, int] = field(default_factory=dict)
+
+    def overrides(self, job: str) -> tuple[str, ...]:
+        return tuple(self.jobs.get(job, ()))
+
+    def value(self, job: str, key: str) -> str:
+        """The plan's value of ``key`` in ``job`` (e.g. the step count a progress line shows)."""
+        for item in self.overrides(job):
+            name, _, value = item.partition("=")
+            if name == key:
+                return value
+        raise KeyError(f"plan {self.name!r} sets no {key} for {job}")
+
+
+FULL = Plan("full", {
+    "synth": ("per_domain=40", "test_per_domain=10", "routing_samples=32", "image_size=64"),
+    "features": ("experts=all", "dtype=float32", "batch_size=32"),
+    "pretrain": _train(40, 8, TINY_TRAINING, 4),
+    "labels": ("batch_size=16",),
+    "sft": _train(160, 8, TINY_TRAINING, 16),
+    "eval": ("max_new_tokens=12", "batch_size=16"),
+})
+QUICK = Plan("quick", {
+    **FULL.jobs,
+    "synth": ("per_domain=12", "test_per_domain=10", "routing_samples=8", "image_size=64"),
+    "pretrain": _train(8, 8, TINY_TRAINING, 1),
+    "sft": _train(100, 8, TINY_TRAINING, 10),
+    "eval": ("max_new_tokens=8", "batch_size=16"),
+})
+REAL = Plan("real", {
+    "synth": ("per_domain=16", "test_per_domain=1", "routing_samples=32", "image_size=64"),
+    "features": ("experts=label", "dtype=float32", "batch_size=16"),
+    "sft": _train(80, 4, REAL_TRAINING, 6),
+    "eval": ("max_new_tokens=4", "batch_size=16"),
+}, sizes={"train_questions": 480, "test_questions": 200, "image_size": 224})
+REAL_QUICK = Plan("real-quick", {
+    **REAL.jobs,
+    "synth": ("per_domain=2", "test_per_domain=1", "routing_samples=4", "image_size=64"),
+    "sft": _train(2, 2, REAL_TRAINING, 1),
+}, sizes={"train_questions": 16, "test_questions": 8, "image_size": 224})
+PLANS = {p.name: p for p in (FULL, QUICK, REAL, REAL_QUICK)}
