@@ -117,6 +117,21 @@ def check_complete(path: str | Path) -> dict:
     return listing
 
 
+def part_bytes(path: str | Path, prefix: str = "") -> int:
+    """Bytes of a checkpoint's files under ``prefix`` (``""``: all of it; ``"llm/"``,
+    ``"experts/dinov2/"``), from its file list; an expert stored by reference counts its
+    local folder (a hub id counts nothing)."""
+    root = Path(path)
+    files = check_complete(root)["files"]
+    total = sum(meta["bytes"] for name, meta in files.items() if name.startswith(prefix))
+    if prefix.startswith("experts/"):
+        entry = read_components(root)["experts"].get(prefix.split("/")[1], {})
+        reference = Path(str(entry.get("reference") or "")).expanduser()
+        if entry.get("reference") and reference.is_dir():
+            total += sum(f.stat().st_size for f in reference.rglob("*") if f.is_file())
+    return total
+
+
 def read_components(path: str | Path) -> dict:
     path = Path(path)
     check_complete(path)

@@ -43,7 +43,7 @@ from pipelines.bench.harness import machine_info, markdown_table
 from pipelines.bench.train import fill_cache
 from pipelines.common import storage
 from pipelines.common.batches import PrepareSpec, prepare_rows
-from pipelines.common.feature_cache import FeatureCache, feature_bytes
+from pipelines.common.feature_cache import FeatureCache, feature_bytes, shard_file
 from pipelines.common.manifests.scan import scan_manifest
 from pipelines.common.manifests.stream import manifest_dataset
 from pipelines.common.manifests.validate import load_manifest, resolve_image
@@ -247,7 +247,7 @@ def amplification_step(root: Path, expert: str = "dinov2", images: int = 64,
     shards = {index.shards[index.shard[p]] for p in index.find(wanted)}
     folder = storage.join(reader.folder(expert, "full"), "shards")
     start = time.perf_counter()
-    whole = sum(len(storage.read_bytes(storage.join(folder, f"{s}.bin"))) for s in shards)
+    whole = sum(len(storage.read_bytes(storage.join(folder, shard_file(s)))) for s in shards)
     whole_s = time.perf_counter() - start
     served = batch * feature_bytes(tokens, channels, "float16")
     return Amplification(expert, tokens, channels, batch, len(shards),

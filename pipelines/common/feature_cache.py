@@ -3,9 +3,11 @@
 Layout under the cache root (a local folder or an s3:// prefix)::
 
     <expert>/<key>/expert.json             what the key stands for (written once)
-    <expert>/<key>/shards/<id>.bin         features of a batch of images, back to back
+    <expert>/<key>/shards/<id>.safetensors features of a batch of images, one tensor per image
+                                           hash (a plain safetensors file)
     <expert>/<key>/index/<id>.parquet      one entry per image of shard <id>: image_hash,
-                                           shard, offset, length, tokens, channels, dtype
+                                           shard, offset and length of the tensor's bytes in
+                                           the file, tokens, channels, dtype
     <expert>/<key>/index/compact-<id>.parquet  many index parts merged into one
 
 ``key`` changes whenever the expert's build recipe or weights change
@@ -31,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from safetensors.torch import save as save_tensors
 
 from pipelines.common import storage
 
@@ -48,22 +51,34 @@ INDEX_SCHEMA = pa.schema([
     ("dtype", pa.string()),
 ])
 COMPACT_PREFIX = "compact-"
+SHARD_SUFFIX = ".safetensors"
 
 
-def tensor_to_bytes(t: torch.Tensor, dtype: str) -> bytes:
-    t = t.detach().to("cpu", STORAGE_DTYPES[dtype]).contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().tobytes()
-    return t.numpy().tobytes()
+def shard_file(shard: str) -> str:
+    """The file name of an index entry's shard (entries of caches written before shards were
+    safetensors files name a raw ``.bin`` shard by its id alone; the bytes read are alike)."""
+    return shard if shard.endswith(SHARD_SUFFIX) else f"{shard}.bin"
+
+
+def _tensor_spans(blob: bytes) -> dict[str, tuple[int, int]]:
+    """Name -> (offset, length) of each tensor's bytes in a safetensors file (its header: an
+    8-byte little-endian length, then JSON with offsets relative to the data after it)."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    base = 8 + size
+    spans = {}
+    for name, meta in header.items():
+        if name != "__metadata__":
+            begin, end = meta["data_offsets"]
+            spans[name] = (base + begin, end - begin)
+    return spans
 
 
 def bytes_to_tensor(data: bytes | memoryview, tokens: int, channels: int,
                     dtype: str) -> torch.Tensor:
-    if dtype == "bfloat16":
-        arr = np.frombuffer(data, dtype=np.int16).reshape(tokens, channels)
-        return torch.from_numpy(arr.copy()).view(torch.bfloat16)
-    arr = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(tokens, channels)
-    return torch.from_numpy(arr.copy())
+    """One cached tensor from its raw bytes (little-endian, as safetensors stores them)."""
+    return torch.frombuffer(bytearray(data), dtype=STORAGE_DTYPES[dtype]).reshape(tokens,
+                                                                                 channels)
 
 
 def _hash_bytes(hashes: Iterable[str]) -> np.ndarray:
@@ -118,7 +133,7 @@ class FeatureCache:
 
     def shard_files(self, expert: str, key: str) -> list[str]:
         folder = storage.join(self.folder(expert, key), "shards")
-        return storage.list_files(folder, suffix=".bin") if storage.exists(folder) else []
+        return storage.list_files(folder, suffix=SHARD_SUFFIX) if storage.exists(folder) else []
 
     def hashes(self, expert: str, key: str) -> set[str]:
         """Every image hash the index of (expert, key) holds (freshly loaded)."""
@@ -138,22 +153,22 @@ class FeatureCache:
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"cache dtype={dtype!r}; expected one of {sorted(STORAGE_DTYPES)}")
         name = uuid.uuid4().hex
-        blobs, entries, offset = [], [], 0
+        tensors: dict[str, torch.Tensor] = {}
         for h, f in zip(hashes, features, strict=True):
             if f.dim() != 2:
                 raise ValueError(f"features for {h} must be (tokens, channels), got {f.shape}")
-            blob = tensor_to_bytes(f, dtype)
-            entries.append({"image_hash": h, "shard": name, "offset": offset,
-                            "length": len(blob), "tokens": int(f.shape[0]),
-                            "channels": int(f.shape[1]), "dtype": dtype})
-            blobs.append(blob)
-            offset += len(blob)
+            tensors[h] = f.detach().to("cpu", STORAGE_DTYPES[dtype]).contiguous()
+        blob = save_tensors(tensors, metadata={"expert": expert, "key": key})
+        spans = _tensor_spans(blob)
+        entries = [{"image_hash": h, "shard": name + SHARD_SUFFIX, "offset": spans[h][0],
+                    "length": spans[h][1], "tokens": int(t.shape[0]),
+                    "channels": int(t.shape[1]), "dtype": dtype} for h, t in tensors.items()]
         folder = self.folder(expert, key)
-        path = storage.join(folder, "shards", f"{name}.bin")
-        storage.write_bytes_atomic(path, b"".join(blobs))
+        path = storage.join(folder, "shards", name + SHARD_SUFFIX)
+        storage.write_bytes_atomic(path, blob)
         self._write_index(storage.join(folder, "index", f"{name}.parquet"), entries)
         self._indexes.pop((expert, key), None)
-        return path, offset
+        return path, len(blob)
 
     @staticmethod
     def _write_index(path: str, entries: list[dict]) -> None:
@@ -237,7 +252,7 @@ class FeatureCache:
                   out: list[torch.Tensor | None]) -> None:
         start = int(index.offset[entries[0]])
         end = int(max(index.offset[e] + index.length[e] for e in entries))
-        path = storage.join(folder, f"{index.shards[index.shard[entries[0]]]}.bin")
+        path = storage.join(folder, shard_file(index.shards[index.shard[entries[0]]]))
         data = storage.read_range(path, start, end - start)
         self.bytes_read += len(data)
         view = memoryview(data)

@@ -6,7 +6,6 @@ import logging
 import os
 import socket
 import tempfile
-import warnings
 from typing import Any
 
 from mova.device import cuda_available
@@ -103,23 +102,3 @@ def free_local_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def actor_pool_args(workers: int, cpus_per_worker: float, gpus_per_worker: float
-                    ) -> dict[str, Any]:
-    """``map_batches`` arguments of a fixed pool of Ray Data actors (a model loaded once each).
-
-    Actors are not restarted (``max_restarts=0``): Ray Data hands them their constructor
-    arguments through the object store, and Ray cannot always restore those for a restarted
-    actor (ray-project/ray#53727, which Ray reports on every such pool). Our jobs recover by
-    being run again instead: the feature job skips what is cached, and a failure names its
-    cause rather than retrying it in silence. Ray Data 2.60 documents ``max_restarts=0`` as
-    the way to turn restarts off while also flagging extra remote arguments as deprecated (no
-    named parameter exists for it yet): that one warning is filtered.
-    """
-    import ray
-
-    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-
-    return {"compute": ray.data.ActorPoolStrategy(size=workers), "num_cpus": cpus_per_worker,
-            "num_gpus": gpus_per_worker or None, "max_restarts": 0}

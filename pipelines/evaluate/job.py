@@ -30,7 +30,7 @@ from pipelines.common.checkpoint_store import local_checkpoint
 from pipelines.common.manifests.parts import begin_parts, publish_parts
 from pipelines.common.manifests.scan import ManifestScan, scan_manifest
 from pipelines.common.manifests.stream import manifest_dataset
-from pipelines.common.ray_init import actor_pool_args
+from pipelines.common.resources import actor_pool_args, model_actor_memory
 from pipelines.evaluate.http import check_endpoint, resolve_api_key
 from pipelines.evaluate.recipe import EvalRecipe
 from pipelines.evaluate.report import (
@@ -154,7 +154,9 @@ def _pipeline(recipe: EvalRecipe, scans: dict[str, ManifestScan], pool: list[str
                                 "max_new_tokens": recipe.max_new_tokens,
                                 "constrained_routing": recipe.constrained_routing},
                             **actor_pool_args(recipe.workers, recipe.cpus_per_worker,
-                                              recipe.gpus_per_worker))
+                                              recipe.gpus_per_worker, model_actor_memory(
+                                                  local_checkpoint(recipe.checkpoint),
+                                                  recipe.batch_size)))
     else:
         assert recipe.endpoint is not None
         spec = EndpointSpec(endpoint=recipe.endpoint, model=recipe.model_name, api_key=api_key,

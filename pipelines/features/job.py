@@ -20,13 +20,14 @@ from typing import Any
 import numpy as np
 import ray
 
-from mova.checkpoint import expert_cache_keys, load_config
+from mova.checkpoint import expert_cache_keys, load_config, part_bytes
+from mova.experts.registry import resolve_expert
 from pipelines.common import storage
 from pipelines.common.checkpoint_store import local_checkpoint
 from pipelines.common.feature_cache import FeatureCache
 from pipelines.common.manifests.scan import scan_manifest
 from pipelines.common.manifests.stream import manifest_dataset
-from pipelines.common.ray_init import actor_pool_args
+from pipelines.common.resources import actor_memory, actor_pool_args, image_item_bytes
 from pipelines.features.recipe import FeaturesRecipe
 from pipelines.features.workers import (
     ExpertSpec,
@@ -139,13 +140,16 @@ def _pipeline(recipe: FeaturesRecipe, checkpoint: str, keys: dict[str, str], wan
           .groupby("uri").map_groups(union_needs, fn_kwargs={"wanted": wanted})
           .map_batches(decode_images, batch_size=recipe.batch_size, num_cpus=READ_CPUS,
                        fn_kwargs={"skip_bad": recipe.skip_bad_rows, "report": report}))
+    sides = {e.name: resolve_expert(e).size.image_size for e in load_config(checkpoint).experts}
     for name in wanted:
         spec = ExpertSpec(checkpoint=checkpoint, expert=name, key=keys[name],
                           cache=recipe.cache, dtype=recipe.dtype)
+        memory = actor_memory(part_bytes(checkpoint, f"experts/{name}/"), recipe.batch_size,
+                              image_item_bytes(sides[name]))
         ds = ds.map_batches(ExpertWorker, fn_constructor_kwargs={"spec": spec},
                             batch_size=recipe.batch_size,
                             **actor_pool_args(recipe.workers_per_expert, cpus,
-                                              recipe.gpus_per_worker))
+                                              recipe.gpus_per_worker, memory))
     return ds.drop_columns(["pixels"])
 
 

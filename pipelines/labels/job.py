@@ -23,7 +23,7 @@ from pipelines.common.checkpoint_store import local_checkpoint
 from pipelines.common.manifests.parts import begin_parts, is_published, publish_parts
 from pipelines.common.manifests.scan import manifest_files, scan_manifest
 from pipelines.common.manifests.stream import manifest_dataset
-from pipelines.common.ray_init import actor_pool_args
+from pipelines.common.resources import actor_pool_args, model_actor_memory
 from pipelines.labels.recipe import LabelsRecipe
 from pipelines.labels.report import LabelsSummary, plot, track
 from pipelines.labels.workers import LabelSpec, LossWorker, write_parts
@@ -92,7 +92,8 @@ def run_labels(recipe: LabelsRecipe) -> LabelsSummary:
                .map_batches(LossWorker, fn_constructor_kwargs={"spec": spec},
                             batch_size=recipe.batch_size,
                             **actor_pool_args(recipe.workers, recipe.cpus_per_worker,
-                                              recipe.gpus_per_worker))
+                                              recipe.gpus_per_worker,
+                                              model_actor_memory(local, recipe.batch_size)))
                .map_batches(write_parts, batch_size=PART_ROWS,
                             fn_kwargs={"spec": spec, "losses_folder": losses,
                                        "skip_bad_rows": recipe.skip_bad_rows, "report": report}))

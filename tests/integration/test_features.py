@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from mova.checkpoint import expert_cache_keys
 from mova.factory import build_tiny_mova, from_pretrained
@@ -180,7 +181,7 @@ def test_killed_job_leaves_no_partial_shard_and_rerun_completes(ray_session, tmp
     deadline = time.time() + 240
     try:
         while time.time() < deadline:
-            shards = list(cache_dir.rglob("shards/*.bin"))
+            shards = list(cache_dir.rglob("shards/*.safetensors"))
             if len(shards) >= 3 or proc.poll() is not None:
                 break
             time.sleep(0.2)
@@ -197,8 +198,10 @@ def test_killed_job_leaves_no_partial_shard_and_rerun_completes(ray_session, tmp
                 pass
     for part in cache_dir.rglob("index/*.parquet"):  # every indexed feature is complete
         for entry in pq.read_table(part).to_pylist():
-            shard = part.parent.parent / "shards" / f"{entry['shard']}.bin"
+            shard = part.parent.parent / "shards" / entry["shard"]
             assert shard.stat().st_size >= entry["offset"] + entry["length"]
+            assert safe_open(shard, "pt").get_tensor(entry["image_hash"]).shape == (
+                entry["tokens"], entry["channels"])
     summary = run_features(_recipe(manifest, checkpoint, cache_dir, experts="all",
                                    only=["dinov2", "vary"]))
     assert summary.skipped > 0

@@ -67,3 +67,17 @@ def test_two_writers_compaction_and_fresh_readers(tmp_path):
     # a write after compaction adds a part next to the compacted one
     writer_b.write_shard("x", "k", _hashes("g", 1), _features(1, 5))
     assert len(FeatureCache(str(tmp_path)).hashes("x", "k")) == 8
+
+
+def test_a_shard_is_a_safetensors_file_keyed_by_image_hash(tmp_path):
+    from safetensors.torch import load_file
+
+    cache = FeatureCache(str(tmp_path))
+    hashes, feats = _hashes("h", 3), _features(3, 6)
+    path, size = cache.write_shard("vary", "k", hashes, feats, dtype="bfloat16")
+    assert path.endswith(".safetensors") and size == (tmp_path / path).stat().st_size
+    stored = load_file(path)
+    assert sorted(stored) == sorted(hashes)
+    for h, f in zip(hashes, feats, strict=True):
+        assert torch.equal(stored[h], f.to(torch.bfloat16))
+        assert torch.equal(cache.get("vary", "k", h), stored[h])
