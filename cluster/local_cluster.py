@@ -296,6 +296,44 @@ def _wait_for_nodes(handle: ClusterHandle, count: int, timeout_s: float) -> None
                        f"within {timeout_s:.0f} s (last: {last})")
 
 
+def _checked_temp_dir(nodes: int, cpus_per_node: int, auth: str, temp_dir: str | None,
+                      port: int | None, node_env: list[dict[str, str]] | None) -> str:
+    """The cluster's temp dir (created), after checking the arguments and that no Ray runs
+    there yet."""
+    if node_env is not None and len(node_env) != nodes:
+        raise ValueError(f"node_env has {len(node_env)} entries for {nodes} node(s)")
+    if nodes < 1 or cpus_per_node < 0:
+        raise ValueError(f"nodes={nodes}, cpus_per_node={cpus_per_node}; expected nodes >= 1 "
+                         "and cpus_per_node >= 0")
+    if auth not in AUTH_MODES:
+        raise ValueError(f"auth={auth!r}; expected one of {AUTH_MODES}")
+    temp_dir = os.path.abspath(temp_dir or tempfile.mkdtemp(prefix="mova-lc-", dir="/tmp"))
+    if len(temp_dir) > MAX_TEMP_DIR_LEN:
+        raise ValueError(f"temp_dir {temp_dir!r} is {len(temp_dir)} characters; Ray's socket "
+                         f"paths need at most {MAX_TEMP_DIR_LEN} (use a short path in /tmp)")
+    os.makedirs(temp_dir, exist_ok=True)
+    if find_processes(temp_dir, f"127.0.0.1:{port}" if port else None):
+        raise RuntimeError(f"Ray processes already run with temp dir {temp_dir}; stop them "
+                           "first or pick another temp dir")
+    return temp_dir
+
+
+def _node_command(ray: str, index: int, port: int, dashboard_port: int, alias: str | None,
+                  temp_dir: str, node_args: list[str]) -> list[str]:
+    """``ray start`` of node ``index``: the head (0) or a worker joining it."""
+    if index == 0:
+        cmd = [ray, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+               f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+               f"--ray-client-server-port={free_port()}"]
+    else:  # a worker node: Ray refuses to join one when this variable is 0
+        cmd = [ray, "start", f"--address={alias}:{port}"]
+    # each worker node its own temp dir (below the cluster's): its own session folder, logs and
+    # runtime_resources, as separate machines would have; nodes sharing one race when they
+    # unpack the same job package into it
+    node_dir = temp_dir if index == 0 else os.path.join(temp_dir, f"node{index}")
+    return cmd + [f"--temp-dir={node_dir}", "--disable-usage-stats", *node_args]
+
+
 def start_cluster(
     nodes: int = 2,
     cpus_per_node: int = 1,
@@ -316,21 +354,7 @@ def start_cluster(
     starts inherit them), e.g. a private ``TMPDIR``/``HOME``/``MOVA_CACHE`` per node so that
     nodes share no folder. Everything the cluster starts is stopped again if any step fails.
     """
-    if node_env is not None and len(node_env) != nodes:
-        raise ValueError(f"node_env has {len(node_env)} entries for {nodes} node(s)")
-    if nodes < 1 or cpus_per_node < 0:
-        raise ValueError(f"nodes={nodes}, cpus_per_node={cpus_per_node}; expected nodes >= 1 "
-                         "and cpus_per_node >= 0")
-    if auth not in AUTH_MODES:
-        raise ValueError(f"auth={auth!r}; expected one of {AUTH_MODES}")
-    temp_dir = os.path.abspath(temp_dir or tempfile.mkdtemp(prefix="mova-lc-", dir="/tmp"))
-    if len(temp_dir) > MAX_TEMP_DIR_LEN:
-        raise ValueError(f"temp_dir {temp_dir!r} is {len(temp_dir)} characters; Ray's socket "
-                         f"paths need at most {MAX_TEMP_DIR_LEN} (use a short path in /tmp)")
-    os.makedirs(temp_dir, exist_ok=True)
-    if find_processes(temp_dir, f"127.0.0.1:{port}" if port else None):
-        raise RuntimeError(f"Ray processes already run with temp dir {temp_dir}; stop them "
-                           "first or pick another temp dir")
+    temp_dir = _checked_temp_dir(nodes, cpus_per_node, auth, temp_dir, port, node_env)
     port, dashboard_port = port or free_port(), dashboard_port or free_port()
     token = secrets.token_hex(32) if auth == "token" else None
     env = _cluster_env(auth, token)
@@ -348,18 +372,8 @@ def start_cluster(
     logs.mkdir(exist_ok=True)
     try:
         for index in range(nodes):
-            if index == 0:
-                cmd = [ray, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-                       f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-                       f"--ray-client-server-port={free_port()}"]
-            else:  # a worker node: Ray refuses to join one when this variable is 0
-                cmd = [ray, "start", f"--address={alias}:{port}"]
-            # each worker node its own temp dir (below the cluster's): its own session folder,
-            # logs and runtime_resources, as separate machines would have; nodes sharing one
-            # race when they unpack the same job package into it
-            node_dir = temp_dir if index == 0 else os.path.join(temp_dir, f"node{index}")
-            cmd += [f"--temp-dir={node_dir}", "--disable-usage-stats",
-                    *_node_args(index, cpus_per_node, object_store_mb)]
+            cmd = _node_command(ray, index, port, dashboard_port, alias, temp_dir,
+                                _node_args(index, cpus_per_node, object_store_mb))
             log.info("starting node %d: %s", index, " ".join(cmd[1:3]))
             start_env = env if index == 0 else {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
             if node_env is not None:

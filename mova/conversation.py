@@ -294,20 +294,28 @@ def tokenize_conversation(
             labels += ids if supervised else [IGNORE_INDEX] * len(ids)
 
     if max_length is not None and len(input_ids) > max_length:
-        if for_generation:
-            raise ValueError(
-                f"max_length={max_length}: the generation prompt has {len(input_ids)} tokens "
-                "and cutting it would drop the assistant prefix"
-            )
-        if has_image and image_start + num_image_tokens > max_length:
-            raise ValueError(
-                f"max_length={max_length}: the image run spans tokens {image_start} to "
-                f"{image_start + num_image_tokens - 1} and would be cut; raise max_length"
-            )
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-        if all(label == IGNORE_INDEX for label in labels):
-            logger.warning("max_length=%d leaves no supervised tokens in a sample", max_length)
+        input_ids, labels = _cut(input_ids, labels, max_length, for_generation,
+                                 image_start + num_image_tokens if has_image else 0)
     return {"input_ids": input_ids, "labels": labels}
+
+
+def _cut(input_ids: list[int], labels: list[int], max_length: int, for_generation: bool,
+         image_end: int) -> tuple[list[int], list[int]]:
+    """The first ``max_length`` tokens, unless that would cut a generation prompt or the image
+    run (which ends at ``image_end``)."""
+    if for_generation:
+        raise ValueError(
+            f"max_length={max_length}: the generation prompt has {len(input_ids)} tokens "
+            "and cutting it would drop the assistant prefix"
+        )
+    if image_end > max_length:
+        raise ValueError(
+            f"max_length={max_length}: the image run ends at token {image_end - 1} and would "
+            "be cut; raise max_length"
+        )
+    if all(label == IGNORE_INDEX for label in labels[:max_length]):
+        logger.warning("max_length=%d leaves no supervised tokens in a sample", max_length)
+    return input_ids[:max_length], labels[:max_length]
 
 
 def collate(

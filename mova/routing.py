@@ -204,6 +204,26 @@ class RoutingExample:
     pool: tuple[str, ...]
 
 
+def _check_augmentation(pool: Sequence[PoolEntry], min_pool: int, keep_positives_prob: float,
+                        max_experts: int) -> None:
+    names = [name for name, _ in pool]
+    _check_pool_size(len(names), "pool size")
+    _check_max_experts(max_experts)
+    if len(set(names)) != len(names):
+        raise ValueError(f"pool has duplicate expert names: {names}")
+    if not 1 <= min_pool <= len(names):
+        raise ValueError(
+            f"min_pool must be between 1 and the pool size {len(names)}, got {min_pool}"
+        )
+    if not 0.0 <= keep_positives_prob <= 1.0:
+        raise ValueError(f"keep_positives_prob must be in [0, 1], got {keep_positives_prob}")
+    for name, descriptions in pool:
+        if isinstance(descriptions, str) or len(descriptions) == 0:
+            raise ValueError(
+                f"expert {name!r} needs a sequence of >= 1 descriptions, got {descriptions!r}"
+            )
+
+
 def augment_routing_example(
     question: str,
     pool: Sequence[PoolEntry],
@@ -226,21 +246,7 @@ def augment_routing_example(
     Deterministic given the state of ``rng``.
     """
     names = [name for name, _ in pool]
-    _check_pool_size(len(names), "pool size")
-    _check_max_experts(max_experts)
-    if len(set(names)) != len(names):
-        raise ValueError(f"pool has duplicate expert names: {names}")
-    if not 1 <= min_pool <= len(names):
-        raise ValueError(
-            f"min_pool must be between 1 and the pool size {len(names)}, got {min_pool}"
-        )
-    if not 0.0 <= keep_positives_prob <= 1.0:
-        raise ValueError(f"keep_positives_prob must be in [0, 1], got {keep_positives_prob}")
-    for name, descriptions in pool:
-        if isinstance(descriptions, str) or len(descriptions) == 0:
-            raise ValueError(
-                f"expert {name!r} needs a sequence of >= 1 descriptions, got {descriptions!r}"
-            )
+    _check_augmentation(pool, min_pool, keep_positives_prob, max_experts)
     positive_indices = set(indices_from_names(positives, names))
 
     chosen = [rng.choice(list(descriptions)) for _, descriptions in pool]

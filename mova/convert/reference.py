@@ -285,6 +285,63 @@ def _open_source(src: str | Path, ignore_fields: Iterable[str]) -> tuple[Path, A
     return folder, released, weights, groups
 
 
+@dataclass
+class _Sources:
+    """Where the parts without weights in the released state come from, loaded."""
+
+    tokenizer: Any
+    template: str
+    text_src: str
+    base_src: str
+    clip: CLIPVisionConfig
+    bert: BertConfig
+
+
+def _sources(folder: Path, released: Any, template: str | None, base_path: str | None,
+             text_encoder_path: str | None) -> _Sources:
+    try:
+        tokenizer = ensure_image_token(AutoTokenizer.from_pretrained(folder))
+    except (OSError, ValueError) as exc:
+        raise ReferenceImportError(f"{folder}: cannot load the LLM tokenizer ({exc})") from exc
+    text_src = text_encoder_path or released.text_encoder
+    if not text_src:
+        raise ReferenceImportError("config.json lacks mm_projector_text_encoder; pass "
+                                   "text_encoder_path / --text-encoder")
+    base_src = base_path or released.vision_towers[0]
+    hint_base = "pass base_path / --base with a CLIP folder"
+    clip = _load_config(CLIPVisionConfig, base_src, "base encoder (mm_vision_tower[0])", hint_base)
+    bert = _load_config(BertConfig, text_src, "text encoder (mm_projector_text_encoder)",
+                        "pass text_encoder_path / --text-encoder with a BERT folder")
+    return _Sources(tokenizer, template or template_for(tokenizer), text_src, base_src, clip,
+                    bert)
+
+
+def _assemble(config: MoVAConfig, released: Any, src: _Sources, weights: Any, groups: Any,
+              dtype: str) -> MoVAModel:
+    """Our model with every released tensor placed (the weights are released afterwards)."""
+    experts = _build_experts(config, released)
+    adapter = build_adapter(config)
+    verify_rope(weights.load(groups.rope), released.width // RELEASED_HEADS, released.grid)
+    load_mapped(adapter, weights, groups.adapter, "adapter")
+    try:
+        text_tokenizer = AutoTokenizer.from_pretrained(src.text_src)
+    except (OSError, ValueError) as exc:
+        raise ReferenceImportError(f"text encoder: no tokenizer at {src.text_src!r} "
+                                   f"({exc})") from exc
+    text_encoder = _build_text_encoder(src.bert, text_tokenizer, weights, groups)
+    base = _build_base(config, src.clip, src.base_src, weights, groups)
+    llm = _build_llm(released, weights, groups, src.tokenizer, torch_dtype(dtype))
+    weights.release()
+    model = MoVAModel(config, llm=llm, tokenizer=src.tokenizer, text_encoder=text_encoder,
+                      text_tokenizer=text_tokenizer, base_encoder=base, experts=experts,
+                      adapter=adapter)
+    for part in (model.text_encoder, model.base_encoder, model.adapter):
+        part.to(torch_dtype(dtype))  # experts keep their stored dtype (their fingerprints)
+    model.apply_trainability()
+    model.eval()
+    return model
+
+
 def import_reference(src: str | Path, out: str | Path, *,
                      expert_paths: Mapping[str, str] | None = None,
                      base_path: str | None = None, text_encoder_path: str | None = None,
@@ -304,44 +361,12 @@ def import_reference(src: str | Path, out: str | Path, *,
     start = time.perf_counter()
     out = _check_arguments(out, expert_preset, template, overwrite)
     folder, released, weights, groups = _open_source(src, ignore_fields)
-    try:
-        tokenizer = ensure_image_token(AutoTokenizer.from_pretrained(folder))
-    except (OSError, ValueError) as exc:
-        raise ReferenceImportError(f"{folder}: cannot load the LLM tokenizer ({exc})") from exc
-    template = template or template_for(tokenizer)
-    text_src = text_encoder_path or released.text_encoder
-    if not text_src:
-        raise ReferenceImportError("config.json lacks mm_projector_text_encoder; pass "
-                                   "text_encoder_path / --text-encoder")
-    base_src = base_path or released.vision_towers[0]
-    hint_base = "pass base_path / --base with a CLIP folder"
-    clip = _load_config(CLIPVisionConfig, base_src, "base encoder (mm_vision_tower[0])", hint_base)
-    bert = _load_config(BertConfig, text_src, "text encoder (mm_projector_text_encoder)",
-                        "pass text_encoder_path / --text-encoder with a BERT folder")
+    src_parts = _sources(folder, released, template, base_path, text_encoder_path)
     refs = _expert_refs(released, expert_paths)
     dtype = dtype or _source_dtype(weights, groups)
-    config = _mova_config(released, clip, bert, refs, template, expert_preset, dtype)
-    experts = _build_experts(config, released)
-
-    adapter = build_adapter(config)
-    verify_rope(weights.load(groups.rope), released.width // RELEASED_HEADS, released.grid)
-    load_mapped(adapter, weights, groups.adapter, "adapter")
-    try:
-        text_tokenizer = AutoTokenizer.from_pretrained(text_src)
-    except (OSError, ValueError) as exc:
-        raise ReferenceImportError(f"text encoder: no tokenizer at {text_src!r} ({exc})") from exc
-    text_encoder = _build_text_encoder(bert, text_tokenizer, weights, groups)
-    base = _build_base(config, clip, base_src, weights, groups)
-    llm = _build_llm(released, weights, groups, tokenizer, torch_dtype(dtype))
-    weights.release()
-
-    model = MoVAModel(config, llm=llm, tokenizer=tokenizer, text_encoder=text_encoder,
-                      text_tokenizer=text_tokenizer, base_encoder=base, experts=experts,
-                      adapter=adapter)
-    for part in (model.text_encoder, model.base_encoder, model.adapter):
-        part.to(torch_dtype(dtype))  # experts keep their stored dtype (their fingerprints)
-    model.apply_trainability()
-    model.eval()
+    config = _mova_config(released, src_parts.clip, src_parts.bert, refs, src_parts.template,
+                          expert_preset, dtype)
+    model = _assemble(config, released, src_parts, weights, groups, dtype)
     path = model.save_pretrained(out, experts="reference")
     report = ImportReport(
         source=str(src), out=str(path),
@@ -349,12 +374,13 @@ def import_reference(src: str | Path, out: str | Path, *,
                  "files": [p.name for p in weights.files]},
         key_groups=groups.counts(), recomputed_buffers=groups.recomputed,
         base_encoder={"from": "state_dict" if groups.base_tower else "folder",
-                      "config": base_src, "image_size": config.base.image_size},
-        text_encoder={"config_and_tokenizer": text_src, "keys": len(groups.text_encoder)},
+                      "config": src_parts.base_src, "image_size": config.base.image_size},
+        text_encoder={"config_and_tokenizer": src_parts.text_src,
+                      "keys": len(groups.text_encoder)},
         experts={n: {"reference": refs[n], "channels": released.expert_channels[j],
                      "source_keys_not_copied": len(groups.experts.get(n, []))}
                  for j, n in enumerate(DEFAULT_POOL)},
-        template=template, routing_prompt="released", dtype=dtype,
+        template=src_parts.template, routing_prompt="released", dtype=dtype,
         mapped_fields=released.mapped, ignored_fields=released.ignored,
         user_ignored_fields=released.user_ignored, notes=list(released.notes))
     if write_safetensors is not None:

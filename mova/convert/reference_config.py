@@ -121,12 +121,9 @@ def _expect(data: dict, name: str, allowed: tuple, default: Any) -> Any:
     return value
 
 
-def read_released_config(data: dict[str, Any], ignore_fields: Iterable[str] = ()
-                         ) -> ReleasedConfig:
-    """Classify every field of a released ``config.json``; raise naming any field it cannot
-    place or whose value it does not support."""
-    user_ignore = set(ignore_fields)
-    known_llama = llama_fields()
+def _check_fields(data: dict[str, Any], user_ignore: set[str], known_llama: set[str]) -> None:
+    """Every field known (or ignored by the user), the required ones present, and the ones
+    with a single supported value holding it."""
     unknown = sorted(k for k in data if k not in known_llama and k not in MAPPED
                      and k not in IGNORED and k not in user_ignore)
     if unknown:
@@ -144,14 +141,17 @@ def read_released_config(data: dict[str, Any], ignore_fields: Iterable[str] = ()
     _expect(data, "mm_use_im_start_end", (False,), False)
     _expect(data, "mm_patch_merge_type", ("flat",), "flat")
     _expect(data, "s2", (False, None), False)
-    aspect = data.get("image_aspect_ratio")
-    if aspect not in (None, "square", "pad"):
-        raise ReferenceImportError(f"config field image_aspect_ratio={aspect!r}: the released "
-                                   "model runs only square/pad images")
-    top_k = _int(data, "topk_experts" if "topk_experts" in data else "topk")
+    if data.get("image_aspect_ratio") not in (None, "square", "pad"):
+        raise ReferenceImportError(f"config field image_aspect_ratio="
+                                   f"{data.get('image_aspect_ratio')!r}: the released model "
+                                   "runs only square/pad images")
     if "topk" in data and "topk_experts" in data and data["topk"] != data["topk_experts"]:
         raise ReferenceImportError(f"config fields topk={data['topk']!r} and topk_experts="
                                    f"{data['topk_experts']!r} disagree")
+
+
+def _checked_lists(data: dict[str, Any]) -> tuple[list[int], list[str], int]:
+    """``expert_channels``, ``mm_vision_tower`` and ``mm_vision_select_layer``, checked."""
     channels = data["expert_channels"]
     if not isinstance(channels, list) or len(channels) != len(DEFAULT_POOL) or not all(
             isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels):
@@ -164,25 +164,41 @@ def read_released_config(data: dict[str, Any], ignore_fields: Iterable[str] = ()
         raise ReferenceImportError(f"config field mm_vision_tower={towers!r}: expected a list "
                                    f"of {len(DEFAULT_POOL) + 1} paths/ids (base, then "
                                    f"{list(DEFAULT_POOL)})")
-    grid = _int(data, "image_feat_size")
-    width = _int(data, "mm_hidden_size")
     select = data["mm_vision_select_layer"]
     if isinstance(select, bool) or not isinstance(select, int) or select == 0:
         raise ReferenceImportError(f"config field mm_vision_select_layer={select!r}: expected "
                                    "a non-zero int")
+    return list(channels), list(towers), select
+
+
+def read_released_config(data: dict[str, Any], ignore_fields: Iterable[str] = ()
+                         ) -> ReleasedConfig:
+    """Classify every field of a released ``config.json``; raise naming any field it cannot
+    place or whose value it does not support."""
+    user_ignore = set(ignore_fields)
+    known_llama = llama_fields()
+    _check_fields(data, user_ignore, known_llama)
+    channels, towers, select = _checked_lists(data)
+    top_k = _int(data, "topk_experts" if "topk_experts" in data else "topk")
+    grid, width = _int(data, "image_feat_size"), _int(data, "mm_hidden_size")
+    if width % (RELEASED_HEADS * 4):
+        raise ReferenceImportError(f"config field mm_hidden_size={width}: the released adapter "
+                                   f"splits it into {RELEASED_HEADS} heads whose size must be "
+                                   "a multiple of 4")
     out = ReleasedConfig(
         llama={k: v for k, v in data.items() if k in known_llama},
         width=width, llm_width=_int(data, "hidden_size"), grid=grid,
-        expert_channels=list(channels), num_blocks=_int(data, "num_projector_layers"),
+        expert_channels=channels, num_blocks=_int(data, "num_projector_layers"),
         top_k=top_k, routing_pool=_routing_pool(data, grid),
         text_encoder=data.get("mm_projector_text_encoder"),
         freeze_text_encoder=bool(data.get("mm_projector_freeze_text_encoder", False)),
-        vision_towers=list(towers), select_layer=select,
+        vision_towers=towers, select_layer=select,
         ft_vision_tower=bool(data.get("ft_vision_tower", False)),
         ignored={k: {"value": data[k], "why": IGNORED[k]} for k in IGNORED if k in data},
         user_ignored={k: data[k] for k in sorted(user_ignore) if k in data},
         mapped={k: data[k] for k in MAPPED if k in data},
     )
+    aspect = data.get("image_aspect_ratio")
     released_prep = ("pads it to a square with the mean colour" if aspect == "pad" else
                      "resizes its shortest edge and crops the centre")
     out.notes.append(f"image_aspect_ratio={aspect!r}: for a non-square image the released "
@@ -191,10 +207,6 @@ def read_released_config(data: dict[str, Any], ignore_fields: Iterable[str] = ()
     if "num_routing_tokens" not in data:
         out.notes.append(f"num_routing_tokens absent: routing tokens pooled by 2 per side "
                          f"({(grid // 4) ** 2} tokens), the released default of 144 at G = 48")
-    if width % (RELEASED_HEADS * 4):
-        raise ReferenceImportError(f"config field mm_hidden_size={width}: the released adapter "
-                                   f"splits it into {RELEASED_HEADS} heads whose size must be "
-                                   "a multiple of 4")
     return out
 
 

@@ -155,7 +155,8 @@ def _image_size(args: argparse.Namespace) -> None:
 
 
 def _run_features(args: argparse.Namespace) -> int:
-    from pipelines.bench.features import bench_features, render_markdown
+    from pipelines.bench.features import bench_features
+    from pipelines.bench.features_report import render_markdown
 
     _fill(args, FEATURES_QUICK, FEATURES_REAL if args.real else FEATURES_FULL)
     _image_size(args)
@@ -203,7 +204,8 @@ TRAIN_REAL = {"steps": 8, "batch_size": 4, "zero_stages": []}
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from pipelines.bench.train import bench_train, render_markdown
+    from pipelines.bench.train import bench_train
+    from pipelines.bench.train_report import render_markdown
 
     if args.real:
         _fill(args, {**TRAIN_QUICK, "zero_stages": []}, TRAIN_REAL)
@@ -253,7 +255,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 # ---- mova bench serve ------------------------------------------------------------------------
 def _run_serve(args: argparse.Namespace) -> int:
-    from pipelines.bench.serve import CONCURRENCY, bench_serve, render_markdown
+    from pipelines.bench.serve import CONCURRENCY, bench_serve
+    from pipelines.bench.serve_report import render_markdown
 
     levels = args.concurrency or ([1, 4] if args.quick else list(CONCURRENCY))
     if args.real:

@@ -17,7 +17,7 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +29,9 @@ from mova.checkpoint import load_expert
 from mova.experts.preprocess import expert_input
 from mova.experts.registry import DEFAULT_POOL
 from mova.images import image_hash, load_image
-from pipelines.bench.harness import machine_info, markdown_table
+from pipelines.bench.harness import machine_info
 from pipelines.bench.real import (
-    FEATURES_NOTE,
-    REAL_IMAGE_SIZE,
     check_expert,
-    goal_verdict,
     relabel,
     save_checkpoint,
 )
@@ -268,6 +265,17 @@ def _ray_run(kind: str, manifest: str, checkpoint: str, cache: str, expert: str,
     return RunTiming(kind, images, stage.computed, seconds, stage.seconds)
 
 
+def _check_args(expert: str, real: bool, **counts: int) -> None:
+    if expert not in DEFAULT_POOL:
+        raise ValueError(f"expert={expert!r}; expected one of {list(DEFAULT_POOL)}")
+    if real:
+        check_expert(expert)
+    for name, value in counts.items():
+        low = 2 if name == "images" else 1
+        if value < low:
+            raise ValueError(f"{name}={value} must be >= {low}")
+
+
 def bench_features(workdir: str | Path, *, images: int = 4096, expert: str = DEFAULT_EXPERT,
                    batch_size: int = 16, workers: int = 1, repeats: int = 3,
                    image_size: int = 128, dtype: str = "float16", seed: int = 0,
@@ -279,14 +287,8 @@ def bench_features(workdir: str | Path, *, images: int = 4096, expert: str = DEF
     job then starts it; shut down at the end); ``repeats`` rounds of plain / Ray on the full
     manifest / Ray on the small one; a cached re-run.
     """
-    if expert not in DEFAULT_POOL:
-        raise ValueError(f"expert={expert!r}; expected one of {list(DEFAULT_POOL)}")
-    if real:
-        check_expert(expert)
-    for name, value, low in (("images", images, 2), ("batch_size", batch_size, 1),
-                             ("workers", workers, 1), ("repeats", repeats, 1)):
-        if value < low:
-            raise ValueError(f"{name}={value} must be >= {low}")
+    _check_args(expert, real, images=images, batch_size=batch_size, workers=workers,
+                repeats=repeats)
     prepare_env()
     root = Path(workdir)
     manifest, checkpoint = make_workspace(root, images, image_size=image_size, seed=seed,
@@ -300,7 +302,6 @@ def bench_features(workdir: str | Path, *, images: int = 4096, expert: str = DEF
         raise RuntimeError(f"{manifest} has {len(uris)} distinct images; expected {images}")
     plain_features(uris[:batch_size], checkpoint, expert, str(root / "cache-warmup"),
                    batch_size=batch_size, dtype=dtype)  # imports and first-call costs
-
     counter = iter(range(10**6))
 
     def cache_dir(kind: str) -> str:
@@ -310,21 +311,31 @@ def bench_features(workdir: str | Path, *, images: int = 4096, expert: str = DEF
         return _ray_run(kind, path, checkpoint, cache or cache_dir(kind), expert, batch_size,
                         workers, dtype, count)
 
+    def plain(path: str) -> RunTiming:
+        run = plain_run(path, checkpoint, expert, cache_dir("plain"), batch_size=batch_size,
+                        dtype=dtype)
+        return RunTiming("plain", images, images, run.seconds, sum(run.batch_seconds))
+
+    _rounds(result, manifest, small_manifest, ray_run, plain, cache_dir)
+    return result
+
+
+def _rounds(result: FeaturesBenchResult, manifest: str, small_manifest: str,
+            ray_run: Callable[..., RunTiming], plain: Callable[[str], RunTiming],
+            cache_dir: Callable[[str], str]) -> None:
+    """The timed runs, in order, on a Ray this function starts (and stops) if none runs."""
     started = not ray.is_initialized()
     load_start = os.getloadavg()[0]
     try:
         if started:
-            result.runs.append(ray_run("ray_cold", manifest, images))
+            result.runs.append(ray_run("ray_cold", manifest, result.images))
         last = ""
-        for _ in range(repeats):
-            plain = plain_run(manifest, checkpoint, expert, cache_dir("plain"),
-                              batch_size=batch_size, dtype=dtype)
-            result.runs.append(RunTiming("plain", images, images, plain.seconds,
-                                         sum(plain.batch_seconds)))
+        for _ in range(result.repeats):
+            result.runs.append(plain(manifest))
             last = cache_dir("ray")
-            result.runs.append(ray_run("ray", manifest, images, last))
-            result.runs.append(ray_run("ray_small", small_manifest, small))
-        result.runs.append(ray_run("ray_cached", manifest, images, last))
+            result.runs.append(ray_run("ray", manifest, result.images, last))
+            result.runs.append(ray_run("ray_small", small_manifest, result.small_images))
+        result.runs.append(ray_run("ray_cached", manifest, result.images, last))
         result.machine = machine_info(torch.device("cpu"))
         result.machine["load average (1 min) before/after"] = (
             f"{load_start:.1f}/{os.getloadavg()[0]:.1f}")
@@ -332,69 +343,3 @@ def bench_features(workdir: str | Path, *, images: int = 4096, expert: str = DEF
     finally:
         if started:
             ray.shutdown()
-    return result
-
-
-# ---- reporting ----------------------------------------------------------------------------
-def _fmt(value: float | None, spec: str = ".1f") -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def render_markdown(r: FeaturesBenchResult) -> str:
-    """The results as the markdown section (also what the CLI prints)."""
-    tp, rt = throughput(r), ratios(r)
-    threads = r.machine.get("torch threads")
-    env = f"OMP_NUM_THREADS={threads} " if threads else ""
-    flags = " --real" if r.real else ""
-    if r.image_size != (REAL_IMAGE_SIZE if r.real else 128):
-        flags += f" --image-size {r.image_size}"
-    kind = "real DINOv2-S/14" if r.real else "tiny"
-    out = [f"## `mova bench features`: Ray Data job vs a plain loop, expert {r.expert}"
-           + (" (real weights)" if r.real else ""), "",
-           f"Reproduce: `{env}mova bench features{flags} --images {r.images} --expert "
-           f"{r.expert} --batch-size {r.batch_size} --workers {r.workers} --repeats "
-           f"{r.repeats}`", "",
-           "Machine: " + "; ".join(f"{k}: {v}" for k, v in r.machine.items()), "",
-           *([FEATURES_NOTE, ""] if r.real else []),
-           f"{r.images} synthetic {r.image_size}x{r.image_size} images (4 domains), the {kind} "
-           f"`{r.expert}` expert, batches of {r.batch_size}, {r.dtype} cache shards. Plain loop: "
-           "one process (torch threads as above), per batch decode + hash, `expert_input`, the "
-           "expert, `FeatureCache.write_shard`. Ray Data: `run_features` (`experts=all`, "
-           f"`only=[{r.expert}]`, {r.workers} actor(s) x 1 CPU, which Ray runs with "
-           "OMP_NUM_THREADS=1 unless set) on a fresh cache each run: manifest read, a hashing "
-           "stage (Ray tasks), then the expert's actor pool. Medians of "
-           f"{r.repeats} run(s), interleaved (plain, Ray full, Ray small). Run it with "
-           "OMP_NUM_THREADS=1: the actor runs one thread, and on a busy 2-core VM torch's "
-           "default of 2 threads made the plain loop about 10x slower (thread "
-           "oversubscription), which would flatter Ray.", "",
-           "### Throughput", ""]
-    small = f"{r.small_images} images"
-    rows = [
-        ["plain loop, whole run (manifest, expert load, batches)", _fmt(tp["plain"])],
-        ["plain loop, batches only", _fmt(tp["plain_batches"])],
-        ["Ray job, whole run, Ray started by the job", _fmt(tp["ray_cold"])],
-        ["Ray job, whole run, Ray already running", _fmt(tp["ray"])],
-        ["Ray job, expert stage only (actor start + batches)", _fmt(tp["ray_stage"])],
-        [f"Ray job, whole run on the small manifest ({small})", _fmt(tp["ray_small"])],
-        [f"Ray job, steady state: marginal rate between {r.images} and {small}",
-         _fmt(tp["ray_steady"])],
-    ]
-    out += [markdown_table(["measurement", "images/s"], rows), "",
-            f"Fixed cost of the expert stage (intercept of the two sizes: actor start, expert "
-            f"load, scheduling): {_fmt(tp['ray_fixed_s'], '.2f')} s.", "",
-            "### Ray Data / plain loop", ""]
-    rows = [[what, f"`{ray}` / `{plain}`", _fmt(rt[f"{ray}/{plain}"], ".2f")]
-            for ray, plain, what in RATIOS]
-    out += [markdown_table(["comparison", "throughputs", "ratio"], rows), "",
-            "A ratio >= 0.9 meets the goal for that comparison. "
-            + goal_verdict(rt["ray_steady/plain_batches"], 0.9,
-                           "Ray Data steady state / plain batched loop"), "",
-            "### Runs", ""]
-    rows = [[x.kind, x.images, x.computed, f"{x.seconds:.2f}", f"{x.stage_seconds:.2f}"]
-            for x in r.runs]
-    out += [markdown_table(["run", "images", "computed", "seconds", "stage seconds"], rows), "",
-            f"The cached re-run (`ray_cached`, nothing computed) took "
-            f"{_fmt(rt['cached_vs_compute'], '.2f')}x the time of a computing run with Ray "
-            "running: its cost is reading the manifest, hashing every image and the cache "
-            "index."]
-    return "\n".join(out) + "\n"

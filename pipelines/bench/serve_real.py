@@ -29,10 +29,10 @@ from pipelines.bench.serve import (
     LoadResult,
     ServeBenchResult,
     routing_cost,
-    routing_table,
     run_reference,
     run_served,
 )
+from pipelines.bench.serve_report import routing_table
 from pipelines.common.checkpoint_store import local_checkpoint
 from pipelines.common.ray_init import free_local_port
 

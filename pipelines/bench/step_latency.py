@@ -16,18 +16,9 @@ from typing import Any
 
 import torch
 
-from mova.config import (
-    AdapterConfig,
-    LLMConfig,
-    MoVAConfig,
-    TextEncoderConfig,
-    VisionEncoderConfig,
-    default_experts,
-)
 from mova.factory import build_model
 from mova.modeling import MoVAModel
 from pipelines.bench.harness import (
-    available_bytes,
     machine_info,
     measure_interleaved,
     median,
@@ -35,19 +26,10 @@ from pipelines.bench.harness import (
     reset_peak_memory,
     synthetic_images,
 )
+from pipelines.bench.shapes import bench_config, check_fits
 
 log = logging.getLogger(__name__)
 
-PRESETS = ("tiny", "full")
-DTYPES = ("float32", "bfloat16")
-# Llama-style LLM shapes for the full preset ("tiny" keeps mova's tiny LLM defaults).
-LLM_SIZES: dict[str, dict[str, int]] = {
-    "tiny": {},
-    "1b": dict(hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=8,
-               intermediate_size=5632),
-    "7b": dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
-               intermediate_size=11008),
-}
 K_VALUES = (1, 2, 3)
 QUESTIONS = (
     "How many people are in the picture?",
@@ -56,57 +38,6 @@ QUESTIONS = (
     "Is there an abnormality in this chest X-ray?",
     "Where exactly is the red car?",
 )
-
-
-def full_config(llm_size: str = "1b", dtype: str = "bfloat16") -> MoVAConfig:
-    """Every component at the paper's shapes, random weights (nothing is downloaded): CLIP
-    ViT-L/14-336 run at 672, the default pool's "full" presets, a 16-head adapter, bert-large and a
-    Llama-style LLM of ``llm_size``. Tokenizers stay mova's small local ones."""
-    if llm_size not in LLM_SIZES:
-        raise ValueError(f"llm_size={llm_size!r}; expected one of {sorted(LLM_SIZES)}")
-    llm = LLMConfig(preset="tiny" if llm_size == "tiny" else "full",
-                    max_position_embeddings=4096, **LLM_SIZES[llm_size])
-    return MoVAConfig(
-        base=VisionEncoderConfig(preset="full", image_size=672, native_image_size=336,
-                                 patch_size=14, hidden_size=1024, num_layers=24, num_heads=16,
-                                 intermediate_size=4096, feature_layer=-2),
-        experts=default_experts("full"),
-        adapter=AdapterConfig(num_heads=16),
-        text_encoder=TextEncoderConfig(preset="full", hidden_size=1024, num_layers=24,
-                                       num_heads=16, intermediate_size=4096, max_length=512),
-        llm=llm,
-        dtype=dtype,
-    ).validate()
-
-
-def bench_config(preset: str, *, dtype: str = "float32", llm_size: str = "1b") -> MoVAConfig:
-    """The config a preset benchmarks: mova's tiny defaults, or :func:`full_config`."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
-    if preset == "tiny":
-        return MoVAConfig(dtype=dtype).validate()
-    if preset == "full":
-        return full_config(llm_size, dtype)
-    raise ValueError(f"preset={preset!r}; expected one of {list(PRESETS)}")
-
-
-def weight_bytes(config: MoVAConfig, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of all parameters at ``dtype``, counted on a meta-device build (no memory used)."""
-    with torch.device("meta"):
-        model = build_model(config)
-    return sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
-
-
-def check_fits(config: MoVAConfig, device: torch.device) -> None:
-    """Refuse a config whose fp32 weights (they are initialised in fp32, then cast) would not
-    fit in 90% of the device's free memory."""
-    need, free = weight_bytes(config), available_bytes(device)
-    if free and need > 0.9 * free:
-        raise ValueError(f"the model needs {need / 2**30:.1f} GiB for its fp32 weights but "
-                         f"{device} has {free / 2**30:.1f} GiB free; choose a smaller "
-                         f"--llm-size (now {config.llm.hidden_size}-wide, "
-                         f"{config.llm.num_layers} layers)")
-
 
 # ---- results -------------------------------------------------------------------------------
 @dataclass
@@ -248,42 +179,73 @@ def _param_counts(model: MoVAModel) -> dict[str, float]:
     return counts
 
 
-def _bench_batch(model: MoVAModel, result: ModelBenchResult, counter: _StepCounter, b: int,
-                 device: torch.device, seed: int) -> None:
-    names, pool = model.expert_names, len(model.expert_names)
-    kw = {"repeats": result.repeats, "warmup": result.warmup, "device": device}
+@dataclass
+class _Inputs:
+    """One batch's inputs to every step, computed once so that steps are timed side by side."""
+
+    images: list[Any]
+    questions: list[str]
+    pil: Any
+    pixels: torch.Tensor
+    inputs: dict[str, torch.Tensor]
+    base: Any
+    text: Any
+    tokens: Any
+    feats: dict[str, torch.Tensor]
+
+
+def _inputs(model: MoVAModel, b: int, device: torch.device, seed: int) -> _Inputs:
+    names = model.expert_names
     images = synthetic_images(b, seed)
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(b)]
-
-    # Every step's inputs are computed once first, so the steps can be timed side by side.
     pil = model.prepare_images(images)
     pixels = model.processor.base(pil).to(device, model.dtype)
     inputs = {n: x.to(device, model.dtype if x.is_floating_point() else x.dtype)
               for n, x in model.processor.experts_inputs(names, pil).items()}
     base = model.encode_base(pixels)
     text = model.encode_questions([[q] for q in questions])
-    tokens = model.routing_tokens(base, text)
-    feats = {n: model.expert_features(n, inputs[n]) for n in names}
+    return _Inputs(images, questions, pil, pixels, inputs, base, text,
+                   model.routing_tokens(base, text),
+                   {n: model.expert_features(n, inputs[n]) for n in names})
+
+
+def _bench_batch(model: MoVAModel, result: ModelBenchResult, counter: _StepCounter, b: int,
+                 device: torch.device, seed: int) -> None:
+    x = _inputs(model, b, device, seed)
+    kw = {"repeats": result.repeats, "warmup": result.warmup, "device": device}
+    _bench_steps(model, result, counter, b, x, kw)
+    cost = {n: result.step(f"expert_features:{n}", b).median_ms for n in model.expert_names}
+    orders = {"cheapest": sorted(model.expert_names, key=lambda n: cost[n]),
+              "costliest": sorted(model.expert_names, key=lambda n: -cost[n])}
+    _bench_k_experts(model, result, b, x, orders, kw)
+    _bench_generate(model, result, counter, b, x, orders["costliest"][:3], kw)
+
+
+def _bench_steps(model: MoVAModel, result: ModelBenchResult, counter: _StepCounter, b: int,
+                 x: _Inputs, kw: dict[str, Any]) -> None:
+    """Every separable step, timed side by side."""
+    names = model.expert_names
 
     def preprocess_all() -> None:
-        images_in = model.prepare_images(images)
+        images_in = model.prepare_images(x.images)
         model.processor.base(images_in)
         model.processor.experts_inputs(names, images_in)
 
     steps: dict[str, Callable[[], Any]] = {
-        "preprocess": preprocess_all, "preprocess:base": lambda: model.processor.base(pil)}
-    steps.update({f"preprocess:{n}": (lambda n=n: model.processor.expert(n, pil)) for n in names})
-    steps.update({
-        "encode_base": lambda: model.encode_base(pixels),
-        "encode_questions": lambda: model.encode_questions([[q] for q in questions]),
-        "routing_tokens": lambda: model.routing_tokens(base, text),
-        "route": _counted(counter, lambda: model.route(tokens, questions)),
-    })
-    steps.update({f"expert_features:{n}": (lambda n=n: model.expert_features(n, inputs[n]))
+        "preprocess": preprocess_all, "preprocess:base": lambda: model.processor.base(x.pil)}
+    steps.update({f"preprocess:{n}": (lambda n=n: model.processor.expert(n, x.pil))
                   for n in names})
-    reset_peak_memory(device)
+    steps.update({
+        "encode_base": lambda: model.encode_base(x.pixels),
+        "encode_questions": lambda: model.encode_questions([[q] for q in x.questions]),
+        "routing_tokens": lambda: model.routing_tokens(x.base, x.text),
+        "route": _counted(counter, lambda: model.route(x.tokens, x.questions)),
+    })
+    steps.update({f"expert_features:{n}": (lambda n=n: model.expert_features(n, x.inputs[n]))
+                  for n in names})
+    reset_peak_memory(kw["device"])
     timed = measure_interleaved(steps, **kw)
-    result.memory.append(MemoryUse("separable steps", b, peak_memory_mib(device)))
+    result.memory.append(MemoryUse("separable steps", b, peak_memory_mib(kw["device"])))
     for step, (samples, _) in timed.items():
         result.steps.append(StepTiming(step, b, median(samples), samples))
     routing, calls = timed["route"][1]
@@ -291,20 +253,21 @@ def _bench_batch(model: MoVAModel, result: ModelBenchResult, counter: _StepCount
     result.step("route", b).note = (f"{calls} LLM steps (max {model.config.routing.max_new_tokens})"
                                     f"; routed: {', '.join(picked) or 'none'}")
 
-    # k routed experts vs all: features + fusion, and fusion alone, all side by side.
-    cost = {n: result.step(f"expert_features:{n}", b).median_ms for n in names}
-    orders = {"cheapest": sorted(names, key=lambda n: cost[n]),
-              "costliest": sorted(names, key=lambda n: -cost[n])}
+
+def _bench_k_experts(model: MoVAModel, result: ModelBenchResult, b: int, x: _Inputs,
+                     orders: dict[str, list[str]], kw: dict[str, Any]) -> None:
+    """k routed experts vs all: features + fusion, and fusion alone, all side by side."""
+    names, pool = model.expert_names, len(model.expert_names)
     choices = {("all", pool): list(names)}
     choices.update({(order, k): ranked[:k] for order, ranked in orders.items()
                     for k in K_VALUES if k < pool})
     fns: dict[str, Callable[[], Any]] = {}
     for (order, k), chosen in choices.items():
-        mask = model.mask_from_names([chosen] * b).to(device)
+        mask = model.mask_from_names([chosen] * b).to(kw["device"])
         fns[f"{order}:{k}:both"] = lambda c=chosen, m=mask: model.fuse(
-            base, text, {n: model.expert_features(n, inputs[n]) for n in c}, m)
+            x.base, x.text, {n: model.expert_features(n, x.inputs[n]) for n in c}, m)
         fns[f"{order}:{k}:fuse"] = lambda c=chosen, m=mask: model.fuse(
-            base, text, {n: feats[n] for n in c}, m)
+            x.base, x.text, {n: x.feats[n] for n in c}, m)
     timed = measure_interleaved(fns, **kw)
     all_both = timed[f"all:{pool}:both"][0]
     for (order, k), chosen in choices.items():
@@ -313,11 +276,15 @@ def _bench_batch(model: MoVAModel, result: ModelBenchResult, counter: _StepCount
             b, order, k, chosen, median(both), median(timed[f"{order}:{k}:fuse"][0]),
             median(both) / median(all_both), min(both), min(both) / min(all_both)))
 
-    # End to end: the model's own routing vs forced experts (no routing decode when forced).
-    configs = {"generate:routed": None, "generate:forced_3": orders["costliest"][:3],
+
+def _bench_generate(model: MoVAModel, result: ModelBenchResult, counter: _StepCounter, b: int,
+                    x: _Inputs, forced_3: list[str], kw: dict[str, Any]) -> None:
+    """End to end: the model's own routing vs forced experts (no routing decode when forced)."""
+    names = model.expert_names
+    configs = {"generate:routed": None, "generate:forced_3": forced_3,
                "generate:forced_all": list(names)}
     gens = {step: _counted(counter, lambda e=experts: model.generate(
-        images, questions, experts=e, max_new_tokens=result.max_new_tokens))
+        x.images, x.questions, experts=e, max_new_tokens=result.max_new_tokens))
         for step, experts in configs.items()}
     timed = measure_interleaved(gens, **kw)
     for step, (samples, (out, calls)) in timed.items():
@@ -326,9 +293,9 @@ def _bench_batch(model: MoVAModel, result: ModelBenchResult, counter: _StepCount
             step, b, median(samples), samples,
             f"experts: {', '.join(used) or 'none'}; {calls} LLM steps; answer tokens "
             f"{[r.num_generated_tokens for r in out]}"))
-        reset_peak_memory(device)  # one more untimed call for this configuration's peak
+        reset_peak_memory(kw["device"])  # one more untimed call for this configuration's peak
         gens[step]()
-        result.memory.append(MemoryUse(step, b, peak_memory_mib(device)))
+        result.memory.append(MemoryUse(step, b, peak_memory_mib(kw["device"])))
 
 
 def vision_path(result: ModelBenchResult, batch: int, stat: str = "median"

@@ -29,6 +29,10 @@ LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "GLOO_SOCKET_IFNAME": "lo",
 }
+# A private Ray on a small machine runs more worker processes than CPUs (a Serve app's ten
+# fractional replicas, a feature job's actor pools): let up to 4 start at once, so that Ray
+# does not warn (at 4x this limit) about a worker pool that is as large as intended.
+LOCAL_SYSTEM_CONFIG = {"worker_maximum_startup_concurrency": 4}
 # Ray's notice that a new local cluster uses token authentication (its default, and ours).
 _TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 # Passed on to Ray workers when set in the driver: where S3 and MLflow are, how gloo talks.
@@ -91,7 +95,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     try:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  _temp_dir=temp_dir, runtime_env=runtime_env, configure_logging=True,
-                 logging_level=logging.WARNING, log_to_driver=log_to_driver, **kwargs)
+                 logging_level=logging.WARNING, log_to_driver=log_to_driver,
+                 _system_config=LOCAL_SYSTEM_CONFIG, **kwargs)
     finally:
         notice.setLevel(level)
     log.info("started a local Ray (%s CPUs, temp dir %s)", num_cpus or os.cpu_count(), temp_dir)

@@ -83,9 +83,10 @@ class Lifecycle:
         self.root, self.echo, self.result = session.root, session.echo, session.result
 
     def data(self) -> tuple[str, str]:
-        recipe = self.s.recipe("synth", SynthRecipe, out=self.root / "data", seed=self.seed)
         data = self.s.step("Synthetic data: documents, charts, scenes, scans (mova data synth)",
-                           lambda: generate(recipe))
+                           lambda: generate(self.s.recipe("synth", SynthRecipe,
+                                                          out=self.root / "data",
+                                                          seed=self.seed)))
         train, test = str(data.train_manifest), str(data.test_manifest)
         self.echo(f"    {data.counts} -> {train}, {test}")
         return train, test
@@ -103,21 +104,21 @@ class Lifecycle:
 
     def features(self, train: str, init_path: Path) -> None:
         self.s.start_ray()
-        recipe = self.s.recipe("features", FeaturesRecipe, manifest=train,
-                               checkpoint=init_path, cache=self.root / "features")
         feats = self.s.step("Expert-feature cache on Ray Data, every expert (mova features)",
-                            lambda: run_features(recipe))
+                            lambda: run_features(self.s.recipe(
+                                "features", FeaturesRecipe, manifest=train,
+                                checkpoint=init_path, cache=self.root / "features")))
         self.echo(f"    {feats.images} images -> {feats.cache}")
 
     def train(self, stage: str, init_from: Path, manifest: str, title: str) -> Any:
         run_name = f"demo-{stage}"
-        recipe = self.s.recipe(stage, TrainRecipe, run_name=run_name, init_from=init_from,
-                               manifest=manifest, cache=self.root / "features",
-                               output=self.root / stage, name=run_name, seed=self.seed,
-                               storage_path=self.root / "ray_results")
         steps = int(self.s.plan.value(stage, "max_steps"))
 
         def run() -> Any:
+            recipe = self.s.recipe(stage, TrainRecipe, run_name=run_name, init_from=init_from,
+                                   manifest=manifest, cache=self.root / "features",
+                                   output=self.root / stage, name=run_name, seed=self.seed,
+                                   storage_path=self.root / "ray_results")
             with TrainProgress(self.s.tracking_uri, run_name, steps, self.echo):
                 return run_train(recipe)
 
@@ -128,10 +129,11 @@ class Lifecycle:
 
     def labels(self, train: str, checkpoint: str) -> str:
         labelled = str(self.root / "data" / "train.labels")
-        recipe = self.s.recipe("labels", LabelsRecipe, manifest=train, checkpoint=checkpoint,
-                               output=labelled, cache=self.root / "features")
         labels = self.s.step("Loss-driven routing labels with the pretrained model "
-                             "(mova labels)", lambda: run_labels(recipe))
+                             "(mova labels)",
+                             lambda: run_labels(self.s.recipe(
+                                 "labels", LabelsRecipe, manifest=train, checkpoint=checkpoint,
+                                 output=labelled, cache=self.root / "features")))
         self.result.labels = dict(labels.activation)
         self.echo(labels.table())
         return labelled
@@ -156,11 +158,11 @@ class Lifecycle:
 
     def serve(self, checkpoint: Path, test: str) -> None:
         sample = pick_question(test)
-        recipe = self.s.recipe("serve", ServeRecipe, checkpoint=checkpoint,
-                               port=free_local_port())
         max_tokens = int(self.s.plan.value("eval", "max_new_tokens"))
 
         def ask() -> None:
+            recipe = self.s.recipe("serve", ServeRecipe, checkpoint=checkpoint,
+                                   port=free_local_port())
             self.s.ray.serve_started = True
             self.result.served = ask_server(recipe, sample, max_tokens)
 

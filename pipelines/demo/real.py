@@ -103,10 +103,12 @@ class RealDemo:
 
     def data(self) -> dict[str, str]:
         sizes = self.s.plan.sizes
-        synth = self.s.recipe("synth", SynthRecipe, out=self.root / "data", seed=self.seed)
         data = self.s.step("easy-VQA (sampled) + the synthetic domains: MoVA and base-only "
                            "manifests",
-                           lambda: build_data(synth, sizes["train_questions"],
+                           lambda: build_data(self.s.recipe("synth", SynthRecipe,
+                                                            out=self.root / "data",
+                                                            seed=self.seed),
+                                              sizes["train_questions"],
                                               sizes["test_questions"], self.seed))
         self.result.train_rows = json.loads(data["counts"])
         self.echo(f"    {self.result.train_rows}")
@@ -127,10 +129,10 @@ class RealDemo:
 
     def features(self, manifest: str, init_path: Path) -> None:
         self.s.start_ray()
-        recipe = self.s.recipe("features", FeaturesRecipe, manifest=manifest,
-                               checkpoint=init_path, cache=self.root / "features")
         self.s.step("Expert-feature cache for the labelled experts (mova features)",
-                    lambda: run_features(recipe))
+                    lambda: run_features(self.s.recipe(
+                        "features", FeaturesRecipe, manifest=manifest, checkpoint=init_path,
+                        cache=self.root / "features")))
 
     def train_both(self, init_path: Path, data: dict[str, str]) -> dict[str, str]:
         steps = int(self.s.plan.value("sft", "max_steps"))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from pipelines.common.command import format_overrides
-from pipelines.common.recipe import TrackedRecipe, load_recipe
+from pipelines.common.recipe import JobRecipe, TrackedRecipe, load_recipe
 from pipelines.demo.console import EXPERIMENT, DemoRay, Steps, prepare_out, quiet_screen
 from pipelines.demo.plans import Plan
 
@@ -94,7 +94,7 @@ class DemoSession(Generic[R]):
         plan = self.plan.overrides(job)
         shown = " ".join(plan) or "(no overrides)"
         self.echo(f"    recipe jobs/{job}.yaml + {shown}")
-        session: dict[str, Any] = {"ray.address": "local"}
+        session: dict[str, Any] = {"ray.address": "local"} if issubclass(cls, JobRecipe) else {}
         if issubclass(cls, TrackedRecipe):
             session.update({"mlflow.tracking_uri": self.tracking_uri,
                             "mlflow.experiment": EXPERIMENT, "mlflow.system_metrics": False,

@@ -10,10 +10,10 @@ import torch
 
 from mova.checkpoint import expert_cache_keys
 from pipelines.bench.features import bench_features, make_workspace, ratios, throughput
-from pipelines.bench.features import render_markdown as features_markdown
+from pipelines.bench.features_report import render_markdown as features_markdown
 from pipelines.bench.harness import write_section
 from pipelines.bench.train import TrainBenchResult, fill_cache, zero_run
-from pipelines.bench.train import render_markdown as train_markdown
+from pipelines.bench.train_report import render_markdown as train_markdown
 from pipelines.common.feature_cache import FeatureCache
 
 pytestmark = pytest.mark.integration

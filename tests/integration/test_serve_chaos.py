@@ -34,6 +34,8 @@ DURATION_S = 120
 CLIENTS = 16
 TIMEOUT_S = 20.0  # the app's request_timeout_s
 DEPLOYMENTS = ["Ingress", "Adapter", "LLM", "Expert_dinov2", "Expert_sam"]
+READY_TIMEOUT_S = 120  # a replacement replica scheduled and started on a loaded machine
+LOAD_AFTER_S = 20  # the clients keep going this long after the last fault
 
 
 def _checkpoint(path):
@@ -84,6 +86,14 @@ def _wait(predicate, timeout_s, what):
             pass
         time.sleep(1)
     raise AssertionError(f"{what} did not happen within {timeout_s} s")
+
+
+def _ready(name: str) -> None:
+    """Wait (bounded) until ``name`` runs all its replicas and one answers: the state a fault
+    injection needs, whatever the machine's load did to the last replacement's start."""
+    want = 2 if name == "Ingress" else 1
+    _wait(lambda: _running(name) == want and "pid" in _info(name, 5), READY_TIMEOUT_S,
+          f"{name} running again before its next fault")
 
 
 def _plasma_bytes() -> float:
@@ -205,12 +215,15 @@ def test_sixteen_clients_kills_a_stuck_replica_and_a_cpu_hog(app):
                 (72, "stall", "Adapter"), (92, "kill", "Ingress")]
         for at, action, name in plan:
             time.sleep(max(0.0, start + at - time.monotonic()))
+            _ready(name)  # a replica killed earlier is replaced before its next fault
             if action == "kill":
                 os.kill(_info(name, 30)["pid"], signal.SIGKILL)
             else:  # the batch thread hangs far past every deadline, as a stuck ray.get did
                 _handle(name).inject_stall.remote(600.0).result(timeout_s=30)
             events.append((round(time.monotonic() - start, 1), action, name))
-        time.sleep(max(0.0, start + DURATION_S - time.monotonic()))
+        # the load goes on for DURATION_S, and for at least LOAD_AFTER_S after the last fault
+        time.sleep(max(start + DURATION_S - time.monotonic(),
+                       start + events[-1][0] + LOAD_AFTER_S - time.monotonic(), 0.0))
     finally:
         stop.set()
         for client in clients:

@@ -22,10 +22,10 @@ from pipelines.bench.features import (
     manifest_images,
     plain_features,
     ratios,
-    render_markdown,
     subset_manifest,
     throughput,
 )
+from pipelines.bench.features_report import render_markdown
 from pipelines.bench.harness import markers, write_section
 from pipelines.common.feature_cache import FeatureCache
 
@@ -210,7 +210,8 @@ def test_real_model_config_has_the_real_experts():
 
 def test_expert_cost_ratio_from_given_numbers():
     from pipelines.bench.real import cost_removed, expert_cost, paired_cost_removed
-    from pipelines.bench.train import ConfigTiming, TrainBenchResult, render_markdown
+    from pipelines.bench.train import ConfigTiming, TrainBenchResult
+    from pipelines.bench.train_report import render_markdown
 
     assert cost_removed(1300.0, 300.0, 1000.0) == pytest.approx(1.0)
     assert cost_removed(1200.0, 300.0, 1000.0) == pytest.approx(0.9)

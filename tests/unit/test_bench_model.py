@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipelines.bench.harness import markers, measure_interleaved, write_section
-from pipelines.bench.step_latency import K_VALUES, bench_model, full_config, step_names, vision_path
+from pipelines.bench.shapes import full_config
+from pipelines.bench.step_latency import K_VALUES, bench_model, step_names, vision_path
 from pipelines.bench.step_latency_report import render_markdown, step_label
 
 BATCHES = (1, 2)

@@ -114,3 +114,7 @@ def test_a_step_runs_the_jobs_recipe_with_the_plan_and_the_runs_paths(tmp_path):
     assert (recipe.ray.address, recipe.mlflow.run_name) == ("local", "demo-pretrain")
     assert recipe.mlflow.tracking_uri == session.tracking_uri
     assert lines == ["    recipe jobs/pretrain.yaml + " + " ".join(QUICK.overrides("pretrain"))]
+    for job, cls in RECIPES.items():  # every step's recipe loads through the session
+        where = {k: tmp_path / v for k, v in PATHS.items()
+                 if k in {f.name for f in dataclasses.fields(cls)}}
+        assert isinstance(session.recipe(job, cls, **where), cls)

@@ -134,6 +134,63 @@ def _check_placeholder(turns: list[dict], has_image: bool) -> str | None:
     return None
 
 
+Problems = list[tuple[str, str]]  # (field, message)
+
+
+def _id_problems(row: dict, ident: str | None, line: int,
+                 seen_ids: dict[str, int] | None) -> Problems:
+    problems = [(key, f"unknown key; expected keys among {list(FIELDS)}")
+                for key in sorted(set(row) - set(FIELDS))]
+    if ident is None:
+        problems.append(("id", f"expected a non-empty string, got {row.get('id')!r}"))
+    elif seen_ids is not None:
+        if ident in seen_ids:
+            problems.append(("id", f"duplicate id {ident!r} (first on line {seen_ids[ident]})"))
+        else:
+            seen_ids[ident] = line
+    return problems
+
+
+def _image_problems(image: Any, manifest_uri: str,
+                    image_status: dict[str, str | None] | None) -> Problems:
+    if image is not None and (not isinstance(image, str) or not image):
+        return [("image", f"expected null or a non-empty path/URI string, got {image!r}")]
+    if image is not None and image_status is not None:
+        problem = image_status.get(resolve_image(manifest_uri, image))
+        if problem:
+            return [("image", problem)]
+    return []
+
+
+def _turn_problems(row: dict) -> tuple[list[dict], Problems]:
+    try:
+        turns = validate_turns(row.get("conversations"))
+    except ValueError as exc:
+        return [], [("conversations", str(exc))]
+    problem = _check_placeholder(turns, row.get("image") is not None)
+    return turns, [("conversations", problem)] if problem else []
+
+
+def _field_problems(row: dict, pool: tuple[str, ...]) -> Problems:
+    problems = [("experts", p) for p in _check_experts(row.get("experts"), pool)]
+    kind = "answer" if row.get("kind") is None else row.get("kind")
+    if kind not in KINDS:
+        problems.append(("kind", f"expected one of {list(KINDS)}, got {kind!r}"))
+    if row.get("domain") is not None and not isinstance(row.get("domain"), str):
+        problems.append(("domain", f"expected null or a string, got {row.get('domain')!r}"))
+    if row.get("answers") is not None and not _is_str_list(row.get("answers")):
+        problems.append(("answers", "expected null or a list of strings, got "
+                                    f"{row.get('answers')!r}"))
+    metric = row.get("metric")
+    if metric is not None and metric not in METRICS:
+        problems.append(("metric", f"unknown metric {metric!r}; expected null or one of "
+                                   f"{sorted(METRICS)}"))
+    if row.get("meta") is not None and not isinstance(row.get("meta"), dict):
+        problems.append(("meta", f"expected null or an object, got "
+                                 f"{type(row.get('meta')).__name__}"))
+    return problems
+
+
 def _check_row(
     row: dict | RowError,
     line: int,
@@ -146,63 +203,16 @@ def _check_row(
     if isinstance(row, RowError):
         return None, [row]
     ident = row.get("id") if isinstance(row.get("id"), str) and row.get("id") else None
-    errors: list[RowError] = []
-
-    def bad(field: str, message: str) -> None:
-        errors.append(RowError(line, ident, field, message))
-
-    for key in sorted(set(row) - set(FIELDS)):
-        bad(key, f"unknown key; expected keys among {list(FIELDS)}")
-    if ident is None:
-        bad("id", f"expected a non-empty string, got {row.get('id')!r}")
-    elif seen_ids is not None:
-        if ident in seen_ids:
-            bad("id", f"duplicate id {ident!r} (first on line {seen_ids[ident]})")
-        else:
-            seen_ids[ident] = line
-
-    image = row.get("image")
-    if image is not None and (not isinstance(image, str) or not image):
-        bad("image", f"expected null or a non-empty path/URI string, got {image!r}")
-        image = None
-    elif image is not None and image_status is not None:
-        problem = image_status.get(resolve_image(manifest_uri, image))
-        if problem:
-            bad("image", problem)
-
-    turns: list[dict] = []
-    try:
-        turns = validate_turns(row.get("conversations"))
-    except ValueError as exc:
-        bad("conversations", str(exc))
-    else:
-        problem = _check_placeholder(turns, row.get("image") is not None)
-        if problem:
-            bad("conversations", problem)
-
-    for problem in _check_experts(row.get("experts"), pool):
-        bad("experts", problem)
-    kind = row.get("kind")
-    kind = "answer" if kind is None else kind
-    if kind not in KINDS:
-        bad("kind", f"expected one of {list(KINDS)}, got {kind!r}")
-    if row.get("domain") is not None and not isinstance(row.get("domain"), str):
-        bad("domain", f"expected null or a string, got {row.get('domain')!r}")
-    if row.get("answers") is not None and not _is_str_list(row.get("answers")):
-        bad("answers", f"expected null or a list of strings, got {row.get('answers')!r}")
-    metric = row.get("metric")
-    if metric is not None and metric not in METRICS:
-        bad("metric", f"unknown metric {metric!r}; expected null or one of {sorted(METRICS)}")
-    meta = row.get("meta")
-    meta = {} if meta is None else meta
-    if not isinstance(meta, dict):
-        bad("meta", f"expected null or an object, got {type(meta).__name__}")
-
-    if errors:
-        return None, errors
+    turns, turn_problems = _turn_problems(row)
+    problems = (_id_problems(row, ident, line, seen_ids)
+                + _image_problems(row.get("image"), manifest_uri, image_status)
+                + turn_problems + _field_problems(row, pool))
+    if problems:
+        return None, [RowError(line, ident, field, message) for field, message in problems]
     sample = Sample(
-        id=ident, image=image, conversations=turns, experts=row.get("experts"), kind=kind,
-        domain=row.get("domain"), answers=row.get("answers"), metric=metric, meta=meta,
+        id=ident, image=row.get("image"), conversations=turns, experts=row.get("experts"),
+        kind=row.get("kind") or "answer", domain=row.get("domain"), answers=row.get("answers"),
+        metric=row.get("metric"), meta=row.get("meta") or {},
     )
     return sample, []
 
