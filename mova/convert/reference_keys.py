@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from mova.adapter.rotary import rotary_2d_angles
@@ -157,11 +158,20 @@ def clip_key(rel: str, model_keys: set[str]) -> str | None:
     return None
 
 
-def verify_rope(tables: dict[str, Tensor], head_dim: int, grid: int) -> None:
-    """Check released ``rope.freqs_cos/sin`` buffers against our 2D-RoPE table.
+def rope_tolerance(dtype: torch.dtype) -> float:
+    """How far a stored RoPE table may be from ours: 1e-4 in float32 and wider types, else one
+    unit in the last place of ``dtype`` at 1 (its values lie in [-1, 1], and a table computed in
+    float32 and then cast may round the other way than ours)."""
+    return max(ROPE_TOLERANCE, torch.finfo(dtype).eps if dtype.is_floating_point else 0.0)
 
-    They are deterministic, so they are recomputed, not imported; a difference beyond 1e-4
-    (or another shape) means a layout we do not reproduce, and names the key.
+
+def verify_rope(tables: dict[str, Tensor], head_dim: int, grid: int) -> None:
+    """Check released ``rope.freqs_cos/sin`` buffers against our 2D-RoPE table, in whatever
+    float dtype they were stored.
+
+    They are deterministic, so they are recomputed, not imported; our table is cast to the
+    stored dtype and a difference beyond :func:`rope_tolerance` (or another shape) means a
+    layout we do not reproduce, and names the key.
     """
     angles = rotary_2d_angles(head_dim, grid)
     expected = {"cos": angles.cos(), "sin": angles.sin()}
@@ -171,11 +181,16 @@ def verify_rope(tables: dict[str, Tensor], head_dim: int, grid: int) -> None:
             raise ReferenceImportError(
                 f"{key}: rope table of shape {tuple(table.shape)}, expected {tuple(want.shape)} "
                 f"(grid {grid}x{grid}, head dim {head_dim} = width / {RELEASED_HEADS} heads)")
-        diff = (table.float() - want).abs().max().item()
-        if not diff <= ROPE_TOLERANCE:
+        if not table.dtype.is_floating_point:
+            raise ReferenceImportError(f"{key}: rope table stored as {table.dtype}; expected a "
+                                       "float dtype")
+        tolerance = rope_tolerance(table.dtype)
+        diff = (table.float() - want.to(table.dtype).float()).abs().max().item()
+        if not diff <= tolerance:
             raise ReferenceImportError(
                 f"{key}: rope table differs from our 2D rotary layout by {diff:.3g} "
-                f"(> {ROPE_TOLERANCE}); this checkpoint uses a rotary layout we do not reproduce")
+                f"(> {tolerance:.3g} at {str(table.dtype).removeprefix('torch.')}); this "
+                "checkpoint uses a rotary layout we do not reproduce")
 
 
 def _names(items: Sequence[str], limit: int = 12) -> str:

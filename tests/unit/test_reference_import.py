@@ -308,6 +308,26 @@ def test_corrupt_rope_table_is_named(parts, tmp_path):
         _import_with(parts, tmp_path, state=state)
 
 
+def test_a_checkpoint_stored_wholly_in_bf16_imports(parts, tmp_path):
+    """A bf16-trained release stores every tensor in bf16, its RoPE buffers included: the
+    tables are checked at bf16's precision, and the model imports in bf16."""
+    state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+             for k, v in parts.state().items()}
+    assert {v.dtype for k, v in state.items() if "rope.freqs" in k} == {torch.bfloat16}
+    report = _import_with(parts, tmp_path, state=state)
+    assert report.dtype == "bfloat16"
+    assert report.key_groups["adapter_rope_verified"] == BLOCKS * (len(DEFAULT_POOL) + 1) * 2
+    model = from_pretrained(report.out)
+    assert {p.dtype for p in model.adapter.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.llm.parameters()} == {torch.bfloat16}
+    key = "model.mm_projector.blocks.0.cross_attn.2.rope.freqs_cos"
+    state[key] = state[key].clone()
+    state[key][2, 3] += 0.05  # a wrong layout, not rounding: still refused in bf16
+    with pytest.raises(ReferenceImportError, match=r"cross_attn\.2\.rope\.freqs_cos: rope table "
+                                                   r"differs .* at bfloat16"):
+        _import_with(parts, tmp_path / "corrupt", state=state)
+
+
 def test_expert_channel_mismatch_names_the_expert(parts, tmp_path):
     channels = [CHANNELS[n] for n in DEFAULT_POOL]
     channels[2] += 1
@@ -338,6 +358,11 @@ def test_output_folder_is_not_overwritten_silently(parts, tmp_path):
 def test_rope_of_the_released_model_matches_ours_at_full_size():
     cos, sin = released_rope(64, 48)
     verify_rope({"a.rope.freqs_cos": cos, "a.rope.freqs_sin": sin}, head_dim=64, grid=48)
+    for dtype in (torch.bfloat16, torch.float16):  # tables saved in half precision
+        verify_rope({"a.rope.freqs_cos": cos.to(dtype), "a.rope.freqs_sin": sin.to(dtype)},
+                    head_dim=64, grid=48)
+    with pytest.raises(ReferenceImportError, match=r"freqs_sin: rope table differs .* at float16"):
+        verify_rope({"a.rope.freqs_sin": (sin + 0.01).to(torch.float16)}, head_dim=64, grid=48)
     with pytest.raises(ReferenceImportError, match=r"a\.rope\.freqs_cos: rope table of shape"):
         verify_rope({"a.rope.freqs_cos": cos[:, :32]}, head_dim=64, grid=48)
 
