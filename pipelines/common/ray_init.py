@@ -36,10 +36,13 @@ LOCAL_SYSTEM_CONFIG = {"worker_maximum_startup_concurrency": 4}
 # Ray's notice that a new local cluster uses token authentication (its default, and ours).
 _TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 # Passed on to Ray workers when set in the driver: where S3 and MLflow are, how gloo talks.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-                 "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL",
-                 "MLFLOW_TRACKING_TOKEN", "GLOO_SOCKET_IFNAME")
+# Never credentials: a runtime_env is shown in the dashboard and frozen for the job's life (an
+# STS session token would expire in it), so every node takes S3 and MLflow credentials from
+# its own environment (a pod's Secret, an instance role), as cluster/kuberay/*.yaml set them.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
+                 "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "GLOO_SOCKET_IFNAME")
+CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+               "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
 
 
 def _process_env(gpu: bool | None) -> dict[str, str]:

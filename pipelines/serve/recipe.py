@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mova.typed_dict import deep_merge, from_dict
+from pipelines.common.ray_init import CREDENTIALS
 from pipelines.common.recipe import JobRecipe
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -254,6 +255,12 @@ class ServeRecipe(JobRecipe):
         self.experts.default.validate("experts.default")
         for name in self.experts.overrides:
             self.experts.for_expert(name)
+        secret = sorted(set(self.runtime_env.get("env_vars") or {}) & set(CREDENTIALS))
+        if secret:
+            raise ValueError(f"serve recipe: runtime_env.env_vars holds {secret}: credentials "
+                             "never travel in a runtime_env (the dashboard shows it and it is "
+                             "frozen for the app's life); give each node its own (a pod "
+                             "Secret, an instance role), see the README's cluster section")
         if self.llm.max_ongoing_requests < 2 * self.llm.max_batch_size:
             raise ValueError("llm.max_ongoing_requests must be >= 2 * llm.max_batch_size "
                              "(each request holds a routing row, then an answer row)")

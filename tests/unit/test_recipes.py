@@ -68,3 +68,19 @@ def test_train_recipe_errors(override, message):
         return
     with pytest.raises(ValueError, match=message):
         load_recipe(TrainRecipe, JOBS / "pretrain.yaml", [override])
+
+
+def test_credentials_never_travel_in_a_runtime_env(monkeypatch):
+    from pipelines.common.ray_init import CREDENTIALS, worker_env
+    from pipelines.serve.recipe import ServeRecipe
+
+    for key in CREDENTIALS:
+        monkeypatch.setenv(key, "secret")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3.example:9000")
+    env = worker_env()
+    assert env["AWS_ENDPOINT_URL_S3"] == "http://s3.example:9000"
+    assert not set(env) & set(CREDENTIALS) and "secret" not in env.values()
+    recipe = ServeRecipe(checkpoint="ckpt",
+                         runtime_env={"env_vars": {"AWS_SECRET_ACCESS_KEY": "x", "A": "b"}})
+    with pytest.raises(ValueError, match=r"\['AWS_SECRET_ACCESS_KEY'\]: credentials never"):
+        recipe.validate()
