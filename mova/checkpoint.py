@@ -21,11 +21,13 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertModel
 from transformers.modeling_utils import PreTrainedModel
 
@@ -41,6 +43,7 @@ FORMAT = "mova-checkpoint"
 VERSION = 1
 ADAPTER_FILE = "adapter.safetensors"
 FILES = "files.json"  # written last: every other file with its size and SHA-256
+COMPONENTS = "components.json"  # where each part of the checkpoint lives
 
 
 class CheckpointError(ValueError):
@@ -117,27 +120,12 @@ def check_complete(path: str | Path) -> dict:
     return listing
 
 
-def part_bytes(path: str | Path, prefix: str = "") -> int:
-    """Bytes of a checkpoint's files under ``prefix`` (``""``: all of it; ``"llm/"``,
-    ``"experts/dinov2/"``), from its file list; an expert stored by reference counts its
-    local folder (a hub id counts nothing)."""
-    root = Path(path)
-    files = check_complete(root)["files"]
-    total = sum(meta["bytes"] for name, meta in files.items() if name.startswith(prefix))
-    if prefix.startswith("experts/"):
-        entry = read_components(root)["experts"].get(prefix.split("/")[1], {})
-        reference = Path(str(entry.get("reference") or "")).expanduser()
-        if entry.get("reference") and reference.is_dir():
-            total += sum(f.stat().st_size for f in reference.rglob("*") if f.is_file())
-    return total
-
-
 def read_components(path: str | Path) -> dict:
     path = Path(path)
     check_complete(path)
-    data = json.loads(_require(path / "components.json", "components.json").read_text())
+    data = json.loads(_require(path / COMPONENTS, COMPONENTS).read_text())
     if data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise CheckpointError(f"{path / 'components.json'} is not a {FORMAT} v{VERSION} file")
+        raise CheckpointError(f"{path / COMPONENTS} is not a {FORMAT} v{VERSION} file")
     return data
 
 
@@ -208,8 +196,17 @@ def expert_cache_keys(path: str | Path) -> dict[str, str]:
     }
 
 
-def load_parts(path: str | Path) -> tuple[MoVAConfig, dict[str, Any]]:
-    """The config and every part of a checkpoint, as keyword arguments of the model."""
+SKIPPABLE = ("llm", "text_encoder", "base_encoder", "experts")
+
+
+def load_parts(path: str | Path, skip: Collection[str] = ()) -> tuple[MoVAConfig, dict[str, Any]]:
+    """The config and every part of a checkpoint, as keyword arguments of the model. Parts in
+    ``skip`` (of :data:`SKIPPABLE`) are not read at all: the LLM, text and base encoders become
+    None, the experts weightless placeholders (their names kept); tokenizers, the adapter and
+    the config are always read. A serving replica loads only what it runs this way."""
+    unknown = set(skip) - set(SKIPPABLE)
+    if unknown:
+        raise ValueError(f"skip={sorted(unknown)}; expected some of {list(SKIPPABLE)}")
     root = Path(path)
     components = read_components(root)
     config = load_config(root)
@@ -218,12 +215,30 @@ def load_parts(path: str | Path) -> tuple[MoVAConfig, dict[str, Any]]:
         raise CheckpointError(f"{root}: config.json and components.json disagree on experts "
                               f"{sorted(missing)}")
     llm_dir = _require(root / components["llm"], "the LLM folder")
-    tokenizer = ensure_image_token(AutoTokenizer.from_pretrained(llm_dir))
-    llm = AutoModelForCausalLM.from_pretrained(llm_dir,
-                                               attn_implementation=config.llm.attn_implementation)
     text_dir = _require(root / components["text_encoder"], "the text encoder folder")
-    base_cfg = copy.deepcopy(config.base)
-    base_cfg.pretrained = str(_require(root / components["base_encoder"], "the base encoder"))
+    parts: dict[str, Any] = {
+        "tokenizer": ensure_image_token(AutoTokenizer.from_pretrained(llm_dir)),
+        "text_tokenizer": AutoTokenizer.from_pretrained(text_dir),
+        "adapter": _load_adapter(root, config, components),
+        "llm": None, "text_encoder": None, "base_encoder": None,
+        "experts": {n: nn.Identity() for n in config.expert_names},
+    }
+    if "llm" not in skip:
+        parts["llm"] = AutoModelForCausalLM.from_pretrained(
+            llm_dir, attn_implementation=config.llm.attn_implementation)
+    if "text_encoder" not in skip:
+        parts["text_encoder"] = BertModel.from_pretrained(text_dir, add_pooling_layer=False)
+    if "base_encoder" not in skip:
+        base_cfg = copy.deepcopy(config.base)
+        base_cfg.pretrained = str(_require(root / components["base_encoder"], "the base encoder"))
+        parts["base_encoder"] = build_base_encoder(base_cfg)
+    if "experts" not in skip:
+        parts["experts"] = {n: _load_expert(root, config, n, components["experts"][n])
+                            for n in config.expert_names}
+    return config, parts
+
+
+def _load_adapter(root: Path, config: MoVAConfig, components: dict) -> nn.Module:
     adapter = build_adapter(config)
     state = load_file(str(_require(root / components["adapter"], "the adapter weights")))
     try:
@@ -232,15 +247,7 @@ def load_parts(path: str | Path) -> tuple[MoVAConfig, dict[str, Any]]:
         raise CheckpointError(
             f"{root / components['adapter']} does not fit the adapter of config.json: {exc}"
         ) from exc
-    return config, {
-        "llm": llm, "tokenizer": tokenizer,
-        "text_encoder": BertModel.from_pretrained(text_dir, add_pooling_layer=False),
-        "text_tokenizer": AutoTokenizer.from_pretrained(text_dir),
-        "base_encoder": build_base_encoder(base_cfg),
-        "experts": {n: _load_expert(root, config, n, components["experts"][n])
-                    for n in config.expert_names},
-        "adapter": adapter,
-    }
+    return adapter
 
 
 def _save(model: Any, path: Path, experts: str) -> Path:
@@ -277,7 +284,7 @@ def _save(model: Any, path: Path, experts: str) -> Path:
         components = {"format": FORMAT, "version": VERSION, "llm": "llm",
                       "text_encoder": "text_encoder", "base_encoder": "base_encoder",
                       "adapter": ADAPTER_FILE, "experts": entries}
-        (tmp / "components.json").write_text(json.dumps(components, indent=2) + "\n")
+        (tmp / COMPONENTS).write_text(json.dumps(components, indent=2) + "\n")
         write_file_list(tmp)
         if path.exists():
             shutil.rmtree(path)
@@ -301,10 +308,12 @@ class CheckpointMixin:
         return _save(self, Path(path), experts)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Any:
+    def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu",
+                        skip: Collection[str] = ()) -> Any:
         """Load a checkpoint written by :meth:`save_pretrained`, in the dtype it was saved
-        in, on ``device`` (``auto``: CUDA when available)."""
-        config, parts = load_parts(path)
+        in, on ``device`` (``auto``: CUDA when available). Parts in ``skip`` are never read
+        (see :func:`load_parts`), so only what is kept reaches the device."""
+        config, parts = load_parts(path, skip)
         model = cls(config, **parts)
         place(model, device, config.dtype)
         model.apply_trainability()

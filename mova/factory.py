@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -33,9 +34,11 @@ def build_model(config: MoVAConfig, *, seed: int | None = None) -> MoVAModel:
     return model
 
 
-def from_pretrained(path: str | Path, *, device: str | torch.device = "cpu") -> MoVAModel:
-    """Load a saved MoVA checkpoint (see :mod:`mova.checkpoint` for the layout)."""
-    return MoVAModel.from_pretrained(path, device=device)
+def from_pretrained(path: str | Path, *, device: str | torch.device = "cpu",
+                    skip: Collection[str] = ()) -> MoVAModel:
+    """Load a saved MoVA checkpoint (see :mod:`mova.checkpoint` for the layout); parts in
+    ``skip`` are never read (see :func:`mova.checkpoint.load_parts`)."""
+    return MoVAModel.from_pretrained(path, device=device, skip=skip)
 
 
 def tiny_config(**overrides) -> MoVAConfig:

@@ -31,6 +31,7 @@ from mova.experts.preprocess import ImageProcessor
 from mova.experts.registry import resolve_expert
 from mova.images import image_hash, load_image
 from pipelines.common import storage
+from pipelines.common.checkpoint_store import local_checkpoint
 from pipelines.common.feature_cache import FeatureCache
 from pipelines.common.manifests.schema import Sample
 from pipelines.common.manifests.stream import samples_of
@@ -45,15 +46,17 @@ FEATURE_MODES = ("cached", "compute")
 class PrepareSpec:
     """What a data worker needs to prepare rows (picklable, small)."""
 
-    checkpoint: str  # a local folder on this node
+    checkpoint: str  # its URI: each process preparing rows resolves its own local copy
     cache: str | None
     features: str
     max_length: int | None
 
 
 @functools.lru_cache(maxsize=4)
-def _context(checkpoint: str) -> dict[str, Any]:
-    """Tokenizers, template, processor and cache keys of a checkpoint, once per process."""
+def _context(uri: str) -> dict[str, Any]:
+    """Tokenizers, template, processor and cache keys of a checkpoint, once per process (from
+    its configs and tokenizers alone: preparing rows needs no weights)."""
+    checkpoint = local_checkpoint(uri, parts=["meta"])
     config = load_config(checkpoint)
     components = read_components(checkpoint)
     tokenizer = ensure_image_token(

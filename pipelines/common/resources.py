@@ -16,7 +16,8 @@ from typing import Any
 
 import ray
 
-from mova.checkpoint import load_config, part_bytes, read_components
+from mova.checkpoint import load_config, read_components
+from pipelines.common.checkpoint_store import local_checkpoint, part_bytes
 
 MIB = 1 << 20
 # Unique memory of an idle Ray worker that imported torch, transformers and our code
@@ -42,11 +43,11 @@ def image_item_bytes(side: int, factor: int = 8) -> int:
 
 
 def model_actor_memory(checkpoint: str, batch: int, tokens: int = 512) -> int:
-    """Memory for an actor holding a whole MoVA checkpoint (a local copy) and running ``batch``
-    samples of up to ``tokens`` tokens: its images and its LLM logits dominate."""
-    config = load_config(checkpoint)
-    llm = json.loads((Path(checkpoint) / read_components(checkpoint)["llm"] / "config.json"
-                      ).read_text())
+    """Memory for an actor holding the whole MoVA checkpoint ``checkpoint`` (a URI) and running
+    ``batch`` samples of up to ``tokens`` tokens: its images and its LLM logits dominate."""
+    local = local_checkpoint(checkpoint, parts=["meta"])
+    config = load_config(local)
+    llm = json.loads((Path(local) / read_components(local)["llm"] / "config.json").read_text())
     item = image_item_bytes(config.base.image_size) + tokens * int(llm["vocab_size"]) * 4
     return actor_memory(part_bytes(checkpoint), batch, item, weight_copies=1.5)
 

@@ -59,7 +59,7 @@ def check_inputs(recipe: EvalRecipe) -> list[str] | None:
     if not recipe.checkpoint:
         return None
 
-    local = local_checkpoint(recipe.checkpoint)
+    local = local_checkpoint(recipe.checkpoint, parts=["meta"])
     read_components(local)
     pool = load_config(local).expert_names
     unknown = [e for e in recipe.experts if e not in pool]
@@ -155,8 +155,7 @@ def _pipeline(recipe: EvalRecipe, scans: dict[str, ManifestScan], pool: list[str
                                 "constrained_routing": recipe.constrained_routing},
                             **actor_pool_args(recipe.workers, recipe.cpus_per_worker,
                                               recipe.gpus_per_worker, model_actor_memory(
-                                                  local_checkpoint(recipe.checkpoint),
-                                                  recipe.batch_size)))
+                                                  recipe.checkpoint, recipe.batch_size)))
     else:
         assert recipe.endpoint is not None
         spec = EndpointSpec(endpoint=recipe.endpoint, model=recipe.model_name, api_key=api_key,

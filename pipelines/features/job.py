@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import ray
 
-from mova.checkpoint import expert_cache_keys, load_config, part_bytes
+from mova.checkpoint import expert_cache_keys, load_config
 from mova.experts.registry import resolve_expert
 from pipelines.common import storage
-from pipelines.common.checkpoint_store import local_checkpoint
+from pipelines.common.checkpoint_store import local_checkpoint, part_bytes
 from pipelines.common.feature_cache import FeatureCache
 from pipelines.common.manifests.scan import scan_manifest
 from pipelines.common.manifests.stream import manifest_dataset
@@ -97,7 +97,7 @@ def run_features(recipe: FeaturesRecipe) -> FeaturesSummary:
     """Run the feature-cache job; returns what it did."""
     start = time.perf_counter()
     recipe = recipe.absolute().validate()
-    checkpoint = local_checkpoint(recipe.checkpoint)
+    checkpoint = local_checkpoint(recipe.checkpoint, parts=["meta"])  # configs and keys
     config, keys = load_config(checkpoint), expert_cache_keys(checkpoint)
     pool = config.expert_names
     unknown = sorted(set(recipe.only) - set(pool))
@@ -118,7 +118,8 @@ def run_features(recipe: FeaturesRecipe) -> FeaturesSummary:
     summary = FeaturesSummary(images=0, bad_images=0, cache=recipe.cache,
                               experts=[ExpertSummary(expert=n, key=keys[n]) for n in pool],
                               bad_rows=scan.rows - scan.valid)
-    for batch in _pipeline(recipe, checkpoint, keys, wanted, scan, report).iter_batches(
+    sides = {e.name: resolve_expert(e).size.image_size for e in config.experts}
+    for batch in _pipeline(recipe, sides, keys, wanted, scan, report).iter_batches(
             batch_size=1024, batch_format="numpy"):
         _count(summary, batch)
     if summary.bad_images or summary.bad_rows:
@@ -130,8 +131,8 @@ def run_features(recipe: FeaturesRecipe) -> FeaturesSummary:
     return summary
 
 
-def _pipeline(recipe: FeaturesRecipe, checkpoint: str, keys: dict[str, str], wanted: list[str],
-              scan: Any, report: str) -> Any:
+def _pipeline(recipe: FeaturesRecipe, sides: dict[str, int], keys: dict[str, str],
+              wanted: list[str], scan: Any, report: str) -> Any:
     """The streaming dataset: rows -> distinct images -> decode once -> every expert pool."""
     cpus = _cpus_per_worker(recipe, len(wanted))
     ds = (manifest_dataset(scan, pool=list(keys), skip_bad_rows=recipe.skip_bad_rows)
@@ -140,12 +141,11 @@ def _pipeline(recipe: FeaturesRecipe, checkpoint: str, keys: dict[str, str], wan
           .groupby("uri").map_groups(union_needs, fn_kwargs={"wanted": wanted})
           .map_batches(decode_images, batch_size=recipe.batch_size, num_cpus=READ_CPUS,
                        fn_kwargs={"skip_bad": recipe.skip_bad_rows, "report": report}))
-    sides = {e.name: resolve_expert(e).size.image_size for e in load_config(checkpoint).experts}
     for name in wanted:
-        spec = ExpertSpec(checkpoint=checkpoint, expert=name, key=keys[name],
+        spec = ExpertSpec(checkpoint=recipe.checkpoint, expert=name, key=keys[name],
                           cache=recipe.cache, dtype=recipe.dtype)
-        memory = actor_memory(part_bytes(checkpoint, f"experts/{name}/"), recipe.batch_size,
-                              image_item_bytes(sides[name]))
+        memory = actor_memory(part_bytes(recipe.checkpoint, f"experts/{name}/"),
+                              recipe.batch_size, image_item_bytes(sides[name]))
         ds = ds.map_batches(ExpertWorker, fn_constructor_kwargs={"spec": spec},
                             batch_size=recipe.batch_size,
                             **actor_pool_args(recipe.workers_per_expert, cpus,

@@ -15,6 +15,7 @@ from mova.device import resolve_device, to_model_inputs
 from mova.experts.preprocess import expert_input
 from mova.images import ImageError, image_hash, load_image
 from pipelines.common import storage
+from pipelines.common.checkpoint_store import local_checkpoint
 from pipelines.common.feature_cache import FeatureCache
 from pipelines.common.manifests.scan import write_report_part
 from pipelines.common.manifests.stream import samples_of
@@ -85,7 +86,7 @@ def _trace_decodes(uris: list[str]) -> None:
 class ExpertSpec:
     """What an expert actor needs (small and picklable)."""
 
-    checkpoint: str
+    checkpoint: str  # the recipe's URI: each actor fetches its expert on its own node
     expert: str
     key: str
     cache: str
@@ -99,7 +100,8 @@ class ExpertWorker:
 
     def __init__(self, spec: ExpertSpec) -> None:
         self.spec = spec
-        self.model, self.resolved, loaded_key = load_expert(spec.checkpoint, spec.expert)
+        local = local_checkpoint(spec.checkpoint, parts=[f"expert:{spec.expert}"])
+        self.model, self.resolved, loaded_key = load_expert(local, spec.expert)
         if loaded_key != spec.key:
             raise RuntimeError(f"expert {spec.expert!r} in {spec.checkpoint} changed while the "
                                "job ran")

@@ -35,7 +35,7 @@ PART_ROWS = 1024  # rows per written part
 def check_inputs(recipe: LabelsRecipe) -> str:
     """Fail early, naming the missing or unusable input; returns a local checkpoint copy."""
     try:
-        local = local_checkpoint(recipe.checkpoint)
+        local = local_checkpoint(recipe.checkpoint, parts=["meta"])
         read_components(local)
         load_config(local)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
@@ -93,7 +93,8 @@ def run_labels(recipe: LabelsRecipe) -> LabelsSummary:
                             batch_size=recipe.batch_size,
                             **actor_pool_args(recipe.workers, recipe.cpus_per_worker,
                                               recipe.gpus_per_worker,
-                                              model_actor_memory(local, recipe.batch_size)))
+                                              model_actor_memory(recipe.checkpoint,
+                                                                 recipe.batch_size)))
                .map_batches(write_parts, batch_size=PART_ROWS,
                             fn_kwargs={"spec": spec, "losses_folder": losses,
                                        "skip_bad_rows": recipe.skip_bad_rows, "report": report}))

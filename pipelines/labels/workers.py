@@ -80,9 +80,9 @@ class LossWorker:
         if spec.precision != "auto" or device.type == "cuda":
             self.model.to(resolve_precision(spec.precision, device))
         self.model.eval()
-        self.cached = PrepareSpec(local, spec.cache, "cached", spec.max_length) \
+        self.cached = PrepareSpec(spec.checkpoint, spec.cache, "cached", spec.max_length) \
             if spec.cache else None
-        self.compute = PrepareSpec(local, None, "compute", spec.max_length)
+        self.compute = PrepareSpec(spec.checkpoint, None, "compute", spec.max_length)
         self._torch = torch
 
     def _prepare(self, rows: list[tuple[str, Sample]]) -> tuple[list[dict], str]:

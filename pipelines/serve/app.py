@@ -47,7 +47,7 @@ def pool_of(recipe: ServeRecipe) -> list[str]:
     """The checkpoint's expert pool (an s3:// checkpoint is fetched once into the node's
     cache, as every replica does with
     :func:`pipelines.common.checkpoint_store.local_checkpoint`)."""
-    pool = load_config(local_checkpoint(recipe.checkpoint)).expert_names
+    pool = load_config(local_checkpoint(recipe.checkpoint, parts=["meta"])).expert_names
     recipe.check_pool(pool)
     return pool
 

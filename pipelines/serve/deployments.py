@@ -10,7 +10,6 @@ replaced by Serve) when a batch runs far past its requests' deadlines.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from collections.abc import Sequence
@@ -18,7 +17,6 @@ from typing import Any
 
 import torch
 from ray import serve
-from torch import nn
 
 from mova.checkpoint import load_config, load_expert
 from mova.device import resolve_device, torch_dtype
@@ -32,21 +30,19 @@ from pipelines.serve.metrics import metric
 log = logging.getLogger(__name__)
 
 
+# what a replica keeps -> (the checkpoint parts it fetches, the model parts it reads)
+KEEP = {"llm": ("llm", "llm"), "base": ("base_encoder", "base_encoder"),
+        "text": ("text_encoder", "text_encoder")}
+
+
 def load_serving_model(checkpoint: str, device: str, keep: Sequence[str]):
-    """Load a checkpoint (local or s3://, downloaded once per node) and drop the parts this
-    replica never runs (``keep`` among ``llm``, ``base``, ``text``); expert weights are always
-    dropped (expert deployments load their own). The adapter stays: it defines the model's
-    device and dtype."""
-    model = from_pretrained(local_checkpoint(checkpoint), device=device)
-    for name in list(model.experts):
-        model.experts[name] = nn.Identity()
-    if "llm" not in keep:
-        model.llm = None
-    if "base" not in keep:
-        model.base_encoder = None
-    if "text" not in keep:
-        model.text_encoder = None
-    gc.collect()
+    """Load from a checkpoint (local or s3://) only the parts this replica runs (``keep``
+    among ``llm``, ``base``, ``text``; the adapter always: it defines the model's device and
+    dtype): only those are fetched to the node, read, and moved to ``device``. Expert weights
+    are never read (expert deployments load their own)."""
+    fetch = ["adapter", *(KEEP[k][0] for k in keep)]
+    skip = ["experts", *(part for k, (_, part) in KEEP.items() if k not in keep)]
+    model = from_pretrained(local_checkpoint(checkpoint, parts=fetch), device=device, skip=skip)
     model.eval()
     return model
 
@@ -165,7 +161,7 @@ class ExpertServer(BatchedReplica):
     preprocess) and returns its native feature map ``(1, L_j, C_j)``."""
 
     def __init__(self, checkpoint: str, expert: str, device: str = "auto") -> None:
-        local = local_checkpoint(checkpoint)
+        local = local_checkpoint(checkpoint, parts=[f"expert:{expert}"])
         self.name = f"Expert:{expert}"
         self.device = resolve_device(device)
         self.dtype = torch_dtype(load_config(local).dtype)

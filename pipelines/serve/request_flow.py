@@ -77,7 +77,7 @@ class PromptChecker:
     length, pool and generation defaults (loaded from the checkpoint, no weights)."""
 
     def __init__(self, checkpoint: str, recipe: ServeRecipe) -> None:
-        checkpoint = local_checkpoint(checkpoint)
+        checkpoint = local_checkpoint(checkpoint, parts=["meta"])  # no weights
         self.config: MoVAConfig = load_config(checkpoint)
         llm_dir = Path(checkpoint) / read_components(checkpoint)["llm"]
         self.tokenizer = ensure_image_token(AutoTokenizer.from_pretrained(llm_dir))

@@ -55,9 +55,9 @@ class TrainResult:
 
 def check_inputs(recipe: TrainRecipe) -> str:
     """Fail early, naming the problem, and never overwrite a finished model; returns a local
-    folder holding ``init_from`` (an s3:// checkpoint is downloaded once per node)."""
+    folder holding ``init_from``'s configs (each worker fetches the weights on its own node)."""
     try:
-        local = local_checkpoint(recipe.init_from)
+        local = local_checkpoint(recipe.init_from, parts=["meta"])
         read_components(local)
         load_config(local)
     except (CheckpointError, FileNotFoundError, ValueError, OSError) as exc:

@@ -222,7 +222,7 @@ class EpochData:
         self.batches = int(config["steps_per_epoch"]) * recipe.grad_accum
         self.recipe, self.rank = recipe, rank
         self.world = ray.train.get_context().get_world_size()
-        self.spec = PrepareSpec(checkpoint=local_checkpoint(recipe.init_from), cache=recipe.cache,
+        self.spec = PrepareSpec(checkpoint=recipe.init_from, cache=recipe.cache,
                                 features=recipe.features, max_length=recipe.max_length)
 
     def batches_from(self, epoch: int, first_batch: int, pool: list[str]) -> Any:

@@ -3,8 +3,10 @@
 The epoch order is computed from the manifest scan's chunks, never from the rows themselves:
 the chunks are permuted (seeded by ``seed`` and the epoch), cut into windows of
 ``window_chunks`` chunks, and the valid rows of each window are permuted (seeded by ``seed``,
-the epoch and the window). Global position ``p`` of that sequence goes to worker ``p % world``;
-each worker takes the same number of rows (the remainder is dropped), in order.
+the epoch and the window). Worker ``rank`` takes the contiguous stretch ``[rank * R,
+(rank + 1) * R)`` of that sequence (``R`` rows each, the remainder dropped), in order: it reads
+only the windows of its stretch, so a worker reads about ``1/world`` of the manifest's bytes
+(plus at most the two windows it shares with its neighbours), never the whole manifest.
 
 A worker that resumes at batch ``b`` of an epoch starts at its position ``b * batch_size``: the
 windows before it are never read, and the rows before it in its window are dropped before any
@@ -56,21 +58,21 @@ def worker_windows(valid_per_chunk: Sequence[int], order: EpochOrder, rank: int,
                    start_row: int = 0) -> list[dict]:
     """The windows worker ``rank`` reads this epoch, from its row ``start_row`` on: per window
     the chunk indices (in window order), its index, the global position of its first row and
-    the global positions to keep (``first`` inclusive to ``stop`` exclusive, every ``world``-th
-    from ``rank``)."""
+    the global positions to keep (``first`` inclusive to ``stop`` exclusive: the part of the
+    worker's stretch inside the window)."""
     if not 0 <= rank < order.world:
         raise ValueError(f"rank {rank} outside a world of {order.world}")
-    valid = int(sum(valid_per_chunk))
-    stop = rows_per_worker(valid, order.world) * order.world  # global positions in play
-    first = rank + start_row * order.world  # the worker's start_row-th position
+    share = rows_per_worker(int(sum(valid_per_chunk)), order.world)
+    first, stop = rank * share + start_row, (rank + 1) * share
     chunks = [int(c) for c in order.chunk_order(len(valid_per_chunk))]
     out, base = [], 0
     for w in range(0, len(chunks), order.window_chunks):
         members = chunks[w:w + order.window_chunks]
         size = int(sum(valid_per_chunk[c] for c in members))
-        if base + size > first and base < stop and size:
+        lo, hi = max(first, base), min(stop, base + size)
+        if lo < hi:
             out.append({"window": w // order.window_chunks, "chunks": members, "base": base,
-                        "size": size, "first": max(first, base), "stop": min(stop, base + size)})
+                        "size": size, "first": lo, "stop": hi})
         base += size
     return out
 
@@ -79,9 +81,5 @@ def positions_in_window(window: dict, order: EpochOrder, rank: int) -> list[int]
     """Which of a window's rows (indices into its concatenated valid rows) worker ``rank``
     takes, in its order."""
     perm = order.row_order(window["window"], window["size"])
-    keep = []
-    for local, row in enumerate(perm):
-        pos = window["base"] + local
-        if window["first"] <= pos < window["stop"] and (pos - rank) % order.world == 0:
-            keep.append(int(row))
-    return keep
+    lo, hi = window["first"] - window["base"], window["stop"] - window["base"]
+    return [int(row) for row in perm[lo:hi]]

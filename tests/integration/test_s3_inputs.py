@@ -3,6 +3,7 @@ atomic, reading downloads once per node, and bad inputs fail before any work, na
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pipelines.common.checkpoint_store import local_checkpoint, publish
 pytestmark = pytest.mark.integration
 
 S3_BUCKET = "mova-test"  # created by the s3_endpoint fixture
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,41 @@ def test_publish_download_once_and_load(saved, prefix, tmp_path, monkeypatch):
     assert model.expert_names == ["sam"]
 
 
+FETCH = """
+import json, sys
+from pipelines.common.checkpoint_store import FETCHED, local_checkpoint
+path = local_checkpoint(sys.argv[1], parts=sys.argv[2].split(","))
+print(json.dumps({"path": path, **FETCHED}))
+"""
+
+
+def test_a_node_fetches_each_file_once_and_a_replica_only_its_part(saved, prefix, tmp_path):
+    """Four processes of one node ask for the same checkpoint at once: one downloads, the
+    others wait and reuse it. An expert replica's process fetches the configs and its
+    expert's weights, nothing else."""
+    uri = publish(saved, f"{prefix}/model")
+    env = {**os.environ, "MOVA_CACHE": str(tmp_path / "node"), "PYTHONPATH": str(REPO)}
+
+    def start(parts: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", FETCH, uri, parts], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    expert = start("expert:sam")
+    out = json.loads(expert.communicate(timeout=120)[0])
+    local = Path(out["path"])
+    listing = json.loads((saved / "files.json").read_text())["files"]
+    weights = sorted(p.relative_to(local).as_posix() for p in local.rglob("*.safetensors"))
+    assert weights == sorted(n for n in listing if n.endswith(".safetensors")
+                             and n.startswith("experts/sam/")), weights
+    procs = [start("all") for _ in range(4)]
+    results = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    missing = len(listing) - out["files"]
+    assert sorted(r["files"] for r in results) == [0, 0, 0, missing], results
+    assert {r["path"] for r in results} == {out["path"]}
+    assert from_pretrained(local).expert_names == ["sam"]
+
+
 def test_incomplete_checkpoints_on_s3_are_refused_naming_what_is_missing(
         saved, prefix, tmp_path, monkeypatch):
     monkeypatch.setenv("MOVA_CACHE", str(tmp_path / "cache"))
@@ -56,7 +93,9 @@ def test_incomplete_checkpoints_on_s3_are_refused_naming_what_is_missing(
     storage.delete(storage.join(uri, "files.json"))  # a publish that never finished
     with pytest.raises(CheckpointError, match=r"has no files\.json.*incomplete"):
         local_checkpoint(uri)
-    assert not list((tmp_path / "cache" / "checkpoints").glob("[!.]*")), "nothing kept"
+    kept = [p for p in (tmp_path / "cache" / "checkpoints").rglob("*") if p.is_file()]
+    assert not [p for p in kept if p.suffix == ".part" or p.name == "adapter.safetensors"], \
+        "nothing half-written or unverified is kept"
     with pytest.raises(CheckpointError, match="has no files.json"):
         local_checkpoint(f"{prefix}/nothing-here")
 

@@ -121,7 +121,9 @@ def test_scan_writes_every_bad_row_to_the_report(jsonl, tmp_path):
     assert json.loads(open(one).read()) == {"x": 1}
 
 
-def test_parquet_chunks_stay_within_row_groups(tmp_path, image):
+def test_parquet_chunks_are_row_groups_read_once(tmp_path, image, monkeypatch):
+    """A Parquet chunk is one whole row group: a reader decodes each group once, never a group
+    to keep a slice of it; large files get one scan task per run of groups."""
     png_file = image
     rows = [_row(i, png_file) for i in range(23)]
     path = tmp_path / "m.parquet"
@@ -129,10 +131,25 @@ def test_parquet_chunks_stay_within_row_groups(tmp_path, image):
     pq.write_table(pq.read_table(tmp_path / "tmp.parquet"), path, row_group_size=10)
     scan, tasks = _scan(path, 1 << 20, chunk_rows=4)
     assert len(tasks) == 1 and scan.valid == 23, scan.format_errors()
-    assert [(c.start, c.end) for c in scan.chunks] == [
-        (0, 4), (4, 8), (8, 10), (10, 14), (14, 18), (18, 20), (20, 23)]
-    got = [s.id for c in scan.chunks for _, s in chunk_samples(c.to_dict(), None, False)]
-    assert got == [r["id"] for r in rows]
+    assert [(c.start, c.end, c.line) for c in scan.chunks] == [(0, 10, 1), (10, 20, 11),
+                                                               (20, 23, 21)]
+    decoded = []
+    real = pq.ParquetFile.iter_batches
+
+    def counting(self, *args, **kwargs):
+        for batch in real(self, *args, **kwargs):
+            decoded.append(batch.num_rows)
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counting)
+    got = [(line, s.id) for c in scan.chunks
+           for line, s in chunk_samples(c.to_dict(), None, False)]
+    assert got == [(i + 1, r["id"]) for i, r in enumerate(rows)]
+    assert sum(decoded) == 23, "every row decoded exactly once"
+    scan, tasks = _scan(path, 1, chunk_rows=4)  # ~1 byte per task: one task per row group
+    assert [(t["start"], t["end"]) for t in tasks] == [(0, 1), (1, 2), (2, 3)]
+    assert [(c.start, c.end, c.line) for c in scan.chunks] == [(0, 10, 1), (10, 20, 11),
+                                                               (20, 23, 21)]
 
 
 def test_a_published_folder_lists_exactly_its_parts(tmp_path, image):

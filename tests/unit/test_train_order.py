@@ -60,3 +60,15 @@ def test_counts_and_rank_checks():
     assert rows_per_worker(45, 2) == 22
     with pytest.raises(ValueError, match="rank 2 outside a world of 2"):
         worker_windows(VALID, EpochOrder(seed=0, epoch=0, world=2), 2)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_worker_reads_only_the_windows_of_its_stretch(world):
+    """Chunks read per worker add up to the manifest plus at most one shared window per
+    neighbour: no worker reads the whole manifest."""
+    valid = [1024] * 64
+    order = EpochOrder(seed=5, epoch=1, world=world, window_chunks=4)
+    read = [sum(len(w["chunks"]) for w in worker_windows(valid, order, rank))
+            for rank in range(world)]
+    assert sum(read) <= len(valid) + 2 * (world - 1) * order.window_chunks
+    assert max(read) <= len(valid) / world + 2 * order.window_chunks

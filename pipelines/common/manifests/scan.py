@@ -42,12 +42,13 @@ MAX_ERRORS = 50  # errors kept per task (their total is always counted)
 
 
 def scan_tasks(files: Sequence[str], range_bytes: int = RANGE_BYTES) -> list[dict]:
-    """One task description per byte range of each JSON-lines file, per Parquet file."""
+    """One task description per byte range of each JSON-lines file, and per run of row groups
+    of a Parquet file (``start``/``end``: group indices; about ``range_bytes`` of data each)."""
     tasks = []
     for path in files:
         fmt = format_of(path)
         if fmt == "parquet":
-            tasks.append({"path": path, "fmt": fmt, "start": 0, "end": 0})
+            tasks += _parquet_tasks(path, range_bytes)
             continue
         fs, fpath = storage.filesystem(path)
         size = fs.get_file_info(fpath).size or 0
@@ -55,6 +56,19 @@ def scan_tasks(files: Sequence[str], range_bytes: int = RANGE_BYTES) -> list[dic
             tasks.append({"path": path, "fmt": fmt, "start": start,
                           "end": min(start + range_bytes, size)})
     return tasks
+
+
+def _parquet_tasks(path: str, range_bytes: int) -> list[dict]:
+    fs, fpath = storage.filesystem(path)
+    with fs.open_input_file(fpath) as handle:
+        meta = pq.ParquetFile(handle).metadata
+    tasks, start, size = [], 0, 0
+    for group in range(meta.num_row_groups):
+        size += meta.row_group(group).total_byte_size
+        if size >= range_bytes or group == meta.num_row_groups - 1:
+            tasks.append({"path": path, "fmt": "parquet", "start": start, "end": group + 1})
+            start, size = group + 1, 0
+    return tasks or [{"path": path, "fmt": "parquet", "start": 0, "end": 0}]
 
 
 def _lines_in_range(path: str, start: int, end: int) -> Iterator[tuple[int, int, bytes]]:
@@ -105,14 +119,16 @@ def scan_range(task: dict, pool: Sequence[str] | None, chunk_rows: int = CHUNK_R
     seen: dict[str, int] = {}
     every: list[dict] = []
     try:
-        rows = (_parquet_rows(path) if fmt == "parquet"
+        rows = (_parquet_rows(path, task["start"], task["end"]) if fmt == "parquet"
                 else _jsonl_rows(path, task["start"], task["end"]))
         current: dict | None = None
         for group, line, start, end, raw in rows:
             out.lines = line
             if raw is None:  # a blank line: counted for line numbers only
                 continue
-            if current is None or current["rows"] >= chunk_rows or current["group"] != group:
+            # a Parquet chunk is one whole row group (read once, never decoded in part)
+            full = current is not None and fmt != "parquet" and current["rows"] >= chunk_rows
+            if current is None or full or current["group"] != group:
                 if current is not None:
                     out.chunks.append(current)
                 current = {"path": path, "fmt": fmt, "start": start, "end": end, "line": line,
@@ -171,15 +187,20 @@ def _jsonl_rows(path: str, start: int, end: int):
         yield 0, number, first, last, (parse_line(text, number) if text else None)
 
 
-def _parquet_rows(path: str):
+def _parquet_rows(path: str, first_group: int, end_group: int):
+    """Rows of row groups ``[first_group, end_group)`` (numbered from 1 within the task;
+    ``start``/``end``: their file-wide row range), streamed a batch at a time."""
     fs, fpath = storage.filesystem(path)
     with fs.open_input_file(fpath) as handle:
         reader = pq.ParquetFile(handle)
+        row = sum(reader.metadata.row_group(g).num_rows for g in range(first_group))
         number = 0
-        for group in range(reader.num_row_groups):
-            for record in reader.read_row_group(group).to_pylist():
-                number += 1  # rows [number - 1, number) of the file
-                yield group, number, number - 1, number, parquet_row(record, number)
+        for group in range(first_group, end_group):
+            for batch in reader.iter_batches(batch_size=CHUNK_ROWS, row_groups=[group]):
+                for record in batch.to_pylist():
+                    number += 1
+                    row += 1
+                    yield group, number, row - 1, row, parquet_row(record, row)
 
 
 def scan_manifest(uri: str, *, pool: Sequence[str] | None = None,

@@ -22,7 +22,7 @@ from pipelines.common.manifests.rows import RowError
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: a Parquet chunk is one whole row group
 
 
 def scan_dir() -> Path:

@@ -22,24 +22,14 @@ from pipelines.common.manifests.schema import Sample
 from pipelines.common.manifests.validate import check_row
 
 MAX_BLOCKS = 200  # input blocks of a manifest dataset (each a few chunks)
+BATCH_ROWS = 1024  # rows of a Parquet row group decoded at a time
 
 
 def chunk_lines(chunk: dict) -> Iterator[tuple[int, dict | RowError]]:
     """(line, parsed row) of every row of a chunk, fetched with one ranged read."""
     path = chunk["path"]
     if chunk["fmt"] == "parquet":
-        fs, fpath = storage.filesystem(path)
-        with fs.open_input_file(fpath) as handle:
-            reader = pq.ParquetFile(handle)
-            first = 0
-            for group in range(reader.num_row_groups):
-                count = reader.metadata.row_group(group).num_rows
-                if first + count > chunk["start"]:
-                    rows = reader.read_row_group(group).to_pylist()
-                    for i in range(chunk["start"] - first, chunk["end"] - first):
-                        yield i + first + 1, parquet_row(rows[i], i + first + 1)
-                    return
-                first += count
+        yield from _row_group_lines(chunk)
         return
     try:
         data = storage.read_range(path, chunk["start"], chunk["end"] - chunk["start"])
@@ -52,6 +42,26 @@ def chunk_lines(chunk: dict) -> Iterator[tuple[int, dict | RowError]]:
         text = raw.decode("utf-8", errors="replace").strip()
         if text:
             yield chunk["line"] + i, parse_line(text, chunk["line"] + i)
+
+
+def _row_group_lines(chunk: dict) -> Iterator[tuple[int, dict | RowError]]:
+    """The rows of a Parquet chunk: the one row group holding rows ``[start, end)`` of the
+    file, read alone and streamed a batch at a time."""
+    fs, fpath = storage.filesystem(chunk["path"])
+    with fs.open_input_file(fpath) as handle:
+        reader = pq.ParquetFile(handle)
+        first = 0
+        for group in range(reader.num_row_groups):
+            count = reader.metadata.row_group(group).num_rows
+            if first + count > chunk["start"]:
+                row = first
+                for batch in reader.iter_batches(batch_size=BATCH_ROWS, row_groups=[group]):
+                    for record in batch.to_pylist():
+                        row += 1
+                        if chunk["start"] < row <= chunk["end"]:
+                            yield row, parquet_row(record, row)
+                return
+            first += count
 
 
 def chunk_samples(chunk: dict, pool: Sequence[str] | None, skip_bad_rows: bool
