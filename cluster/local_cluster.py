@@ -19,6 +19,13 @@ raylets first, then the rest, gcs_server last, SIGKILL after a grace period. It 
     python cluster/local_cluster.py stop --state /tmp/lc/local_cluster.json
 
 From Python (tests): ``handle = start_cluster(nodes=2)``, ``stop_cluster(handle)``.
+
+With ``--private-disks`` (root only: it uses ``unshare --mount``), every node runs in its own
+mount namespace with fresh tmpfs over ``/tmp``, ``$HOME`` and ``/dev/shm``: like separate
+machines, nodes share nothing but the loopback network (and whatever object storage it
+reaches). The project checkout and the Python installation are bound back read-only, so the
+nodes run the same code; everything a node writes stays on its own disks (visible from outside
+only through ``/proc/<pid>/root``, see :func:`node_root`).
 """
 
 from __future__ import annotations
@@ -77,6 +84,7 @@ class ClusterHandle:
     resources: list[str]
     processes: list[Proc] = field(default_factory=list)
     state_file: str = ""
+    private_disks: bool = False
 
     @property
     def pids(self) -> list[int]:
@@ -296,6 +304,47 @@ def _wait_for_nodes(handle: ClusterHandle, count: int, timeout_s: float) -> None
                        f"within {timeout_s:.0f} s (last: {last})")
 
 
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def _bind_back(hide: list[str]) -> list[str]:
+    """Folders a private node must still read (the code, the interpreter) that live below a
+    folder its namespace hides."""
+    python = Path(os.path.realpath(sys.executable)).parents[1]  # e.g. ~/.pyenv/versions/3.11
+    venv = Path(sys.prefix)
+    wanted = {str(p) for p in (PROJECT, python, venv)}
+    return sorted(d for d in wanted if any(d == h or d.startswith(h + "/") for h in hide))
+
+
+def private_node_command(cmd: list[str], hide: list[str] | None = None) -> list[str]:
+    """``cmd`` run in a new mount namespace whose ``hide`` folders (default ``/tmp``, ``$HOME``,
+    ``/dev/shm``) are fresh, private tmpfs, with the project and the interpreter bound back
+    read-only (PLATFORM.md: a Ray node with its own disks on one machine)."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        raise RuntimeError("private disks need root and unshare(1) (mount namespaces)")
+    hide = hide or ["/tmp", os.path.expanduser("~"), "/dev/shm"]
+    keep = _bind_back(hide)
+    q = shlex.quote
+    lines = ["set -eu", "mkdir -p /srv", "stage=$(mktemp -d /srv/.mova-node.XXXXXX)",
+             'mount -t tmpfs tmpfs "$stage"']
+    lines += [f'mkdir "$stage/{i}" && mount --bind {q(d)} "$stage/{i}"'
+              for i, d in enumerate(keep)]
+    lines += [f"mount -t tmpfs tmpfs {q(h)}" for h in hide]
+    lines += [f'mkdir -p {q(d)} && mount --move "$stage/{i}" {q(d)} && '
+              f"mount -o remount,bind,ro {q(d)}" for i, d in enumerate(keep)]
+    lines += ['umount "$stage" && rmdir "$stage"', "cd /tmp",
+              "exec " + " ".join(q(c) for c in cmd)]
+    return ["unshare", "--mount", "--propagation", "private", "bash", "-c", "\n".join(lines)]
+
+
+def node_root(handle: ClusterHandle, index: int) -> Path:
+    """Where this process sees node ``index``'s private disks (``/proc/<raylet>/root``), or
+    ``/`` for a node without them."""
+    raylet = next((p for p in handle.processes if p.node == index and p.name == "raylet"
+                   and _alive(p)), None)
+    return Path(f"/proc/{raylet.pid}/root") if raylet and handle.private_disks else Path("/")
+
+
 def _checked_temp_dir(nodes: int, cpus_per_node: int, auth: str, temp_dir: str | None,
                       port: int | None, node_env: list[dict[str, str]] | None) -> str:
     """The cluster's temp dir (created), after checking the arguments and that no Ray runs
@@ -347,12 +396,15 @@ def start_cluster(
     timeout_s: float = START_TIMEOUT_S,
     host_alias: str | None = None,
     node_env: list[dict[str, str]] | None = None,
+    private_disks: bool = False,
 ) -> ClusterHandle:
     """Start a head and ``nodes - 1`` worker nodes on this machine; returns the handle.
 
     ``node_env[i]`` adds environment variables to node ``i`` (its raylet and every worker it
     starts inherit them), e.g. a private ``TMPDIR``/``HOME``/``MOVA_CACHE`` per node so that
-    nodes share no folder. Everything the cluster starts is stopped again if any step fails.
+    nodes share no folder; ``private_disks`` puts every node in its own mount namespace
+    (:func:`private_node_command`). Everything the cluster starts is stopped again if any step
+    fails.
     """
     temp_dir = _checked_temp_dir(nodes, cpus_per_node, auth, temp_dir, port, node_env)
     port, dashboard_port = port or free_port(), dashboard_port or free_port()
@@ -365,6 +417,7 @@ def start_cluster(
              f"http://127.0.0.1:{dashboard_port}"},
         resources=[f"{RESOURCE_PREFIX}{i}" for i in range(nodes)],
         state_file=state_file or os.path.join(temp_dir, STATE_NAME),
+        private_disks=private_disks,
     )
     ray = _ray_exe()
     alias = loopback_alias(host_alias) if nodes > 1 else None
@@ -375,6 +428,8 @@ def start_cluster(
             cmd = _node_command(ray, index, port, dashboard_port, alias, temp_dir,
                                 _node_args(index, cpus_per_node, object_store_mb))
             log.info("starting node %d: %s", index, " ".join(cmd[1:3]))
+            if private_disks:
+                cmd = private_node_command(cmd)
             start_env = env if index == 0 else {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
             if node_env is not None:
                 start_env = {**node_env[index], **start_env}
@@ -470,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--host-alias", help="a name for 127.0.0.1 that worker nodes use to "
                                             "reach the head (default: from /etc/hosts, else "
                                             f"{V4_MAPPED_LOOPBACK})")
+    start.add_argument("--private-disks", action="store_true",
+                       help="each node in its own mount namespace with private /tmp, $HOME and "
+                            "/dev/shm, like separate machines (root; unshare --mount)")
     for name, text in (("stop", "stop"), ("status", "list the nodes of"),
                        ("env", "print `export` lines (with the token) to join")):
         p = sub.add_parser(name, help=f"{text} the cluster recorded in a state file")
@@ -482,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         handle = start_cluster(args.nodes, args.cpus_per_node, args.temp_dir, port=args.port,
                                dashboard_port=args.dashboard_port, auth=args.auth,
                                object_store_mb=args.object_store_mb, state_file=args.state,
-                               host_alias=args.host_alias)
+                               host_alias=args.host_alias, private_disks=args.private_disks)
         print(f"state: {handle.state_file}\ndashboard: {handle.dashboard_url}\n"
               f"join it from a shell: eval \"$(cluster/local-cluster.sh env --state "
               f"{handle.state_file})\"")

@@ -302,7 +302,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 # ---- mova bench scale ------------------------------------------------------------------------
 def _run_scale(args: argparse.Namespace) -> int:
-    from pipelines.bench.scale import bench_scale, render_markdown
+    from pipelines.bench.scale import bench_scale
+    from pipelines.bench.scale_report import render_markdown
 
     sizes = args.rows or ([2000, 20000] if args.quick else [10_000, 100_000, 1_000_000])
     with _workdir(args.workdir, "mova-bench-scale-") as root:
@@ -328,8 +329,35 @@ def _add_scale(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_scale)
 
 
+# ---- mova bench checkpoint -------------------------------------------------------------------
+def _run_checkpoint(args: argparse.Namespace) -> int:
+    from pipelines.bench.checkpoint import bench_checkpoint
+    from pipelines.bench.checkpoint_report import render_markdown
+
+    size = args.size_mib or (64 if args.quick else 1536)
+    with _workdir(args.workdir, "mova-bench-ckpt-") as root:
+        result = bench_checkpoint(root, size_mib=size, processes=args.processes)
+    _output(args, result.key, render_markdown(result), result.to_dict())
+    return 0
+
+
+def _add_checkpoint(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("checkpoint", help="fetching a checkpoint with a multi-GiB shard from "
+                                          "S3 on one node: memory, bytes, throughput",
+                       description="Publish a checkpoint with one large safetensors file to "
+                                   "S3 (a moto server on loopback unless AWS_ENDPOINT_URL_S3 "
+                                   "is set), fetch its LLM part from N processes of one node "
+                                   "at once and one expert from another; each process's peak "
+                                   "memory, the bytes read, and the throughput against boto3.")
+    p.add_argument("--size-mib", type=int, default=None,
+                   help="the large file's size (default 1536; --quick 64)")
+    p.add_argument("--processes", type=int, default=4, help="fetching processes on the node")
+    _output_options(p, "smoke-test settings: a 64 MiB file")
+    p.set_defaults(func=_run_checkpoint)
+
+
 BENCHMARKS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_model, _add_features, _add_train, _add_serve, _add_scale)
+    _add_model, _add_features, _add_train, _add_serve, _add_scale, _add_checkpoint)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -40,6 +40,7 @@ replaced in place when its command is rerun (the HTML comments delimit the secti
 | `bench:serve:tiny:cpu` | `mova bench serve` (Ray Serve; ~5 min) |
 | `bench:serve:real:cpu` | `mova bench serve --real` (after `mova demo --real --quick`; ~20 min) |
 | `bench:scale:cpu` | `mova bench scale` (Ray; ~20 min) |
+| `bench:checkpoint` | `mova bench checkpoint` (moto S3 on loopback; ~5 min, ~10 GiB of RAM) |
 
 Read the results as **ratios measured side by side** in one process on one machine (for example
 the cost of k routed experts against the whole pool; the calls compared are timed in

@@ -10,17 +10,19 @@ sampled during each step:
 * **first batch** of the training data path (``worker_dataset``: the scan's chunks, the epoch
   order, cached features read with ranged reads) vs the plain way (load the manifest, then
   prepare the first batch);
-* **index**: a feature-cache index of as many entries as rows (written in parts, compacted),
-  its load time and bytes per entry;
+* **index**: a feature-cache index of as many entries as rows (written in parts, compacted)
+  and a fresh reader's peak memory and index reads for 2,000 random lookups;
+* **ranks**: the manifest bytes each training rank reads at world 2 and 4 (vs manifest/world);
 * **cached re-run** of ``mova features`` over the manifest (every image already cached).
 
 Once, at the full preset's feature shape of one expert, it measures the read amplification of
-a random training batch: bytes fetched per byte served, ranged reads vs reading whole shards.
+a random training batch: bytes fetched per byte served, ranged reads vs reading whole shards;
+and at the largest size, the manifest as Parquet with 1M-row row groups, read chunk by chunk:
+rows decoded per row read.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -39,7 +41,15 @@ import torch
 from mova.checkpoint import load_config
 from mova.experts.registry import get_expert_spec
 from pipelines.bench.features import make_workspace
-from pipelines.bench.harness import machine_info, markdown_table
+from pipelines.bench.harness import machine_info
+from pipelines.bench.scale_reads import (
+    LOOKUPS,
+    WORLDS,
+    parquet_amplification,
+    rank_read_ratio,
+    reader_step,
+    write_index,
+)
 from pipelines.bench.train import fill_cache
 from pipelines.common import storage
 from pipelines.common.batches import PrepareSpec, prepare_rows
@@ -58,7 +68,7 @@ log = logging.getLogger(__name__)
 SIZES = (10_000, 100_000, 1_000_000)
 BASE_IMAGES = 64  # distinct images (and base rows) every manifest repeats
 FIRST_BATCH = 8
-INDEX_PART = 50_000  # index entries per written part before compaction
+PARQUET_GROUP_ROWS = 1 << 20
 
 
 def in_child(step: str, address: str | None, timeout_s: float = 3600, **kwargs: Any
@@ -116,8 +126,11 @@ class SizeResult:
     plain_first_batch_s: float  # load + prepare, from the start
     plain_peak_mib: float
     index_entries: int
-    index_load_s: float
-    index_bytes_per_entry: float
+    index_compact_s: float
+    reader_peak_mib: float
+    index_row_group_loads: int
+    index_bytes_per_lookup: float
+    rank_read_ratio: dict[int, float] = field(default_factory=dict)  # world -> max/ (1/world)
     rerun_s: float | None = None
     rerun_peak_mib: float | None = None
 
@@ -139,6 +152,7 @@ class Amplification:
 class ScaleResult:
     sizes: list[SizeResult] = field(default_factory=list)
     amplification: Amplification | None = None
+    parquet: dict[str, Any] = field(default_factory=dict)
     machine: dict[str, str] = field(default_factory=dict)
     key: str = "bench:scale:cpu"
 
@@ -159,6 +173,7 @@ def streaming_driver(manifest: str, pool: list[str], checkpoint: str, cache: str
     scan.require_ok(False)
     _, reused_s = _timed(scan_manifest, manifest, pool=pool)  # what a later stage pays
     return {"scan_s": scan_s, "scan_reused_s": reused_s, "chunks": len(scan.chunks),
+            "rank_read_ratio": {w: rank_read_ratio(scan, w) for w in WORLDS},
             "stream_rows_per_s": stream_rows_per_s(scan, pool),
             "first_batch_s": first_batch_s(scan, pool, checkpoint, cache)}
 
@@ -198,22 +213,6 @@ def first_batch_s(scan: Any, pool: list[str], checkpoint: str, cache: str) -> fl
     return time.perf_counter() - start
 
 
-def index_step(root: Path, entries: int) -> tuple[float, float]:
-    """Write an index of ``entries`` tiny features in parts, compact it, load it fresh."""
-    cache = FeatureCache(str(root))
-    feature = torch.zeros(1, 4)
-    for first in range(0, entries, INDEX_PART):
-        n = min(INDEX_PART, entries - first)
-        hashes = [hashlib.sha256(str(first + i).encode()).hexdigest() for i in range(n)]
-        cache.write_shard("synthetic", "k", hashes, [feature] * n)
-    cache.compact("synthetic", "k")
-    reader = FeatureCache(str(root))
-    index, seconds = _timed(reader.load_index, "synthetic", "k")
-    size = (index.hashes.nbytes + index.shard.nbytes + index.offset.nbytes
-            + index.length.nbytes)
-    return seconds, size / max(len(index), 1)
-
-
 def rerun_driver(manifest: str, checkpoint: str, cache: str) -> dict[str, Any]:
     recipe = FeaturesRecipe(manifest=manifest, checkpoint=checkpoint, cache=cache,
                             experts="all").validate()
@@ -223,7 +222,8 @@ def rerun_driver(manifest: str, checkpoint: str, cache: str) -> dict[str, Any]:
     return {"seconds": seconds}
 
 
-STEPS = {"stream": streaming_driver, "plain": plain_driver, "rerun": rerun_driver}
+STEPS = {"stream": streaming_driver, "plain": plain_driver, "rerun": rerun_driver,
+         "reader": reader_step, "parquet": parquet_amplification}
 
 
 def amplification_step(root: Path, expert: str = "dinov2", images: int = 64,
@@ -283,96 +283,23 @@ def _run_sizes(root: Path, sizes: Sequence[int], rerun_max: int, seed: int) -> S
         stream = in_child("stream", address, pool=pool, **args)
         plain = in_child("plain", None, pool=pool, **args)
         rerun = in_child("rerun", address, **args) if rows <= rerun_max else {}
-        index_s, per_entry = index_step(root / f"index-{rows}", rows)
+        compact_s = write_index(root / f"index-{rows}", rows)
+        reader = in_child("reader", None, root=str(root / f"index-{rows}"), entries=rows)
         result.sizes.append(SizeResult(
             rows=rows, manifest_mib=mib, chunks=stream["chunks"], scan_s=stream["scan_s"],
             scan_reused_s=stream["scan_reused_s"],
             stream_rows_per_s=stream["stream_rows_per_s"],
             first_batch_s=stream["first_batch_s"], driver_peak_mib=stream["peak_mib"],
             plain_load_s=plain["load_s"], plain_first_batch_s=plain["first_batch_s"],
-            plain_peak_mib=plain["peak_mib"], index_entries=rows, index_load_s=index_s,
-            index_bytes_per_entry=per_entry, rerun_s=rerun.get("seconds"),
+            plain_peak_mib=plain["peak_mib"], index_entries=rows, index_compact_s=compact_s,
+            reader_peak_mib=reader["reader_peak_mib"],
+            index_row_group_loads=reader["row_group_loads"],
+            index_bytes_per_lookup=reader["index_bytes_read"] / LOOKUPS,
+            rank_read_ratio=stream["rank_read_ratio"], rerun_s=rerun.get("seconds"),
             rerun_peak_mib=rerun.get("peak_mib")))
         log.info("%s", result.sizes[-1])
     result.amplification = amplification_step(root / "full-cache", images=32, shard_images=8,
                                                batch=8, seed=seed)
+    result.parquet = in_child("parquet", None, jsonl=manifest, path=root / "rows.parquet",
+                              group_rows=PARQUET_GROUP_ROWS)
     return result
-
-
-def _num(value: float | None, spec: str = ".1f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def goals(r: ScaleResult) -> dict[str, float | None]:
-    """The issue's goals as measured ratios: driver peak growth and first-batch slowdown from
-    the smallest to the largest size, and the read amplification."""
-    if len(r.sizes) < 2:
-        return {"driver_growth": None, "first_batch_slowdown": None,
-                "first_batch_slowdown_cold": None,
-                "read_amplification": r.amplification.ranged_bytes_ratio
-                if r.amplification else None}
-    small, big = r.sizes[0], r.sizes[-1]
-    return {"driver_growth": big.driver_peak_mib / small.driver_peak_mib - 1,
-            "first_batch_slowdown": (big.scan_reused_s + big.first_batch_s)
-            / (small.scan_reused_s + small.first_batch_s),
-            "first_batch_slowdown_cold": (big.scan_s + big.first_batch_s)
-            / (small.scan_s + small.first_batch_s),
-            "read_amplification": r.amplification.ranged_bytes_ratio
-            if r.amplification else None}
-
-
-def render_markdown(r: ScaleResult) -> str:
-    rows = []
-    for s in r.sizes:
-        rows.append([
-            f"{s.rows:,}", f"{s.manifest_mib:.0f}", str(s.chunks),
-            f"{s.driver_peak_mib:.0f}", f"{s.plain_peak_mib:.0f}",
-            f"{s.scan_s:.1f} / {s.scan_reused_s:.2f}", f"{s.stream_rows_per_s:,.0f}",
-            f"{s.first_batch_s:.1f}", f"{s.scan_reused_s + s.first_batch_s:.1f}",
-            f"{s.scan_s + s.first_batch_s:.1f}", f"{s.plain_first_batch_s:.1f}",
-            f"{s.index_load_s * 1000:.0f} ms, {s.index_bytes_per_entry:.0f} B",
-            "-" if s.rerun_s is None else f"{s.rerun_s:.1f} s / {s.rerun_peak_mib:.0f} MiB"])
-    table = markdown_table(
-        ["rows", "manifest MiB", "chunks", "driver peak MiB (streaming)",
-         "driver peak MiB (plain)", "scan s: first / kept", "stream rows/s",
-         "data path to the first batch, s", "first batch s (kept scan)",
-         "first batch s (first scan)", "first batch s, plain",
-         "index load, per entry", "cached `mova features` re-run: s / driver MiB"], rows)
-    g = goals(r)
-    lines = []
-    if g["driver_growth"] is not None:
-        lines.append(f"- Driver peak from {r.sizes[0].rows:,} to {r.sizes[-1].rows:,} rows: "
-                     f"**{g['driver_growth']:+.0%}** (goal: at most +10%).")
-        lines.append(f"- First batch at {r.sizes[-1].rows:,} rows vs {r.sizes[0].rows:,}, "
-                     "the manifest's scan kept by an earlier stage (as `mova features` "
-                     f"leaves it for `mova train`): **{g['first_batch_slowdown']:.2f}x** (goal: "
-                     f"at most 2x); when the job scans first: "
-                     f"{g['first_batch_slowdown_cold']:.2f}x (the scan validates every row "
-                     "once: O(rows)).")
-    a = r.amplification
-    if a is not None:
-        lines.append(
-            f"- Read amplification at the full preset ({a.expert}: {a.tokens} tokens x "
-            f"{a.channels} channels fp16, {a.tokens * a.channels * 2 / 2**20:.1f} MiB per "
-            f"image), a random batch of {a.batch} from {a.shards} shard(s) of 8 images: "
-            f"ranged reads fetch **{a.ranged_bytes_ratio:.2f}x** the bytes served "
-            f"({a.ranged_s * 1000:.0f} ms; goal: at most 1.2x); reading whole shards, "
-            f"{a.whole_shard_bytes_ratio:.2f}x ({a.whole_shard_s * 1000:.0f} ms).")
-    m = r.machine
-    return (f"## Scale: the data path at {', '.join(f'{s.rows:,}' for s in r.sizes)} "
-            "rows\n\n"
-            "Each manifest repeats 64 synthetic rows under new ids (every image cached for "
-            "every expert). Every driver runs in a fresh process joined to one local Ray, and "
-            "its peak resident memory (`ru_maxrss`, imports included) is reported; Ray's "
-            "workers are separate processes. Streaming: `scan_manifest` (Ray tasks over byte "
-            "ranges; ids checked across the manifest; then the same call again, which takes the "
-            "kept scan), every row through `manifest_dataset`, "
-            "then the first batch (8 rows, worker 0 of 1, tiny model, cached features) of "
-            "`worker_dataset`. Plain: `load_manifest` (every row in the driver), then the "
-            "first batch prepared in process. The index holds as many entries as the manifest "
-            "has rows (written in parts of 50,000, compacted, loaded fresh).\n\n"
-            f"{table}\n\n" + "\n".join(lines) + f"\n\n{_machine_line(m)}\n")
-
-
-def _machine_line(m: dict[str, str]) -> str:
-    return "Machine: " + ", ".join(f"{k} {v}" for k, v in m.items())

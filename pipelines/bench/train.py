@@ -43,7 +43,7 @@ from pipelines.train.recipe import DeepSpeedConfig, TrainRecipe
 
 log = logging.getLogger(__name__)
 
-MASKS = ("label", "all")
+MASKS = ("label", "all", "none")  # none: no expert routed at all (the floor of a step)
 FEATURES = ("cached", "compute")
 ZERO_WORKERS = 2
 ZERO_CPUS_PER_WORKER = 0.5  # leaves Ray Data a CPU on a 2-CPU Ray (1.0 each starves it)
@@ -142,14 +142,24 @@ def speedups(r: TrainBenchResult) -> dict[str, dict[str, float]]:
     return out
 
 
+def cached_over_no_experts(r: TrainBenchResult) -> float | None:
+    """A step with the label experts' cached features over a step routing no expert (median
+    step times): how close the cache brings the experts to free."""
+    try:
+        return r.config("label", "cached").median_ms / r.config("none", "cached").median_ms
+    except ValueError:
+        return None
+
+
 # ---- data -----------------------------------------------------------------------------------
 def manifest_rows(manifest: str, masks: str, pool: Sequence[str]) -> list[Any]:
     """The samples training prepares, all experts routed when ``masks == "all"``."""
     if masks not in MASKS:
         raise ValueError(f"masks={masks!r}; expected one of {MASKS}")
     samples = load_manifest(manifest, pool=pool, check_images=False)
-    if masks == "all":
-        samples = [dataclasses.replace(s, experts=list(pool)) for s in samples]
+    if masks != "label":
+        routed = list(pool) if masks == "all" else []
+        samples = [dataclasses.replace(s, experts=routed) for s in samples]
     return samples
 
 
@@ -189,7 +199,7 @@ def bench_in_process(manifest: str, checkpoint: str, cache: str, *, steps: int, 
     count = batch_size * (steps + 1)
     runs: dict[tuple[str, str], dict[str, Any]] = {}
     for masks in MASKS:
-        for features in FEATURES:
+        for features in FEATURES[:1] if masks == "none" else FEATURES:
             columns, seconds = prepared_rows(manifest, checkpoint, cache, masks, features, count)
             n = len(columns["id"])
             model = from_pretrained(checkpoint)

@@ -8,49 +8,37 @@ Layout under the cache root (a local folder or an s3:// prefix)::
     <expert>/<key>/index/<id>.parquet      one entry per image of shard <id>: image_hash,
                                            shard, offset and length of the tensor's bytes in
                                            the file, tokens, channels, dtype
-    <expert>/<key>/index/compact-<id>.parquet  many index parts merged into one
+    <expert>/<key>/index/compact-<id>/     the parts merged, in hash buckets, for lookups at
+                                           flat memory (:mod:`pipelines.common.feature_index`)
 
 ``key`` changes whenever the expert's build recipe or weights change
 (:func:`mova.checkpoint.expert_cache_key`), so a changed expert never serves stale features.
 A writer puts the shard first and its index part second, each atomically and under a fresh
 name: readers only see features whose index entry exists, a killed writer leaves at most an
 unreferenced shard, and concurrent jobs never overwrite each other (an image cached twice is
-served from the first index entry in name order). A reader loads the index once and fetches
-exactly the bytes of the features it needs with ranged reads, coalescing neighbours of one
-shard into one request.
+served from the first index entry). A reader looks entries up without loading the whole index
+(its memory is flat in the number of cached images) and fetches exactly the bytes of the
+features it needs with ranged reads, coalescing neighbours of one shard into one request.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save as save_tensors
 
 from pipelines.common import storage
+from pipelines.common.feature_index import Entry, IndexReader, compact, list_index, write_part
 
 log = logging.getLogger(__name__)
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _ITEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
-INDEX_SCHEMA = pa.schema([
-    ("image_hash", pa.string()),
-    ("shard", pa.string()),
-    ("offset", pa.int64()),
-    ("length", pa.int64()),
-    ("tokens", pa.int32()),
-    ("channels", pa.int32()),
-    ("dtype", pa.string()),
-])
-COMPACT_PREFIX = "compact-"
 SHARD_SUFFIX = ".safetensors"
 
 
@@ -81,43 +69,12 @@ def bytes_to_tensor(data: bytes | memoryview, tokens: int, channels: int,
                                                                                  channels)
 
 
-def _hash_bytes(hashes: Iterable[str]) -> np.ndarray:
-    """Hex digests as fixed-width bytes, for sorting and binary search."""
-    return np.array([h.encode() for h in hashes], dtype="S64")
-
-
-@dataclass
-class IndexEntries:
-    """A loaded index, sorted by image hash (numpy columns, a few tens of bytes per entry)."""
-
-    hashes: np.ndarray  # S64
-    shard: np.ndarray  # int32 into ``shards``
-    offset: np.ndarray  # int64
-    length: np.ndarray  # int64
-    shape: tuple[int, int] | None
-    dtype: str | None
-    shards: list[str]
-
-    def __len__(self) -> int:
-        return len(self.hashes)
-
-    def find(self, hashes: Sequence[str]) -> np.ndarray:
-        """Entry position of each hash, -1 where it is not cached."""
-        if not len(self.hashes) or not len(hashes):
-            return np.full(len(hashes), -1, dtype=np.int64)
-        wanted = _hash_bytes(hashes)
-        pos = np.searchsorted(self.hashes, wanted)
-        pos = np.minimum(pos, len(self.hashes) - 1)
-        hit = self.hashes[pos] == wanted
-        return np.where(hit, pos, -1)
-
-
 class FeatureCache:
     """Reads and writes cached expert features under ``root``."""
 
     def __init__(self, root: str) -> None:
         self.root = root
-        self._indexes: dict[tuple[str, str], IndexEntries] = {}
+        self._readers: dict[tuple[str, str], IndexReader] = {}
         self.bytes_read = 0  # what ranged reads fetched (for read amplification)
         self.bytes_served = 0  # what the features returned hold
 
@@ -135,15 +92,18 @@ class FeatureCache:
         folder = storage.join(self.folder(expert, key), "shards")
         return storage.list_files(folder, suffix=SHARD_SUFFIX) if storage.exists(folder) else []
 
-    def hashes(self, expert: str, key: str) -> set[str]:
-        """Every image hash the index of (expert, key) holds (freshly loaded)."""
-        return {h.decode() for h in self.load_index(expert, key, refresh=True).hashes}
+    def index_folder(self, expert: str, key: str) -> str:
+        return storage.join(self.folder(expert, key), "index")
 
     def index_parts(self, expert: str, key: str) -> list[str]:
-        folder = storage.join(self.folder(expert, key), "index")
-        if not storage.exists(folder):
-            return []
-        return storage.list_files(folder, suffix=".parquet")
+        """The index's files: fresh parts, and the buckets of its compacted index."""
+        compact, fresh = list_index(self.index_folder(expert, key))
+        buckets = storage.list_files(compact, suffix=".parquet") if compact else []
+        return fresh + buckets
+
+    def hashes(self, expert: str, key: str) -> set[str]:
+        """Every image hash the index of (expert, key) holds (freshly read, whole)."""
+        return IndexReader(self.index_folder(expert, key)).all_hashes()
 
     # ---- writing -----------------------------------------------------------------------
     def write_shard(self, expert: str, key: str, hashes: Sequence[str],
@@ -163,119 +123,67 @@ class FeatureCache:
         entries = [{"image_hash": h, "shard": name + SHARD_SUFFIX, "offset": spans[h][0],
                     "length": spans[h][1], "tokens": int(t.shape[0]),
                     "channels": int(t.shape[1]), "dtype": dtype} for h, t in tensors.items()]
-        folder = self.folder(expert, key)
-        path = storage.join(folder, "shards", name + SHARD_SUFFIX)
+        path = storage.join(self.folder(expert, key), "shards", name + SHARD_SUFFIX)
         storage.write_bytes_atomic(path, blob)
-        self._write_index(storage.join(folder, "index", f"{name}.parquet"), entries)
-        self._indexes.pop((expert, key), None)
+        write_part(self.index_folder(expert, key), name, entries)
         return path, len(blob)
 
-    @staticmethod
-    def _write_index(path: str, entries: list[dict]) -> None:
-        buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(entries, schema=INDEX_SCHEMA), buf)
-        storage.write_bytes_atomic(path, buf.getvalue())
-
     def compact(self, expert: str, key: str) -> int:
-        """Merge every index part into one (duplicates dropped); returns its entries. Safe to
-        run while others read or write: the merged file lands before its inputs go."""
-        parts = self.index_parts(expert, key)
-        if len(parts) <= 1:
-            return len(self.load_index(expert, key, refresh=True))
-        table = _dedupe(pa.concat_tables(_read_parts(parts)))
-        folder = storage.join(self.folder(expert, key), "index")
-        buf = io.BytesIO()
-        pq.write_table(table.sort_by("image_hash"), buf, row_group_size=1 << 16)
-        storage.write_bytes_atomic(
-            storage.join(folder, f"{COMPACT_PREFIX}{uuid.uuid4().hex}.parquet"), buf.getvalue())
-        for part in parts:
-            storage.delete(part, missing_ok=True)
-        self._indexes.pop((expert, key), None)
-        return table.num_rows
+        """Merge the index's fresh parts into its compacted index; returns its entries. Safe
+        to run while others read or write."""
+        entries = compact(self.index_folder(expert, key))
+        self._readers.pop((expert, key), None)
+        return entries
 
     # ---- reading -----------------------------------------------------------------------
-    def load_index(self, expert: str, key: str, refresh: bool = False) -> IndexEntries:
-        """The index of (expert, key), loaded once per cache object."""
-        if not refresh and (expert, key) in self._indexes:
-            return self._indexes[(expert, key)]
-        for attempt in range(3):  # a compaction may delete a part between listing and reading
-            try:
-                tables = _read_parts(self.index_parts(expert, key))
-                break
-            except FileNotFoundError:
-                if attempt == 2:
-                    raise
-        table = _dedupe(pa.concat_tables(tables)) if tables else INDEX_SCHEMA.empty_table()
-        table = table.sort_by("image_hash")
-        shards, shard_idx = np.unique(table.column("shard").to_numpy(zero_copy_only=False),
-                                      return_inverse=True)
-        first = table.slice(0, 1).to_pylist()
-        entries = IndexEntries(
-            hashes=_hash_bytes(table.column("image_hash").to_pylist()),
-            shard=shard_idx.astype(np.int32),
-            offset=table.column("offset").to_numpy(), length=table.column("length").to_numpy(),
-            shape=(first[0]["tokens"], first[0]["channels"]) if first else None,
-            dtype=first[0]["dtype"] if first else None, shards=[str(s) for s in shards])
-        self._indexes[(expert, key)] = entries
-        return entries
+    def reader(self, expert: str, key: str, refresh: bool = False) -> IndexReader:
+        """The index of (expert, key) as it is now, opened once per cache object."""
+        if refresh or (expert, key) not in self._readers:
+            self._readers[(expert, key)] = IndexReader(self.index_folder(expert, key))
+        return self._readers[(expert, key)]
 
     def cached(self, expert: str, key: str, hashes: Sequence[str]) -> np.ndarray:
         """Whether each image's features are cached (bool array)."""
-        return self.load_index(expert, key).find(hashes) >= 0
+        return np.array([e is not None for e in self.reader(expert, key).find(hashes)], bool)
 
     def get_many(self, expert: str, key: str, hashes: Sequence[str]) -> list[torch.Tensor]:
         """The cached (tokens, channels) features of several images, fetched with one ranged
         read per run of neighbouring entries of a shard; KeyError naming a missing one."""
-        index = self.load_index(expert, key)
-        pos = index.find(hashes)
-        missing = [h for h, p in zip(hashes, pos, strict=True) if p < 0]
+        entries = self.reader(expert, key).find(hashes)
+        missing = [h for h, e in zip(hashes, entries, strict=True) if e is None]
         if missing:
             raise KeyError(f"no cached {expert} features (key {key}) for image {missing[0]}"
                            + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
         out: list[torch.Tensor | None] = [None] * len(hashes)
-        order = sorted(range(len(hashes)), key=lambda i: (index.shard[pos[i]],
-                                                          index.offset[pos[i]]))
+        order = sorted(range(len(hashes)), key=lambda i: (entries[i].shard, entries[i].offset))
         folder = storage.join(self.folder(expert, key), "shards")
-        assert index.shape is not None and index.dtype is not None
         run: list[int] = []
         for i in order + [-1]:
-            if run and (i < 0 or index.shard[pos[i]] != index.shard[pos[run[0]]]
-                        or index.offset[pos[i]] > index.offset[pos[run[-1]]]
-                        + index.length[pos[run[-1]]]):
-                self._read_run(folder, index, [pos[j] for j in run], run, out)
+            if run and (i < 0 or entries[i].shard != entries[run[0]].shard
+                        or entries[i].offset > entries[run[-1]].offset
+                        + entries[run[-1]].length):
+                self._read_run(folder, [entries[j] for j in run], run, out)
                 run = []
             if i >= 0:
                 run.append(i)
         return out  # type: ignore[return-value]
 
-    def _read_run(self, folder: str, index: IndexEntries, entries: list[int], rows: list[int],
+    def _read_run(self, folder: str, entries: list[Entry], rows: list[int],
                   out: list[torch.Tensor | None]) -> None:
-        start = int(index.offset[entries[0]])
-        end = int(max(index.offset[e] + index.length[e] for e in entries))
-        path = storage.join(folder, shard_file(index.shards[index.shard[entries[0]]]))
-        data = storage.read_range(path, start, end - start)
+        start = entries[0].offset
+        end = max(e.offset + e.length for e in entries)
+        data = storage.read_range(storage.join(folder, shard_file(entries[0].shard)), start,
+                                  end - start)
         self.bytes_read += len(data)
         view = memoryview(data)
         for entry, row in zip(entries, rows, strict=True):
-            lo = int(index.offset[entry]) - start
-            piece = view[lo:lo + int(index.length[entry])]
+            piece = view[entry.offset - start:entry.offset - start + entry.length]
             self.bytes_served += len(piece)
-            out[row] = bytes_to_tensor(piece, *index.shape, index.dtype)
+            out[row] = bytes_to_tensor(piece, entry.tokens, entry.channels, entry.dtype)
 
     def get(self, expert: str, key: str, image_hash: str) -> torch.Tensor:
         """The cached features of one image; KeyError if not cached."""
         return self.get_many(expert, key, [image_hash])[0]
-
-
-def _read_parts(parts: Sequence[str]) -> list[pa.Table]:
-    return [pq.read_table(io.BytesIO(storage.read_bytes(p))) for p in sorted(parts)]
-
-
-def _dedupe(table: pa.Table) -> pa.Table:
-    """One entry per image hash: the first in part-name order."""
-    hashes = table.column("image_hash").to_numpy(zero_copy_only=False)
-    _, first = np.unique(hashes, return_index=True)
-    return table.take(pa.array(np.sort(first)))
 
 
 def feature_bytes(tokens: int, channels: int, dtype: str) -> int:

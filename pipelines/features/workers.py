@@ -109,7 +109,7 @@ class ExpertWorker:
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model.to(self.device, dtype).eval()
         self.cache = FeatureCache(spec.cache)
-        self.cache.load_index(spec.expert, spec.key)  # once per actor
+        self.cache.reader(spec.expert, spec.key)  # opened once per actor, never reloaded
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         name = self.spec.expert

@@ -47,7 +47,7 @@ def _save(model, out: str, experts: str) -> str:
 
 
 def info(args: argparse.Namespace) -> int:
-    local = local_checkpoint(args.checkpoint)
+    local = local_checkpoint(args.checkpoint, parts=["meta"])  # configs, no weights
     config = load_config(local)
     components = read_components(local)
     keys = expert_cache_keys(local)

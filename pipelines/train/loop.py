@@ -299,7 +299,23 @@ class StepLoop:
             return False  # still accumulating gradients
         self.state.step = engine.global_steps
         self.after_step(inputs, epoch, index)
+        self._injected_fault()
         return True
+
+    def _injected_fault(self) -> None:
+        """Test-only (``data.inject_faults``): this rank's process exits at a listed step the
+        first time the run reaches it (a marker under ``storage_path`` remembers), as a killed
+        worker would: the run restarts from its last checkpoint or fails."""
+        where = f"{self.data.rank}:{self.state.step}"
+        if where not in self.recipe.data.inject_faults:
+            return
+        marker = storage.join(self.recipe.storage_path, self.recipe.name, "faults",
+                              where.replace(":", "-"))
+        if storage.exists(marker):
+            return
+        storage.write_text_atomic(marker, "injected\n")
+        log.warning("injected fault: rank %d exits at step %d", self.data.rank, self.state.step)
+        os._exit(17)
 
     def after_step(self, inputs: dict, epoch: int, index: int) -> None:
         """Log (every ``log_every``) and checkpoint (every ``checkpoint_every``, and last)."""

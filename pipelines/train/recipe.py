@@ -45,6 +45,9 @@ class DataConfig:
     window_chunks: int = 8  # chunks whose rows are shuffled together
     prepare_batch_size: int = 8  # rows per data-preparation task
     record_batches: bool = False  # write each batch's sample ids under <storage_path>/<name>/
+    # Fault injection for tests: "rank:step" pairs; that rank's process exits once when it
+    # reaches that optimizer step (as a killed worker would), once per run name.
+    inject_faults: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -113,6 +116,11 @@ class TrainRecipe(TrackedRecipe):
         for key in ("chunk_rows", "window_chunks", "prepare_batch_size"):
             if getattr(self.data, key) < 1:
                 raise ValueError(f"train recipe: data.{key} must be >= 1")
+        for fault in self.data.inject_faults:
+            rank, _, step = fault.partition(":")
+            if not (rank.isdigit() and step.isdigit()):
+                raise ValueError(f"train recipe: data.inject_faults entry {fault!r}; expected "
+                                 "'<rank>:<step>'")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("train recipe: max_steps must be >= 1 (or null)")
         if self.max_failures < -1:

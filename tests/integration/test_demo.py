@@ -48,7 +48,8 @@ def demo(tmp_path_factory):
     proc = subprocess.run([str(exe), "demo", "--quick", "--out", str(out), "--json",
                            str(report)], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out, json.loads(report.read_text()), proc.stdout, _demo_ray_processes(started)
+    return (out, json.loads(report.read_text()), proc.stdout + proc.stderr,
+            _demo_ray_processes(started))
 
 
 def test_every_stage_ran_and_left_its_outputs(demo):
@@ -64,8 +65,10 @@ def test_every_stage_ran_and_left_its_outputs(demo):
         assert (out / ckpt / "config.json").is_file()
         assert (out / ckpt / "adapter.safetensors").is_file()
     assert "The MoVA demo finished" in printed and str(out) in printed
-    # one line per step, not Ray Data's progress bars
+    # one line per step, not Ray Data's progress bars, and no library's warnings
     assert "MapBatches" not in printed and "it/s]" not in printed
+    noise = [line for line in printed.splitlines() if "WARN" in line or "Warning" in line]
+    assert not noise, noise[:10]
 
 
 def test_the_trained_model_beats_the_untrained_one(demo):

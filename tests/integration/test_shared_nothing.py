@@ -1,15 +1,14 @@
 """The whole recipe chain on 2 Ray nodes that share nothing but S3 (moto on loopback).
 
-Each node runs with its own ``HOME``, ``TMPDIR`` and ``MOVA_CACHE`` (``cluster/local_cluster.py``
-``node_env``); jobs go through ``ray job submit`` from a third, client folder; MLflow is a
-tracking server whose artifacts also live on S3. The inputs (synthetic data and an initial
-checkpoint) are uploaded and then deleted locally, every recipe path is ``s3://``, and between
-jobs each node's private folders are wiped: a stage that read a file another stage (or node)
-left on a local disk fails here, where it would pass on a shared disk. The chain:
-features -> pretrain (2 workers, one per node) -> SFT (``init_from`` on S3) -> labels -> eval ->
-the Serve app deployed from the checkpoint on S3 with `serve deploy`.
-
-Run it under the shared lock: `flock /tmp/mova-ray.lock pytest tests/integration/...`.
+Each node runs in its own mount namespace with private tmpfs over ``/tmp``, ``$HOME`` and
+``/dev/shm`` (``cluster/local_cluster.py --private-disks``), like two machines on one network:
+a path one process made exists on no other node. The client (this test) is a third namespace:
+jobs go through ``ray job submit``, their drivers run on the head node. MLflow is a tracking
+server whose artifacts live on S3. The inputs (synthetic data and an initial checkpoint) are
+uploaded and then deleted locally, every recipe path is ``s3://``, and between jobs each node's
+download cache is wiped. The chain: features -> pretrain (2 workers, one per node) -> SFT
+(``init_from`` on S3) -> labels -> eval -> the Serve app deployed from the checkpoint on S3 with
+``serve deploy`` -> a chat request.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ BIN = Path(sys.executable).parent
 EXCLUDES = ["outputs/", "tests/", "docs/", "*.egg-info", ".ruff_cache/", ".ci/", "__pycache__/"]
 EXPERTS = ["deplot", "pix2struct", "dinov2", "codetr"]  # what these domains route
 JOB_TIMEOUT_S = 420
-NODE_DIRS = ("home", "tmp", "cache")
+HOME = Path.home()
 S3_BUCKET = "mova-test"  # created by the s3_endpoint fixture
 
 
@@ -61,22 +60,16 @@ def inputs(s3_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def nodes(local_cluster, s3_endpoint, tmp_path_factory):
-    """2 nodes (3 logical CPUs each, token auth), each with its own private folders."""
+    """2 nodes (3 logical CPUs each, token auth), each on its own private disks."""
     lc = local_cluster
-    base = tmp_path_factory.mktemp("nodes")
-    private = []
-    for i in range(2):
-        dirs = {name: base / f"node{i}" / name for name in NODE_DIRS}
-        for d in dirs.values():
-            d.mkdir(parents=True)
-        private.append(dirs)
-    node_env = [{"HOME": str(d["home"]), "TMPDIR": str(d["tmp"]), "MOVA_CACHE": str(d["cache"]),
-                 "MOVA_SCAN_CACHE": str(d["cache"] / "scans"), "PYTHONPATH": str(ROOT),
-                 "HF_HUB_OFFLINE": "1"} for d in private]
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("nodes with private disks need root and unshare (mount namespaces)")
+    node_env = [{"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"} for _ in range(2)]
     temp_dir = f"/tmp/mova-sn-{os.getpid()}"
-    handle = lc.start_cluster(nodes=2, cpus_per_node=3, temp_dir=temp_dir, node_env=node_env)
+    handle = lc.start_cluster(nodes=2, cpus_per_node=3, temp_dir=temp_dir, node_env=node_env,
+                              private_disks=True)
     try:
-        yield {"lc": lc, "handle": handle, "private": private, "temp_dir": temp_dir}
+        yield {"lc": lc, "handle": handle, "temp_dir": temp_dir}
     finally:
         stop = subprocess.run(["bash", str(ROOT / "cluster" / "local-cluster.sh"), "stop",
                                "--state", handle.state_file], capture_output=True, text=True,
@@ -86,18 +79,38 @@ def nodes(local_cluster, s3_endpoint, tmp_path_factory):
         assert stop.returncode == 0 and not leftover, (stop.stderr, leftover)
 
 
+def _on_node(nodes, index: int, path: str | Path) -> Path:
+    """``path`` as node ``index`` sees it (its private disks, seen from outside)."""
+    return nodes["lc"].node_root(nodes["handle"], index) / str(path).lstrip("/")
+
+
+def _node_cache(nodes, index: int) -> Path:
+    return _on_node(nodes, index, HOME / ".cache" / "mova")
+
+
 def _wipe(nodes) -> None:
-    """Forget everything the nodes kept locally (downloaded checkpoints, temp files)."""
-    for dirs in nodes["private"]:
-        for d in dirs.values():
-            shutil.rmtree(d)
-            d.mkdir()
+    """Forget what the nodes downloaded (checkpoints, kept scans)."""
+    for index in range(2):
+        shutil.rmtree(_node_cache(nodes, index), ignore_errors=True)
 
 
 def _stray_outputs(nodes) -> list[str]:
     """Folders a job wrote relative to its working directory (a node-local path)."""
-    runtime = Path(nodes["temp_dir"]).glob("**/runtime_resources/*/*/outputs")  # every node
-    return [str(p) for p in runtime]
+    return [str(p) for index in range(2)
+            for p in _on_node(nodes, index, nodes["temp_dir"]).glob(
+                "**/runtime_resources/*/*/outputs")]
+
+
+def test_nodes_see_only_their_own_disks(nodes, tmp_path):
+    mine = tmp_path / "written-by-the-client"
+    mine.write_text("x")
+    for index in range(2):
+        root = nodes["lc"].node_root(nodes["handle"], index)
+        assert root != Path("/") and not _on_node(nodes, index, mine).exists()
+        assert _on_node(nodes, index, ROOT / "pipelines" / "cli.py").is_file()  # the code
+    ray_dirs = [_on_node(nodes, i, nodes["temp_dir"]) for i in range(2)]
+    assert all(d.is_dir() for d in ray_dirs)
+    assert not (Path(nodes["temp_dir"]) / "session_latest").exists()  # not on the client
 
 
 def _submit(nodes, client: Path, job_id: str, args: list[str]) -> str:
@@ -119,8 +132,8 @@ def _submit(nodes, client: Path, job_id: str, args: list[str]) -> str:
 
 def _checkpoint_downloads(nodes) -> list[int]:
     """How many checkpoints each node holds in its private download cache."""
-    return [len(list((d["cache"] / "checkpoints").glob("*/files.json")))
-            for d in nodes["private"]]
+    return [len(list((_node_cache(nodes, i) / "checkpoints").glob("*/files.json")))
+            for i in range(2)]
 
 
 def test_the_recipe_chain_on_nodes_that_share_only_s3(inputs, nodes, mlflow_server,
@@ -211,7 +224,8 @@ def _serve_from_s3(nodes, client: Path, checkpoint: str) -> None:
     config = client / "serve_config.yaml"
     subprocess.run([sys.executable, "-m", "pipelines.cli", "serve", "--config", str(recipe),
                     "--write-serve-config", str(config)], cwd=ROOT, check=True, timeout=180,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+                   env={**os.environ, "PYTHONPATH": str(ROOT),
+                        "MOVA_CACHE": str(client.parent / "client-cache")})
     env = {**os.environ, **handle.env}
     subprocess.run([str(BIN / "serve"), "deploy", str(config), "--address",
                     handle.dashboard_url], env=env, check=True, timeout=120,

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -131,37 +127,6 @@ def test_pretrain_then_sft_with_lora_and_zero3(workspace):
         run_train(_recipe(workspace, "sft", stage="sft", init_from=pre.output))
 
 
-def _train_worker_pids(ray) -> list[int]:
-    """PIDs of this Ray's live training workers, from the GCS actor table."""
-    from ray._private import state
-
-    return [a["Pid"] for a in state.actors().values()
-            if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE" and a["Pid"]]
-
-
-def _kill_a_worker_after_checkpoint(ray, storage: Path, name: str) -> threading.Thread:
-    def killer():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            # The second checkpoint's folder appears only after the first was registered.
-            if len(list((storage / name).glob("checkpoint_*"))) >= 2:
-                pids = _train_worker_pids(ray)
-                if pids:
-                    os.kill(pids[-1], signal.SIGKILL)
-                    return
-                raise RuntimeError("no live RayTrainWorker found")
-            time.sleep(0.3)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    return thread
-
-
-def _assert_killed(thread: threading.Thread) -> None:
-    thread.join(timeout=5)
-    assert not thread.is_alive(), "the worker was never killed"
-
-
 def _batches(workspace, name: str) -> dict[tuple[int, int, int], list[str]]:
     """(rank, epoch, batch) -> sample ids, from a run's batch records."""
     out = {}
@@ -182,10 +147,7 @@ def reference(workspace):
     return batches
 
 
-def test_the_order_is_a_seeded_shuffle_per_epoch(workspace, reference, no_driver_rows):
-    again = run_train(_recipe(workspace, "same-seed", max_steps=2,
-                              **{"data.record_batches": True}))
-    no_driver_rows.undo()  # the driver only scanned; the workers read their own rows
+def test_the_order_is_a_seeded_shuffle_per_epoch(workspace, reference):
     per_epoch = {}
     for (rank, epoch, _), ids in sorted(reference.items()):
         per_epoch.setdefault((rank, epoch), []).extend(ids)
@@ -194,46 +156,34 @@ def test_the_order_is_a_seeded_shuffle_per_epoch(workspace, reference, no_driver
     manifest_order = [s.id for s in load_manifest(str(workspace["manifest"]),
                                                   check_images=False)]
     assert per_epoch[(0, 0)] != manifest_order[:len(per_epoch[(0, 0)])], "shuffled"
-    assert again.steps == 2
-    repeat = _batches(workspace, "same-seed")
-    assert repeat == {k: v for k, v in reference.items() if k[1:] in ((0, 0), (0, 1))}
+    # that the same seed repeats the order is shown below: the runs resumed after a fault
+    # recompute it and must meet the reference batch for batch
 
 
-def test_killed_worker_restarts_from_checkpoint(workspace, ray_session, reference):
+def test_a_killed_worker_restarts_and_a_failed_run_resumes(workspace, ray_session, reference,
+                                                           no_driver_rows):
+    """One run (max_failures=1): worker 1 dies at step 5 (Ray Train restarts the run from
+    the checkpoint of step 3) and again at step 8 (failures exhausted: the run fails, no model
+    is written). Re-running the same command resumes the same MLflow run from step 6. Every
+    batch equals the uninterrupted run's."""
     recipe = _recipe(workspace, "faulty", max_steps=9, max_failures=1,
-                     **{"data.record_batches": True})
-    killer = _kill_a_worker_after_checkpoint(ray_session, workspace["root"] / "ray_results",
-                                             "faulty")
-    result = run_train(recipe)
-    _assert_killed(killer)
-    assert result.steps == 9
-    client = MlflowClient(result.tracking_uri)
-    steps = [m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")]
-    assert max(steps) == 9
-    resumed = client.get_metric_history(result.mlflow_run_id, "resumed_from_step")
-    assert [m.value for m in resumed] in ([3.0], [6.0]), "the run restarted from a checkpoint"
-    assert _batches(workspace, "faulty") == reference, "exactly the uninterrupted run's batches"
-
-
-def test_rerunning_the_same_command_resumes(workspace, ray_session, reference):
-    recipe = _recipe(workspace, "rerun", max_steps=9, max_failures=0,
-                     **{"data.record_batches": True})
-    killer = _kill_a_worker_after_checkpoint(ray_session, workspace["root"] / "ray_results",
-                                             "rerun")
+                     **{"data.record_batches": True, "data.inject_faults": ["1:5", "1:8"]})
     with pytest.raises(RuntimeError, match="training failed"):
         run_train(recipe)
-    _assert_killed(killer)
     assert not Path(recipe.output).exists()
-    checkpoints = sorted((workspace["root"] / "ray_results" / "rerun").glob("checkpoint_*"))
-    assert checkpoints
-    first_run = MlflowClient(f"sqlite:///{workspace['root'] / 'rerun' / 'mlflow.db'}")
+    assert sorted((workspace["root"] / "ray_results" / "faulty").glob("checkpoint_*"))
+    first_run = MlflowClient(f"sqlite:///{workspace['root'] / 'faulty' / 'mlflow.db'}")
     result = run_train(recipe)
+    no_driver_rows.undo()  # the drivers only scanned; the workers read their own rows
     assert result.steps == 9
     runs = first_run.search_runs([first_run.get_experiment_by_name("mova").experiment_id])
     assert [r.info.run_id for r in runs] == [result.mlflow_run_id], "resumed the same run"
-    steps = [m.step for m in first_run.get_metric_history(result.mlflow_run_id, "loss")]
-    assert steps[0] == 1 and max(steps) == 9 and 4 in steps
-    assert _batches(workspace, "rerun") == reference, "exactly the uninterrupted run's batches"
+    client = MlflowClient(result.tracking_uri)
+    steps = [m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")]
+    assert steps[0] == 1 and max(steps) == 9
+    resumed = client.get_metric_history(result.mlflow_run_id, "resumed_from_step")
+    assert sorted(m.value for m in resumed) == [3.0, 6.0], "restarted at 3, resumed at 6"
+    assert _batches(workspace, "faulty") == reference, "exactly the uninterrupted run's batches"
 
 
 def test_bad_inputs_fail_before_ray_work(workspace, tmp_path):

@@ -129,8 +129,8 @@ def test_zero_stage_parser():
 
 
 def test_train_cli_quick_in_process(tmp_path):
-    """The in-process comparison through the CLI: four configurations on the same samples,
-    speed-ups recomputed from the raw step times, the section written."""
+    """The in-process comparison through the CLI: four configurations on the same samples plus
+    the no-expert floor, speed-ups recomputed from the raw step times, the section written."""
     from pipelines.cli import main
 
     out, js = tmp_path / "bench.md", tmp_path / "bench.json"
@@ -141,7 +141,9 @@ def test_train_cli_quick_in_process(tmp_path):
     data = json.loads(js.read_text())
     assert data["zero"] == [] and data["steps"] == 2 and data["samples"] == 2 * 2 * 3
     configs = {(c["masks"], c["features"]): c for c in data["configs"]}
-    assert set(configs) == {(m, f) for m in ("label", "all") for f in ("cached", "compute")}
+    assert set(configs) == {(m, f) for m in ("label", "all") for f in ("cached", "compute")} \
+        | {("none", "cached")}
+    assert configs[("none", "cached")]["experts_per_sample"] == 0
     for c in configs.values():
         assert len(c["step_ms"]) == 2 and all(ms > 0 for ms in c["step_ms"])
         assert c["steps_per_s"] == pytest.approx(2000 / sum(c["step_ms"]))
@@ -163,6 +165,8 @@ def test_train_cli_quick_in_process(tmp_path):
     text = out.read_text()
     assert text.count("<!-- bench:train:cpu -->") == 1
     assert "Cached / compute speed-up" in text and "MFU is not measured" in text
+    floor = configs[("label", "cached")]["median_ms"] / configs[("none", "cached")]["median_ms"]
+    assert f"takes **{floor:.2f}x** a step routing no expert at all" in text
     assert "per ZeRO stage" not in text  # none were run
 
 
