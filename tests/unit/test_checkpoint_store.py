@@ -104,3 +104,22 @@ def test_one_process_fetches_while_the_others_wait(tmp_path):
     with cache.fetching("k"), pytest.raises(CacheBusyError, match=r"\.k\.fetch stayed locked"):
         with NodeCache(tmp_path).fetching("k", wait_s=0.3):
             pass
+
+
+def test_checkpoint_bench_report_states_each_goal():
+    from pipelines.bench.checkpoint import CheckpointBenchResult, ProcessFetch
+    from pipelines.bench.checkpoint_report import goals, render_markdown
+
+    r = CheckpointBenchResult(size_mib=1536, processes=2, needed_bytes=1000, boto3_s=10.0)
+    r.fetches = [ProcessFetch("llm", 400, 520, 9, 1000, 12.5, ["llm/model.safetensors"]),
+                 ProcessFetch("llm", 410, 430, 0, 0, 12.0, ["llm/model.safetensors"]),
+                 ProcessFetch("expert:sam", 390, 395, 3, 10, 0.5,
+                              ["experts/sam/model.safetensors"])]
+    g = goals(r)
+    assert g == {"peak_above_rest_mib": 120, "node_bytes_ratio": 1.0,
+                 "throughput_vs_boto3": 0.8}
+    text = render_markdown(r)
+    assert "**+120 MiB** (goal: at most +256 MiB: met)" in text
+    assert "**1.00x** what the node's replicas need" in text
+    assert "**0.80x** a plain boto3" in text and "**met** (0.80)" in text
+    assert "holds only its expert's weights: **yes**" in text
