@@ -114,6 +114,7 @@ def local_checkpoint(uri: str, parts: Sequence[str] | None = None) -> str:
                 missing = [n for n in wanted if not _present(folder, n)]
                 _fetch(uri, folder, files, missing, cache, key)
                 _write_local_listing(folder, files, raw)
+    cache.use(key)  # recently used (the copy exists now)
     return str(folder)
 
 
