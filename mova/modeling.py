@@ -106,8 +106,10 @@ class MoVAModel(GenerationMixin, CheckpointMixin, nn.Module):
         """Experts are always frozen; base and text encoder follow their ``trainable`` flags."""
         self.experts.requires_grad_(False)
         self.experts.eval()
-        self.base_encoder.requires_grad_(self.config.base.trainable)
-        self.text_encoder.requires_grad_(self.config.text_encoder.trainable)
+        if self.base_encoder is not None:  # a serving replica may load without it
+            self.base_encoder.requires_grad_(self.config.base.trainable)
+        if self.text_encoder is not None:
+            self.text_encoder.requires_grad_(self.config.text_encoder.trainable)
 
     # ---- preprocessing -------------------------------------------------------------------
     def prepare_images(self, images: Sequence) -> list[Image.Image]:

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -194,3 +195,30 @@ def test_image_token_added_to_a_tokenizer_without_one():
     assert tok.pad_token == "</s>"
     assert llm.get_input_embeddings().num_embeddings == len(tok) == 5
     assert tok.convert_tokens_to_ids(IMAGE_TOKEN) == 4
+
+
+def test_parts_in_skip_are_never_read(tmp_path):
+    """What a serving replica loads: only the parts it runs (the adapter and tokenizers
+    always); skipped weights are not even opened."""
+    from torch import nn
+
+    from mova.factory import build_tiny_mova, from_pretrained
+
+    model = build_tiny_mova(seed=0, experts=["sam"])
+    path = model.save_pretrained(tmp_path / "m")
+    for part in ("llm", "base_encoder"):
+        shutil.copytree(path, tmp_path / f"no-{part}")
+        (tmp_path / f"no-{part}" / part / "model.safetensors").write_bytes(b"must not be read")
+    with pytest.raises(SafetensorError):
+        from_pretrained(tmp_path / "no-llm")  # the whole model needs the LLM's weights
+    adapter_replica = from_pretrained(tmp_path / "no-llm", skip=["llm", "experts"])
+    assert adapter_replica.llm is None and isinstance(adapter_replica.experts["sam"], nn.Identity)
+    assert adapter_replica.base_encoder is not None and adapter_replica.text_encoder is not None
+    assert adapter_replica.expert_names == ["sam"] and adapter_replica.tokenizer is not None
+    llm_replica = from_pretrained(tmp_path / "no-base_encoder",
+                                  skip=["base_encoder", "text_encoder", "experts"])
+    assert llm_replica.base_encoder is None and llm_replica.text_encoder is None
+    for name, weight in model.llm.state_dict().items():
+        assert torch.equal(llm_replica.llm.state_dict()[name], weight), name
+    with pytest.raises(ValueError, match="skip=\\['vision'\\]"):
+        from_pretrained(path, skip=["vision"])
