@@ -104,3 +104,23 @@ def test_bench_model_full_preset_on_cuda(tmp_path):
                     "--json", str(tmp_path / "bench.json")], cwd=ROOT, check=True, timeout=1800)
     assert "<!-- bench:model:full:cuda -->" in out.read_text()
     assert json.loads((tmp_path / "bench.json").read_text())
+
+
+def test_each_serving_replica_reserves_only_what_it_keeps(workspace, tmp_path):
+    """What a fractional-GPU replica holds on the device: the parts it runs, nothing of the
+    rest (printed per replica kind, with the whole model for comparison)."""
+    from mova.factory import from_pretrained
+    from pipelines.serve.deployments import load_serving_model
+
+    reserved = {}
+    for kind, keep in (("LLM", ("llm",)), ("Adapter", ("base", "text")), ("whole", None)):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        model = (from_pretrained(workspace["init"], device="cuda") if keep is None
+                 else load_serving_model(workspace["init"], "cuda", keep))
+        torch.cuda.synchronize()
+        reserved[kind] = torch.cuda.max_memory_reserved()
+        del model
+    print(f"\nmax_memory_reserved per replica kind (bytes): {reserved}")
+    (tmp_path / "reserved.json").write_text(json.dumps(reserved))
+    assert reserved["LLM"] < reserved["whole"] and reserved["Adapter"] < reserved["whole"]
