@@ -79,14 +79,16 @@ def mark_duplicates(scan: Any, found: Iterable[dict], several_files: bool) -> li
     by_file: dict[str, list[int]] = {}
     for i, chunk in enumerate(scan.chunks):
         by_file.setdefault(chunk.path, []).append(i)
+    starts = {path: [scan.chunks[i].line for i in positions]  # once, not per duplicate
+              for path, positions in by_file.items()}
     records = []
     for dup in found:
         if len(records) >= MAX_SKIPPED:
             raise ManifestError(f"manifest {scan.uri}: more than {MAX_SKIPPED} rows repeat an "
                                 "earlier row's id; ids must be unique")
         positions = by_file[dup["file"]]
-        starts = [scan.chunks[i].line for i in positions]
-        chunk = scan.chunks[positions[bisect.bisect_right(starts, dup["line"]) - 1]]
+        at = bisect.bisect_right(starts[dup["file"]], dup["line"]) - 1
+        chunk = scan.chunks[positions[at]]
         chunk.valid -= 1
         chunk.skip.append(dup["line"])
         scan.valid -= 1
