@@ -8,7 +8,9 @@ server whose artifacts live on S3. The inputs (synthetic data and an initial che
 uploaded and then deleted locally, every recipe path is ``s3://``, and between jobs each node's
 download cache is wiped. The chain: features -> pretrain (2 workers, one per node) -> SFT
 (``init_from`` on S3) -> labels -> eval -> the Serve app deployed from the checkpoint on S3 with
-``serve deploy`` -> a chat request.
+``serve deploy`` -> a chat request. The same cluster also shows the local-cluster script's
+own promises (pinned tasks run on their node, ``status``, stop by PID) and that a job whose
+input is missing fails naming it.
 """
 
 from __future__ import annotations
@@ -101,6 +103,59 @@ def _stray_outputs(nodes) -> list[str]:
                 "**/runtime_resources/*/*/outputs")]
 
 
+DRIVER = r"""
+import json, sys
+import ray
+
+state = json.load(open(sys.argv[1]))
+ray.init(address=state["gcs_address"], log_to_driver=False)
+alive = [n for n in ray.nodes() if n["Alive"]]
+
+@ray.remote(num_cpus=0)
+def where():
+    return ray.get_runtime_context().get_node_id()
+
+ran_on = {r: ray.get(where.options(resources={r: 1}).remote(), timeout=60)
+          for r in state["resources"]}
+owner = {r: n["NodeID"] for n in alive for r in n["Resources"] if r in state["resources"]}
+print(json.dumps({"alive": len(alive), "ran_on": ran_on, "owner": owner}))
+"""
+
+
+def test_the_local_cluster_pins_tasks_to_nodes_and_reports_them(nodes):
+    """cluster/local_cluster.py: the state file, a driver joining with its environment, tasks
+    pinned to each node, ``status``; the same temp dir is refused twice. (Stop by PID: the
+    fixture's teardown.)"""
+    lc, handle = nodes["lc"], nodes["handle"]
+    state = json.loads(Path(handle.state_file).read_text())
+    assert state["resources"] == ["local_node_0", "local_node_1"] and state["private_disks"]
+    assert state["env"]["RAY_AUTH_MODE"] == "token" and state["env"]["RAY_AUTH_TOKEN"]
+    assert {p["node"] for p in state["processes"]} == {0, 1}
+    with pytest.raises(RuntimeError, match="already run"):
+        lc.start_cluster(nodes=1, temp_dir=nodes["temp_dir"])
+    result = subprocess.run([sys.executable, "-c", DRIVER, handle.state_file],
+                            env={**os.environ, **handle.env}, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["alive"] == 2 and report["ran_on"] == report["owner"]
+    assert len(set(report["ran_on"].values())) == 2  # each pinned task ran on its own node
+    status = subprocess.run([sys.executable, str(ROOT / "cluster" / "local_cluster.py"),
+                             "status", "--state", handle.state_file], capture_output=True,
+                            text=True, timeout=60)
+    assert status.returncode == 0 and status.stdout.count("ALIVE") == 2, status.stderr
+
+
+def test_a_job_whose_manifest_is_missing_fails_naming_it(nodes, inputs, tmp_path):
+    missing = f"{inputs}/nowhere/train.jsonl"
+    logs = _submit(nodes, tmp_path, "sn-missing", [
+        "train", "--config", "jobs/pretrain.yaml", f"manifest={missing}",
+        f"init_from={inputs}/init", f"output={inputs}/missing", "name=sn-missing"],
+        expect_success=False)
+    assert f"train recipe: manifest '{missing}' not found" in logs, logs[-3000:]
+    assert not storage_exists(f"{inputs}/missing")
+
+
 def test_nodes_see_only_their_own_disks(nodes, tmp_path):
     mine = tmp_path / "written-by-the-client"
     mine.write_text("x")
@@ -113,8 +168,16 @@ def test_nodes_see_only_their_own_disks(nodes, tmp_path):
     assert not (Path(nodes["temp_dir"]) / "session_latest").exists()  # not on the client
 
 
-def _submit(nodes, client: Path, job_id: str, args: list[str]) -> str:
-    """`ray job submit` from the client folder; returns the job's logs (asserts success)."""
+def storage_exists(uri: str) -> bool:
+    from pipelines.common import storage
+
+    return storage.exists(uri)
+
+
+def _submit(nodes, client: Path, job_id: str, args: list[str],
+            expect_success: bool = True) -> str:
+    """`ray job submit` from the client folder; returns the job's logs (asserts it ended as
+    expected)."""
     handle = nodes["handle"]
     env = {**os.environ, **handle.env}
     job = subprocess.run(
@@ -126,7 +189,8 @@ def _submit(nodes, client: Path, job_id: str, args: list[str]) -> str:
     logs = subprocess.run([str(BIN / "ray"), "job", "logs", job_id, "--address",
                            handle.dashboard_url, "--log-style", "record"], env=env,
                           capture_output=True, text=True, timeout=60).stdout
-    assert job.returncode == 0, f"{job_id} failed:\n{(logs or job.stdout + job.stderr)[-6000:]}"
+    assert (job.returncode == 0) == expect_success, \
+        f"{job_id}: exit {job.returncode}\n{(logs or job.stdout + job.stderr)[-6000:]}"
     return logs
 
 
@@ -192,7 +256,10 @@ def test_the_recipe_chain_on_nodes_that_share_only_s3(inputs, nodes, mlflow_serv
     assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status)
                                                             for r in runs]
     pre = by_name["sn-pretrain"]
-    assert pre.data.params["num_nodes"] == "2"
+    assert pre.data.params["num_nodes"] == "2" and pre.data.params["world_size"] == "2"
+    alive = {n["node_id"] for n in nodes["lc"].list_nodes(nodes["handle"])
+             if n["state"] == "ALIVE"}
+    assert set(pre.data.params["worker_nodes"].split(",")) == alive, "one worker per node"
     assert {a.path for a in mlflow.list_artifacts(pre.info.run_id)} >= {"model"}
     assert storage.list_files(f"s3://{S3_BUCKET}/mlflow"), "MLflow artifacts are not on S3"
 

@@ -21,6 +21,7 @@ from pipelines.train.recipe import TrainRecipe
 pytestmark = pytest.mark.integration
 
 DOMAINS = ("charts", "scenes")  # routes deplot/pix2struct and dinov2/codetr only
+ROUTED = ("deplot", "pix2struct", "dinov2", "codetr")
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,8 @@ def workspace(ray_session, tmp_path_factory):
     init = root / "init"
     build_tiny_mova(seed=0).save_pretrained(init)
     run_features(FeaturesRecipe(manifest=str(data.train_manifest), checkpoint=str(init),
-                                cache=str(root / "cache"), batch_size=16,
-                                dtype="float32").validate())
+                                cache=str(root / "cache"), batch_size=16, dtype="float32",
+                                only=list(ROUTED)).validate())  # no pool for the others
     return {"root": root, "manifest": data.train_manifest, "init": init,
             "cache": root / "cache"}
 
