@@ -159,7 +159,7 @@ def _ray_pids(marker: str) -> list[int]:
 
 def test_killed_job_leaves_no_partial_shard_and_rerun_completes(ray_session, tmp_path,
                                                                 checkpoint):
-    manifest = _write_dataset(tmp_path / "data", n=16, seed=1)
+    manifest = _write_dataset(tmp_path / "data", n=10, seed=1)
     cache_dir = tmp_path / "cache"
     ray_tmp = f"/tmp/mova-kill-{os.getpid()}"
     env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")

@@ -1,4 +1,4 @@
-"""The serving app never wedges: 16 clients for ~2 minutes with a CPU hog beside the app, one
+"""The serving app never wedges: 16 clients for ~90 seconds with a CPU hog beside the app, one
 SIGKILL of each deployment kind on the way, one replica whose batch thread hangs (the stuck
 `ray.get` of issue 14), and clients that walk away mid-stream or before the stream starts.
 
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 
 POOL = ["dinov2", "sam"]
 KEY = "sk-chaos"
-DURATION_S = 120
+DURATION_S = 90
 CLIENTS = 16
 TIMEOUT_S = 20.0  # the app's request_timeout_s
 DEPLOYMENTS = ["Ingress", "Adapter", "LLM", "Expert_dinov2", "Expert_sam"]
@@ -211,8 +211,8 @@ def test_sixteen_clients_kills_a_stuck_replica_and_a_cpu_hog(app):
         start = time.monotonic()
         for client in clients:
             client.t0 = start
-        plan = [(12, "kill", "Expert_sam"), (32, "kill", "Adapter"), (52, "kill", "LLM"),
-                (72, "stall", "Adapter"), (92, "kill", "Ingress")]
+        plan = [(10, "kill", "Expert_sam"), (25, "kill", "Adapter"), (40, "kill", "LLM"),
+                (55, "stall", "Adapter"), (70, "kill", "Ingress")]
         for at, action, name in plan:
             time.sleep(max(0.0, start + at - time.monotonic()))
             _ready(name)  # a replica killed earlier is replaced before its next fault

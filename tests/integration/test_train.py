@@ -84,9 +84,25 @@ def test_cached_and_computed_features_give_the_same_loss(workspace):
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-5)
 
 
-def test_pretrain_then_sft_with_lora_and_zero3(workspace):
-    pre = run_train(_recipe(workspace, "pre"))
-    assert pre.steps == 6
+@pytest.fixture(scope="module")
+def pretrained(workspace):
+    """One uninterrupted pretraining run: the model the SFT test starts from, and the batches
+    the interrupted runs must match batch for batch."""
+    result = run_train(_recipe(workspace, "reference", max_steps=9,
+                               **{"data.record_batches": True}))
+    batches = _batches(workspace, "reference")
+    assert result.steps == 9 and len(batches) == 2 * 9  # 2 workers, 9 batches each
+    return result, batches
+
+
+@pytest.fixture(scope="module")
+def reference(pretrained):
+    return pretrained[1]
+
+
+def test_pretrain_then_sft_with_lora_and_zero3(workspace, pretrained):
+    pre = pretrained[0]
+    assert pre.steps == 9
     init, trained = from_pretrained(workspace["init"]), from_pretrained(pre.output)
     for part, should_change in (("llm", False), ("adapter", True), ("text_encoder", True),
                                 ("experts", False)):
@@ -94,13 +110,13 @@ def test_pretrain_then_sft_with_lora_and_zero3(workspace):
         changed = any(not torch.equal(a[k], b[k]) for k in a)
         assert changed == should_change, part
     meta = json.loads((Path(pre.output) / "training.json").read_text())
-    assert meta["stage"] == "pretrain" and meta["steps"] == 6
+    assert meta["stage"] == "pretrain" and meta["steps"] == 9
     client = MlflowClient(pre.tracking_uri)
     run = client.get_run(pre.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["stage"] == "pretrain" and run.data.params["deepspeed.zero_stage"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(
-        range(1, 7))
+        range(1, 10))
     for key in ("lr", "grad_norm", "tokens_per_s", "routing/experts_per_sample"):
         assert key in run.data.metrics, key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -136,16 +152,6 @@ def _batches(workspace, name: str) -> dict[tuple[int, int, int], list[str]]:
             r = json.loads(line)
             out[(r["rank"], r["epoch"], r["batch"])] = r["ids"]
     return out
-
-
-@pytest.fixture(scope="module")
-def reference(workspace):
-    """An uninterrupted run the interrupted ones must match batch for batch."""
-    result = run_train(_recipe(workspace, "reference", max_steps=9,
-                               **{"data.record_batches": True}))
-    batches = _batches(workspace, "reference")
-    assert result.steps == 9 and len(batches) == 2 * 9  # 2 workers, 9 batches each
-    return batches
 
 
 def test_the_order_is_a_seeded_shuffle_per_epoch(workspace, reference):
