@@ -241,10 +241,9 @@ def amplification_step(root: Path, expert: str = "dinov2", images: int = 64,
                           [torch.randn(tokens, channels) for _ in part], dtype="float16")
     wanted = random.Random(seed).sample(hashes, batch)
     reader = FeatureCache(str(root))
-    reader.load_index(expert, "full")
+    index = reader.reader(expert, "full")  # opened before the timed read
     _, ranged_s = _timed(reader.get_many, expert, "full", wanted)
-    index = reader.load_index(expert, "full")
-    shards = {index.shards[index.shard[p]] for p in index.find(wanted)}
+    shards = {entry.shard for entry in index.find(wanted)}
     folder = storage.join(reader.folder(expert, "full"), "shards")
     start = time.perf_counter()
     whole = sum(len(storage.read_bytes(storage.join(folder, shard_file(s)))) for s in shards)
