@@ -60,7 +60,7 @@ QUICK = Plan("quick", {
     **FULL.jobs,
     "synth": ("per_domain=12", "test_per_domain=10", "routing_samples=8", "image_size=64"),
     "pretrain": _train(8, 8, TINY_TRAINING, 1),
-    "sft": _train(60, 8, TINY_TRAINING, 10),
+    "sft": _train(100, 8, TINY_TRAINING, 10),
     "eval": ("max_new_tokens=8", "batch_size=16"),
 })
 REAL = Plan("real", {
