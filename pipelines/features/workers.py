@@ -78,6 +78,7 @@ def _trace_decodes(uris: list[str]) -> None:
     should decode each image once, whatever the number of experts and rows that need it)."""
     folder = os.environ.get("MOVA_TRACE_DECODES")
     if folder:
+        os.makedirs(folder, exist_ok=True)  # on this node's own disk
         with open(os.path.join(folder, f"decodes-{os.getpid()}.log"), "a") as handle:
             handle.write("".join(f"{u}\n" for u in uris))
 

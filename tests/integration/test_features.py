@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 LABELS = [["dinov2", "codetr"], ["vary", "pix2struct"], ["deplot"], None, ["pix2struct"], []]
 # Each expert's actor pool costs a worker start (torch + transformers imports): tests use a
 # subset of the pool to stay quick on 2 cores.
-ONLY = ["dinov2", "vary", "pix2struct"]
+ONLY = ["vary", "pix2struct"]
 
 
 def _write_dataset(folder: Path, n: int = 6, seed: int = 0) -> Path:
@@ -86,9 +86,9 @@ def test_cache_miss_zero_work_rerun_equal_features_and_a_changed_expert(
     first = run_features(_recipe(manifest, checkpoint, cache_dir, only=ONLY))
     computed = {e.expert: e.computed for e in first.experts}
     assert computed == _expected_counts("label")
-    assert first.skipped == 0 and first.images == 4  # images whose rows need one of ONLY
+    assert first.skipped == 0 and first.images == 3  # images whose rows need one of ONLY
     decodes = _decodes(tmp_path / "data")
-    assert sorted(decodes) == sorted(set(decodes)) and len(decodes) == 4, \
+    assert sorted(decodes) == sorted(set(decodes)) and len(decodes) == 3, \
         "each image decoded once, for every expert and row that needs it"
     no_driver_rows.undo()
     second = run_features(_recipe(manifest, checkpoint, cache_dir, only=ONLY))
@@ -116,8 +116,7 @@ def test_cache_miss_zero_work_rerun_equal_features_and_a_changed_expert(
     by_name = {e.expert: e for e in third.experts}
     assert {n: e.computed + e.cached for n, e in by_name.items()} == _expected_counts("all")
     assert by_name["pix2struct"].cached == 0 and by_name["pix2struct"].computed > 0
-    for name in ("dinov2", "vary"):
-        assert by_name[name].cached == computed[name], name
+    assert by_name["vary"].cached == computed["vary"] > 0
 
 
 def test_bad_rows_fail_clearly_or_are_skipped_with_a_report(ray_session, tmp_path, checkpoint):
@@ -159,13 +158,13 @@ def _ray_pids(marker: str) -> list[int]:
 
 def test_killed_job_leaves_no_partial_shard_and_rerun_completes(ray_session, tmp_path,
                                                                 checkpoint):
-    manifest = _write_dataset(tmp_path / "data", n=10, seed=1)
+    manifest = _write_dataset(tmp_path / "data", n=16, seed=1)
     cache_dir = tmp_path / "cache"
     ray_tmp = f"/tmp/mova-kill-{os.getpid()}"
     env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "pipelines.cli", "features", f"manifest={manifest}",
            f"checkpoint={checkpoint}", f"cache={cache_dir}", "batch_size=1", "experts=all",
-           "only=[dinov2,vary]",
+           "only=[dinov2]",
            "ray.num_cpus=2", f"ray.temp_dir={ray_tmp}"]
     proc = subprocess.Popen(cmd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -195,14 +194,13 @@ def test_killed_job_leaves_no_partial_shard_and_rerun_completes(ray_session, tmp
             assert safe_open(shard, "pt").get_tensor(entry["image_hash"]).shape == (
                 entry["tokens"], entry["channels"])
     summary = run_features(_recipe(manifest, checkpoint, cache_dir, experts="all",
-                                   only=["dinov2", "vary"]))
+                                   only=["dinov2"]))
     assert summary.skipped > 0
     keys = expert_cache_keys(checkpoint)
     cache = FeatureCache(str(cache_dir))
     hashes = {image_hash(load_image(p)) for p in (tmp_path / "data" / "img").glob("*.png")}
-    for name in ("dinov2", "vary"):
-        assert cache.hashes(name, keys[name]) == hashes, name
-        assert len(cache.index_parts(name, keys[name])) == 1, "the job merged its index"
+    assert cache.hashes("dinov2", keys["dinov2"]) == hashes
+    assert len(cache.index_parts("dinov2", keys["dinov2"])) == 1, "the job merged its index"
 
 
 def test_cache_on_s3(ray_session, s3_endpoint, tmp_path, checkpoint):
