@@ -69,6 +69,10 @@ def _s3(endpoint: str | None, key: str | None, secret: str | None, token: str | 
         "connect_timeout": CONNECT_TIMEOUT_S,
         "request_timeout": REQUEST_TIMEOUT_S,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+        # Each part of a multipart upload is sent before the next is accepted: with background
+        # writes pyarrow queues parts without bound when storage is slower than the disk, and
+        # a multi-GiB upload then holds GiBs of RAM.
+        "background_writes": False,
     }
     if key and secret:
         kwargs.update(access_key=key, secret_key=secret, session_token=token or None)
