@@ -110,13 +110,25 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def process_peak_mib() -> float:
+    """This process's peak resident set size (``VmHWM``). Unlike ``ru_maxrss``, which Linux
+    carries over from the parent through fork and exec, it counts this process alone."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
 def peak_memory_mib(device: torch.device) -> float:
     """CUDA: peak allocated since the last reset. CPU: the process's peak resident set size
     (a high-water mark over the whole process, never reset)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kib / 1024.0
+    return process_peak_mib()
 
 
 def available_bytes(device: torch.device) -> int:

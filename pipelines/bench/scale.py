@@ -28,7 +28,6 @@ import logging
 import multiprocessing
 import os
 import random
-import resource
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,7 +40,7 @@ import torch
 from mova.checkpoint import load_config
 from mova.experts.registry import get_expert_spec
 from pipelines.bench.features import make_workspace
-from pipelines.bench.harness import machine_info
+from pipelines.bench.harness import machine_info, process_peak_mib
 from pipelines.bench.scale_reads import (
     LOOKUPS,
     WORLDS,
@@ -90,7 +89,7 @@ def _child_main(step: str, address: str | None, kwargs: dict[str, Any]) -> dict[
     if address:
         init_ray(address)
     out = STEPS[step](**kwargs)
-    out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_mib"] = process_peak_mib()
     if address:
         ray.shutdown()
     return out

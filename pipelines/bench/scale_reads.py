@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
+from pipelines.bench.harness import process_peak_mib
 from pipelines.common.feature_cache import FeatureCache
 from pipelines.common.manifests.chunks import ManifestScan
 from pipelines.common.manifests.rows import write_manifest
@@ -58,7 +58,7 @@ def reader_step(root: str, entries: int, seed: int = 0) -> dict[str, Any]:
             raise RuntimeError("a cached hash was not found")
     return {"lookup_ms": (time.perf_counter() - start) * 1000 / LOOKUPS,
             "row_group_loads": reader.loads, "index_bytes_read": reader.bytes_read,
-            "reader_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "reader_peak_mib": process_peak_mib()}
 
 
 def rank_read_ratio(scan: ManifestScan, world: int, window_chunks: int = 8) -> float:

@@ -2,8 +2,9 @@
 
 The epoch order is computed from the manifest scan's chunks, never from the rows themselves:
 the chunks are permuted (seeded by ``seed`` and the epoch), cut into windows of
-``window_chunks`` chunks, and the valid rows of each window are permuted (seeded by ``seed``,
-the epoch and the window). Worker ``rank`` takes the contiguous stretch ``[rank * R,
+``window_chunks`` chunks (fewer when the manifest is small: a worker's stretch spans at least
+:data:`WINDOWS_PER_STRETCH` windows), and the valid rows of each window are permuted (seeded by
+``seed``, the epoch and the window). Worker ``rank`` takes the contiguous stretch ``[rank * R,
 (rank + 1) * R)`` of that sequence (``R`` rows each, the remainder dropped), in order: it reads
 only the windows of its stretch, so a worker reads about ``1/world`` of the manifest's bytes
 (plus at most the two windows it shares with its neighbours), never the whole manifest.
@@ -21,6 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+# A worker reads every chunk of the windows its stretch touches, so its stretch spans at least
+# this many windows: the two it shares with its neighbours add at most ~20% to its reads.
+WINDOWS_PER_STRETCH = 10
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,11 @@ class EpochOrder:
         return np.random.default_rng([self.seed, self.epoch, 1, window]).permutation(rows)
 
 
+def window_size(chunks: int, order: EpochOrder) -> int:
+    """Chunks per window: ``window_chunks``, at most a tenth of a worker's chunks (at least 1)."""
+    return max(1, min(order.window_chunks, chunks // (order.world * WINDOWS_PER_STRETCH)))
+
+
 def rows_per_worker(valid: int, world: int) -> int:
     """Rows each worker takes in an epoch (equal for all; the remainder is dropped)."""
     return valid // world
@@ -65,13 +75,14 @@ def worker_windows(valid_per_chunk: Sequence[int], order: EpochOrder, rank: int,
     share = rows_per_worker(int(sum(valid_per_chunk)), order.world)
     first, stop = rank * share + start_row, (rank + 1) * share
     chunks = [int(c) for c in order.chunk_order(len(valid_per_chunk))]
+    size_of = window_size(len(chunks), order)
     out, base = [], 0
-    for w in range(0, len(chunks), order.window_chunks):
-        members = chunks[w:w + order.window_chunks]
+    for w in range(0, len(chunks), size_of):
+        members = chunks[w:w + size_of]
         size = int(sum(valid_per_chunk[c] for c in members))
         lo, hi = max(first, base), min(stop, base + size)
         if lo < hi:
-            out.append({"window": w // order.window_chunks, "chunks": members, "base": base,
+            out.append({"window": w // size_of, "chunks": members, "base": base,
                         "size": size, "first": lo, "stop": hi})
         base += size
     return out

@@ -71,4 +71,4 @@ def test_each_worker_reads_only_the_windows_of_its_stretch(world):
     read = [sum(len(w["chunks"]) for w in worker_windows(valid, order, rank))
             for rank in range(world)]
     assert sum(read) <= len(valid) + 2 * (world - 1) * order.window_chunks
-    assert max(read) <= len(valid) / world + 2 * order.window_chunks
+    assert max(read) <= 1.2 * len(valid) / world  # windows shrink to a tenth of a stretch
