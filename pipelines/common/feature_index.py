@@ -48,7 +48,7 @@ COMPACT_PREFIX = "compact-"
 SUCCESS = "_SUCCESS"
 BUCKET_ENTRIES = 1 << 20  # entries per bucket file, about (memory of one compaction step)
 ROW_GROUP = 4096  # entries per row group: what one lookup reads (~300 KB)
-READER_BYTES = 64 << 20  # what a reader keeps of the row groups and footers it read
+READER_BYTES = 32 << 20  # what a reader keeps of the row groups and footers it read
 
 
 @dataclass
