@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 
 from mova.metrics import METRICS
 from pipelines.common.command import recipe_command
+from pipelines.common.manifests.rows import ManifestError
+from pipelines.common.manifests.scan import scan_manifest, write_report_part
 from pipelines.common.manifests.validate import validate_manifest
+from pipelines.common.ray_init import init_ray, worker_env
 from pipelines.common.storage import StorageError
 from pipelines.data.benchmarks import BENCHMARK_CONVERTERS, BENCHMARK_METRICS, convert_benchmark
 from pipelines.data.convert import convert_llava, convert_vqa
@@ -25,18 +29,38 @@ def _pool(text: str | None) -> list[str] | None:
 
 def run_validate(args: argparse.Namespace) -> int:
     """Validate a manifest; exit code 1 when any row is bad, 2 when storage fails."""
+    images = "images not checked" if args.no_check_images else "images checked"
     try:
+        if args.ray:
+            return _validate_on_ray(args, images)
         report = validate_manifest(args.manifest, pool=_pool(args.pool),
                                    check_images=not args.no_check_images)
-    except StorageError as exc:
+    except (StorageError, ManifestError) as exc:
         print(f"mova data validate: error: {exc}", file=sys.stderr)
         return 2
-    images = "images not checked" if args.no_check_images else "images checked"
     print(f"{args.manifest}: {report.total} rows, {len(report.samples)} ok, "
           f"{len(report.errors)} error(s) in {report.bad_rows} row(s) ({images})")
+    if args.report and report.errors:
+        write_report_part(args.report, "rows", [asdict(e) for e in report.errors])
     if report.ok:
         return 0
     print(report.format(limit=ERROR_LIMIT))
+    return 1
+
+
+def _validate_on_ray(args: argparse.Namespace, images: str) -> int:
+    """The scan the jobs run: Ray tasks stream byte ranges (or row groups) of the manifest, the
+    driver keeps counts and the first errors, ``--report`` gets every bad row."""
+    init_ray(runtime_env={"env_vars": worker_env()})
+    scan = scan_manifest(args.manifest, pool=_pool(args.pool), report=args.report,
+                         reuse=False, check_images=not args.no_check_images)
+    print(f"{args.manifest}: {scan.rows} rows, {scan.valid} ok, {scan.error_count} error(s) "
+          f"in {scan.rows - scan.valid} row(s) ({images}; rows checked by Ray tasks)")
+    if scan.ok:
+        return 0
+    print(scan.format_errors())
+    if args.report:
+        print(f"every bad row: {args.report}")
     return 1
 
 
@@ -83,6 +107,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated expert pool (default: the default pool)")
     v.add_argument("--no-check-images", action="store_true",
                    help="do not open and decode the images")
+    v.add_argument("--ray", action="store_true",
+                   help="check the rows with Ray tasks, as jobs do (RAY_ADDRESS, else a "
+                        "private local Ray): memory stays flat in the manifest's size")
+    v.add_argument("--report", metavar="DIR",
+                   help="write every bad row to JSON-lines files in DIR (local or s3://)")
     v.set_defaults(func=run_validate)
 
     c = data_sub.add_parser("convert", help="convert LLaVA JSON, VQA JSONL or a public "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import time
@@ -19,6 +20,7 @@ from pipelines.common.manifests.validate import (
     validate_manifest,
     write_manifest,
 )
+from pipelines.data import cli as data_cli
 
 pytestmark = pytest.mark.integration
 
@@ -91,6 +93,33 @@ def test_s3_manifest_with_s3_images(prefix, tmp_path, suffix):
     assert [r["id"] for r in records] == ["missing", "garbage"]
     write_manifest(good, uri)
     assert load_manifest(uri) == good
+
+
+def test_validate_on_ray_streams_the_checks_to_tasks(ray_session, prefix, capsys):
+    """``mova data validate --ray``: Ray tasks read the S3 manifest and its S3 images; the bad
+    rows come back by line and go, every one, to the report folder."""
+    storage.write_bytes_atomic(f"{prefix}/images/ok.png", _png_bytes())
+    storage.write_bytes_atomic(f"{prefix}/images/garbage.png", b"not a png")
+    rows = [Sample(id="ok", image="images/ok.png", conversations=_turns()),
+            Sample(id="gone", image="images/missing.png", conversations=_turns()),
+            Sample(id="bad", image="images/garbage.png", conversations=_turns()),
+            Sample(id="ok", image=None, conversations=_turns("Hi", "Yo"))]
+    uri = f"{prefix}/m.parquet"
+    write_manifest(rows, uri)
+    parser = argparse.ArgumentParser(prog="mova")
+    data_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["data", "validate", uri, "--ray", "--report", f"{prefix}/bad"])
+    assert args.func(args) == 1
+    out = capsys.readouterr().out
+    assert "4 rows, 1 ok, 3 error(s) in 3 row(s)" in out
+    assert "row 2 (id=gone): image: image file not found" in out.replace("line 2", "row 2")
+    records = [json.loads(line) for part in storage.list_files(f"{prefix}/bad")
+               for line in storage.read_text(part).splitlines()]
+    assert sorted((r["line"], r["field"]) for r in records) == [(2, "image"), (3, "image"),
+                                                                 (4, "id")]
+    args = parser.parse_args(["data", "validate", uri, "--ray", "--no-check-images"])
+    assert args.func(args) == 1
+    assert "4 rows, 3 ok, 1 error(s)" in capsys.readouterr().out
 
 
 def test_unreachable_endpoint_fails_fast_naming_it(s3_endpoint, monkeypatch):

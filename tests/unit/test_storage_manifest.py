@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.common import storage
+from pipelines.common.manifests.scan import merge_ranges, scan_range, scan_tasks
 from pipelines.common.manifests.schema import Sample
 from pipelines.common.manifests.validate import (
     ManifestError,
@@ -320,6 +321,18 @@ def test_cli_validate_exit_codes(tmp_path, capsys, png_file):
     args = _parse(["data", "validate", bad_uri, "--pool", "dinov2", "--no-check-images"])
     assert args.func(args) == 1
     assert "line 13 (id=g3): experts: expert 'vary' is not in the pool" in capsys.readouterr().out
+
+
+def test_scan_tasks_check_images_as_validation_does(tmp_path, png_file):
+    """The rows ``mova data validate --ray`` hands to Ray tasks fail as in one process."""
+    uri, expected = _bad_manifest(png_file, tmp_path)
+    tasks = scan_tasks([uri])
+    scan = merge_ranges(uri, tasks, [scan_range(t, None, 4, None, check_images=True)
+                                     for t in tasks])
+    assert {(e.line, e.field) for e in scan.errors} == expected
+    assert (scan.rows, scan.valid) == (12, 3)
+    unchecked = merge_ranges(uri, tasks, [scan_range(t, None, 4) for t in tasks])
+    assert {e.line for e in unchecked.errors} == {line for line, _ in expected} - {7, 8}
 
 
 def test_cli_convert(tmp_path, capsys, png_file):

@@ -111,9 +111,10 @@ def _lines_in_range(path: str, start: int, end: int) -> Iterator[tuple[int, int,
 
 
 def scan_range(task: dict, pool: Sequence[str] | None, chunk_rows: int = CHUNK_ROWS,
-               report: str | None = None) -> dict:
+               report: str | None = None, check_images: bool = False) -> dict:
     """Scan one task's rows: chunk boundaries, counts, validation errors (a Ray task body).
-    With ``report``, every error also goes to a JSON-lines part file in that folder."""
+    With ``report``, every error also goes to a JSON-lines part file in that folder; with
+    ``check_images`` every row's image must exist and decode."""
     path, fmt = task["path"], task["fmt"]
     out = RangeResult()
     seen: dict[str, int] = {}
@@ -135,7 +136,7 @@ def scan_range(task: dict, pool: Sequence[str] | None, chunk_rows: int = CHUNK_R
                            "rows": 0, "valid": 0, "group": group}
             current["rows"] += 1
             current["end"] = end
-            sample, errors = check_row(raw, line, pool, path)
+            sample, errors = check_row(raw, line, pool, path, check_image=check_images)
             if sample is not None:
                 if sample.id in seen:
                     out.duplicates.append({"id": sample.id, "line": line,
@@ -205,26 +206,29 @@ def _parquet_rows(path: str, first_group: int, end_group: int):
 
 def scan_manifest(uri: str, *, pool: Sequence[str] | None = None,
                   chunk_rows: int = CHUNK_ROWS, range_bytes: int = RANGE_BYTES,
-                  report: str | None = None, reuse: bool = True) -> ManifestScan:
+                  report: str | None = None, reuse: bool = True,
+                  check_images: bool = False) -> ManifestScan:
     """Scan a manifest with Ray tasks (Ray must be up); the driver gets chunks and counts.
-    With ``report`` (a folder), the tasks also write every bad row there. ``reuse``: take an
-    earlier scan of the same, unchanged files on this node (:mod:`.scan_cache`)."""
+    With ``report`` (a folder), the tasks also write every bad row there; ``check_images``:
+    every image must exist and decode. ``reuse``: take an earlier scan of the same, unchanged
+    files on this node (:mod:`.scan_cache`)."""
     files = manifest_files(uri)
+    reuse = reuse and not check_images  # kept scans never opened the images
     key = scan_cache.scan_key(files, pool, chunk_rows, range_bytes) if reuse else None
     kept = scan_cache.load(key, uri)
     if kept is not None and not (report and kept.error_count):
         return kept
-    scan = _scan(uri, files, pool, chunk_rows, range_bytes, report)
+    scan = _scan(uri, files, pool, chunk_rows, range_bytes, report, check_images)
     scan_cache.save(key, scan)
     return scan
 
 
 def _scan(uri: str, files: list[str], pool: Sequence[str] | None, chunk_rows: int,
-          range_bytes: int, report: str | None) -> ManifestScan:
+          range_bytes: int, report: str | None, check_images: bool = False) -> ManifestScan:
     tasks = scan_tasks(files, range_bytes)
     remote = ray.remote(num_cpus=1)(scan_range)
-    results = ray.get([remote.remote(t, list(pool) if pool else None, chunk_rows, report)
-                       for t in tasks])
+    results = ray.get([remote.remote(t, list(pool) if pool else None, chunk_rows, report,
+                                     check_images) for t in tasks])
     scan = merge_ranges(uri, tasks, results, report)
     if len(tasks) > 1:  # ids repeated across ranges (merge_ranges did a single range's)
         found = duplicates_across([c.to_dict() for c in scan.chunks], files, pool)

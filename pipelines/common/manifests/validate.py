@@ -218,10 +218,17 @@ def _check_row(
 
 
 def check_row(row: dict | RowError, line: int, pool: Sequence[str] | None, manifest_uri: str,
-              *, seen_ids: dict[str, int] | None = None) -> tuple[Sample | None, list[RowError]]:
-    """One parsed row as a :class:`Sample` (None when it has errors) and its errors; images are
-    not opened. ``seen_ids`` (id -> first line) enables the duplicate-id check."""
-    return _check_row(row, line, _resolve_pool(pool), manifest_uri, None, seen_ids)
+              *, seen_ids: dict[str, int] | None = None,
+              check_image: bool = False) -> tuple[Sample | None, list[RowError]]:
+    """One parsed row as a :class:`Sample` (None when it has errors) and its errors; with
+    ``check_image`` its image must exist and decode (else images are not opened).
+    ``seen_ids`` (id -> first line) enables the duplicate-id check."""
+    status = None
+    image = row.get("image") if isinstance(row, dict) else None
+    if check_image and isinstance(image, str) and image:
+        resolved = resolve_image(manifest_uri, image)
+        status = {resolved: _check_image_file(resolved)}
+    return _check_row(row, line, _resolve_pool(pool), manifest_uri, status, seen_ids)
 
 
 def validate_row(
@@ -239,11 +246,8 @@ def validate_row(
     ``check_image`` the image must exist (relative to the manifest's folder, absolute or
     ``s3://``) and decode.
     """
-    status = None
-    image = row.get("image") if isinstance(row, dict) else None
-    if check_image and isinstance(image, str) and image:
-        status = _check_images([resolve_image(manifest_uri, image)])
-    return _check_row(row, line, _resolve_pool(pool), manifest_uri, status, seen_ids)[1]
+    return check_row(row, line, pool, manifest_uri, seen_ids=seen_ids,
+                     check_image=check_image)[1]
 
 
 def validate_manifest(
