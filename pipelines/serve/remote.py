@@ -4,10 +4,11 @@ Only when the recipe enables remote images, and then: the host must be on the al
 (``limits.remote_image_domains``: exact names, or ``.example.com`` for its subdomains); its
 name is resolved once and every address must be public (private, loopback, link-local and
 cloud-metadata addresses, multicast, reserved and unspecified ones are refused); the connection
-goes to that resolved address (TLS still checks the certificate against the host name), so a
-second DNS answer cannot redirect it; redirects are refused unless
-``remote_image_max_redirects`` allows them, each hop checked again the same way; the size limit
-holds while the body streams; and the whole fetch has one deadline.
+goes to those resolved addresses (TLS still checks the certificate against the host name), so
+a second DNS answer cannot redirect it; each address is tried in turn, IPv4 first, until one
+accepts the connection (an IPv4-only pod still reaches a dual-stack host); redirects are
+refused unless ``remote_image_max_redirects`` allows them, each hop checked again the same way;
+the size limit holds while the body streams; and the whole fetch has one deadline.
 """
 
 from __future__ import annotations
@@ -59,14 +60,19 @@ def address_allowed(address: str) -> bool:
 
 
 async def resolve(host: str, port: int) -> list[str]:
-    """Every address of ``host`` (one DNS lookup)."""
+    """Every address of ``host`` (one DNS lookup), in the resolver's order."""
     infos = await asyncio.to_thread(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
-    return sorted({info[4][0] for info in infos})
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def ipv4_first(addresses: Sequence[str]) -> list[str]:
+    """The addresses with IPv4 ones first, each family in its given order."""
+    return sorted(addresses, key=lambda a: ipaddress.ip_address(a).version)
 
 
 async def _checked_target(url: str, domains: Sequence[str],
-                          resolver: Resolver) -> tuple[str, str, str, int]:
-    """(scheme, host, public address, port) of an allowed URL."""
+                          resolver: Resolver) -> tuple[str, str, list[str], int]:
+    """(scheme, host, its public addresses IPv4 first, port) of an allowed URL."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
@@ -91,7 +97,44 @@ async def _checked_target(url: str, domains: Sequence[str],
     bad = [a for a in addresses if not address_allowed(a)]
     if not addresses or bad:
         raise _refused(f"image host {host!r} resolves to a non-public address")
-    return scheme, host, addresses[0], port
+    return scheme, host, ipv4_first(addresses), port
+
+
+def _pinned_request(client: httpx.AsyncClient, url: str, scheme: str, host: str, address: str,
+                    port: int) -> httpx.Request:
+    """GET ``url`` from ``address`` (the name only in Host and for TLS)."""
+    parts = urlsplit(url)
+    ip_host = f"[{address}]" if ":" in address else address
+    pinned = urlunsplit((scheme, f"{ip_host}:{port}", parts.path or "/", parts.query, ""))
+    default_port = port == (443 if scheme == "https" else 80)
+    headers = {"Host": host if default_port else f"{host}:{port}",
+               "Accept": "image/*", "Accept-Encoding": "identity"}
+    return client.build_request("GET", pinned, headers=headers,
+                                extensions={"sni_hostname": host})
+
+
+async def _connect(url: str, scheme: str, host: str, addresses: list[str], port: int,
+                   deadline: float) -> tuple[httpx.AsyncClient, httpx.Response]:
+    """Send the request to each address in turn until one connects; each try may take its
+    share of the time left, so a dead first address cannot use up the deadline."""
+    failure: Exception | None = None
+    for i, address in enumerate(addresses):
+        remaining = max(0.1, deadline - time.monotonic())
+        timeout = httpx.Timeout(remaining, connect=remaining / (len(addresses) - i))
+        client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
+        try:
+            request = _pinned_request(client, url, scheme, host, address, port)
+            return client, await client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            await client.aclose()
+            log.info("image host %s: %s did not accept a connection (%s)", host, address,
+                     type(exc).__name__)
+            failure = exc
+        except BaseException:
+            await client.aclose()
+            raise
+    assert failure is not None  # addresses is never empty (_checked_target)
+    raise failure
 
 
 async def fetch_remote(url: str, *, domains: Sequence[str], max_bytes: int, timeout_s: float,
@@ -101,28 +144,17 @@ async def fetch_remote(url: str, *, domains: Sequence[str], max_bytes: int, time
     try:
         async with asyncio.timeout(timeout_s):
             for _hop in range(max_redirects + 1):
-                scheme, host, address, port = await _checked_target(url, domains, resolver)
-                parts = urlsplit(url)
-                ip_host = f"[{address}]" if ":" in address else address
-                pinned = urlunsplit((scheme, f"{ip_host}:{port}", parts.path or "/",
-                                     parts.query, ""))
-                default_port = port == (443 if scheme == "https" else 80)
-                headers = {"Host": host if default_port else f"{host}:{port}",
-                           "Accept": "image/*", "Accept-Encoding": "identity"}
-                remaining = max(0.1, deadline - time.monotonic())
-                async with httpx.AsyncClient(timeout=remaining, follow_redirects=False,
-                                             trust_env=False) as client:
-                    request = client.build_request("GET", pinned, headers=headers,
-                                                   extensions={"sni_hostname": host})
-                    response = await client.send(request, stream=True)
-                    try:
-                        if response.is_redirect:
-                            location = response.headers.get("location", "")
-                            url = urljoin(url, location)
-                            continue
-                        return await _body(response, max_bytes)
-                    finally:
-                        await response.aclose()
+                scheme, host, addresses, port = await _checked_target(url, domains, resolver)
+                client, response = await _connect(url, scheme, host, addresses, port,
+                                                  deadline)
+                try:
+                    if response.is_redirect:
+                        url = urljoin(url, response.headers.get("location", ""))
+                        continue
+                    return await _body(response, max_bytes)
+                finally:
+                    await response.aclose()
+                    await client.aclose()
             raise _refused(f"the image URL redirects more than {max_redirects} time(s) "
                            "(limits.remote_image_max_redirects)")
     except TimeoutError:

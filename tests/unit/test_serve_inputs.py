@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import io
+import logging
 import struct
 import threading
 import time
@@ -109,7 +110,7 @@ def image_server():
     server.shutdown()
 
 
-def test_remote_fetch_policy(image_server, monkeypatch):
+def test_remote_fetch_policy(image_server, monkeypatch, caplog):
     port, png = image_server
 
     async def resolve(host, _port):
@@ -140,6 +141,22 @@ def test_remote_fetch_policy(image_server, monkeypatch):
     assert fetch(hop, max_redirects=1) == png  # each hop checked again
     with pytest.raises(APIError, match="allowlist"):
         fetch(f"{base}/redirect?to=http://other.test:{port}/a.png", max_redirects=1)
+    # every pinned address is tried, IPv4 first: nothing listens on ::1 or 127.0.0.2
+    monkeypatch.setattr(remote, "address_allowed", lambda a: True)
+
+    async def dual_stack(host, _port):
+        return ["::1", "127.0.0.2", "127.0.0.1"]
+
+    caplog.set_level(logging.INFO, logger=remote.__name__)
+    assert fetch(f"{base}/a.png", resolver=dual_stack) == png
+    assert [r.getMessage().split(": ")[1].split()[0] for r in caplog.records
+            if "did not accept" in r.getMessage()] == ["127.0.0.2"]  # ::1 never needed
+
+    async def nowhere(host, _port):
+        return ["::1", "127.0.0.2"]
+
+    with pytest.raises(APIError, match="cannot be fetched: ConnectError"):
+        fetch(f"{base}/a.png", resolver=nowhere)
     start = time.monotonic()
     with pytest.raises(APIError, match="longer than 1 s"):
         fetch(f"{base}/slow")
