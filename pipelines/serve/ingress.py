@@ -236,6 +236,9 @@ class MoVAIngress:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise bad_request(f"the request body is not valid JSON: {exc}",
                               code="invalid_json") from None
+        except RecursionError:
+            raise bad_request("the request body nests JSON too deeply",
+                              code="invalid_json") from None
 
     def _timeout(self, req: ChatRequest | None) -> float:
         limit = self.recipe.limits.request_timeout_s

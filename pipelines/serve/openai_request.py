@@ -32,9 +32,9 @@ _DEFAULT_ONLY = "Accepted for compatibility; only its default value is supported
 
 
 class ImageURL(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = _STRICT
     url: str
-    detail: str | None = None
+    detail: Literal["auto", "low", "high"] | None = None
 
 
 class TextPart(BaseModel):
@@ -50,10 +50,21 @@ class ImagePart(BaseModel):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
     name: str | None = None
+    refusal: None = Field(default=None, description="Accepted (as null) in assistant "
+                                                    "messages replayed from a response.")
+
+
+# JSON Schema for "some user message holds an image_url part" (a 400 otherwise).
+_USER_IMAGE_MESSAGE = {
+    "type": "object", "required": ["role", "content"],
+    "properties": {"role": {"const": "user"},
+                   "content": {"type": "array", "contains": {
+                       "type": "object", "required": ["type"],
+                       "properties": {"type": {"const": "image_url"}}}}}}
 
 
 class StreamOptions(BaseModel):
@@ -76,7 +87,11 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow",
                               json_schema_extra={"additionalProperties": False})
     model: str
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(
+        min_length=1, json_schema_extra={"contains": _USER_IMAGE_MESSAGE},
+        description="An optional first system (or developer) message, then user and "
+                    "assistant messages alternating, ending with a user message; one user "
+                    "message holds the request's image (an image_url part).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -112,8 +127,10 @@ def parse_chat_request(body: Any) -> ChatRequest:
     try:
         req = ChatRequest.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        # of a union's failed branches the deepest names the problem ("content.1.image_url.x:
+        # extra inputs" rather than "content: not a string")
+        first = max(exc.errors(), key=lambda e: len(e["loc"]))
+        param = field_path(first["loc"]) or None
         raise bad_request(f"{param}: {first['msg']}" if param else first["msg"],
                           param=param) from None
     extra = dict(req.model_extra or {})
@@ -137,14 +154,56 @@ def parse_chat_request(body: Any) -> ChatRequest:
     return req
 
 
+_TYPE_LABELS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def field_path(loc: tuple) -> str:
+    """A validation error's location as a request field path: pydantic's union-branch labels
+    (``str``, ``ImageURL``, ``list[tagged-union[...]]`` and the tag after its index) left out."""
+    parts: list[str] = []
+    drop_tag = False
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(str(part))
+        elif "[" in part or part in _TYPE_LABELS or part[:1].isupper():
+            drop_tag = drop_tag or "tagged-union" in part
+        elif drop_tag and parts and parts[-1].isdigit():
+            drop_tag = False  # the discriminator's value, after the list index
+        else:
+            parts.append(part)
+    return ".".join(parts)
+
+
 def stop_list(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
     return [stop] if isinstance(stop, str) else list(stop)
 
 
+def check_roles(messages: list[Message]) -> None:
+    """A 400 in OpenAI's role names unless the messages are: an optional first ``system``
+    (or ``developer``) message, then ``user`` and ``assistant`` alternating, ending with
+    ``user`` (what the chat templates can render)."""
+    start = 1 if messages[0].role in ("system", "developer") else 0
+    if start == len(messages):
+        raise bad_request("the messages hold only a system message; a user message must follow",
+                          param="messages")
+    for i in range(start, len(messages)):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        role = messages[i].role
+        if role != expected:
+            where = (" (a system or developer message may only come first)"
+                     if role in ("system", "developer") else "")
+            raise bad_request(f"messages[{i}]: expected a {expected!r} message, got {role!r}"
+                              f"{where}; after an optional first system message, user and "
+                              "assistant messages alternate", param=f"messages.{i}.role")
+    if messages[-1].role != "user":
+        raise bad_request("the last message must be a user message", param="messages")
+
+
 def to_conversation(messages: list[Message], max_images: int) -> Conversation:
     """OpenAI messages -> LLaVA-style turns (image placeholder added later) and the image."""
+    check_roles(messages)
     turns: list[dict[str, str]] = []
     images: list[tuple[str, str]] = []
     roles = {"system": "system", "developer": "system", "user": "human", "assistant": "gpt"}
@@ -170,8 +229,6 @@ def to_conversation(messages: list[Message], max_images: int) -> Conversation:
     if not images:
         raise bad_request("the messages hold no image_url part; a MoVA request needs one image",
                           param="messages", code="missing_image")
-    if turns[-1]["from"] != "human":
-        raise bad_request("the last message must be a user message", param="messages")
     url, param = images[0]
     questions = [t["value"] for t in turns if t["from"] == "human"]
     return Conversation(turns=turns, image_url=url, image_param=param, questions=questions)

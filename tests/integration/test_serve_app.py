@@ -274,6 +274,7 @@ def test_error_envelopes_and_the_server_stays_healthy(served):
     cases = [
         (s.body("data:image/png;base64,***"), 400, "invalid_image"),
         (s.body(not_image), 400, "invalid_image"),
+        (s.body(data_uri(size=(1, 1))), 400, "invalid_image"),
         (s.body("https://example.com/cat.png"), 400, "image_not_allowed"),
         (s.body("/etc/hostname"), 400, "image_not_allowed"),
         (two_images, 400, "too_many_images"),
@@ -293,6 +294,12 @@ def test_error_envelopes_and_the_server_stays_healthy(served):
     assert "ocr9" in _error(s.post(s.body(mova={"experts": ["ocr9"]})), 400)["message"]
     assert _error(s.post(s.body(temperature=5)), 400)["param"] == "temperature"
     _error(s.http.post("/v1/chat/completions", content=b"{not json"), 400, "invalid_json")
+    nested = b'{"model": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    _error(s.http.post("/v1/chat/completions", content=nested), 400, "invalid_json")
+    assert "assistant" in _error(s.post({**s.body(), "messages": [
+        s.body()["messages"][0], s.body()["messages"][0]]}), 400)["message"]
+    for size in ((8, 900), (900, 8)):  # extreme aspect ratios are answered
+        assert s.post(s.body(data_uri(size=size), max_tokens=2)).status_code == 200
     _error(httpx.post(s.url + "/v1/chat/completions", json=s.body()), 401, "invalid_api_key")
     _error(s.post(s.body(), headers={"Authorization": "Bearer wrong"}), 401, "invalid_api_key")
     _error(s.http.get("/v2/nothing"), 404)

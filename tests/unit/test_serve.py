@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipelines.common.recipe import load_recipe
 from pipelines.serve.errors import APIError, RequestError, to_api_error
-from pipelines.serve.openai_request import parse_chat_request, to_conversation
+from pipelines.serve.openai_request import ChatRequest, parse_chat_request, to_conversation
 from pipelines.serve.recipe import ServeRecipe
 from pipelines.serve.sources import classify, decode_image, image_bytes
 
@@ -62,6 +62,62 @@ def test_messages_become_turns_with_one_image():
         with pytest.raises(APIError, match="image") as info:
             to_conversation(parse_chat_request(body).messages, max_images=1)
         assert info.value.code == code
+
+
+@pytest.mark.parametrize("roles, param, words", [
+    (["assistant", "user"], "messages.0.role", "expected a 'user' message, got 'assistant'"),
+    (["user", "user"], "messages.1.role", "expected a 'assistant' message, got 'user'"),
+    (["user", "system", "user"], "messages.1.role", "may only come first"),
+    (["system"], "messages", "only a system message"),
+    (["user", "assistant"], "messages", "the last message must be a user message"),
+])
+def test_message_order_errors_speak_openai_roles(roles, param, words):
+    body = _body()
+    image = body["messages"][0]
+    body["messages"] = [image if role == "user" else {"role": role, "content": "x"}
+                        for role in roles]
+    with pytest.raises(APIError) as info:
+        to_conversation(parse_chat_request(body).messages, max_images=1)
+    assert info.value.status == 400 and info.value.param == param
+    assert words in info.value.message
+    assert "human" not in info.value.message and "gpt" not in info.value.message
+
+
+@pytest.mark.parametrize("part, param", [
+    ({"type": "image_url", "image_url": {"url": "x", "colour": "red"}},
+     "messages.0.content.1.image_url.colour"),
+    ({"type": "text", "text": "x", "lang": "en"}, "messages.0.content.1.lang"),
+    ({"type": "image_url", "image_url": {"url": "x", "detail": "huge"}},
+     "messages.0.content.1.image_url.detail"),
+])
+def test_unknown_fields_inside_message_parts_are_400(part, param):
+    body = _body()
+    body["messages"][0]["content"][1] = part
+    with pytest.raises(APIError) as info:
+        parse_chat_request(body)
+    assert info.value.status == 400 and info.value.param == param
+    assert info.value.message.startswith(param + ": ")
+    body = _body()
+    body["messages"][0]["tool_calls"] = []
+    with pytest.raises(APIError, match="tool_calls"):
+        parse_chat_request(body)
+    replayed = _body()
+    replayed["messages"][:0] = [{"role": "user", "content": "Hi"},
+                                {"role": "assistant", "content": "Yo", "refusal": None}]
+    assert len(parse_chat_request(replayed).messages) == 3
+
+
+def test_the_schema_requires_a_user_message_with_an_image():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = ChatRequest.model_json_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    assert validator.is_valid(_body())
+    text_only = {**_body(), "messages": [{"role": "user", "content": "x"}]}
+    assert not validator.is_valid(text_only)
+    image_in_assistant = {**_body(), "messages": [
+        {"role": "assistant", "content": _body()["messages"][0]["content"]},
+        {"role": "user", "content": "x"}]}
+    assert not validator.is_valid(image_in_assistant)
 
 
 def test_image_sources_policy(tmp_path):
