@@ -197,12 +197,11 @@ class MoVAIngress:
         status, req, ticket, handed_off = "500", None, None, False
         self.tickets.sweep()
         try:
+            self._admit()  # before the body is read: a refused request costs no memory
             req = parse_chat_request(await self._json(request))
             if req.model != self.recipe.model_name:
                 raise unknown_model(req.model, self.recipe.model_name)
-            if len(self.tickets) >= self.recipe.limits.max_inflight:
-                raise overloaded(f"{len(self.tickets)} requests are in flight on this replica "
-                                 f"(limit {self.recipe.limits.max_inflight}); retry shortly")
+            self._admit()  # again: others may have taken slots while this body arrived
             timeout_s = self._timeout(req)
             deadline = time.time() + timeout_s
             ticket = self.tickets.take(deadline + TICKET_GRACE_S)
@@ -223,6 +222,11 @@ class MoVAIngress:
             metric("requests").inc(tags={"status": status})
             if not handed_off:
                 metric("request_seconds").observe(time.perf_counter() - start)
+
+    def _admit(self) -> None:
+        if len(self.tickets) >= self.recipe.limits.max_inflight:
+            raise overloaded(f"{len(self.tickets)} requests are in flight on this replica "
+                             f"(limit {self.recipe.limits.max_inflight}); retry shortly")
 
     async def _json(self, request: Request) -> Any:
         limit, chunks, size = self.max_body_bytes, [], 0
