@@ -5,13 +5,14 @@ that every downstream call carries. Its in-flight slot is a ticket that is alway
 when the reply is sent, when the request fails or its client goes away (also before a stream
 starts: the stream's generator is primed while the request still owns the ticket, and
 reclaimed when dropped), and, as a last resort, by a sweep of tickets held past their
-deadline. The HTTP routes are in :mod:`pipelines.serve.api`.
+deadline. A request the replica could not finish within its deadline, by what it measured
+lately, is refused at once with a 503 (:mod:`pipelines.serve.admission`), before its body is
+read. The HTTP routes are in :mod:`pipelines.serve.api`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from mova.decoding import DecodeParams
 from mova.typed_dict import from_dict
 from pipelines.serve import remote, sources
+from pipelines.serve.admission import Tickets
 from pipelines.serve.api import build_api
 from pipelines.serve.deployments import process_info
 from pipelines.serve.errors import (
@@ -69,37 +71,6 @@ TICKET_GRACE_S = 10.0
 
 def _sse(body: dict[str, Any] | str) -> str:
     return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
-
-
-class Tickets:
-    """In-flight slots: taken per request, given back exactly once."""
-
-    def __init__(self) -> None:
-        self.held: dict[int, float] = {}  # ticket -> when it must have been given back
-        self._ids = itertools.count()
-
-    def __len__(self) -> int:
-        return len(self.held)
-
-    def take(self, expires: float) -> int:
-        ticket = next(self._ids)
-        self.held[ticket] = expires
-        metric("requests_in_flight").set(len(self.held))
-        return ticket
-
-    def give_back(self, ticket: int) -> None:
-        if self.held.pop(ticket, None) is not None:
-            metric("requests_in_flight").set(len(self.held))
-
-    def sweep(self) -> int:
-        """Reclaim tickets held past their expiry (never expected; logged)."""
-        now = time.time()
-        stale = [t for t, expires in self.held.items() if now > expires]
-        for ticket in stale:
-            self.give_back(ticket)
-        if stale:
-            log.warning("reclaimed %d in-flight slot(s) held past their deadline", len(stale))
-        return len(stale)
 
 
 async def proxy_bind_host() -> str | None:
@@ -197,11 +168,13 @@ class MoVAIngress:
         status, req, ticket, handed_off = "500", None, None, False
         self.tickets.sweep()
         try:
-            self._admit()  # before the body is read: a refused request costs no memory
+            # before the body is read (a refused request costs no memory), and again with the
+            # request's own deadline (others may have taken slots while its body arrived)
+            self._admit(self.recipe.limits.request_timeout_s)
             req = parse_chat_request(await self._json(request))
             if req.model != self.recipe.model_name:
                 raise unknown_model(req.model, self.recipe.model_name)
-            self._admit()  # again: others may have taken slots while this body arrived
+            self._admit(self._timeout(req))
             timeout_s = self._timeout(req)
             deadline = time.time() + timeout_s
             ticket = self.tickets.take(deadline + TICKET_GRACE_S)
@@ -218,15 +191,20 @@ class MoVAIngress:
             return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
         finally:
             if ticket is not None and not handed_off:
-                self.tickets.give_back(ticket)
+                self.tickets.give_back(ticket, answered=status == "200")
             metric("requests").inc(tags={"status": status})
             if not handed_off:
                 metric("request_seconds").observe(time.perf_counter() - start)
 
-    def _admit(self) -> None:
+    def _admit(self, budget_s: float) -> None:
+        """A 503 at once for a request this replica cannot take now or finish within
+        ``budget_s`` (:class:`~pipelines.serve.admission.Admission`)."""
         if len(self.tickets) >= self.recipe.limits.max_inflight:
             raise overloaded(f"{len(self.tickets)} requests are in flight on this replica "
                              f"(limit {self.recipe.limits.max_inflight}); retry shortly")
+        refusal = self.tickets.admission.refusal(len(self.tickets), budget_s)
+        if refusal is not None:
+            raise refusal
 
     async def _json(self, request: Request) -> Any:
         limit, chunks, size = self.max_body_bytes, [], 0
@@ -366,7 +344,7 @@ class MoVAIngress:
             if not finished:
                 stream.cancel()
             metric("request_seconds").observe(time.perf_counter() - start)
-            self.tickets.give_back(ticket)
+            self.tickets.give_back(ticket, answered=finished)
 
 
 async def _chain(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:

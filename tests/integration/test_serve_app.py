@@ -286,11 +286,13 @@ def test_error_envelopes_and_the_server_stays_healthy(served):
         (s.body(mova={"experts": ["sam", "ocr9"]}), 400, "unknown_expert"),
         ({**s.body(), "messages": [user("why " * 3000, png)]}, 400, "context_length_exceeded"),
         ({**s.body(), "model": "gpt-4o"}, 404, "model_not_found"),
-        (s.body(mova={"timeout_s": 0.001}), 408, "timeout"),
     ]
     for body, status, code in cases:
         err = _error(s.post(body), status, code)
         assert err["message"]
+    late = s.post(s.body(mova={"timeout_s": 0.001}))  # 503 at once when the admission knows
+    assert (late.status_code, late.json()["error"]["code"]) in {(408, "timeout"),
+                                                                 (503, "overloaded")}
     assert "ocr9" in _error(s.post(s.body(mova={"experts": ["ocr9"]})), 400)["message"]
     assert _error(s.post(s.body(temperature=5)), 400)["param"] == "temperature"
     _error(s.http.post("/v1/chat/completions", content=b"{not json"), 400, "invalid_json")
@@ -358,6 +360,13 @@ def test_overload_is_503_with_retry_after(served):
     assert set(codes) == {200, 503} and codes.count(200) >= 16, codes
     busy = next(r for r in responses if r.status_code == 503)
     assert busy.headers["retry-after"] and busy.json()["error"]["code"] == "overloaded"
+    # the ingress has just measured its pace: a request that cannot finish in its deadline
+    # is refused at once, before any work, rather than answered with a 408 after it
+    start = time.monotonic()
+    late = served.post(served.body(mova={"timeout_s": 0.001}))
+    assert late.status_code == 503 and time.monotonic() - start < 2.0
+    assert "would not finish within its 0.001 s deadline" in late.json()["error"]["message"]
+    assert int(late.headers["retry-after"]) >= 1
     served.assert_healthy()
 
 
