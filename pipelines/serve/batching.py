@@ -7,10 +7,12 @@ batch in the replica's own worker thread, so the event loop never blocks. Unlike
 - an item whose deadline has passed is answered with :class:`DeadlineExceeded` and never run;
 - the next batch takes everything that queued while the previous one ran (so batches grow
   with load), waiting ``batch_wait_timeout_s`` for company only when the replica was idle;
-- a batch still running ``stall_grace_s`` after the latest deadline it serves is stuck (a
-  thread blocked forever is one way): the batcher turns unhealthy, fails every waiting item
-  with :class:`ReplicaUnhealthy` (503 with ``Retry-After`` at the ingress) and the replica's
-  ``check_health`` fails from then on, so Serve replaces the replica.
+- a batch still running ``stall_grace_s`` after the latest deadline it serves fails its
+  callers (their time is up) and is judged (:mod:`pipelines.serve.progress`): if its thread
+  still computes it is slow, and the replica keeps it; if it used no CPU over the last grace
+  period it is stuck (a thread blocked forever is one way): the batcher turns unhealthy,
+  fails every waiting item with :class:`ReplicaUnhealthy` (503 with ``Retry-After`` at the
+  ingress) and the replica's ``check_health`` fails from then on, so Serve replaces it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 from pipelines.serve.errors import DeadlineExceeded, ReplicaUnhealthy
 from pipelines.serve.metrics import stage_metrics
+from pipelines.serve.progress import StallJudge
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,7 @@ class Batcher:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._metrics = stage_metrics(stage)
+        self._judge = StallJudge(self.settings.stall_grace_s)
 
     # ---- called from the replica's event loop ------------------------------------------------
     async def submit(self, payload: Any, deadline: float) -> Any:
@@ -104,9 +108,11 @@ class Batcher:
         if self.unhealthy is None and self.running is not None:
             start, deadline, size = self.running
             now = time.time()
-            if now > deadline + self.settings.stall_grace_s:
+            overdue = now - deadline - self.settings.stall_grace_s
+            reason = self._judge.stuck(overdue) if overdue > 0 else None
+            if reason:
                 self._trip(f"{self.stage}: a batch of {size} has run {now - start:.1f} s, "
-                           f"{now - deadline:.1f} s past its requests' deadline")
+                           f"{now - deadline:.1f} s past its requests' deadline; {reason}")
         if self.unhealthy is None and self._task is not None and self._task.done():
             self._trip(f"{self.stage}: the batch loop ended")
         if self.unhealthy:
@@ -185,15 +191,9 @@ class Batcher:
         payloads = [item.payload for item in batch]
         future = loop.run_in_executor(self._executor, self._work, payloads, stall)
         try:
-            budget = deadline + self.settings.stall_grace_s - time.time()
-            results = await asyncio.wait_for(asyncio.shield(future), max(budget, 0.0))
-        except TimeoutError:
-            self._trip(f"{self.stage}: a batch of {len(batch)} ran {time.time() - start:.1f} s, "
-                       f"past its requests' deadline + stall_grace_s")
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(ReplicaUnhealthy(self.unhealthy or "stuck"))
-            return
+            results = await self._outlast(future, batch, start, deadline)
+            if results is None:
+                return
         except Exception as exc:  # the whole batch failed: each caller gets the error
             log.warning("%s: batch of %d failed: %r", self.stage, len(batch), exc)
             for item in batch:
@@ -210,7 +210,36 @@ class Batcher:
                 else:
                     item.future.set_result(result)
 
+    async def _outlast(self, future: asyncio.Future, batch: list[_Item], start: float,
+                       deadline: float) -> Sequence[Any] | None:
+        """The batch's results; past its deadline + grace its callers get their timeout, and
+        None once it is judged stuck (the batcher then trips)."""
+        grace = self._judge.grace_s = self.settings.stall_grace_s
+        budget = deadline + grace - time.time()
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), max(budget, 0.0))
+            except TimeoutError:
+                reason = self._judge.stuck(time.time() - deadline - grace)
+            for item in batch:
+                if not item.future.done():
+                    self._metrics.expired()
+                    item.future.set_exception(
+                        ReplicaUnhealthy(f"{self.stage}: {reason}") if reason else
+                        DeadlineExceeded(f"{self.stage}: the request's deadline passed while "
+                                         "its batch ran (slow, not stuck)"))
+            if reason:
+                self._trip(f"{self.stage}: a batch of {len(batch)} ran "
+                           f"{time.time() - start:.1f} s, past its requests' deadline + "
+                           f"stall_grace_s; {reason}")
+                return None
+            log.warning("%s: a batch of %d is slow (past its deadline + %.1f s) but computing",
+                        self.stage, len(batch), grace)
+            budget = grace / 2
+
     def _work(self, payloads: list[Any], stall_s: float) -> Sequence[Any]:
+        self._judge.bind()
+        self._judge.started()
         if stall_s:
             time.sleep(stall_s)  # test-only: a thread that hangs like a stuck ray.get
         return self.work(payloads)

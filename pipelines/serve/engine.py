@@ -9,8 +9,9 @@ is ready, and no row decodes for a caller that is gone.
 
 The thread publishes what it is doing; :meth:`DecodeEngine.check` (called by the replica's
 ``check_health`` and a monitor task) turns the engine unhealthy when a step has run
-``stall_grace_s`` past the latest deadline of its rows: every waiting request then gets an
-``unavailable`` event (a 503 at the ingress) and Serve replaces the replica.
+``stall_grace_s`` past the latest deadline of its rows and its thread is stuck, not slow (no
+CPU used over the last grace period: :mod:`pipelines.serve.progress`): every waiting request
+then gets an ``unavailable`` event (a 503 at the ingress) and Serve replaces the replica.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 from mova.decoding import DecodeParams
 from pipelines.serve.errors import ReplicaUnhealthy
 from pipelines.serve.metrics import stage_metrics
+from pipelines.serve.progress import StallJudge
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class DecodeEngine:
         self._waiting: dict[int, _Row] = {}  # every row not yet answered (event-loop side)
         self._step: tuple[float, float, int] | None = None  # (start, latest deadline, rows)
         self._metrics = stage_metrics("decode")
+        self._judge = StallJudge(stall_grace_s)
         self._thread = threading.Thread(target=self._run, name="mova-decode", daemon=True)
         self._thread.start()
 
@@ -117,9 +120,12 @@ class DecodeEngine:
         if self.unhealthy is None:
             step = self._step
             now = time.time()
-            if step is not None and now > max(step[0], step[1]) + self.stall_grace_s:
+            overdue = now - max(step[0], step[1]) - self.stall_grace_s if step else 0.0
+            self._judge.grace_s = self.stall_grace_s
+            reason = self._judge.stuck(overdue) if overdue > 0 else None
+            if reason:
                 self._trip(f"decode: a step over {step[2]} rows has run {now - step[0]:.1f} s, "
-                           "past its rows' deadline + stall_grace_s")
+                           f"past its rows' deadline + stall_grace_s; {reason}")
             elif not self._thread.is_alive():
                 self._trip("decode: the decode thread ended")
         if self.unhealthy:
@@ -146,6 +152,7 @@ class DecodeEngine:
             pass
 
     def _run(self) -> None:
+        self._judge.bind()
         decoder, rows = self.new_decoder(), {}
         while True:
             with self._cond:
@@ -195,6 +202,7 @@ class DecodeEngine:
     def _advance(self, decoder, rows: dict[int, _Row]) -> None:
         start = time.time()
         self._step = (start, max(r.deadline for r in rows.values()), len(rows))
+        self._judge.started()
         try:
             stall, self.stall_next_s = self.stall_next_s, 0.0
             if stall:

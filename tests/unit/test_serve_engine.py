@@ -15,6 +15,7 @@ from mova.factory import build_tiny_mova
 from pipelines.serve.batching import Batcher, BatchSettings
 from pipelines.serve.engine import DecodeEngine
 from pipelines.serve.errors import DeadlineExceeded, ReplicaUnhealthy
+from pipelines.serve.progress import HARD_FACTOR, StallJudge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -162,5 +163,56 @@ def test_a_stuck_batch_turns_the_batcher_unhealthy():
             batcher.check()
         with pytest.raises(ReplicaUnhealthy):
             await batcher.submit(3, time.time() + 30)
+
+    asyncio.run(run())
+
+
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sum(range(1000))
+
+
+def test_the_judge_tells_a_blocked_thread_from_a_computing_one():
+    def judged(body) -> str | None:
+        judge = StallJudge(grace_s=0.3)
+        ready, verdict = threading.Event(), []
+
+        def worker():
+            judge.bind()
+            judge.started()
+            ready.set()
+            body()
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        ready.wait(5)
+        time.sleep(0.4)
+        verdict.append(judge.stuck(overdue_s=0.1))
+        thread.join(5)
+        return verdict[0]
+
+    assert "no progress" in judged(lambda: time.sleep(0.6))  # blocked, like a stuck ray.get
+    assert judged(lambda: _spin(0.6)) is None  # slow but computing
+    judge = StallJudge(grace_s=0.3)
+    judge.bind()
+    judge.started()
+    assert "x stall_grace_s" in judge.stuck(overdue_s=0.3 * HARD_FACTOR)  # too long, however
+
+
+def test_a_slow_batch_fails_its_callers_but_keeps_the_replica():
+    def work(items):
+        if items == [1]:
+            _spin(1.0)  # computing, only slowly (a loaded machine)
+        return items
+
+    async def run():
+        batcher = Batcher("test", work, BatchSettings(stall_grace_s=0.2))
+        slow = asyncio.ensure_future(batcher.submit(1, time.time() + 0.1))
+        with pytest.raises(DeadlineExceeded, match="slow, not stuck"):
+            await slow
+        batcher.check()  # healthy: Serve keeps the replica
+        assert await batcher.submit(2, time.time() + 30) == 2
+        assert batcher.summary()["unhealthy"] is None
 
     asyncio.run(run())
