@@ -220,7 +220,7 @@ class Batcher:
             try:
                 return await asyncio.wait_for(asyncio.shield(future), max(budget, 0.0))
             except TimeoutError:
-                reason = self._judge.stuck(time.time() - deadline - grace)
+                reason = self.unhealthy or self._judge.stuck(time.time() - deadline - grace)
             for item in batch:
                 if not item.future.done():
                     self._metrics.expired()
