@@ -59,7 +59,11 @@ def deployment_table(recipe: ServeRecipe, pool: list[str]) -> dict[str, dict[str
     table["Ingress"].pop("user_config")
     for name in pool:
         table[expert_deployment_name(name)] = recipe.experts.for_expert(name).options()
+    # a replica Serve stops (scaling down, a redeploy) finishes what it holds first: its
+    # requests end by their deadline, or by the watchdog's verdict just after it
+    drain_s = recipe.limits.request_timeout_s + recipe.limits.stall_grace_s
     for options in table.values():
+        options["graceful_shutdown_timeout_s"] = drain_s
         if "user_config" in options:
             options["user_config"]["stall_grace_s"] = recipe.limits.stall_grace_s
     return table

@@ -85,6 +85,17 @@ class BatchedReplica:
         for batcher in self.batchers.values():
             batcher.check()
 
+    def __del__(self) -> None:
+        """Serve stops this replica (scaled down, redeployed, or replaced as unhealthy): say
+        which, and what it still held, so an operator can tell downscaling from the
+        watchdog."""
+        batchers = getattr(self, "batchers", {})
+        why = "; ".join(b.unhealthy for b in batchers.values() if b.unhealthy) or \
+            "healthy (scaled down or redeployed)"
+        held = {n: {"queued": len(b.queue), "running": b.running is not None}
+                for n, b in batchers.items()}
+        log.warning("%s replica stopping: %s; held %s", self.name, why, held)
+
     def info(self) -> dict[str, Any]:
         data = process_info(self.name)
         metric("resident_memory_bytes").set(data["rss_bytes"])

@@ -108,6 +108,13 @@ class MoVAIngress:
     async def check_health(self) -> None:
         self.tickets.sweep()
 
+    def __del__(self) -> None:
+        """Serve stops this replica (scaled down or redeployed): say so, with what it held."""
+        tickets = getattr(self, "tickets", None)
+        if tickets is not None:
+            log.warning("Ingress replica stopping (scaled down or redeployed) with %d "
+                        "request(s) in flight", len(tickets))
+
     def info(self) -> dict[str, Any]:
         """PID, memory and in-flight count of this replica (a handle method, not a route)."""
         data = process_info("Ingress")

@@ -47,6 +47,16 @@ class LLMServer:
     async def check_health(self) -> None:
         self.engine.check()
 
+    def __del__(self) -> None:
+        """Serve stops this replica: say why (the watchdog's reason, or none: scaled down or
+        redeployed) and what it still held."""
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            summary = engine.summary()
+            log.warning("LLM replica stopping: %s; held %d queued and %d decoding row(s)",
+                        engine.unhealthy or "healthy (scaled down or redeployed)",
+                        summary["queued"], summary["waiting"])
+
     def _watch(self) -> None:
         """A monitor task: a stuck step fails its waiting requests at once (503) even
         between Serve's health checks."""

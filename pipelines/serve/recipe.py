@@ -126,7 +126,7 @@ class DeploymentRecipe:
             "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": actor,
             "graceful_shutdown_wait_loop_s": 0.2,
-            "graceful_shutdown_timeout_s": 5.0,
+            "graceful_shutdown_timeout_s": 5.0,  # the app sets its request deadline + grace
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
             "user_config": {"max_batch_size": self.max_batch_size,

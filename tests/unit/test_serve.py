@@ -12,6 +12,7 @@ import yaml
 from PIL import Image
 
 from pipelines.common.recipe import load_recipe
+from pipelines.serve.app import deployment_table
 from pipelines.serve.errors import APIError, RequestError, to_api_error
 from pipelines.serve.openai_request import ChatRequest, parse_chat_request, to_conversation
 from pipelines.serve.recipe import ServeRecipe
@@ -255,3 +256,13 @@ ray_mova_step_seconds_sum{stage="decode"} 0.42
     assert steps[("ray_mova_step_seconds_sum", None)] == 0.42
     assert steps[("ray_mova_step_seconds_bucket", "+Inf")] == 3.0
     assert "cpu_utilization" not in kept and filter_families("") == ""
+
+
+def test_a_stopped_replica_drains_what_it_holds():
+    """Serve stops a replica (scale-down, redeploy) only after its requests end: it waits up
+    to the request deadline plus the watchdog's grace, not Serve's default few seconds."""
+    recipe = load_recipe(ServeRecipe, JOBS, ["checkpoint=/nowhere", "limits.request_timeout_s=45",
+                                             "limits.stall_grace_s=7"])
+    table = deployment_table(recipe, ["sam", "dinov2"])
+    assert set(table) == {"Ingress", "Adapter", "LLM", "Expert_sam", "Expert_dinov2"}
+    assert {o["graceful_shutdown_timeout_s"] for o in table.values()} == {52.0}
