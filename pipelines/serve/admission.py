@@ -25,8 +25,8 @@ from pipelines.serve.metrics import metric
 log = logging.getLogger(__name__)
 
 WINDOW_S = 30.0  # how far back answers and busy time count
-MIN_ANSWERS = 4  # answers in the window before the estimate is trusted...
-MIN_BUSY_S = 10.0  # ...or this much busy time (a stall: busy, no answers)
+MIN_ANSWERS = 4  # answers in the window before the estimate is trusted
+MIN_BUSY_S = 10.0  # busy this long without an answer (and too few to estimate): stalled
 MAX_RETRY_AFTER_S = 30
 
 
@@ -74,12 +74,18 @@ class Admission:
         return busy
 
     def throughput(self) -> float | None:
-        """Answers per busy second in the window; None until there is enough to go on."""
-        self._trim(self.clock())
-        busy = self.busy_seconds()
-        if busy <= 0 or (len(self._answers) < self.min_answers and busy < self.min_busy_s):
-            return None
-        return len(self._answers) / busy
+        """Answers per busy second in the window; 0 when the replica has been busy for
+        ``min_busy_s`` without an answer (stalled); None until there is enough to go on."""
+        now = self.clock()
+        self._trim(now)
+        if len(self._answers) >= self.min_answers:
+            busy = self.busy_seconds()
+            return len(self._answers) / busy if busy > 0 else None
+        if self._busy_since is not None:  # only the current spell: a past stall has ended
+            quiet_since = max(self._busy_since, self._answers[-1] if self._answers else 0.0)
+            if now - quiet_since >= self.min_busy_s:
+                return 0.0
+        return None
 
     def wait_s(self, in_flight: int) -> float | None:
         """Seconds until one more request would finish (None: not known yet)."""

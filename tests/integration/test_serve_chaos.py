@@ -1,6 +1,7 @@
 """The serving app never wedges: 16 clients for ~90 seconds with a CPU hog beside the app, one
 SIGKILL of each deployment kind on the way, one replica whose batch thread hangs (the stuck
-`ray.get` of issue 14), and clients that walk away mid-stream or before the stream starts.
+`ray.get` of issue 14), and clients that walk away mid-stream or before the stream starts
+(and, told 503, wait what Retry-After says, at most 5 s, as the openai client would).
 
 Every request is answered (200, 4xx or 503; a stream may end in an error envelope) within its
 deadline + 5 s; afterwards every replica is healthy with nothing queued or in flight, and the
@@ -136,6 +137,7 @@ class Client(threading.Thread):
         self.results: list[tuple[str, float, float, float]] = []
         self.t0 = time.monotonic()
         self.errors: list[str] = []
+        self.retry_after = 1.0
 
     def body(self) -> tuple[dict, float]:
         rng = self.rng
@@ -164,18 +166,23 @@ class Client(threading.Thread):
                     if body["stream"]:
                         status = self._stream(http, body, walk_away)
                     else:
-                        status = str(http.post("/v1/chat/completions", json=body).status_code)
+                        resp = http.post("/v1/chat/completions", json=body)
+                        status = str(resp.status_code)
+                        self.retry_after = float(resp.headers.get("retry-after") or 1)
             except httpx.TimeoutException:
                 status = "walked_away" if walk_away else "client_timeout"
             except httpx.HTTPError as exc:
                 status = f"transport:{type(exc).__name__}"
             self.results.append((status, time.monotonic() - start, allowed,
                                  round(start - self.t0, 1)))
+            if status == "503":  # as the openai client does: wait what Retry-After asks
+                self.stop.wait(min(self.retry_after, 5.0))
 
     def _stream(self, http: httpx.Client, body: dict, walk_away: bool) -> str:
         with http.stream("POST", "/v1/chat/completions", json=body) as resp:
             if resp.status_code != 200:
                 resp.read()
+                self.retry_after = float(resp.headers.get("retry-after") or 1)
                 return str(resp.status_code)
             status = "200"
             for line in resp.iter_lines():

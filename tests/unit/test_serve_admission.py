@@ -64,6 +64,12 @@ def test_a_stall_is_refused_and_a_slow_start_is_not():
         clock.now += 0.5
         admission.answered()
     assert admission.refusal(3, budget_s=20) is None  # answering again: 8 in 15 busy s
+    stalled = Admission(window_s=30, min_answers=4, min_busy_s=10, clock=clock)
+    stalled.in_flight_changed(0, 2)
+    clock.now += 12
+    assert stalled.refusal(2, budget_s=20) is not None
+    stalled.in_flight_changed(2, 0)  # its requests ended (timed out): the stall is over
+    assert stalled.refusal(0, budget_s=20) is None
 
 
 def test_tickets_tell_the_admission_when_the_replica_is_busy():
