@@ -1,4 +1,4 @@
-"""The serving app never wedges: 16 clients for ~75 seconds with a CPU hog beside the app, one
+"""The serving app never wedges: 16 clients for ~90 seconds with a CPU hog beside the app, one
 SIGKILL of each deployment kind on the way, one replica whose batch thread hangs (the stuck
 `ray.get` of issue 14), and clients that walk away mid-stream or before the stream starts
 (and, told 503, wait what Retry-After says, at most 5 s, as the openai client would).
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.integration
 
 POOL = ["dinov2", "sam"]
 KEY = "sk-chaos"
-DURATION_S = 75
+DURATION_S = 90
 CLIENTS = 16
 TIMEOUT_S = 20.0  # the app's request_timeout_s
 DEPLOYMENTS = ["Ingress", "Adapter", "LLM", "Expert_dinov2", "Expert_sam"]
@@ -218,8 +218,8 @@ def test_sixteen_clients_kills_a_stuck_replica_and_a_cpu_hog(app):
         start = time.monotonic()
         for client in clients:
             client.t0 = start
-        plan = [(8, "kill", "Expert_sam"), (20, "kill", "Adapter"), (32, "kill", "LLM"),
-                (44, "stall", "Adapter"), (56, "kill", "Ingress")]
+        plan = [(10, "kill", "Expert_sam"), (25, "kill", "Adapter"), (40, "kill", "LLM"),
+                (55, "stall", "Adapter"), (70, "kill", "Ingress")]
         for at, action, name in plan:
             time.sleep(max(0.0, start + at - time.monotonic()))
             _ready(name)  # a replica killed earlier is replaced before its next fault
@@ -254,11 +254,11 @@ def test_sixteen_clients_kills_a_stuck_replica_and_a_cpu_hog(app):
     assert all(killed_ingress - 1 <= end <= killed_ingress + 15 for _, end in lost), (
         lost, events, statuses)
     assert len(lost) <= CLIENTS, (lost, statuses)
-    # the app kept answering: before the first fault, and again after the last one (requests
-    # it could not finish in time were refused, so the share of 200s depends on the load)
+    # the app kept answering through the faults (requests it could not finish in time were
+    # refused at once, so the share of 200s depends on the load); that it recovered from the
+    # last one is checked below, once the replaced replicas run
     answered = sorted(at for s, _, _, at in results if s == "200")
-    assert len(answered) >= 2 * CLIENTS, statuses
-    assert answered[0] < events[0][0] and answered[-1] > events[-1][0], (events, statuses)
+    assert len(answered) >= 2 * CLIENTS and answered[0] < events[0][0], (events, statuses)
 
     # afterwards: every replica healthy and idle, the stuck one replaced
     _wait(lambda: all(_running(n) == (2 if n == "Ingress" else 1) for n in DEPLOYMENTS), 90,
