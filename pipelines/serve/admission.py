@@ -30,6 +30,11 @@ MIN_BUSY_S = 10.0  # busy this long without an answer (and too few to estimate):
 MAX_RETRY_AFTER_S = 30
 
 
+def _finish_s(rate: float, in_flight: int) -> float:
+    """Little's law: one more request after ``in_flight`` finishes in this many seconds."""
+    return math.inf if rate == 0 else (in_flight + 1) / rate
+
+
 class Admission:
     """Throughput over busy time, and the wait it implies for one more request."""
 
@@ -90,26 +95,24 @@ class Admission:
     def wait_s(self, in_flight: int) -> float | None:
         """Seconds until one more request would finish (None: not known yet)."""
         rate = self.throughput()
-        if rate is None:
-            return None
-        return math.inf if rate == 0 else (in_flight + 1) / rate
+        return None if rate is None else _finish_s(rate, in_flight)
 
     def refusal(self, in_flight: int, budget_s: float) -> APIError | None:
         """A 503 for a request with ``budget_s`` left that would not finish in it, else None."""
-        wait = self.wait_s(in_flight)
-        if wait is None or wait <= budget_s:
+        rate = self.throughput()
+        if rate is None:
             return None
-        rate = self.throughput() or 0.0
+        wait = _finish_s(rate, in_flight)
+        if wait <= budget_s:
+            return None
         drain = (in_flight + 1 - rate * budget_s) / rate if rate > 0 else MAX_RETRY_AFTER_S
         retry = max(1, min(MAX_RETRY_AFTER_S, math.ceil(drain)))
         if rate > 0:
             said = f"{in_flight} in flight at {rate:.2f} answers/s"
         else:
             said = f"no answer in {self.busy_seconds():.0f} busy seconds"
-        error = overloaded(f"this request would not finish within its {budget_s:g} s deadline "
-                           f"({said}: about {wait:.0f} s); retry in {retry} s")
-        error.headers = {"Retry-After": str(retry)}
-        return error
+        return overloaded(f"this request would not finish within its {budget_s:g} s deadline "
+                          f"({said}: about {wait:.0f} s); retry in {retry} s", retry)
 
 
 class Tickets:

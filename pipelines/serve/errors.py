@@ -71,9 +71,10 @@ def bad_request(message: str, param: str | None = None,
     return APIError(400, message, param=param, code=code)
 
 
-def overloaded(message: str = "the server is overloaded; retry shortly") -> APIError:
+def overloaded(message: str = "the server is overloaded; retry shortly",
+               retry_after_s: int = 1) -> APIError:
     return APIError(503, message, type="server_error", code="overloaded",
-                    headers={"Retry-After": "1"})
+                    headers={"Retry-After": str(retry_after_s)})
 
 
 def unavailable(message: str) -> APIError:

@@ -181,8 +181,8 @@ class MoVAIngress:
             req = parse_chat_request(await self._json(request))
             if req.model != self.recipe.model_name:
                 raise unknown_model(req.model, self.recipe.model_name)
-            self._admit(self._timeout(req))
             timeout_s = self._timeout(req)
+            self._admit(timeout_s)
             deadline = time.time() + timeout_s
             ticket = self.tickets.take(deadline + TICKET_GRACE_S)
             response = await self._complete(req, start, deadline, timeout_s, ticket)
