@@ -259,6 +259,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     from pipelines.bench.serve_report import render_markdown
 
     levels = args.concurrency or ([1, 4] if args.quick else list(CONCURRENCY))
+    if args.cache:
+        from pipelines.bench.serve_cache import bench_serve_cache, render_cache
+
+        result = bench_serve_cache(args.checkpoint if args.real else None, quick=args.quick,
+                                   seed=args.seed, port=args.port)
+        _output(args, result.key, render_cache(result), result.to_dict())
+        return 0
     if args.real:
         from pipelines.bench.serve_real import bench_serve_real, render_real
 
@@ -294,6 +301,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--real", action="store_true",
                    help="a real-weights checkpoint (--checkpoint) on easy-VQA questions, vs the "
                         "sequential loop and one batched generate")
+    p.add_argument("--cache", action="store_true",
+                   help="the expert feature cache instead: TTFT of a cold vs a repeated image, "
+                        "and cache on vs off at 0%% hits (two apps on one Ray; ~2 min; with "
+                        "--real on --checkpoint)")
     p.add_argument("--checkpoint", default="outputs/demo-real/mova",
                    help="--real: the checkpoint (`mova demo --real --quick --out X` makes "
                         "X/mova; default outputs/demo-real/mova)")

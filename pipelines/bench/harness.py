@@ -39,6 +39,7 @@ replaced in place when its command is rerun (the HTML comments delimit the secti
 | `bench:train:real:<device>` | `OMP_NUM_THREADS=1 mova bench train --real` (~10 min) |
 | `bench:serve:tiny:cpu` | `mova bench serve` (Ray Serve; ~5 min) |
 | `bench:serve:real:cpu` | `mova bench serve --real` (after `mova demo --real --quick`; ~20 min) |
+| `bench:serve:cache` | `mova bench serve --cache` (Ray Serve, two apps; ~2 min) |
 | `bench:scale:cpu` | `mova bench scale` (Ray; ~20 min) |
 | `bench:checkpoint` | `mova bench checkpoint` (moto S3 on loopback; ~5 min, ~10 GiB of RAM) |
 

@@ -1,13 +1,25 @@
 """Admission at the ingress: in-flight slots, and refusing at once what cannot finish in time.
 
 A request that waits its whole deadline and then gets a 408 has cost the client that time and
-the app its work. :class:`Admission` estimates, from what this replica has measured, when a
-new request would finish, and the ingress refuses it at once (503 with ``Retry-After``) when
-that is past its deadline. The estimate is Little's law over the replica's busy time: with
-``X`` answers per busy second lately and ``n`` requests in flight, a new one finishes after
-about ``(n + 1) / X`` seconds. Busy time, not wall time, so an idle spell does not make the
-replica look slow; and a replica that stays busy without answering looks ever slower, so a
-stall is refused too rather than queued into.
+the app its work. :class:`Admission` estimates, from what this replica has measured, how long
+a new request would take, and the ingress refuses it at once (503 with ``Retry-After``) when
+that is past its deadline.
+
+The estimate is the recent answers' own times: their 90th percentile (requests differ in size;
+the tail is what a deadline must cover), plus, for each request in flight beyond the average
+number that shared the replica while those answers ran, one more answer's worth of time at
+the throughput they imply (Little's law: ``X = L / W``, so each extra request ahead costs
+``W / L``). So
+a machine that slowed down (a neighbour took the CPUs) shows in the estimate as soon as its
+answers do, and a replica is promised only what it has recently done. A replica busy for
+``MIN_BUSY_S`` without any answer is stalled: everything is refused until it answers again.
+
+The estimate may use only ``ADMIT_SHARE`` of a request's budget, less ``ADMIT_RESERVE_S``
+(the reply's trip and scheduling noise). Nor is it trusted beyond the concurrency it was
+measured at: a replica admits at most twice as many requests at once as it has lately
+answered at once (at least ``COLD_IN_FLIGHT``), a slow start that doubles with each round of
+answers, so a burst on a fresh replica is refused at once rather than admitted on an
+extrapolation. After an idle spell that emptied the window the last measurements hold.
 """
 
 from __future__ import annotations
@@ -18,109 +30,125 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pipelines.serve.errors import APIError, overloaded
 from pipelines.serve.metrics import metric
 
 log = logging.getLogger(__name__)
 
-WINDOW_S = 30.0  # how far back answers and busy time count
+WINDOW_S = 30.0  # how far back answers count
 MIN_ANSWERS = 4  # answers in the window before the estimate is trusted
 MIN_BUSY_S = 10.0  # busy this long without an answer (and too few to estimate): stalled
 MAX_RETRY_AFTER_S = 30
+TAIL_QUANTILE = 0.9  # of recent answers' times: what an admitted request is promised
+ADMIT_SHARE = 0.7  # of a request's budget, what the estimate may take
+ADMIT_RESERVE_S = 0.5  # and less this: the reply's trip and scheduling noise
+COLD_IN_FLIGHT = 2  # in flight at most, before the replica has answered anything
 
 
-def _finish_s(rate: float, in_flight: int) -> float:
-    """Little's law: one more request after ``in_flight`` finishes in this many seconds."""
-    return math.inf if rate == 0 else (in_flight + 1) / rate
+@dataclass(frozen=True)
+class Answer:
+    """One answered request: when it ended, how long it took, how many were in flight
+    (itself included) on average while it ran and at the most it saw."""
+
+    at: float
+    took_s: float
+    level: float
+    peak: int
 
 
 class Admission:
-    """Throughput over busy time, and the wait it implies for one more request."""
+    """Recent answers' times and concurrency, and the wait they imply for one more request."""
 
     def __init__(self, window_s: float = WINDOW_S, min_answers: int = MIN_ANSWERS,
-                 min_busy_s: float = MIN_BUSY_S,
+                 min_busy_s: float = MIN_BUSY_S, admit_share: float = ADMIT_SHARE,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s, self.min_answers, self.min_busy_s = window_s, min_answers, min_busy_s
+        self.admit_share = admit_share
         self.clock = clock
-        self._answers: deque[float] = deque()  # when each recent answer finished
-        self._spells: deque[tuple[float, float]] = deque()  # closed busy spells (start, end)
+        self._answers: deque[Answer] = deque(maxlen=512)
         self._busy_since: float | None = None
+        self._last: list[Answer] = []  # the latest window with enough answers
 
     def in_flight_changed(self, before: int, after: int) -> None:
         """Call when the number of requests in flight goes from ``before`` to ``after``."""
-        now = self.clock()
         if before == 0 and after > 0:
-            self._busy_since = now
-        elif before > 0 and after == 0 and self._busy_since is not None:
-            self._spells.append((self._busy_since, now))
+            self._busy_since = self.clock()
+        elif after == 0:
             self._busy_since = None
-        self._trim(now)
 
-    def answered(self) -> None:
-        """A request finished with its answer."""
-        now = self.clock()
-        self._answers.append(now)
-        self._trim(now)
+    def answered(self, took_s: float, level: float, peak: int = 0) -> None:
+        """A request finished with its answer after ``took_s``; ``level``: requests in flight
+        while it ran (itself included), ``peak`` the most of them."""
+        level = max(1.0, level)
+        self._answers.append(Answer(self.clock(), took_s, level, max(peak, math.ceil(level))))
 
-    def _trim(self, now: float) -> None:
-        start = now - self.window_s
-        while self._answers and self._answers[0] < start:
-            self._answers.popleft()
-        while self._spells and self._spells[0][1] < start:
-            self._spells.popleft()
+    def recent(self) -> list[Answer]:
+        """The answers in the window, or the last window that held enough of them."""
+        start = self.clock() - self.window_s
+        recent = [a for a in self._answers if a.at >= start]
+        if len(recent) >= self.min_answers:
+            self._last = recent
+        return recent if len(recent) >= self.min_answers else self._last
 
-    def busy_seconds(self) -> float:
-        now = self.clock()
-        start = now - self.window_s
-        busy = sum(end - max(begin, start) for begin, end in self._spells if end > start)
-        if self._busy_since is not None:
-            busy += now - max(self._busy_since, start)
-        return busy
-
-    def throughput(self) -> float | None:
-        """Answers per busy second in the window; 0 when the replica has been busy for
-        ``min_busy_s`` without an answer (stalled); None until there is enough to go on."""
-        now = self.clock()
-        self._trim(now)
-        if len(self._answers) >= self.min_answers:
-            busy = self.busy_seconds()
-            return len(self._answers) / busy if busy > 0 else None
-        if self._busy_since is not None:  # only the current spell: a past stall has ended
-            quiet_since = max(self._busy_since, self._answers[-1] if self._answers else 0.0)
-            if now - quiet_since >= self.min_busy_s:
-                return 0.0
-        return None
+    def stalled_s(self) -> float:
+        """How long the replica has been busy without an answer (0 when it is not)."""
+        if self._busy_since is None:
+            return 0.0
+        last = self._answers[-1].at if self._answers else 0.0
+        return self.clock() - max(self._busy_since, last)
 
     def wait_s(self, in_flight: int) -> float | None:
-        """Seconds until one more request would finish (None: not known yet)."""
-        rate = self.throughput()
-        return None if rate is None else _finish_s(rate, in_flight)
+        """Seconds one more request would take (None: not known yet; inf: stalled)."""
+        if self.stalled_s() >= self.min_busy_s:
+            return math.inf
+        recent = self.recent()
+        if not recent:
+            return None
+        took = [a.took_s for a in recent]
+        level = sum(a.level for a in recent) / len(recent)
+        per_request = sum(took) / len(took) / level  # 1 / throughput (Little's law)
+        return _quantile(took, TAIL_QUANTILE) + max(0.0, in_flight + 1 - level) * per_request
+
+    def max_in_flight(self) -> int:
+        """Twice the most requests answered at once lately, at least ``COLD_IN_FLIGHT``."""
+        recent = self.recent()
+        return max(COLD_IN_FLIGHT, 2 * max((a.peak for a in recent), default=0))
 
     def refusal(self, in_flight: int, budget_s: float) -> APIError | None:
-        """A 503 for a request with ``budget_s`` left that would not finish in it, else None."""
-        rate = self.throughput()
-        if rate is None:
+        """A 503 for a request with ``budget_s`` left that would not finish within its
+        admissible share of it, else None."""
+        cap = self.max_in_flight()
+        if in_flight >= cap:
+            return overloaded(f"{in_flight} requests are in flight; this replica admits {cap} "
+                              "at a time until it has answered more at once; retry in 1 s", 1)
+        wait = self.wait_s(in_flight)
+        usable = max(0.0, budget_s * self.admit_share - ADMIT_RESERVE_S)
+        if wait is None or wait <= usable:
             return None
-        wait = _finish_s(rate, in_flight)
-        if wait <= budget_s:
-            return None
-        drain = (in_flight + 1 - rate * budget_s) / rate if rate > 0 else MAX_RETRY_AFTER_S
-        retry = max(1, min(MAX_RETRY_AFTER_S, math.ceil(drain)))
-        if rate > 0:
-            said = f"{in_flight} in flight at {rate:.2f} answers/s"
+        if math.isinf(wait):
+            retry = MAX_RETRY_AFTER_S
+            said = f"no answer in {self.stalled_s():.0f} busy seconds"
         else:
-            said = f"no answer in {self.busy_seconds():.0f} busy seconds"
+            retry = max(1, min(MAX_RETRY_AFTER_S, math.ceil(wait - usable)))
+            said = f"{in_flight} in flight, recent answers' p90 {self.wait_s(0):.1f} s"
         return overloaded(f"this request would not finish within its {budget_s:g} s deadline "
                           f"({said}: about {wait:.0f} s); retry in {retry} s", retry)
 
 
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 class Tickets:
     """In-flight slots: taken per request, given back exactly once; they tell the admission
-    when the replica is busy."""
+    how long answered requests took and how many shared the replica meanwhile."""
 
     def __init__(self, admission: Admission | None = None) -> None:
-        self.held: dict[int, float] = {}  # ticket -> when it must have been given back
+        # ticket -> (when it must be given back, when taken, in flight when taken)
+        self.held: dict[int, tuple[float, float, int]] = {}
         self.admission = admission or Admission()
         self._ids = itertools.count()
 
@@ -129,22 +157,29 @@ class Tickets:
 
     def take(self, expires: float) -> int:
         ticket = next(self._ids)
-        self.held[ticket] = expires
+        self.held[ticket] = (expires, self.admission.clock(), len(self.held) + 1)
         self.admission.in_flight_changed(len(self.held) - 1, len(self.held))
         metric("requests_in_flight").set(len(self.held))
         return ticket
 
     def give_back(self, ticket: int, answered: bool = False) -> None:
-        if self.held.pop(ticket, None) is not None:
-            if answered:
-                self.admission.answered()
-            self.admission.in_flight_changed(len(self.held) + 1, len(self.held))
-            metric("requests_in_flight").set(len(self.held))
+        """Free ``ticket``; ``answered``: it finished with its answer."""
+        held = self.held.pop(ticket, None)
+        if held is None:
+            return
+        if answered:
+            _, taken, level = held
+            # the in-flight count it met coming in and leaves behind (itself included)
+            leaving = len(self.held) + 1
+            self.admission.answered(self.admission.clock() - taken, (level + leaving) / 2,
+                                    max(level, leaving))
+        self.admission.in_flight_changed(len(self.held) + 1, len(self.held))
+        metric("requests_in_flight").set(len(self.held))
 
     def sweep(self) -> int:
         """Reclaim tickets held past their expiry (never expected; logged)."""
         now = time.time()
-        stale = [t for t, expires in self.held.items() if now > expires]
+        stale = [t for t, (expires, *_) in self.held.items() if now > expires]
         for ticket in stale:
             self.give_back(ticket)
         if stale:

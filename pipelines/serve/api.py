@@ -133,7 +133,7 @@ def build_api(service: ChatService) -> FastAPI:
                 schema.setdefault("components", {})["securitySchemes"] = {
                     "bearer": {"type": "http", "scheme": "bearer"}}
                 schema["security"] = [{"bearer": []}]
-            app.openapi_schema = add_components(schema, service.limits())
+            app.openapi_schema = add_components(schema, service.limits(), **service.served())
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

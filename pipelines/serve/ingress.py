@@ -67,6 +67,7 @@ from pipelines.serve.request_flow import (
 
 log = logging.getLogger(__name__)
 TICKET_GRACE_S = 10.0
+REPLY_RESERVE_S, REPLY_RESERVE_SHARE = 0.5, 0.1
 
 
 def _sse(body: dict[str, Any] | str) -> str:
@@ -130,6 +131,10 @@ class MoVAIngress:
             raise unknown_model(model_id, self.recipe.model_name)
         return model_card(model_id, self.created)
 
+    def served(self) -> dict[str, Any]:
+        """The model name and expert pool requests may name (stated in the OpenAPI schema)."""
+        return {"model": self.recipe.model_name, "experts": list(self.checker.pool)}
+
     def limits(self) -> dict[str, Any]:
         lim = self.recipe.limits
         return {"max_images": lim.max_images, "max_image_bytes": lim.max_image_bytes,
@@ -183,7 +188,7 @@ class MoVAIngress:
                 raise unknown_model(req.model, self.recipe.model_name)
             timeout_s = self._timeout(req)
             self._admit(timeout_s)
-            deadline = time.time() + timeout_s
+            deadline = time.time() + timeout_s - reply_reserve_s(timeout_s)
             ticket = self.tickets.take(deadline + TICKET_GRACE_S)
             response = await self._complete(req, start, deadline, timeout_s, ticket)
             handed_off = isinstance(response, StreamingResponse)
@@ -258,7 +263,8 @@ class MoVAIngress:
                 image = sources.decode_image(data, self.checker.max_image_side)
                 return Prepared(image=image, questions=conv.questions, prompt_ids=ids,
                                 params=params, forced=forced, deadline=deadline,
-                                debug=bool(req.mova and req.mova.debug))
+                                debug=bool(req.mova and req.mova.debug),
+                                image_hash=self.checker.image_key(data))
 
             return await asyncio.to_thread(work)
         except APIError as exc:
@@ -352,6 +358,12 @@ class MoVAIngress:
                 stream.cancel()
             metric("request_seconds").observe(time.perf_counter() - start)
             self.tickets.give_back(ticket, answered=finished)
+
+
+def reply_reserve_s(timeout_s: float) -> float:
+    """The part of a request's deadline kept for its reply to reach the client (through the
+    HTTP proxy, on a loaded machine): the model work must end this much earlier."""
+    return min(REPLY_RESERVE_S, REPLY_RESERVE_SHARE * timeout_s)
 
 
 async def _chain(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:

@@ -7,7 +7,9 @@ Families (Ray exports them with its ``ray_`` prefix): ``mova_requests`` by HTTP 
 ``mova_batch_size`` per stage (encode, fuse, features:<expert>, decode), ``mova_step_seconds``
 per stage (one batch or one decode step), ``mova_request_seconds``,
 ``mova_time_to_first_token_seconds``, ``mova_requests_in_flight``, token counters,
-``mova_deadline_expired`` and ``mova_replica_unhealthy`` per stage.
+``mova_deadline_expired`` and ``mova_replica_unhealthy`` per stage,
+``mova_feature_cache_lookups`` by expert and result (hit or miss) and
+``mova_feature_cache_bytes`` (the node's expert feature cache, as a replica last saw it).
 
 ``GET /metrics`` on the ingress returns those families as the local node's metrics agent
 exports them (one node's view; a cluster scrapes every node's Ray metrics port instead).
@@ -50,6 +52,10 @@ _SPECS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
                          ("stage",), None),
     "replica_unhealthy": ("counter", "Times a replica found itself stuck", ("stage",), None),
     "resident_memory_bytes": ("gauge", "Resident memory of the replica's process", (), None),
+    "feature_cache_lookups": ("counter", "Expert feature cache lookups by expert and result "
+                              "(hit or miss)", ("expert", "result"), None),
+    "feature_cache_bytes": ("gauge", "Bytes the node's expert feature cache holds, as this "
+                            "replica last saw them", (), None),
 }
 _made: dict[str, Any] = {}
 

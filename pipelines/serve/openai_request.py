@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from pipelines.serve.errors import APIError, bad_request
 
@@ -31,9 +31,29 @@ _IGNORED = ("store", "metadata", "service_tier", "safety_identifier", "prompt_ca
 _DEFAULT_ONLY = "Accepted for compatibility; only its default value is supported."
 
 
+# JSON Schema of an image's URL: a custom format (a fuzzer or client generator can be told
+# how to make one) naming what the server reads.
+IMAGE_URL_FORMAT = "image-url"
+_IMAGE_URL = {"format": IMAGE_URL_FORMAT,
+              "description": "a data: URL of a base64 image (PNG, JPEG, WebP: what Pillow "
+                             "reads), or (where the server allows remote images) an https:// "
+                             "URL on one of its allowed hosts"}
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's integers include ``2.0``; strict parsing would refuse it."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
+PositiveInteger = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+
+
 class ImageURL(BaseModel):
     model_config = _STRICT
-    url: str
+    url: str = Field(json_schema_extra=_IMAGE_URL)
     detail: Literal["auto", "low", "high"] | None = None
 
 
@@ -46,7 +66,7 @@ class TextPart(BaseModel):
 class ImagePart(BaseModel):
     model_config = _STRICT
     type: Literal["image_url"]
-    image_url: ImageURL | str
+    image_url: ImageURL | Annotated[str, Field(json_schema_extra=_IMAGE_URL)]
 
 
 class Message(BaseModel):
@@ -58,13 +78,17 @@ class Message(BaseModel):
                                                     "messages replayed from a response.")
 
 
-# JSON Schema for "some user message holds an image_url part" (a 400 otherwise).
+# JSON Schema for "a user message holds an image_url part and the question" (a 400 without
+# an image; the question, of the last user message, is what routing reads).
 _USER_IMAGE_MESSAGE = {
     "type": "object", "required": ["role", "content"],
     "properties": {"role": {"const": "user"},
-                   "content": {"type": "array", "contains": {
-                       "type": "object", "required": ["type"],
-                       "properties": {"type": {"const": "image_url"}}}}}}
+                   "content": {"type": "array", "allOf": [
+                       {"contains": {"type": "object", "required": ["type"],
+                                     "properties": {"type": {"const": "image_url"}}}},
+                       {"contains": {"type": "object", "required": ["type", "text"],
+                                     "properties": {"type": {"const": "text"},
+                                                    "text": {"pattern": "[^\\s]"}}}}]}}}
 
 
 class StreamOptions(BaseModel):
@@ -91,15 +115,16 @@ class ChatRequest(BaseModel):
         min_length=1, json_schema_extra={"contains": _USER_IMAGE_MESSAGE},
         description="An optional first system (or developer) message, then user and "
                     "assistant messages alternating, ending with a user message; one user "
-                    "message holds the request's image (an image_url part).")
+                    "message holds the request's image (an image_url part) and a question "
+                    "(a text part); the last user message's text is the question routed.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: PositiveInteger | None = None
+    max_completion_tokens: PositiveInteger | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Integer | None = None
     user: str | None = None
     mova: MoVAOptions | None = None
     n: Literal[1] | None = Field(default=None, description=_DEFAULT_ONLY)

@@ -62,14 +62,38 @@ def request_body() -> dict[str, Any]:
         "schema": {"$ref": "#/components/schemas/ChatRequest"}}}}}
 
 
-def add_components(schema: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
+def add_components(schema: dict[str, Any], limits: dict[str, Any], model: str,
+                   experts: list[str]) -> dict[str, Any]:
     """Add the request and chunk models (not reachable from FastAPI's own walk, since the
-    chat route reads and caps its body itself) and the limits to a generated document."""
+    chat route reads and caps its body itself), the rules of this server that JSON Schema
+    can state (the served model, the expert pool, the limits on max_tokens and stop) and the
+    limits to a generated document."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (ChatRequest, ChatCompletionChunk):
-        generated = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for model_type in (ChatRequest, ChatCompletionChunk):
+        generated = model_type.model_json_schema(ref_template="#/components/schemas/{model}")
         for name, sub in generated.pop("$defs", {}).items():
             components.setdefault(name, sub)
-        components[model.__name__] = generated
+        components[model_type.__name__] = generated
+    _state_rules(components, limits, model, experts)
     schema["info"]["x-mova-limits"] = limits
     return schema
+
+
+def _state_rules(components: dict[str, Any], limits: dict[str, Any], model: str,
+                 experts: list[str]) -> None:
+    fields = components["ChatRequest"]["properties"]
+    fields["model"]["enum"] = [model]
+    for name in ("max_tokens", "max_completion_tokens"):
+        for branch in fields[name].get("anyOf", [fields[name]]):
+            if branch.get("type") == "integer":
+                branch["maximum"] = limits["max_tokens"]
+    for branch in fields["stop"].get("anyOf", []):
+        if branch.get("type") == "string":
+            branch["minLength"] = 1
+        elif branch.get("type") == "array":
+            branch.update(minItems=1, maxItems=limits["max_stop"])
+            branch["items"]["minLength"] = 1
+    options = components["MoVAOptions"]["properties"]["experts"]
+    for branch in options.get("anyOf", []):
+        if branch.get("type") == "array":
+            branch["items"]["enum"] = list(experts)

@@ -1,7 +1,8 @@
 """The serving recipe (`mova serve --config jobs/serve.yaml`).
 
-One typed dataclass tree: the checkpoint, HTTP address, request limits, and for each deployment
-(ingress, adapter, LLM, one per expert) its replicas or autoscaling, resources and batching.
+One typed dataclass tree: the checkpoint, HTTP address, request limits, the node's cache of
+expert features, and for each deployment (ingress, adapter, LLM, one per expert) its replicas or
+autoscaling, resources and batching.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import ipaddress
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mova.typed_dict import deep_merge, from_dict
+from pipelines.common.local_cache import cache_dir
 from pipelines.common.ray_init import CREDENTIALS
 from pipelines.common.recipe import JobRecipe
 
@@ -210,6 +213,34 @@ class LimitsRecipe:
 
 
 @dataclass
+class FeatureCacheRecipe:
+    """The node's cache of expert features (:mod:`pipelines.serve.feature_store`): an image
+    seen again on a node skips the experts that already computed its features there. The
+    expert replicas of a node share it; the least recently used entries go first. ``max_mb``
+    bounds its size on each node in MiB (0: off, the default here; then the ingress hashes no
+    image and the experts behave as without it); ``dir`` is its folder on each node, absolute
+    or ``~/...`` (resolved on the node; null: ``$MOVA_CACHE/serve-features``)."""
+
+    max_mb: int = 0
+    dir: str | None = None
+
+    def validate(self) -> None:
+        if self.max_mb < 0:
+            raise ValueError(f"feature_cache.max_mb={self.max_mb} must be >= 0 (0: off)")
+        if self.dir is not None and not self.dir.startswith(("/", "~")):
+            raise ValueError(f"feature_cache.dir={self.dir!r} must be an absolute path or "
+                             "start with ~ (it is resolved on each node), or null")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_mb > 0
+
+    def root(self) -> Path:
+        """The cache's folder on this node."""
+        return Path(self.dir).expanduser() if self.dir else cache_dir("serve-features")
+
+
+@dataclass
 class ServeRecipe(JobRecipe):
     """`mova serve`: an OpenAI-compatible MoVA endpoint on Ray Serve."""
 
@@ -229,6 +260,7 @@ class ServeRecipe(JobRecipe):
     constrained_routing: bool = True
     device: str = "auto"
     limits: LimitsRecipe = field(default_factory=LimitsRecipe)
+    feature_cache: FeatureCacheRecipe = field(default_factory=FeatureCacheRecipe)
     ingress: DeploymentRecipe = field(default_factory=lambda: DeploymentRecipe(
         max_ongoing_requests=256, max_queued_requests=-1))
     adapter: DeploymentRecipe = field(default_factory=DeploymentRecipe)
@@ -250,6 +282,7 @@ class ServeRecipe(JobRecipe):
             raise ValueError(f"serve recipe: device={self.device!r}; expected one of "
                              f"{list(DEVICES)}")
         self.limits.validate()
+        self.feature_cache.validate()
         for name in ("ingress", "adapter", "llm"):
             getattr(self, name).validate(name)
         self.experts.default.validate("experts.default")

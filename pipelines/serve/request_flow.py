@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class Prepared:
     forced: list[str] | None
     deadline: float = float("inf")  # time.time() seconds
     debug: bool = False  # return the adapter's router logits and top-k picks
+    image_hash: str = ""  # sha256 of the image's bytes, the experts' cache key ("": no cache)
 
 
 @dataclass
@@ -86,6 +88,12 @@ class PromptChecker:
         self.descriptions = routing_descriptions(self.config)
         self.limits = recipe.limits
         self.max_image_side = recipe.limits.max_image_side or pool_image_side(self.config)
+        self.hash_images = recipe.feature_cache.enabled
+
+    def image_key(self, data: bytes) -> str:
+        """The image's key in the experts' feature cache: the sha256 of its bytes (equal
+        bytes decode to equal pixels), or "" when the cache is off (nothing is hashed)."""
+        return hashlib.sha256(data).hexdigest() if self.hash_images else ""
 
     def forced_experts(self, names: list[str] | None) -> list[str] | None:
         if names is None:
@@ -98,7 +106,9 @@ class PromptChecker:
 
     def decode_params(self, req: ChatRequest) -> DecodeParams:
         gen = self.config.generation
-        max_new = req.max_tokens or req.max_completion_tokens or gen.max_new_tokens
+        # unasked, an answer may run to the checkpoint's default or the server's limit
+        max_new = req.max_tokens or req.max_completion_tokens or \
+            min(gen.max_new_tokens, self.limits.max_tokens)
         if max_new > self.limits.max_tokens:
             raise bad_request(f"max_tokens={max_new} exceeds this server's limit of "
                               f"{self.limits.max_tokens}", param="max_tokens")
@@ -181,9 +191,9 @@ class Pipeline:
         source = "forced" if prep.forced is not None else "routed"
         for name in experts:
             metric("expert_routed").inc(tags={"expert": name, "source": source})
+        item = {"image": prep.image, "image_hash": prep.image_hash, "deadline": deadline}
         feats = await asyncio.gather(*(
-            call(self.experts[n].features.remote({"image": prep.image, "deadline": deadline}),
-                 deadline) for n in experts))
+            call(self.experts[n].features.remote(item), deadline) for n in experts))
         marks.append(time.perf_counter())
         fused = await call(self.adapter.fuse.remote(
             {"base": encoded["base"], "text": encoded["text"],

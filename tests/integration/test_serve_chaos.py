@@ -1,4 +1,12 @@
-"""The serving app never wedges: 16 clients for ~90 seconds with a CPU hog beside the app, one
+"""The serving app under overload and under faults, one app for both tests.
+
+Overload: 16 closed-loop clients for 40 seconds with 2 CPU hogs beside the app. Every request
+ends with a 200 within its deadline or a 503 within 2 s of arrival (admission control refuses
+at once what cannot finish in time): no 408, no error mid-stream; no replica is stopped during
+the load (neither downscaled nor taken for stuck by the stall watchdog); afterwards the app is
+idle and healthy.
+
+Faults: 16 clients for ~90 seconds with a CPU hog beside the app, one
 SIGKILL of each deployment kind on the way, one replica whose batch thread hangs (the stuck
 `ray.get` of issue 14), and clients that walk away mid-stream or before the stream starts
 (and, told 503, wait what Retry-After says, at most 5 s, as the openai client would).
@@ -37,6 +45,9 @@ TIMEOUT_S = 20.0  # the app's request_timeout_s
 DEPLOYMENTS = ["Ingress", "Adapter", "LLM", "Expert_dinov2", "Expert_sam"]
 READY_TIMEOUT_S = 120  # a replacement replica scheduled and started on a loaded machine
 LOAD_AFTER_S = 20  # the clients keep going this long after the last fault
+OVERLOAD_S = 40
+REFUSE_WITHIN_S = 2.0  # a refused request hears so this soon
+NETWORK_SLACK_S = 0.5  # the HTTP proxy's and client's share of a 200 that met its deadline
 
 
 def _checkpoint(path):
@@ -129,15 +140,18 @@ def app(tmp_path_factory):
 
 class Client(threading.Thread):
     """Closed-loop requests of every kind until told to stop; records (status, seconds,
-    allowed seconds) per request."""
+    deadline, start) per request. ``walk_away``: the share of requests it hangs up on."""
 
-    def __init__(self, url: str, index: int, stop: threading.Event) -> None:
+    def __init__(self, url: str, index: int, stop: threading.Event,
+                 walk_away: float = 0.08) -> None:
         super().__init__(daemon=True)
         self.url, self.rng, self.stop = url, random.Random(index), stop
+        self.walk_away = walk_away
         self.results: list[tuple[str, float, float, float]] = []
         self.t0 = time.monotonic()
         self.errors: list[str] = []
         self.retry_after = 1.0
+        self.refusals: list[str] = []  # the first few 503 messages
 
     def body(self) -> tuple[dict, float]:
         rng = self.rng
@@ -157,23 +171,24 @@ class Client(threading.Thread):
         headers = {"Authorization": f"Bearer {KEY}"}
         while not self.stop.is_set():
             body, timeout_s = self.body()
-            walk_away = self.rng.random() < 0.08
-            allowed = timeout_s + 5.0
+            walk_away = self.rng.random() < self.walk_away
             start = time.monotonic()
             try:
                 with httpx.Client(base_url=self.url, headers=headers,
-                                  timeout=0.05 if walk_away else allowed + 1) as http:
+                                  timeout=0.05 if walk_away else timeout_s + 6) as http:
                     if body["stream"]:
                         status = self._stream(http, body, walk_away)
                     else:
                         resp = http.post("/v1/chat/completions", json=body)
                         status = str(resp.status_code)
                         self.retry_after = float(resp.headers.get("retry-after") or 1)
+                        if status == "503" and len(self.refusals) < 3:
+                            self.refusals.append(resp.text[:300])
             except httpx.TimeoutException:
                 status = "walked_away" if walk_away else "client_timeout"
             except httpx.HTTPError as exc:
                 status = f"transport:{type(exc).__name__}"
-            self.results.append((status, time.monotonic() - start, allowed,
+            self.results.append((status, time.monotonic() - start, timeout_s,
                                  round(start - self.t0, 1)))
             if status == "503":  # as the openai client does: wait what Retry-After asks
                 self.stop.wait(min(self.retry_after, 5.0))
@@ -195,29 +210,119 @@ class Client(threading.Thread):
             return "stream_cut"
 
 
-def test_sixteen_clients_kills_a_stuck_replica_and_a_cpu_hog(app):
-    url = app
-    headers = {"Authorization": f"Bearer {KEY}"}
-    with httpx.Client(base_url=url, headers=headers, timeout=60) as http:  # warm up
-        for experts in ([], POOL, None):
+def _answers(url: str, forced: list[list[str] | None]) -> None:
+    """One small request per entry of ``forced`` (None: routed), each answered with a 200."""
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as http:
+        for i, experts in enumerate(forced):
             extra = {} if experts is None else {"mova": {"experts": experts}}
             resp = http.post("/v1/chat/completions", json={
                 "model": "mova", "max_tokens": 4, **extra, "messages": [{"role": "user",
                 "content": [{"type": "text", "text": "hi"}, {"type": "image_url",
-                                                            "image_url": {"url": _uri(0)}}]}]})
+                                                            "image_url": {"url": _uri(i)}}]}]})
             assert resp.status_code == 200, resp.text
-    rss_before = {n: _info(n)["rss_bytes"] for n in DEPLOYMENTS}  # (one ingress of two)
-    plasma_before = _plasma_bytes()
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def _idle_and_healthy(url: str) -> None:
+    """The app answers, holds nothing in flight or queued, and no batcher is unhealthy."""
+    _answers(url, [[], POOL[:1], POOL, None])
+    _wait(lambda: all(_info("Ingress")["in_flight"] == 0 for _ in range(6)), 30,
+          "no request in flight")
+    for name in DEPLOYMENTS[1:]:
+        for stage, summary in _info(name)["batches"].items():
+            assert summary["unhealthy"] is None and summary["queued"] == 0, (name, stage)
+    assert _info("LLM")["batches"]["decode"]["waiting"] == 0
+
+
+def _replicas() -> dict[str, dict]:
+    """The app's replica actors (alive and dead) by actor id, with why each died (from the
+    GCS actor table: the tests' Ray runs without a dashboard)."""
+    from ray._private.state import actors
+
+    return {aid: {"class": a["ActorClassName"], "state": a["State"],
+                  "death": str(a["DeathCause"])[:400]}
+            for aid, a in actors().items()
+            if a["ActorClassName"].startswith("ServeReplica:mova:")}
+
+
+def _clients(url: str, count: int, seconds: float, walk_away: float,
+             during=None) -> list[tuple[str, float, float, float]]:
+    """``count`` closed-loop clients for ``seconds``; ``during(start)`` runs in this thread
+    meanwhile. Returns every request's record."""
     stop = threading.Event()
-    clients = [Client(url, i, stop) for i in range(CLIENTS)]
-    events = []
+    clients = [Client(url, i, stop, walk_away) for i in range(count)]
     try:
-        for client in clients:
-            client.start()
         start = time.monotonic()
         for client in clients:
             client.t0 = start
+            client.start()
+        if during is not None:
+            during(start)
+        time.sleep(max(0.0, start + seconds - time.monotonic()))
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(timeout=TIMEOUT_S + 15)
+    assert not any(c.is_alive() for c in clients), "a client request hung"
+    for message in [m for c in clients for m in c.refusals][:6]:
+        print(f"  refused: {message}")
+    return [r for c in clients for r in c.results]
+
+
+def _run_load(url: str, seconds: float, walk_away: float, hogs: int, warm_s: float = 0.0,
+              during=None) -> tuple[list[tuple[str, float, float, float]], dict[str, int]]:
+    """``CLIENTS`` closed-loop clients for ``seconds`` with ``hogs`` CPU hogs beside the app
+    (after ``warm_s`` seconds of 4 of those clients beside the hogs); ``during(start)`` runs
+    while the clients do. Returns every request's record and the count per status."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(hogs)]
+    try:
+        if warm_s:
+            _clients(url, 4, warm_s, walk_away=0.0)
+        results = _clients(url, CLIENTS, seconds, walk_away, during)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=10)
+    statuses: dict[str, int] = {}
+    for status, *_ in results:
+        statuses[status] = statuses.get(status, 0) + 1
+    return results, statuses
+
+
+def test_overload_is_refused_at_once_and_stops_no_replica(app):
+    url = app
+    _answers(url, [[], POOL, None])  # warm up
+    before = _replicas()
+    alive = {a for a, r in before.items() if r["state"] == "ALIVE"}
+    assert len(alive) == len(DEPLOYMENTS) + 1, before  # two ingress replicas
+    # the hogs stand for what else runs on the machine: there before the load comes, so the
+    # ingresses have measured their pace beside them, on requests like the load's
+    results, statuses = _run_load(url, OVERLOAD_S, walk_away=0.0, hogs=2, warm_s=15)
+    margin = max((t - d for s, t, d, _ in results if s == "200"), default=0.0)
+    refusal = max((t for s, t, *_ in results if s == "503"), default=0.0)
+    print(f"\noverload: {len(results)} requests, statuses {statuses}; slowest 200 "
+          f"{margin:+.2f} s from its deadline, slowest 503 {refusal:.2f} s")
+    after = _replicas()
+    stopped = {a: after.get(a) for a in alive if (after.get(a) or {}).get("state") != "ALIVE"}
+    started = {a: r for a, r in after.items() if a not in before}
+    assert not stopped and not started, (stopped, started)  # death causes say why
+    wrong = [r for r in results if not (
+        (r[0] == "200" and r[1] <= r[2] + NETWORK_SLACK_S)
+        or (r[0] == "503" and r[1] <= REFUSE_WITHIN_S) or r[0] == "400")]
+    assert not wrong, (wrong[:10], statuses)
+    assert statuses.get("200", 0) >= CLIENTS, statuses  # it answered, not only refused
+    assert statuses.get("400", 0) >= 1, statuses  # the odd bad request among them
+    _idle_and_healthy(url)
+
+
+def test_sixteen_clients_kills_a_stuck_replica_and_a_cpu_hog(app):
+    url = app
+    _answers(url, [[], POOL, None])  # warm up
+    rss_before = {n: _info(n)["rss_bytes"] for n in DEPLOYMENTS}  # (one ingress of two)
+    plasma_before = _plasma_bytes()
+    events: list[tuple[float, str, str]] = []
+
+    def faults(start: float) -> None:
         plan = [(10, "kill", "Expert_sam"), (25, "kill", "Adapter"), (40, "kill", "LLM"),
                 (55, "stall", "Adapter"), (70, "kill", "Ingress")]
         for at, action, name in plan:
@@ -229,21 +334,11 @@ def test_sixteen_clients_kills_a_stuck_replica_and_a_cpu_hog(app):
                 _handle(name).inject_stall.remote(600.0).result(timeout_s=30)
             events.append((round(time.monotonic() - start, 1), action, name))
         # the load goes on for DURATION_S, and for at least LOAD_AFTER_S after the last fault
-        time.sleep(max(start + DURATION_S - time.monotonic(),
-                       start + events[-1][0] + LOAD_AFTER_S - time.monotonic(), 0.0))
-    finally:
-        stop.set()
-        for client in clients:
-            client.join(timeout=TIMEOUT_S + 15)
-        hog.kill()
-        hog.wait(timeout=10)
-    assert not any(c.is_alive() for c in clients), "a client request hung"
-    results = [r for c in clients for r in c.results]
-    statuses: dict[str, int] = {}
-    for status, *_ in results:
-        statuses[status] = statuses.get(status, 0) + 1
+        time.sleep(max(start + events[-1][0] + LOAD_AFTER_S - time.monotonic(), 0.0))
+
+    results, statuses = _run_load(url, DURATION_S, walk_away=0.08, hogs=1, during=faults)
     print(f"\nchaos: {len(results)} requests, statuses {statuses}, events {events}")
-    late = [(s, round(t, 1), a, at) for s, t, a, at in results if t > a]
+    late = [(s, round(t, 1), d, at) for s, t, d, at in results if t > d + 5.0]
     assert not late, (late[:10], events, statuses)
     ok = {"200", "503", "stream_error", "walked_away"} | {str(c) for c in range(400, 500)}
     # SIGKILL of an ingress replica: the requests inside that process die with it, and Ray's
@@ -263,19 +358,7 @@ def test_sixteen_clients_kills_a_stuck_replica_and_a_cpu_hog(app):
     # afterwards: every replica healthy and idle, the stuck one replaced
     _wait(lambda: all(_running(n) == (2 if n == "Ingress" else 1) for n in DEPLOYMENTS), 90,
           "all replicas running")
-    with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
-        for i in range(4):
-            body = {"model": "mova", "max_tokens": 4, "mova": {"experts": POOL[: i % 3]},
-                    "messages": [{"role": "user", "content": [
-                        {"type": "text", "text": "hi"},
-                        {"type": "image_url", "image_url": {"url": _uri(i)}}]}]}
-            assert http.post("/v1/chat/completions", json=body).status_code == 200
-    _wait(lambda: all(_info("Ingress")["in_flight"] == 0 for _ in range(6)), 30,
-          "no request in flight")
-    for name in DEPLOYMENTS[1:]:
-        for stage, summary in _info(name)["batches"].items():
-            assert summary["unhealthy"] is None and summary["queued"] == 0, (name, stage)
-    assert _info("LLM")["batches"]["decode"]["waiting"] == 0
+    _idle_and_healthy(url)
     rss_after = {n: _info(n)["rss_bytes"] for n in DEPLOYMENTS}
     for name in DEPLOYMENTS:
         assert rss_after[name] < rss_before[name] * 1.25 + 64 * 2**20, (name, rss_before,

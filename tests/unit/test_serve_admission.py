@@ -1,11 +1,14 @@
-"""Admission: Little's law over busy time refuses at once what cannot finish in time, and
-neither an idle spell nor a cold start makes it refuse what can."""
+"""Admission: recent answers' tail latency, scaled by concurrency, refuses at once what cannot
+finish in time; a stall is refused; a burst on a fresh replica is refused beyond a slow start;
+an idle spell changes nothing."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from pipelines.serve.admission import Admission, Tickets
+from pipelines.serve.admission import ADMIT_RESERVE_S, COLD_IN_FLIGHT, Admission, Tickets
 
 
 class Clock:
@@ -16,72 +19,100 @@ class Clock:
         return self.now
 
 
-def _busy(admission: Admission, clock: Clock, seconds: float, answers: int) -> None:
-    """One busy spell of ``seconds`` with ``answers`` evenly spread, then idle."""
-    admission.in_flight_changed(0, 1)
-    for _ in range(answers):
-        clock.now += seconds / answers
-        admission.answered()
-    admission.in_flight_changed(1, 0)
+def _answers(admission: Admission, clock: Clock, took: list[float], level: float) -> None:
+    for seconds in took:
+        clock.now += 0.1
+        admission.answered(seconds, level)
 
 
-def test_refuses_what_would_finish_past_its_deadline():
+def test_the_tail_of_recent_answers_scaled_by_concurrency():
     clock = Clock()
     admission = Admission(window_s=60, clock=clock)
-    assert admission.refusal(100, budget_s=1) is None  # nothing measured yet: admit
-    _busy(admission, clock, 10.0, 20)  # 2 answers per busy second
-    assert admission.throughput() == pytest.approx(2.0)
-    assert admission.wait_s(9) == pytest.approx(5.0)
-    assert admission.refusal(9, budget_s=20) is None
-    error = admission.refusal(59, budget_s=20)  # 60 / 2 = 30 s > 20 s
+    assert admission.wait_s(5) is None  # nothing measured yet
+    _answers(admission, clock, [1.0] * 8 + [3.0, 3.0], level=10)  # p90: 3 s at 10 in flight
+    # mean 1.4 s at 10 in flight: each request beyond 10 adds 0.14 s to the 3 s tail
+    assert admission.wait_s(0) == pytest.approx(3.0)  # never below the tail
+    assert admission.wait_s(9) == pytest.approx(3.0)
+    assert admission.wait_s(19) == pytest.approx(3.0 + 10 * 0.14)
+    # 70% of the budget less the reserve: 6.1 s -> 3.77 s, so 15 in flight (+5 x 0.14 s) fit
+    usable = 0.7 * 6.1 - ADMIT_RESERVE_S
+    assert admission.refusal(9, budget_s=6.1) is None
+    assert admission.wait_s(14) <= usable < admission.wait_s(15)
+    assert admission.refusal(14, budget_s=6.1) is None
+    error = admission.refusal(15, budget_s=6.1)
     assert error is not None and error.status == 503 and error.code == "overloaded"
-    assert error.headers["Retry-After"] == "10"  # 60 - 2 * 20 = 20 requests to drain at 2/s
-    assert "within its 20 s deadline" in error.message
+    assert "within its 6.1 s deadline" in error.message
+    assert error.headers["Retry-After"] == str(math.ceil(admission.wait_s(15) - usable))
+    assert admission.refusal(0, budget_s=4) is not None  # 3 s > 0.7 * 4 - 0.5: never fits
 
 
-def test_an_idle_spell_does_not_look_slow():
+def test_a_slower_machine_shows_as_soon_as_its_answers_do():
     clock = Clock()
-    admission = Admission(window_s=60, clock=clock)
-    _busy(admission, clock, 10.0, 20)
-    clock.now += 40  # idle: answers per wall second would be 0.4, per busy second still 2
-    assert admission.throughput() == pytest.approx(2.0)
-    assert admission.refusal(29, budget_s=20) is None
-    clock.now += 30  # the answers left the window: unknown again, admit
-    assert admission.throughput() is None and admission.refusal(500, budget_s=1) is None
+    admission = Admission(window_s=30, clock=clock)
+    _answers(admission, clock, [1.0] * 10, level=2)
+    assert admission.refusal(3, budget_s=4) is None  # 2 s
+    clock.now += 31  # a neighbour takes the CPUs: the same requests now take 4 s
+    _answers(admission, clock, [4.0] * 4, level=2)
+    assert admission.wait_s(1) == pytest.approx(4.0)
+    assert admission.refusal(1, budget_s=4) is not None
+    clock.now += 100  # idle: the last window that held enough answers still holds
+    assert admission.wait_s(1) == pytest.approx(4.0)
 
 
 def test_a_stall_is_refused_and_a_slow_start_is_not():
     clock = Clock()
     admission = Admission(window_s=30, min_answers=4, min_busy_s=10, clock=clock)
-    admission.in_flight_changed(0, 3)
+    admission.in_flight_changed(0, 1)
     clock.now += 5
-    assert admission.refusal(3, budget_s=20) is None  # 5 busy seconds, no answer: too early
+    assert admission.refusal(1, budget_s=20) is None  # 5 busy seconds, no answer: too early
     clock.now += 6
-    error = admission.refusal(3, budget_s=20)  # 11 busy seconds without an answer: stuck
+    error = admission.refusal(1, budget_s=20)  # 11 busy seconds without an answer: stuck
     assert error is not None and "no answer in 11 busy seconds" in error.message
     assert error.headers["Retry-After"] == "30"
-    for _ in range(8):
-        clock.now += 0.5
-        admission.answered()
-    assert admission.refusal(3, budget_s=20) is None  # answering again: 8 in 15 busy s
+    _answers(admission, clock, [0.5] * 8, level=1)
+    assert admission.refusal(1, budget_s=20) is None  # answering again
     stalled = Admission(window_s=30, min_answers=4, min_busy_s=10, clock=clock)
-    stalled.in_flight_changed(0, 2)
+    stalled.in_flight_changed(0, 1)
     clock.now += 12
-    assert stalled.refusal(2, budget_s=20) is not None
-    stalled.in_flight_changed(2, 0)  # its requests ended (timed out): the stall is over
+    assert stalled.refusal(1, budget_s=20) is not None
+    stalled.in_flight_changed(1, 0)  # its requests ended (timed out): the stall is over
     assert stalled.refusal(0, budget_s=20) is None
 
 
-def test_tickets_tell_the_admission_when_the_replica_is_busy():
+def test_a_slow_start_doubles_with_each_round_of_answers():
+    clock = Clock()
+    tickets = Tickets(Admission(window_s=30, min_answers=4, clock=clock))
+    admission = tickets.admission
+    assert admission.max_in_flight() == COLD_IN_FLIGHT
+    for level in (2, 2, 4, 8):  # (4 answers before any estimate is trusted)
+        held = []
+        while admission.refusal(len(tickets), budget_s=1000) is None:
+            held.append(tickets.take(expires=clock.now + 100))
+        assert len(held) == level  # all it admits at once, then a 503 with Retry-After 1
+        assert admission.refusal(len(tickets), 1000).headers["Retry-After"] == "1"
+        clock.now += 1
+        for ticket in held:
+            tickets.give_back(ticket, answered=True)
+    assert admission.max_in_flight() == 16
+    clock.now += 100  # a quiet spell keeps the last level measured
+    assert admission.max_in_flight() == 16
+
+
+def test_tickets_tell_the_admission_what_answered_requests_took():
     clock = Clock()
     tickets = Tickets(Admission(window_s=60, clock=clock))
-    held = [tickets.take(expires=clock.now + 100) for _ in range(3)]
+    held = [tickets.take(expires=clock.now + 100) for _ in range(4)]
     clock.now += 4
     for ticket in held:
         tickets.give_back(ticket, answered=True)
         tickets.give_back(ticket, answered=True)  # given back twice: counted once
-    clock.now += 50  # idle
-    assert len(tickets) == 0
-    assert tickets.admission.busy_seconds() == pytest.approx(4.0)
-    tickets.admission.min_answers = 3
-    assert tickets.admission.throughput() == pytest.approx(0.75)
+    recent = tickets.admission.recent()
+    assert [a.took_s for a in recent] == [4.0] * 4
+    # in flight when each came in (1..4) and when it left (4..1), averaged
+    assert [a.level for a in recent] == [2.5, 2.5, 2.5, 2.5]
+    assert [a.peak for a in recent] == [4, 3, 3, 4]
+    ticket = tickets.take(expires=clock.now + 100)
+    tickets.give_back(ticket)  # refused later or timed out: not an answer
+    assert len(tickets.admission.recent()) == 4 and len(tickets) == 0
+    stale = tickets.take(expires=0.0)  # its expiry (time.time()) long past
+    assert tickets.sweep() == 1 and stale not in tickets.held

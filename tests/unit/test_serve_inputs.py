@@ -192,7 +192,10 @@ class FakeService:
         return {"id": model_id, "object": "model", "created": 0, "owned_by": "mova"}
 
     def limits(self):
-        return {"max_body_bytes": self.max_body_bytes}
+        return {"max_body_bytes": self.max_body_bytes, "max_tokens": 16, "max_stop": 4}
+
+    def served(self):
+        return {"model": "mova", "experts": ["sam", "dinov2"]}
 
 
 def test_api_key_guards_every_route_and_the_body_is_capped():
@@ -244,7 +247,22 @@ def test_openapi_publishes_the_contract():
                  "MoVAInfo", "ModelList"):
         assert name in components, name
     assert components["ChatRequest"]["additionalProperties"] is False
-    assert schema["info"]["x-mova-limits"] == {"max_body_bytes": 1000}
+    assert schema["info"]["x-mova-limits"] == {"max_body_bytes": 1000, "max_tokens": 16,
+                                               "max_stop": 4}
+    # the rules JSON Schema can state: the served model, the pool, the limits, an image
+    fields = components["ChatRequest"]["properties"]
+    assert fields["model"]["enum"] == ["mova"]
+    assert {"type": "integer", "minimum": 1, "maximum": 16} in fields["max_tokens"]["anyOf"]
+    stops = {b["type"]: b for b in fields["stop"]["anyOf"]}
+    assert stops["string"]["minLength"] == 1 and stops["array"]["maxItems"] == 4
+    experts = components["MoVAOptions"]["properties"]["experts"]["anyOf"][0]
+    assert experts["items"]["enum"] == ["sam", "dinov2"]
+    contains = fields["messages"]["contains"]
+    assert contains["properties"]["role"] == {"const": "user"}
+    image, text = contains["properties"]["content"]["allOf"]
+    assert image["contains"]["properties"]["type"] == {"const": "image_url"}
+    assert text["contains"]["properties"]["text"] == {"pattern": "[^\\s]"}
+    assert components["ImageURL"]["properties"]["url"]["format"] == "image-url"
     assert "Retry-After" in chat["responses"]["503"]["headers"]
     assert schema["security"] == [{"bearer": []}]
 
