@@ -15,11 +15,12 @@ answers do, and a replica is promised only what it has recently done. A replica 
 ``MIN_BUSY_S`` without any answer is stalled: everything is refused until it answers again.
 
 The estimate may use only ``ADMIT_SHARE`` of a request's budget, less ``ADMIT_RESERVE_S``
-(the reply's trip and scheduling noise). Nor is it trusted beyond the concurrency it was
-measured at: a replica admits at most twice as many requests at once as it has lately
-answered at once (at least ``COLD_IN_FLIGHT``), a slow start that doubles with each round of
-answers, so a burst on a fresh replica is refused at once rather than admitted on an
-extrapolation. After an idle spell that emptied the window the last measurements hold.
+(the reply's trip and scheduling noise). Nor is the law trusted beyond the concurrency it was
+measured at: past twice the most requests answered at once lately, no gain from batching is
+assumed (the tail grows in proportion to the number in flight), so a burst onto a replica that
+has only seen light load is admitted only as far as that pessimistic estimate allows. Before
+a replica has answered ``MIN_ANSWERS`` requests it admits ``COLD_IN_FLIGHT`` at a time. After
+an idle spell that emptied the window the last measurements hold.
 """
 
 from __future__ import annotations
@@ -107,25 +108,34 @@ class Admission:
         if not recent:
             return None
         took = [a.took_s for a in recent]
+        tail = _quantile(took, TAIL_QUANTILE)
         level = sum(a.level for a in recent) / len(recent)
         per_request = sum(took) / len(took) / level  # 1 / throughput (Little's law)
-        return _quantile(took, TAIL_QUANTILE) + max(0.0, in_flight + 1 - level) * per_request
+        wait = tail + max(0.0, in_flight + 1 - level) * per_request
+        if in_flight + 1 > self.trusted_in_flight():
+            # beyond what was measured: no gain from batching assumed, the tail grows with
+            # the number in flight
+            wait = max(wait, tail * (in_flight + 1) / level)
+        return wait
 
-    def max_in_flight(self) -> int:
-        """Twice the most requests answered at once lately, at least ``COLD_IN_FLIGHT``."""
+    def trusted_in_flight(self) -> int:
+        """Up to how many in flight the estimate holds: twice the most answered at once
+        lately (at least ``COLD_IN_FLIGHT``)."""
         recent = self.recent()
         return max(COLD_IN_FLIGHT, 2 * max((a.peak for a in recent), default=0))
 
     def refusal(self, in_flight: int, budget_s: float) -> APIError | None:
         """A 503 for a request with ``budget_s`` left that would not finish within its
         admissible share of it, else None."""
-        cap = self.max_in_flight()
-        if in_flight >= cap:
-            return overloaded(f"{in_flight} requests are in flight; this replica admits {cap} "
-                              "at a time until it has answered more at once; retry in 1 s", 1)
         wait = self.wait_s(in_flight)
+        if wait is None:
+            if in_flight < COLD_IN_FLIGHT:
+                return None
+            return overloaded(f"{in_flight} requests are in flight and this replica has not "
+                              f"answered enough yet to estimate more (it admits "
+                              f"{COLD_IN_FLIGHT} at a time until it has); retry in 1 s", 1)
         usable = max(0.0, budget_s * self.admit_share - ADMIT_RESERVE_S)
-        if wait is None or wait <= usable:
+        if wait <= usable:
             return None
         if math.isinf(wait):
             retry = MAX_RETRY_AFTER_S

@@ -79,23 +79,24 @@ def test_a_stall_is_refused_and_a_slow_start_is_not():
     assert stalled.refusal(0, budget_s=20) is None
 
 
-def test_a_slow_start_doubles_with_each_round_of_answers():
+def test_beyond_the_concurrency_measured_the_estimate_is_pessimistic():
     clock = Clock()
     tickets = Tickets(Admission(window_s=30, min_answers=4, clock=clock))
     admission = tickets.admission
-    assert admission.max_in_flight() == COLD_IN_FLIGHT
-    for level in (2, 2, 4, 8):  # (4 answers before any estimate is trusted)
-        held = []
-        while admission.refusal(len(tickets), budget_s=1000) is None:
-            held.append(tickets.take(expires=clock.now + 100))
-        assert len(held) == level  # all it admits at once, then a 503 with Retry-After 1
-        assert admission.refusal(len(tickets), 1000).headers["Retry-After"] == "1"
-        clock.now += 1
-        for ticket in held:
-            tickets.give_back(ticket, answered=True)
-    assert admission.max_in_flight() == 16
-    clock.now += 100  # a quiet spell keeps the last level measured
-    assert admission.max_in_flight() == 16
+    # nothing answered yet: COLD_IN_FLIGHT at a time, then a 503 with Retry-After 1
+    assert admission.refusal(COLD_IN_FLIGHT - 1, budget_s=1000) is None
+    cold = admission.refusal(COLD_IN_FLIGHT, budget_s=1000)
+    assert cold is not None and cold.headers["Retry-After"] == "1"
+    for took in (1.0, 1.0, 1.0, 3.0):  # p90 3 s, mean 1.5 s, two in flight
+        clock.now += 0.1
+        admission.answered(took, level=2, peak=2)
+    assert admission.trusted_in_flight() == 4
+    # measured range: the tail plus the mean cost (1.5 / 2) of each request beyond the level
+    assert admission.wait_s(3) == pytest.approx(3.0 + 2 * 0.75)
+    # beyond it: the tail itself grows with the number in flight (5 / 2 x 3 s)
+    assert admission.wait_s(4) == pytest.approx(7.5)
+    clock.now += 100  # a quiet spell keeps the last measurements
+    assert admission.trusted_in_flight() == 4 and admission.wait_s(4) == pytest.approx(7.5)
 
 
 def test_tickets_tell_the_admission_what_answered_requests_took():
