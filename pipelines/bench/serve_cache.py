@@ -36,7 +36,7 @@ from pipelines.common.checkpoint_store import local_checkpoint
 from pipelines.common.ray_init import free_local_port, init_ray
 from pipelines.common.recipe import load_recipe
 from pipelines.common.wire import MoVAInfo
-from pipelines.serve.app import expert_deployment_name, start
+from pipelines.serve.app import start
 from pipelines.serve.recipe import ServeRecipe
 
 log = logging.getLogger(__name__)
@@ -125,14 +125,11 @@ def _measure(urls: dict[str, str], pool: list[str], inputs: list[tuple[str, str]
 
 
 def _lookups(pool: list[str]) -> dict[str, dict[str, Any]]:
-    """Each cache-on expert replica's own count of hits, misses and stored entries."""
-    out = {}
-    for name in pool:
-        handle = serve.get_deployment_handle(expert_deployment_name(name),
-                                             app_name=APPS["on"][0])
-        info = handle.info.remote().result(timeout_s=60)
-        out[name] = info.get("feature_cache", {})
-    return out
+    """The cache-on ingress's count of hits, misses and stored entries per expert (one
+    ingress replica)."""
+    handle = serve.get_deployment_handle("Ingress", app_name=APPS["on"][0])
+    caches = handle.info.remote().result(timeout_s=60).get("feature_cache", {})
+    return {name: caches.get(name, {}) for name in pool}
 
 
 def bench_serve_cache(checkpoint: str | None = None, *, quick: bool = False, seed: int = 0,
@@ -204,5 +201,5 @@ def render_cache(r: CacheBenchResult) -> str:
         f"({_verdict(r.repeated_ratio, GOAL_REPEATED)}).", "",
         f"Cost at 0% hits, cache on / off: **{r.overhead_ratio:.3f}x** "
         f"({_verdict(r.overhead_ratio, GOAL_OVERHEAD)}).", "",
-        f"Lookups counted by the cache-on experts: {hits} hits, {misses} misses "
+        f"Lookups counted by the cache-on ingress, all experts: {hits} hits, {misses} misses "
         f"(warm-up included)."])

@@ -101,8 +101,8 @@ def build_app(args: dict[str, Any] | ServeRecipe):
                                                            recipe.constrained_routing)
     experts = {
         name: ExpertServer.options(name=expert_deployment_name(name),
-                                   **table[expert_deployment_name(name)]).bind(
-            ckpt, name, device, recipe.feature_cache)
+                                   **table[expert_deployment_name(name)]).bind(ckpt, name,
+                                                                                device)
         for name in pool
     }
     return MoVAIngress.options(name="Ingress", **table["Ingress"]).bind(

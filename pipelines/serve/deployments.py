@@ -25,9 +25,7 @@ from mova.factory import from_pretrained
 from mova.images import load_image
 from pipelines.common.checkpoint_store import local_checkpoint
 from pipelines.serve.batching import Batcher, BatchSettings, faults_enabled
-from pipelines.serve.expert_cache import ExpertCache
 from pipelines.serve.metrics import metric
-from pipelines.serve.recipe import FeatureCacheRecipe
 
 log = logging.getLogger(__name__)
 
@@ -171,36 +169,20 @@ class AdapterServer(BatchedReplica):
 @serve.deployment(name="Expert")
 class ExpertServer(BatchedReplica):
     """One frozen vision expert: preprocesses the request image itself (so only routed experts
-    preprocess) and returns its native feature map ``(1, L_j, C_j)``. With ``feature_cache``
-    on, an image whose features the node's cache holds skips the batch
-    (:mod:`pipelines.serve.expert_cache`)."""
+    preprocess) and returns its native feature map ``(1, L_j, C_j)``."""
 
-    def __init__(self, checkpoint: str, expert: str, device: str = "auto",
-                 feature_cache: FeatureCacheRecipe | None = None) -> None:
+    def __init__(self, checkpoint: str, expert: str, device: str = "auto") -> None:
         local = local_checkpoint(checkpoint, parts=[f"expert:{expert}"])
         self.name = f"Expert:{expert}"
         self.device = resolve_device(device)
         self.dtype = torch_dtype(load_config(local).dtype)
-        module, self.resolved, cache_key = load_expert(local, expert)
+        module, self.resolved, _ = load_expert(local, expert)
         self.expert = module.to(self.device, self.dtype).eval().requires_grad_(False)
         self.batchers = {"features": Batcher(f"features:{expert}", self._features)}
-        self.cache = ExpertCache.open(feature_cache, expert, cache_key)
 
     async def features(self, item: dict[str, Any]) -> Any:
-        """``{"image", "image_hash", "deadline"}`` -> the expert's native features
-        ``(1, L_j, C_j)`` (``image_hash`` optional; empty: not cached)."""
-        if self.cache is None:
-            return await self._batched(item)
-        return await self.cache.features(item, self._batched)
-
-    async def _batched(self, item: dict[str, Any]) -> Any:
+        """``{"image", "deadline"}`` -> the expert's native features ``(1, L_j, C_j)``."""
         return await self.batchers["features"].submit(item, item["deadline"])
-
-    def info(self) -> dict[str, Any]:
-        data = super().info()
-        if self.cache is not None:
-            data["feature_cache"] = self.cache.summary()
-        return data
 
     def _features(self, items: list[dict[str, Any]]) -> list[Any]:
         pil = [load_image(item["image"]) for item in items]

@@ -1,9 +1,10 @@
-"""An expert replica's use of the node's feature store: look an image up before batching it,
-store what a batch computed after it.
+"""The ingress's use of the node's feature store: look an image's expert features up before
+calling the expert, store what the expert returned after.
 
-A request's image is named by ``image_hash`` (the ingress sends it when the cache is on; an
-empty one means no caching). A hit returns at once, without a batch; a miss runs the batch and
-the result is stored by one writer thread per replica, off the request's path (at most
+A request's image is named by ``image_hash`` (the sha256 of its bytes, computed when the cache
+is on; an empty one means no caching). A hit returns at once: the expert is not called (a
+scaled-to-zero expert stays at zero); a miss calls it and the result is stored by one writer
+thread per expert, off the request's path (at most
 :data:`MAX_PENDING_WRITES` wait; more are dropped, as a cache may). Disk work never runs on the
 event loop, and metrics are recorded there only.
 """
@@ -28,7 +29,8 @@ MAX_PENDING_WRITES = 4
 
 
 class ExpertCache:
-    """The features of one expert (``key``: its cache key) in the node's ``store``."""
+    """The features of one expert (``key``: its cache key) in the node's ``store``, shared by
+    the ingress replicas of the node."""
 
     def __init__(self, store: FeatureStore, expert: str, key: str) -> None:
         store.path(expert, key, "0" * 16)  # a malformed name fails here, not per request

@@ -99,7 +99,7 @@ class MoVAIngress:
         self.max_body_bytes = self.recipe.limits.max_body_bytes
         self.checker = await asyncio.to_thread(PromptChecker, self.recipe.checkpoint,
                                                self.recipe)
-        self.pipeline = Pipeline(adapter, llm, experts)
+        self.pipeline = Pipeline(adapter, llm, experts, self.checker.caches)
         self.created = int(time.time())
         self.tickets = Tickets()
 
@@ -120,7 +120,8 @@ class MoVAIngress:
         """PID, memory and in-flight count of this replica (a handle method, not a route)."""
         data = process_info("Ingress")
         metric("resident_memory_bytes").set(data["rss_bytes"])
-        return {**data, "in_flight": len(self.tickets)}
+        caches = {name: c.summary() for name, c in self.checker.caches.items()}
+        return {**data, "in_flight": len(self.tickets), "feature_cache": caches}
 
     # ---- small routes -------------------------------------------------------------------
     def models(self) -> dict[str, Any]:

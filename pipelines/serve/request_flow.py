@@ -24,7 +24,7 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from mova.builders import ensure_image_token, routing_descriptions
-from mova.checkpoint import load_config, read_components
+from mova.checkpoint import expert_cache_keys, load_config, read_components
 from mova.config import MoVAConfig
 from mova.conversation import get_template, tokenize_conversation, validate_turns
 from mova.decoding import DecodeParams
@@ -34,6 +34,7 @@ from mova.tokenizers import IMAGE_TOKEN
 from pipelines.common.checkpoint_store import local_checkpoint
 from pipelines.common.wire import MoVAInfo
 from pipelines.serve.errors import DeadlineExceeded, ReplicaUnhealthy, RequestError, bad_request
+from pipelines.serve.expert_cache import ExpertCache
 from pipelines.serve.metrics import metric
 from pipelines.serve.openai_request import ChatRequest, Conversation, stop_list
 from pipelines.serve.recipe import ServeRecipe
@@ -89,6 +90,9 @@ class PromptChecker:
         self.limits = recipe.limits
         self.max_image_side = recipe.limits.max_image_side or pool_image_side(self.config)
         self.hash_images = recipe.feature_cache.enabled
+        self.caches = {name: ExpertCache.open(recipe.feature_cache, name, key)
+                       for name, key in expert_cache_keys(checkpoint).items()}
+        self.caches = {n: c for n, c in self.caches.items() if c is not None}
 
     def image_key(self, data: bytes) -> str:
         """The image's key in the experts' feature cache: the sha256 of its bytes (equal
@@ -162,10 +166,21 @@ class PromptChecker:
 class Pipeline:
     """Calls the deployments for one request (the ingress maps their failures to HTTP)."""
 
-    def __init__(self, adapter, llm, experts: dict[str, Any]) -> None:
+    def __init__(self, adapter, llm, experts: dict[str, Any],
+                 caches: dict[str, ExpertCache] | None = None) -> None:
         self.adapter = adapter
         self.llm = llm
         self.experts = experts
+        self.caches = caches or {}  # expert -> its features in this node's cache
+
+    async def _expert_features(self, name: str, item: dict[str, Any], deadline: float) -> Any:
+        """One expert's features of the request's image: from the node's cache when it holds
+        them (the expert is not called), else from the expert (then cached)."""
+        async def compute(it: dict[str, Any]) -> Any:
+            return await call(self.experts[name].features.remote(it), deadline)
+
+        cache = self.caches.get(name)
+        return await (compute(item) if cache is None else cache.features(item, compute))
 
     async def vision(self, prep: Prepared, *, skip_experts: bool = False) -> Vision:
         """Encode, route (unless forced), run the routed experts in parallel, fuse.
@@ -192,8 +207,8 @@ class Pipeline:
         for name in experts:
             metric("expert_routed").inc(tags={"expert": name, "source": source})
         item = {"image": prep.image, "image_hash": prep.image_hash, "deadline": deadline}
-        feats = await asyncio.gather(*(
-            call(self.experts[n].features.remote(item), deadline) for n in experts))
+        feats = await asyncio.gather(*(self._expert_features(n, item, deadline)
+                                       for n in experts))
         marks.append(time.perf_counter())
         fused = await call(self.adapter.fuse.remote(
             {"base": encoded["base"], "text": encoded["text"],

@@ -1,6 +1,6 @@
 """The serving app under overload and under faults, one app for both tests.
 
-Overload: 16 closed-loop clients for 40 seconds with 2 CPU hogs beside the app. Every request
+Overload: 16 closed-loop clients for 30 seconds (after 10 s of 4) with 2 CPU hogs beside the app. Every request
 ends with a 200 within its deadline or a 503 within 2 s of arrival (admission control refuses
 at once what cannot finish in time): no 408, no error mid-stream; no replica is stopped during
 the load (neither downscaled nor taken for stuck by the stall watchdog); afterwards the app is
@@ -45,7 +45,7 @@ TIMEOUT_S = 20.0  # the app's request_timeout_s
 DEPLOYMENTS = ["Ingress", "Adapter", "LLM", "Expert_dinov2", "Expert_sam"]
 READY_TIMEOUT_S = 120  # a replacement replica scheduled and started on a loaded machine
 LOAD_AFTER_S = 20  # the clients keep going this long after the last fault
-OVERLOAD_S = 40
+OVERLOAD_S = 30
 REFUSE_WITHIN_S = 2.0  # a refused request hears so this soon
 NETWORK_SLACK_S = 0.5  # the HTTP proxy's and client's share of a 200 that met its deadline
 
@@ -297,7 +297,7 @@ def test_overload_is_refused_at_once_and_stops_no_replica(app):
     assert len(alive) == len(DEPLOYMENTS) + 1, before  # two ingress replicas
     # the hogs stand for what else runs on the machine: there before the load comes, so the
     # ingresses have measured their pace beside them, on requests like the load's
-    results, statuses = _run_load(url, OVERLOAD_S, walk_away=0.0, hogs=2, warm_s=15)
+    results, statuses = _run_load(url, OVERLOAD_S, walk_away=0.0, hogs=2, warm_s=10)
     margin = max((t - d for s, t, d, _ in results if s == "200"), default=0.0)
     refusal = max((t for s, t, *_ in results if s == "503"), default=0.0)
     print(f"\noverload: {len(results)} requests, statuses {statuses}; slowest 200 "

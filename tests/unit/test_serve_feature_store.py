@@ -14,13 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from mova.decoding import DecodeParams
 from mova.factory import build_tiny_mova
 from pipelines.common.recipe import load_recipe
 from pipelines.serve import expert_cache
-from pipelines.serve.deployments import ExpertServer
 from pipelines.serve.expert_cache import ExpertCache
 from pipelines.serve.feature_store import LOCK_FILE, FeatureStore
 from pipelines.serve.recipe import FeatureCacheRecipe, ServeRecipe
@@ -314,28 +312,38 @@ def test_the_ingress_key_is_the_sha256_of_the_image_bytes_only_when_the_cache_is
 
 
 @pytest.mark.parametrize("cache", [True, False])
-def test_an_expert_replica_answers_a_repeated_image_without_a_batch(tiny_checkpoint, tmp_path,
-                                                                    cache):
-    """The replica's class as Serve runs it, called directly (no Ray): the same image twice,
-    then with no hash."""
-    settings = FeatureCacheRecipe(max_mb=16, dir=str(tmp_path)) if cache else None
-    replica = ExpertServer.func_or_class(str(tiny_checkpoint), "sam", "cpu", settings)
-    image = Image.new("RGB", (64, 48), (200, 30, 30))
+def test_a_repeated_image_skips_the_expert_call(tiny_checkpoint, tmp_path, cache):
+    """The ingress's pipeline with the checker's caches (as the ingress builds them): the same
+    image twice, then with no hash; with the cache on the repeat never calls the expert."""
+    ckpt = str(tiny_checkpoint)
+    overrides = [f"checkpoint={ckpt}", f"feature_cache.dir={tmp_path}",
+                 f"feature_cache.max_mb={16 if cache else 0}"]
+    checker = PromptChecker(ckpt, load_recipe(ServeRecipe, JOBS / "serve.yaml", overrides))
+    assert set(checker.caches) == ({"sam"} if cache else set())
+    calls: list = []
+    adapter = type("A", (), {})()
+    adapter.encode = _Method(lambda item: {"base": 0, "text": 0, "routing_tokens": 0}, [])
+    adapter.fuse = _Method(lambda item: {"gate_weights": [], "image_tokens": None}, [])
+    expert = type("E", (), {})()
+    expert.features = _Method(lambda item: torch.randn(1, 4, 3), calls)
+    pipeline = Pipeline(adapter, None, {"sam": expert}, checker.caches)
 
     async def scenario() -> list[torch.Tensor]:
         out = []
         for image_hash in (_hash("red"), _hash("red"), ""):
-            item = {"image": image, "image_hash": image_hash, "deadline": time.time() + 60}
-            out.append(await replica.features(item))
-            if replica.cache is not None:
-                await replica.cache.drain()
+            prep = Prepared(image="pixels", questions=["q"], prompt_ids=[1],
+                            params=DecodeParams(max_new_tokens=1), forced=["sam"],
+                            deadline=time.time() + 30, image_hash=image_hash)
+            await pipeline.vision(prep)
+            out.append(adapter.fuse.calls[-1]["experts"]["sam"])
+            for c in checker.caches.values():
+                await c.drain()
         return out
 
     first, again, unkeyed = asyncio.run(scenario())
-    assert torch.equal(first, again) and torch.equal(first, unkeyed)
-    batched = replica.batchers["features"].items
-    assert batched == (2 if cache else 3)  # with the cache the repeat ran no batch
+    assert len(calls) == (2 if cache else 3)  # with the cache the repeat called no expert
+    assert torch.equal(first, again) == cache and not torch.equal(first, unkeyed)
     if cache:
-        assert replica.info()["feature_cache"] | {"root": None} == {
+        assert checker.caches["sam"].summary() | {"root": None} == {
             "hits": 1, "misses": 1, "stored": 1, "dropped": 0, "root": None,
-            "key": replica.cache.key}
+            "key": checker.caches["sam"].key}
