@@ -1,10 +1,10 @@
 """The serving app under overload and under faults, one app for both tests.
 
-Overload: 16 closed-loop clients for 30 seconds (after 10 s of 4) with 2 CPU hogs beside the app. Every request
-ends with a 200 within its deadline or a 503 within 2 s of arrival (admission control refuses
-at once what cannot finish in time): no 408, no error mid-stream; no replica is stopped during
-the load (neither downscaled nor taken for stuck by the stall watchdog); afterwards the app is
-idle and healthy.
+Overload: 16 closed-loop clients for 30 seconds (after 10 s of 4) with 2 CPU hogs beside the
+app. Every request ends with a 200 within its deadline or a 503 within 2 s of arrival
+(admission control refuses at once what cannot finish in time): no 408, no error mid-stream;
+no replica is stopped during the load (neither downscaled nor taken for stuck by the stall
+watchdog); afterwards the app is idle and healthy.
 
 Faults: 16 clients for ~90 seconds with a CPU hog beside the app, one
 SIGKILL of each deployment kind on the way, one replica whose batch thread hangs (the stuck
