@@ -259,6 +259,18 @@ def _run_serve(args: argparse.Namespace) -> int:
     from pipelines.bench.serve_report import render_markdown
 
     levels = args.concurrency or ([1, 4] if args.quick else list(CONCURRENCY))
+    if args.routing_mix:
+        from pipelines.bench.serve_routing import bench_serve_routing, render_routing
+
+        result = bench_serve_routing(seed=args.seed)
+        _output(args, result.key, render_routing(result), result.to_dict())
+        return 0
+    if args.overload:
+        from pipelines.bench.serve_overload import bench_serve_overload, render_overload
+
+        result = bench_serve_overload(seed=args.seed)
+        _output(args, result.key, render_overload(result), result.to_dict())
+        return 0
     if args.cache:
         from pipelines.bench.serve_cache import bench_serve_cache, render_cache
 
@@ -301,6 +313,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--real", action="store_true",
                    help="a real-weights checkpoint (--checkpoint) on easy-VQA questions, vs the "
                         "sequential loop and one batched generate")
+    p.add_argument("--routing-mix", action="store_true",
+                   help="experts autoscaled by Serve's default policy vs by routed rate, 80%% "
+                        "of requests to one expert: replica-seconds and p95 (~4 min)")
+    p.add_argument("--overload", action="store_true",
+                   help="past capacity instead: 16 clients and 2 CPU hogs, admission control "
+                        "on vs off; plots the app's /metrics to docs/img/serving-metrics.png "
+                        "and logs it to MLflow (~3 min)")
     p.add_argument("--cache", action="store_true",
                    help="the expert feature cache instead: TTFT of a cold vs a repeated image, "
                         "and cache on vs off at 0%% hits (two apps on one Ray; ~2 min; with "

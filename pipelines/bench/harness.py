@@ -40,6 +40,8 @@ replaced in place when its command is rerun (the HTML comments delimit the secti
 | `bench:serve:tiny:cpu` | `mova bench serve` (Ray Serve; ~5 min) |
 | `bench:serve:real:cpu` | `mova bench serve --real` (after `mova demo --real --quick`; ~20 min) |
 | `bench:serve:cache` | `mova bench serve --cache` (Ray Serve, two apps; ~2 min) |
+| `bench:serve:overload` | `mova bench serve --overload` (Ray Serve, 2 CPU hogs; ~3 min) |
+| `bench:serve:routing-mix` | `mova bench serve --routing-mix` (Ray Serve, two policies; ~4 min) |
 | `bench:scale:cpu` | `mova bench scale` (Ray; ~20 min) |
 | `bench:checkpoint` | `mova bench checkpoint` (moto S3 on loopback; ~5 min, ~10 GiB of RAM) |
 

@@ -45,8 +45,9 @@ def cap_bytes() -> int:
     return int(float(os.environ.get("MOVA_CHECKPOINT_CACHE_GB", DEFAULT_CAP_GB)) * (1 << 30))
 
 
-def _lock(path: Path, mode: int, wait_s: float) -> int:
-    """An fd of ``path`` locked with ``mode`` (polled until ``wait_s``); the caller closes it."""
+def lock_fd(path: Path, mode: int, wait_s: float, poll_s: float = LOCK_POLL_S) -> int:
+    """An fd of ``path`` locked with ``mode`` (polled every ``poll_s`` until ``wait_s``; a
+    ``CacheBusyError`` then); the caller closes it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + wait_s
@@ -61,7 +62,7 @@ def _lock(path: Path, mode: int, wait_s: float) -> int:
         if time.monotonic() >= deadline:
             os.close(fd)
             raise CacheBusyError(f"{path} stayed locked by another process for {wait_s:.0f} s")
-        time.sleep(LOCK_POLL_S)
+        time.sleep(poll_s)
 
 
 class NodeCache:
@@ -76,7 +77,7 @@ class NodeCache:
     @contextlib.contextmanager
     def fetching(self, key: str, wait_s: float = FETCH_WAIT_S) -> Iterator[Path]:
         """The entry folder, with this process the only one fetching into it."""
-        fd = _lock(self.root / f".{key}.fetch", fcntl.LOCK_EX, wait_s)
+        fd = lock_fd(self.root / f".{key}.fetch", fcntl.LOCK_EX, wait_s)
         try:
             yield self.entry(key)
         finally:
@@ -85,7 +86,7 @@ class NodeCache:
     def use(self, key: str) -> None:
         """Mark the entry in use by this process (until it exits) and recently used."""
         if key not in _held:
-            _held[key] = _lock(self.root / f".{key}.use", fcntl.LOCK_SH, FETCH_WAIT_S)
+            _held[key] = lock_fd(self.root / f".{key}.use", fcntl.LOCK_SH, FETCH_WAIT_S)
         stamp = self.entry(key) / LAST_USED
         if stamp.parent.is_dir():
             stamp.touch()
@@ -131,11 +132,11 @@ class NodeCache:
     def _evict(self, key: str) -> bool:
         """Remove the entry if no process uses or fetches it right now."""
         try:
-            use = _lock(self.root / f".{key}.use", fcntl.LOCK_EX, 0.0)
+            use = lock_fd(self.root / f".{key}.use", fcntl.LOCK_EX, 0.0)
         except CacheBusyError:
             return False
         try:
-            fetch = _lock(self.root / f".{key}.fetch", fcntl.LOCK_EX, 0.0)
+            fetch = lock_fd(self.root / f".{key}.fetch", fcntl.LOCK_EX, 0.0)
         except CacheBusyError:
             os.close(use)
             return False

@@ -75,6 +75,7 @@ class Batcher:
         self.unhealthy: str | None = None
         self.running: tuple[float, float, int] | None = None  # (start, deadline, size)
         self.batches = self.items = 0
+        self.busy_s = 0.0  # seconds spent in batches (cumulative)
         self.stall_next_s = 0.0  # test-only fault injection
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"mova-{stage}")
         self._wake: asyncio.Event | None = None
@@ -202,6 +203,7 @@ class Batcher:
             return
         finally:
             self.running = None
+            self.busy_s += time.time() - start
             self._metrics.batch(len(batch), time.time() - start)
         for item, result in zip(batch, results, strict=True):
             if not item.future.done():

@@ -24,6 +24,7 @@ from mova.experts.preprocess import expert_input
 from mova.factory import from_pretrained
 from mova.images import load_image
 from pipelines.common.checkpoint_store import local_checkpoint
+from pipelines.serve.autoscale import RateMeter
 from pipelines.serve.batching import Batcher, BatchSettings, faults_enabled
 from pipelines.serve.metrics import metric
 
@@ -179,10 +180,18 @@ class ExpertServer(BatchedReplica):
         module, self.resolved, _ = load_expert(local, expert)
         self.expert = module.to(self.device, self.dtype).eval().requires_grad_(False)
         self.batchers = {"features": Batcher(f"features:{expert}", self._features)}
+        self.meter = RateMeter()
 
     async def features(self, item: dict[str, Any]) -> Any:
         """``{"image", "deadline"}`` -> the expert's native features ``(1, L_j, C_j)``."""
+        self.meter.arrivals += 1
         return await self.batchers["features"].submit(item, item["deadline"])
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this for the routed-rate policy (:mod:`pipelines.serve.autoscale`)."""
+        batcher = self.batchers["features"]
+        in_flight = len(batcher.queue) + (batcher.running[2] if batcher.running else 0)
+        return self.meter.stats(batcher.items, batcher.busy_s, in_flight)
 
     def _features(self, items: list[dict[str, Any]]) -> list[Any]:
         pil = [load_image(item["image"]) for item in items]

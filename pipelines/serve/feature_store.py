@@ -23,7 +23,6 @@ image's) is a miss: it is removed and logged, never an error.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -38,6 +37,8 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from pipelines.common.node_cache import CacheBusyError, lock_fd
+
 log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
@@ -45,13 +46,10 @@ TENSOR = "features"
 LOCK_FILE = ".lock"
 LOW_WATER = 0.9  # an eviction leaves the store at this fraction of max_bytes
 LOCK_WAIT_S = 10.0  # a put gives up (the entry is not stored) after waiting this long
+LOCK_POLL_S = 0.005  # how often a put waiting for the lock tries again
 STALE_TEMP_S = 600.0  # a scan removes temporary files older than this (killed writers)
 _HASH = re.compile(r"[0-9a-f]{16,128}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
-
-
-class StoreBusyError(TimeoutError):
-    """Another process held the store's lock past :data:`LOCK_WAIT_S`."""
 
 
 def valid_hash(image_hash: str) -> bool:
@@ -74,24 +72,6 @@ class _Lock:
         data = str(max(0, used)).encode()
         os.pwrite(self.fd, data, 0)
         os.ftruncate(self.fd, len(data))
-
-
-def _locked_fd(path: Path, wait_s: float) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline, pause = time.monotonic() + wait_s, 0.001
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                os.close(fd)
-                raise
-        if time.monotonic() >= deadline:
-            os.close(fd)
-            raise StoreBusyError(f"{path} stayed locked by another process for {wait_s:.0f} s")
-        time.sleep(pause)
-        pause = min(pause * 2, 0.05)
 
 
 def _touch(path: Path) -> None:
@@ -169,7 +149,7 @@ class FeatureStore:
                     used = lock.read()
                     if used is not None:
                         lock.write(used - now.st_size)
-        except (OSError, StoreBusyError) as exc:
+        except (OSError, CacheBusyError) as exc:
             log.warning("feature store: could not remove %s (%r)", path, exc)
 
     # ---- writing ---------------------------------------------------------------------------
@@ -207,7 +187,7 @@ class FeatureStore:
     @contextlib.contextmanager
     def _lock(self) -> Iterator[_Lock]:
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = _locked_fd(self.root / LOCK_FILE, LOCK_WAIT_S)
+        fd = lock_fd(self.root / LOCK_FILE, fcntl.LOCK_EX, LOCK_WAIT_S, poll_s=LOCK_POLL_S)
         try:
             yield _Lock(fd)
         finally:

@@ -215,6 +215,8 @@ class MoVAIngress:
         if len(self.tickets) >= self.recipe.limits.max_inflight:
             raise overloaded(f"{len(self.tickets)} requests are in flight on this replica "
                              f"(limit {self.recipe.limits.max_inflight}); retry shortly")
+        if not self.recipe.limits.admission:
+            return
         refusal = self.tickets.admission.refusal(len(self.tickets), budget_s)
         if refusal is not None:
             raise refusal

@@ -20,13 +20,17 @@ from mova.typed_dict import deep_merge, from_dict
 from pipelines.common.local_cache import cache_dir
 from pipelines.common.ray_init import CREDENTIALS
 from pipelines.common.recipe import JobRecipe
+from pipelines.serve.autoscale import POLICY_PATH
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
 class AutoscalingRecipe:
-    """Ray Serve autoscaling of one deployment; ``min_replicas: 0`` allows scale to zero."""
+    """Ray Serve autoscaling of one deployment; ``min_replicas: 0`` allows scale to zero.
+    ``policy``: ``serve`` (Serve's default, by ongoing requests per replica) or ``routed``
+    (experts only: by the routed-request rate and service time, :mod:`~pipelines.serve.
+    autoscale`)."""
 
     min_replicas: int = 1
     max_replicas: int = 1
@@ -37,8 +41,12 @@ class AutoscalingRecipe:
     downscale_to_zero_delay_s: float | None = None
     metrics_interval_s: float = 10.0
     look_back_period_s: float = 30.0
+    policy: str = "serve"
 
     def validate(self, prefix: str) -> None:
+        if self.policy not in ("serve", "routed"):
+            raise ValueError(f"{prefix}.policy must be 'serve' or 'routed', not "
+                             f"{self.policy!r}")
         if self.min_replicas < 0 or self.max_replicas < 1:
             raise ValueError(f"{prefix}.min_replicas must be >= 0 and {prefix}.max_replicas >= 1")
         if self.max_replicas < self.min_replicas:
@@ -65,6 +73,8 @@ class AutoscalingRecipe:
             out["initial_replicas"] = self.initial_replicas
         if self.downscale_to_zero_delay_s is not None:
             out["downscale_to_zero_delay_s"] = self.downscale_to_zero_delay_s
+        if self.policy == "routed":
+            out["policy"] = {"policy_function": POLICY_PATH}
         return out
 
 
@@ -184,6 +194,7 @@ class LimitsRecipe:
     max_inflight: int = 64
     request_timeout_s: float = 60.0
     stall_grace_s: float = 10.0
+    admission: bool = True  # refuse at once what cannot finish in time (off: only max_inflight)
     allow_remote_images: bool = False
     remote_image_domains: list[str] = field(default_factory=list)
     remote_image_max_redirects: int = 0

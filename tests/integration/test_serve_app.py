@@ -316,6 +316,42 @@ def test_error_envelopes_and_the_server_stays_healthy(served):
     s.assert_healthy()
 
 
+def _proxy_rss() -> int:
+    """Resident bytes of Serve's HTTP proxy (the process a chunked body reaches first)."""
+    from ray._private.state import actors
+
+    pid = next(a["Pid"] for a in actors().values()
+               if a["ActorClassName"] == "ProxyActor" and a["State"] == "ALIVE")
+    with open(f"/proc/{pid}/status") as handle_:
+        return next(int(line.split()[1]) * 1024 for line in handle_
+                    if line.startswith("VmRSS:"))
+
+
+def test_chunked_oversized_bodies_are_refused_without_memory_growth(served):
+    """Ten 64 MiB bodies without Content-Length (chunked) against the 28 MB body limit: each
+    is refused (413) once the limit is read, and neither the ingress nor the proxy keeps
+    what it read."""
+    chunk = b"x" * 2**20
+
+    def body():
+        for _ in range(64):
+            yield chunk
+
+    ingress_before, proxy_before = handle("Ingress").info.remote().result()["rss_bytes"], \
+        _proxy_rss()
+    codes = []
+    for _ in range(10):
+        try:
+            codes.append(served.http.post("/v1/chat/completions", content=body()).status_code)
+        except httpx.TransportError:  # the server answered and closed while we still sent
+            codes.append("closed")
+    assert set(codes) <= {413, "closed"} and 413 in codes, codes
+    ingress_after = handle("Ingress").info.remote().result()["rss_bytes"]
+    assert ingress_after - ingress_before <= 64 * 2**20, (ingress_before, ingress_after)
+    assert _proxy_rss() - proxy_before <= 64 * 2**20, (proxy_before, _proxy_rss())
+    served.assert_healthy()
+
+
 # ---- load, overload, scale to zero, a killed replica (these disturb the app: last) --------
 def _rss() -> dict[str, int]:
     names = ["Adapter", "LLM", "Expert_dinov2", "Expert_sam"]
