@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
-from pipelines.serve.errors import APIError, install_handlers, payload_too_large
+from pipelines.serve.errors import APIError, install_handlers, length_required, payload_too_large
 from pipelines.serve.openai_response import Health, ModelCard, ModelList, Ready
 from pipelines.serve.openapi import add_components, chat_responses, errors, request_body
 
@@ -38,7 +38,8 @@ class ChatService(Protocol):
 
 
 class Guard:
-    """ASGI middleware: the API key on every route, and the body size from its header."""
+    """ASGI middleware: the API key on every route, and the body size from its header (a
+    body without one, chunked, is refused with 411 before any of it is read)."""
 
     def __init__(self, app, service: ChatService) -> None:
         self.app = app
@@ -62,6 +63,10 @@ class Guard:
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.service.max_body_bytes:
             return payload_too_large(self.service.max_body_bytes)
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            # Serve's replica pulls a request's whole body from the proxy as it arrives,
+            # whether the app reads it or not: a body must declare its size up front
+            return length_required()
         key = self.service.api_key
         if not key:
             return None
@@ -81,8 +86,8 @@ class Guard:
 def build_api(service: ChatService) -> FastAPI:
     """The FastAPI app of one ingress replica."""
     auth = bool(service.api_key)
-    common = (401, 405, 413) if auth else (405, 413)
-    health_common = (405, 413) if service.public_health or not auth else common
+    common = (401, 405, 411, 413) if auth else (405, 411, 413)
+    health_common = (405, 411, 413) if service.public_health or not auth else common
     app = FastAPI(title="MoVA", version="1",
                   description="OpenAI-compatible chat completions by a MoVA model (routed vision "
                               "experts + MoV-Adapter). Limits: see info.x-mova-limits.",

@@ -87,6 +87,12 @@ def payload_too_large(limit: int) -> APIError:
                     code="request_too_large")
 
 
+def length_required() -> APIError:
+    return APIError(411, "send the request body with a Content-Length header: a body without "
+                         "one (chunked) is not accepted, since its size must be checked "
+                         "before any of it is read", code="length_required")
+
+
 def timeout(seconds: float) -> APIError:
     return APIError(408, f"the request did not finish within {seconds:g} s",
                     type="timeout_error", code="timeout")

@@ -13,7 +13,8 @@ from pipelines.serve.openai_response import ChatCompletion, ChatCompletionChunk,
 
 _WHY = {400: "bad input (the message and param name it)", 401: "missing or wrong API key",
         404: "unknown route or model", 405: "method not allowed (see the Allow header)",
-        408: "the request's deadline passed", 413: "the body is over the size limit",
+        408: "the request's deadline passed", 411: "a body without Content-Length (chunked)",
+        413: "the body is over the size limit",
         503: "overloaded, or a model replica is unavailable (see Retry-After)"}
 
 
@@ -39,7 +40,8 @@ def chat_responses(auth: bool) -> dict[int | str, dict[str, Any]]:
         "description": "the reply (JSON), or with stream: true an SSE stream of "
                        "chat.completion.chunk events ending in [DONE]",
         "content": {"text/event-stream": {"schema": sse_event_schema()}}}}
-    codes = (400, 401, 404, 405, 408, 413, 503) if auth else (400, 404, 405, 408, 413, 503)
+    codes = (400, 401, 404, 405, 408, 411, 413, 503) if auth else \
+        (400, 404, 405, 408, 411, 413, 503)
     out.update(errors(*codes))
     return out
 

@@ -328,9 +328,9 @@ def _proxy_rss() -> int:
 
 
 def test_chunked_oversized_bodies_are_refused_without_memory_growth(served):
-    """Ten 64 MiB bodies without Content-Length (chunked) against the 28 MB body limit: each
-    is refused (413) once the limit is read, and neither the ingress nor the proxy keeps
-    what it read."""
+    """Ten 64 MiB bodies without Content-Length (chunked): each is refused (411) before it is
+    read (Serve's replica would pull a whole body from the proxy, read or not), and neither
+    the ingress nor the proxy grows."""
     chunk = b"x" * 2**20
 
     def body():
@@ -345,8 +345,10 @@ def test_chunked_oversized_bodies_are_refused_without_memory_growth(served):
             codes.append(served.http.post("/v1/chat/completions", content=body()).status_code)
         except httpx.TransportError:  # the server answered and closed while we still sent
             codes.append("closed")
-    assert set(codes) <= {413, "closed"} and 413 in codes, codes
+    assert set(codes) <= {411, "closed"} and 411 in codes, codes
     ingress_after = handle("Ingress").info.remote().result()["rss_bytes"]
+    print(f"\nchunked bodies: ingress RSS {(ingress_after - ingress_before) / 2**20:+.1f} MiB, "
+          f"proxy {(_proxy_rss() - proxy_before) / 2**20:+.1f} MiB")
     assert ingress_after - ingress_before <= 64 * 2**20, (ingress_before, ingress_after)
     assert _proxy_rss() - proxy_before <= 64 * 2**20, (proxy_before, _proxy_rss())
     served.assert_healthy()

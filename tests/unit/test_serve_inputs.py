@@ -215,12 +215,11 @@ def test_api_key_guards_every_route_and_the_body_is_capped():
     big = client.post("/v1/chat/completions", headers=auth, content=b"x" * 1001)
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
 
-    def chunks():  # no Content-Length: capped while it is read
-        for _ in range(20):
-            yield b"y" * 100
+    def chunks():  # no Content-Length: refused before any of it is read
+        yield b"y" * 100
 
     streamed = client.post("/v1/chat/completions", headers=auth, content=chunks())
-    assert streamed.status_code == 413
+    assert streamed.status_code == 411 and streamed.json()["error"]["code"] == "length_required"
     open_health = TestClient(build_api(FakeService("k", public_health=True)))
     assert open_health.get("/health").status_code == 200
     assert open_health.get("/v1/models").status_code == 401
@@ -232,7 +231,8 @@ def test_openapi_publishes_the_contract():
     chat = schema["paths"]["/v1/chat/completions"]["post"]
     assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "/ChatRequest")
-    assert set(chat["responses"]) == {"200", "400", "401", "404", "405", "408", "413", "503"}
+    assert set(chat["responses"]) == {"200", "400", "401", "404", "405", "408", "411", "413",
+                                      "503"}
     for status, response in chat["responses"].items():
         if status != "200":
             ref = response["content"]["application/json"]["schema"]["$ref"]
