@@ -67,8 +67,10 @@ class ModeResult:
         late = sum(1 for status, s, d in self.records if status != "503" and s > d)
         slow_refusals = sum(1 for status, s, _ in self.records
                             if status == "503" and s > REFUSE_WITHIN_S)
+        known = {"200", "503", "408", "stream_error", "400"}
         return {"requests": len(self.records), "ok": len(ok), "refused": self.count("503"),
                 "timed_out": self.count("408"), "stream_errors": self.count("stream_error"),
+                "other": sum(1 for r in self.records if r[0] not in known),
                 "past_deadline": late, "slow_refusals": slow_refusals,
                 "goodput_per_s": round(len(ok) / self.seconds, 3),
                 "ok_p50_s": round(statistics.median(ok), 2) if ok else None,
@@ -153,9 +155,9 @@ def _replica_ids() -> set[str]:
 
 
 def _run_mode(checkpoint: str, admission: bool, seconds: float, warm_s: float,
-              seed: int) -> tuple[ModeResult, list]:
+              seed: int, port: int) -> tuple[ModeResult, list]:
     recipe = load_recipe(ServeRecipe, None, [
-        f"checkpoint={checkpoint}", f"port={free_local_port()}", "limits.request_timeout_s=20",
+        f"checkpoint={checkpoint}", f"port={port}", "limits.request_timeout_s=20",
         "limits.max_tokens=32", "limits.max_inflight=64", f"limits.admission={admission}",
         "experts.default.num_replicas=1", "experts.default.autoscaling=null",
         "ingress.num_replicas=2"])
@@ -165,7 +167,7 @@ def _run_mode(checkpoint: str, admission: bool, seconds: float, warm_s: float,
     try:
         asyncio.run(_clients(url, WARM_CLIENTS, warm_s, seed, None))
         before = _replica_ids()
-        scraper = Scraper(url + "/metrics")
+        scraper = Scraper(url + "/metrics", period_s=5.0)
         scraper.start()
         asyncio.run(_clients(url, CLIENTS, seconds, seed, result.records))
         samples = scraper.stop()
@@ -182,7 +184,7 @@ def bench_serve_overload(*, seconds: float = 30.0, warm_s: float = 10.0, seed: i
                          mlflow_uri: str | None = None,
                          plot_path: Path = PLOT) -> OverloadBenchResult:
     """Both modes on one local Ray; the plot is drawn from the admission-on run."""
-    os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "5000")
     result = OverloadBenchResult(machine=machine_info(torch.device("cpu")), settings={
         "seconds": seconds, "warm_s": warm_s, "clients": CLIENTS, "hogs": HOGS, "seed": seed})
     with tempfile.TemporaryDirectory(prefix="mova-bench-overload-") as tmp:
@@ -191,9 +193,9 @@ def bench_serve_overload(*, seconds: float = 30.0, warm_s: float = 10.0, seed: i
         init_ray("local", num_cpus=os.cpu_count() or 2,
                  temp_dir=tempfile.mkdtemp(prefix="mova-bench-overload-", dir="/tmp"))
         try:
-            panels = None
+            panels, port = None, free_local_port()  # Serve's proxy keeps its first port
             for admission in (True, False):
-                mode, samples = _run_mode(checkpoint, admission, seconds, warm_s, seed)
+                mode, samples = _run_mode(checkpoint, admission, seconds, warm_s, seed, port)
                 result.modes[mode.mode] = mode.summary()
                 panels = panels or series(samples)
                 log.info("admission %s: %s", mode.mode, result.modes[mode.mode])
@@ -210,13 +212,14 @@ def bench_serve_overload(*, seconds: float = 30.0, warm_s: float = 10.0, seed: i
 def render_overload(result: OverloadBenchResult) -> str:
     m = result.machine
     machine = "; ".join(f"{k}: {v}" for k, v in m.items())
-    cols = ["requests", "ok", "refused", "timed_out", "stream_errors", "past_deadline",
+    cols = ["requests", "ok", "refused", "timed_out", "stream_errors", "other", "past_deadline",
             "slow_refusals", "goodput_per_s", "ok_p50_s", "ok_p95_s", "stopped_replicas"]
     rows = [[f"admission {mode}", *(row[c] for c in cols)] for mode, row in
             result.modes.items()]
     on = result.modes.get("on", {})
     met = (on.get("timed_out") == 0 and on.get("past_deadline") == 0
            and on.get("slow_refusals") == 0 and on.get("stream_errors") == 0
+           and on.get("other") == 0
            and on.get("stopped_replicas") == 0)
     s = result.settings
     return "\n".join([

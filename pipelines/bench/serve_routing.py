@@ -110,9 +110,10 @@ async def _load(url: str, seconds: float, seed: int) -> tuple[list[float], dict[
     return latencies, statuses
 
 
-def _run_policy(checkpoint: str, policy: str, seconds: float, seed: int) -> dict[str, Any]:
+def _run_policy(checkpoint: str, policy: str, seconds: float, seed: int,
+                port: int) -> dict[str, Any]:
     recipe = load_recipe(ServeRecipe, None, [
-        f"checkpoint={checkpoint}", f"port={free_local_port()}", "limits.request_timeout_s=30",
+        f"checkpoint={checkpoint}", f"port={port}", "limits.request_timeout_s=30",
         "limits.max_inflight=64",
         f"experts.default.autoscaling={AUTOSCALING.format(policy=policy)}"])
     url = start(recipe)
@@ -145,8 +146,9 @@ def bench_serve_routing(*, seconds: float = 60.0, seed: int = 0) -> RoutingBench
         init_ray("local", num_cpus=os.cpu_count() or 2,
                  temp_dir=tempfile.mkdtemp(prefix="mova-bench-routing-", dir="/tmp"))
         try:
+            port = free_local_port()  # Serve's proxy keeps the port it started on
             for policy in ("serve", "routed"):
-                result.policies[policy] = _run_policy(checkpoint, policy, seconds, seed)
+                result.policies[policy] = _run_policy(checkpoint, policy, seconds, seed, port)
                 log.info("policy %s: %s", policy, result.policies[policy])
         finally:
             serve.shutdown()

@@ -154,4 +154,5 @@ async def node_metrics_text(timeout_s: float = 5.0) -> str:
             return ""
         async with httpx.AsyncClient(timeout=timeout_s) as client:
             response = await client.get(url)
-    return filter_families(response.text)
+    # parsing the node's whole export takes CPU: not on the replica's event loop
+    return await asyncio.to_thread(filter_families, response.text)

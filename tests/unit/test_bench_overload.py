@@ -49,7 +49,7 @@ def test_scraped_counters_become_rates_and_histograms_means(tmp_path):
 def test_the_goal_counts_every_way_a_request_can_fail_its_user():
     clean = ModeResult("on", 10.0, [("200", 1.0, 4.0), ("503", 0.2, 20.0), ("400", 0.1, 4.0)])
     assert clean.summary() | {"ok_p50_s": None, "ok_p95_s": None} == {
-        "requests": 3, "ok": 1, "refused": 1, "timed_out": 0, "stream_errors": 0,
+        "requests": 3, "ok": 1, "refused": 1, "timed_out": 0, "stream_errors": 0, "other": 0,
         "past_deadline": 0, "slow_refusals": 0, "goodput_per_s": 0.1, "ok_p50_s": None,
         "ok_p95_s": None, "stopped_replicas": 0}
     result = OverloadBenchResult(machine={"cpu": "x"}, settings={
@@ -57,7 +57,7 @@ def test_the_goal_counts_every_way_a_request_can_fail_its_user():
     result.modes["on"] = clean.summary()
     assert "**met**" in render_overload(result)
     for bad in ([("408", 4.1, 4.0)], [("200", 4.5, 4.0)], [("503", 2.5, 20.0)],
-                [("stream_error", 1.0, 4.0)]):
+                [("stream_error", 1.0, 4.0)], [("transport:ConnectError", 0.0, 4.0)]):
         result.modes["on"] = ModeResult("on", 10.0, bad).summary()
         assert "**missed**" in render_overload(result), bad
     stopped = ModeResult("on", 10.0, [("200", 1.0, 4.0)], stopped_replicas=1)
