@@ -9,7 +9,8 @@ runs with admission control on (the default) and off (`limits.admission=false`: 
 queued until ``max_inflight``). Counted per mode: 200s, 503s, 408s, errors mid-stream,
 requests that ended past their deadline, refusals slower than 2 s, answers per second
 (goodput) and the 200s' latency; replica actors stopped during the load. The app's
-``/metrics`` is scraped meanwhile and drawn (:mod:`pipelines.bench.serve_scrape`).
+metrics are scraped meanwhile from the node's Ray metrics agent, as Prometheus would, and
+drawn (:mod:`pipelines.bench.serve_scrape`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from pipelines.bench.serve_scrape import Scraper, log_to_mlflow, plot, series
 from pipelines.common.ray_init import free_local_port, init_ray
 from pipelines.common.recipe import load_recipe
 from pipelines.serve.app import start
+from pipelines.serve.metrics import node_metrics_url
 from pipelines.serve.recipe import ServeRecipe
 
 log = logging.getLogger(__name__)
@@ -167,7 +169,7 @@ def _run_mode(checkpoint: str, admission: bool, seconds: float, warm_s: float,
     try:
         asyncio.run(_clients(url, WARM_CLIENTS, warm_s, seed, None))
         before = _replica_ids()
-        scraper = Scraper(url + "/metrics", period_s=5.0)
+        scraper = Scraper(node_metrics_url() or url + "/metrics", period_s=5.0)
         scraper.start()
         asyncio.run(_clients(url, CLIENTS, seconds, seed, result.records))
         samples = scraper.stop()

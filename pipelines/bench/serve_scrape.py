@@ -20,6 +20,8 @@ import matplotlib
 import mlflow
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipelines.serve.metrics import PREFIX
+
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
@@ -31,9 +33,11 @@ _KEEP = ("status", "expert", "stage", "result")
 
 def parse(text: str) -> Sample:
     """Prometheus text -> {(sample name without Ray's prefix, our labels): value}, summed over
-    replicas and nodes."""
+    replicas and nodes (only the ``mova_*`` families)."""
     out: Sample = defaultdict(float)
     for family in text_string_to_metric_families(text):
+        if not family.name.startswith(("ray_" + PREFIX, PREFIX)):
+            continue
         for sample in family.samples:
             name = sample.name.removeprefix("ray_")
             labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k in _KEEP))
@@ -42,7 +46,8 @@ def parse(text: str) -> Sample:
 
 
 class Scraper(threading.Thread):
-    """GET ``url`` every ``period_s`` until stopped; keeps (elapsed seconds, parsed sample)."""
+    """GET ``url`` (a Ray node's metrics agent, as Prometheus would) every ``period_s`` until
+    stopped; keeps (elapsed seconds, parsed sample)."""
 
     def __init__(self, url: str, period_s: float = 2.0, headers: dict | None = None) -> None:
         super().__init__(daemon=True, name="metrics-scraper")

@@ -138,7 +138,8 @@ def filter_families(text: str, prefixes: tuple[str, ...] = ("ray_" + PREFIX, PRE
     return generate_latest(registry).decode()
 
 
-def _metrics_url() -> str | None:
+def node_metrics_url() -> str | None:
+    """The Prometheus endpoint of this node's Ray metrics agent (what a scraper reads)."""
     node_id = ray.get_runtime_context().get_node_id()
     node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), None)
     if node is None or not node.get("MetricsExportPort"):
@@ -149,7 +150,7 @@ def _metrics_url() -> str | None:
 async def node_metrics_text(timeout_s: float = 5.0) -> str:
     """Our families as this node's Ray metrics agent exports them (Prometheus text)."""
     async with asyncio.timeout(timeout_s):
-        url = await asyncio.to_thread(_metrics_url)
+        url = await asyncio.to_thread(node_metrics_url)
         if url is None:
             return ""
         async with httpx.AsyncClient(timeout=timeout_s) as client:
