@@ -1,5 +1,6 @@
 """The Grafana dashboard in cluster/grafana reads only families the app exports, with their
-labels, and covers what an operator watches (status, routing, queues, batches, latency)."""
+labels, and covers what an operator watches (status, routing, queues, batches, latency,
+the feature cache)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "cluster" / "grafana" / "mova-
 SERVE_TAGS = {"deployment", "replica", "application", "route"}  # ray.serve.metrics adds them
 SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
 NEEDED = {"requests", "expert_routed", "queue_depth", "batch_size", "step_seconds",
-          "time_to_first_token_seconds", "request_seconds"}
+          "time_to_first_token_seconds", "request_seconds", "feature_cache_lookups"}
 
 
 @pytest.fixture(scope="module")
