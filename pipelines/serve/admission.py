@@ -14,13 +14,17 @@ a machine that slowed down (a neighbour took the CPUs) shows in the estimate as 
 answers do, and a replica is promised only what it has recently done. A replica busy for
 ``MIN_BUSY_S`` without any answer is stalled: everything is refused until it answers again.
 
+An idle replica promises a request the recent answers' median instead (it queues behind no
+one; the tail of a past load must not keep refusing it), and forgets a window
+``LAST_WINDOW_TTL_S`` old.
+
 The estimate may use only ``ADMIT_SHARE`` of a request's budget, less ``ADMIT_RESERVE_S``
 (the reply's trip and scheduling noise). Nor is the law trusted beyond the concurrency it was
 measured at: past twice the most requests answered at once lately, no gain from batching is
 assumed (the tail grows in proportion to the number in flight), so a burst onto a replica that
 has only seen light load is admitted only as far as that pessimistic estimate allows. Before
 a replica has answered ``MIN_ANSWERS`` requests it admits ``COLD_IN_FLIGHT`` at a time. After
-an idle spell that emptied the window the last measurements hold.
+an idle spell that emptied the window the last measurements hold, up to ``LAST_WINDOW_TTL_S``.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ TAIL_QUANTILE = 0.9  # of recent answers' times: what an admitted request is pro
 ADMIT_SHARE = 0.7  # of a request's budget, what the estimate may take
 ADMIT_RESERVE_S = 0.5  # and less this: the reply's trip and scheduling noise
 COLD_IN_FLIGHT = 2  # in flight at most, before the replica has answered anything
+LAST_WINDOW_TTL_S = 120.0  # how long an idle replica keeps the last window it measured
 
 
 @dataclass(frozen=True)
@@ -86,12 +91,17 @@ class Admission:
         self._answers.append(Answer(self.clock(), took_s, level, max(peak, math.ceil(level))))
 
     def recent(self) -> list[Answer]:
-        """The answers in the window, or the last window that held enough of them."""
-        start = self.clock() - self.window_s
-        recent = [a for a in self._answers if a.at >= start]
+        """The answers in the window, or the last window that held enough of them while it
+        is younger than ``LAST_WINDOW_TTL_S`` (older, the replica starts cold again: what a
+        past load measured cannot keep an idle replica refusing)."""
+        now = self.clock()
+        recent = [a for a in self._answers if a.at >= now - self.window_s]
         if len(recent) >= self.min_answers:
             self._last = recent
-        return recent if len(recent) >= self.min_answers else self._last
+            return recent
+        if self._last and now - self._last[-1].at > LAST_WINDOW_TTL_S:
+            self._last = []
+        return self._last
 
     def stalled_s(self) -> float:
         """How long the replica has been busy without an answer (0 when it is not)."""
@@ -108,6 +118,8 @@ class Admission:
         if not recent:
             return None
         took = [a.took_s for a in recent]
+        if in_flight == 0:  # a lone request waits for no one: the typical answer's time
+            return _quantile(took, 0.5)
         tail = _quantile(took, TAIL_QUANTILE)
         level = sum(a.level for a in recent) / len(recent)
         per_request = sum(took) / len(took) / level  # 1 / throughput (Little's law)

@@ -31,8 +31,8 @@ def test_the_tail_of_recent_answers_scaled_by_concurrency():
     assert admission.wait_s(5) is None  # nothing measured yet
     _answers(admission, clock, [1.0] * 8 + [3.0, 3.0], level=10)  # p90: 3 s at 10 in flight
     # mean 1.4 s at 10 in flight: each request beyond 10 adds 0.14 s to the 3 s tail
-    assert admission.wait_s(0) == pytest.approx(3.0)  # never below the tail
-    assert admission.wait_s(9) == pytest.approx(3.0)
+    assert admission.wait_s(0) == pytest.approx(1.0)  # idle: queues behind no one, median
+    assert admission.wait_s(1) == admission.wait_s(9) == pytest.approx(3.0)  # the tail
     assert admission.wait_s(19) == pytest.approx(3.0 + 10 * 0.14)
     # 70% of the budget less the reserve: 6.1 s -> 3.77 s, so 15 in flight (+5 x 0.14 s) fit
     usable = 0.7 * 6.1 - ADMIT_RESERVE_S
@@ -43,7 +43,8 @@ def test_the_tail_of_recent_answers_scaled_by_concurrency():
     assert error is not None and error.status == 503 and error.code == "overloaded"
     assert "within its 6.1 s deadline" in error.message
     assert error.headers["Retry-After"] == str(math.ceil(admission.wait_s(15) - usable))
-    assert admission.refusal(0, budget_s=4) is not None  # 3 s > 0.7 * 4 - 0.5: never fits
+    assert admission.refusal(1, budget_s=4) is not None  # 3 s > 0.7 * 4 - 0.5
+    assert admission.refusal(0, budget_s=4) is None  # idle: the median, 1 s, fits
 
 
 def test_a_slower_machine_shows_as_soon_as_its_answers_do():
@@ -57,6 +58,9 @@ def test_a_slower_machine_shows_as_soon_as_its_answers_do():
     assert admission.refusal(1, budget_s=4) is not None
     clock.now += 100  # idle: the last window that held enough answers still holds
     assert admission.wait_s(1) == pytest.approx(4.0)
+    clock.now += 21  # until it is LAST_WINDOW_TTL_S old: then the replica starts cold
+    assert admission.wait_s(1) is None and admission.refusal(1, budget_s=4) is None
+    assert admission.refusal(COLD_IN_FLIGHT, budget_s=4) is not None
 
 
 def test_a_stall_is_refused_and_a_slow_start_is_not():
