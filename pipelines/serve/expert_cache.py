@@ -28,6 +28,18 @@ log = logging.getLogger(__name__)
 MAX_PENDING_WRITES = 4
 
 
+def open_caches(settings: FeatureCacheRecipe | None,
+                keys: dict[str, str]) -> dict[str, ExpertCache]:
+    """One cache per expert (``keys``: expert -> its cache key) over the one store the
+    recipe's ``feature_cache`` describes on this node; none when it is off."""
+    if settings is None or not settings.enabled:
+        return {}
+    store = FeatureStore(settings.root(), settings.max_mb * 2**20)
+    log.info("expert feature cache %s (at most %d MiB) for %s", store.root, settings.max_mb,
+             ", ".join(sorted(keys)))
+    return {expert: ExpertCache(store, expert, key) for expert, key in keys.items()}
+
+
 class ExpertCache:
     """The features of one expert (``key``: its cache key) in the node's ``store``, shared by
     the ingress replicas of the node."""
@@ -38,17 +50,6 @@ class ExpertCache:
         self.hits = self.misses = self.stored = self.dropped = 0
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"mova-store-{expert}")
         self._pending: set[asyncio.Future] = set()
-
-    @classmethod
-    def open(cls, settings: FeatureCacheRecipe | None, expert: str,
-             key: str) -> ExpertCache | None:
-        """The cache the recipe's ``feature_cache`` describes, on this node; None when off."""
-        if settings is None or not settings.enabled:
-            return None
-        store = FeatureStore(settings.root(), settings.max_mb * 2**20)
-        log.info("expert %s: feature cache %s (key %s, at most %d MiB)", expert, store.root,
-                 key, settings.max_mb)
-        return cls(store, expert, key)
 
     async def features(self, item: dict[str, Any],
                        compute: Callable[[dict[str, Any]], Awaitable[torch.Tensor]]

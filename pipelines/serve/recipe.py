@@ -226,11 +226,12 @@ class LimitsRecipe:
 @dataclass
 class FeatureCacheRecipe:
     """The node's cache of expert features (:mod:`pipelines.serve.feature_store`): an image
-    seen again on a node skips the experts that already computed its features there. The
-    expert replicas of a node share it; the least recently used entries go first. ``max_mb``
-    bounds its size on each node in MiB (0: off, the default here; then the ingress hashes no
-    image and the experts behave as without it); ``dir`` is its folder on each node, absolute
-    or ``~/...`` (resolved on the node; null: ``$MOVA_CACHE/serve-features``)."""
+    seen again on a node skips the experts that already computed its features there (the
+    ingress does not call them). The ingress replicas of a node share it; the least recently
+    used entries go first. ``max_mb`` bounds its size on each node in MiB (0: off, the default
+    here; then the ingress hashes no image and calls every routed expert); ``dir`` is its
+    folder on each node, absolute or ``~/...`` (resolved on the node; null:
+    ``$MOVA_CACHE/serve-features``)."""
 
     max_mb: int = 0
     dir: str | None = None

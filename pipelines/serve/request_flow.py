@@ -34,7 +34,7 @@ from mova.tokenizers import IMAGE_TOKEN
 from pipelines.common.checkpoint_store import local_checkpoint
 from pipelines.common.wire import MoVAInfo
 from pipelines.serve.errors import DeadlineExceeded, ReplicaUnhealthy, RequestError, bad_request
-from pipelines.serve.expert_cache import ExpertCache
+from pipelines.serve.expert_cache import ExpertCache, open_caches
 from pipelines.serve.metrics import metric
 from pipelines.serve.openai_request import ChatRequest, Conversation, stop_list
 from pipelines.serve.recipe import ServeRecipe
@@ -90,9 +90,7 @@ class PromptChecker:
         self.limits = recipe.limits
         self.max_image_side = recipe.limits.max_image_side or pool_image_side(self.config)
         self.hash_images = recipe.feature_cache.enabled
-        self.caches = {name: ExpertCache.open(recipe.feature_cache, name, key)
-                       for name, key in expert_cache_keys(checkpoint).items()}
-        self.caches = {n: c for n, c in self.caches.items() if c is not None}
+        self.caches = open_caches(recipe.feature_cache, expert_cache_keys(checkpoint))
 
     def image_key(self, data: bytes) -> str:
         """The image's key in the experts' feature cache: the sha256 of its bytes (equal

@@ -19,7 +19,7 @@ from mova.decoding import DecodeParams
 from mova.factory import build_tiny_mova
 from pipelines.common.recipe import load_recipe
 from pipelines.serve import expert_cache
-from pipelines.serve.expert_cache import ExpertCache
+from pipelines.serve.expert_cache import ExpertCache, open_caches
 from pipelines.serve.feature_store import LOCK_FILE, FeatureStore
 from pipelines.serve.recipe import FeatureCacheRecipe, ServeRecipe
 from pipelines.serve.request_flow import Pipeline, Prepared, PromptChecker
@@ -239,10 +239,13 @@ def test_the_expert_cache_drops_writes_beyond_its_queue(tmp_path, monkeypatch):
 
 
 def test_the_recipe_section(tmp_path):
-    assert ExpertCache.open(FeatureCacheRecipe(), "sam", KEY) is None  # off by default
-    assert ExpertCache.open(None, "sam", KEY) is None
-    on = ExpertCache.open(FeatureCacheRecipe(max_mb=2, dir=str(tmp_path)), "sam", KEY)
-    assert on.store.root == tmp_path and on.store.max_bytes == 2 * 2**20
+    keys = {"sam": KEY, "dinov2": "fedcba9876543210fedc"}
+    assert open_caches(FeatureCacheRecipe(), keys) == {}  # off by default
+    assert open_caches(None, keys) == {}
+    on = open_caches(FeatureCacheRecipe(max_mb=2, dir=str(tmp_path)), keys)
+    assert {n: c.key for n, c in on.items()} == keys
+    assert on["sam"].store is on["dinov2"].store  # one store (and byte bound) per node
+    assert on["sam"].store.root == tmp_path and on["sam"].store.max_bytes == 2 * 2**20
     served = load_recipe(ServeRecipe, JOBS / "serve.yaml", ["checkpoint=x"])
     assert served.feature_cache.enabled and served.feature_cache.max_mb == 1024
     assert served.feature_cache.root().name == "serve-features"
