@@ -124,16 +124,16 @@ class Admission:
         level = sum(a.level for a in recent) / len(recent)
         per_request = sum(took) / len(took) / level  # 1 / throughput (Little's law)
         wait = tail + max(0.0, in_flight + 1 - level) * per_request
-        if in_flight + 1 > self.trusted_in_flight():
+        if in_flight + 1 > self.trusted_in_flight(recent):
             # beyond what was measured: no gain from batching assumed, the tail grows with
             # the number in flight
             wait = max(wait, tail * (in_flight + 1) / level)
         return wait
 
-    def trusted_in_flight(self) -> int:
+    def trusted_in_flight(self, recent: list[Answer] | None = None) -> int:
         """Up to how many in flight the estimate holds: twice the most answered at once
-        lately (at least ``COLD_IN_FLIGHT``)."""
-        recent = self.recent()
+        lately (at least ``COLD_IN_FLIGHT``); ``recent``: :meth:`recent`, if at hand."""
+        recent = self.recent() if recent is None else recent
         return max(COLD_IN_FLIGHT, 2 * max((a.peak for a in recent), default=0))
 
     def refusal(self, in_flight: int, budget_s: float) -> APIError | None:

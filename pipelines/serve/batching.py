@@ -203,8 +203,9 @@ class Batcher:
             return
         finally:
             self.running = None
-            self.busy_s += time.time() - start
-            self._metrics.batch(len(batch), time.time() - start)
+            took = time.time() - start
+            self.busy_s += took
+            self._metrics.batch(len(batch), took)
         for item, result in zip(batch, results, strict=True):
             if not item.future.done():
                 if isinstance(result, BaseException):
