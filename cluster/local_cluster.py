@@ -238,7 +238,9 @@ def loopback_alias(preferred: str | None = None) -> str:
 
 def _cluster_env(auth: str, token: str | None) -> dict[str, str]:
     env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": auth,
-           "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0",
+           # Serve's proxy refuses chunked bodies (as pipelines.common.ray_init.COMMON_ENV)
+           "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "pipelines.serve.proxy_guard:middlewares"}
     if token:
         env["RAY_AUTH_TOKEN"] = token
     return env

@@ -19,6 +19,9 @@ COMMON_ENV = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    # Serve's HTTP proxy refuses chunked bodies itself (read by each proxy at its start; see
+    # pipelines/serve/proxy_guard.py: the replica would otherwise pull the whole body)
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "pipelines.serve.proxy_guard:middlewares",
 }
 # Without a GPU DeepSpeed's CPU accelerator is the one (said explicitly, it does not warn).
 CPU_ENV = {"DS_ACCELERATOR": "cpu"}

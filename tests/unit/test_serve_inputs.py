@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import io
+import json
 import logging
 import struct
 import threading
@@ -223,6 +224,39 @@ def test_api_key_guards_every_route_and_the_body_is_capped():
     open_health = TestClient(build_api(FakeService("k", public_health=True)))
     assert open_health.get("/health").status_code == 200
     assert open_health.get("/v1/models").status_code == 401
+
+
+def test_the_proxy_refuses_a_chunked_body_without_reading_it():
+    """The middleware Serve's proxy loads (named in our Ray environment) answers a chunked
+    request with the ingress's 411 envelope and never calls ``receive``."""
+    from ray.serve._private.http_util import validate_http_proxy_callback_return
+    from ray.serve._private.utils import call_function_from_import_path
+
+    from pipelines.common.ray_init import COMMON_ENV
+    from pipelines.serve.proxy_guard import ChunkedBodyGuard
+
+    loaded = validate_http_proxy_callback_return(call_function_from_import_path(
+        COMMON_ENV["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"]))
+    assert [m.cls for m in loaded] == [ChunkedBodyGuard]
+    passed, sent = [], []
+
+    async def app(scope, receive, send):
+        passed.append(scope["path"])
+
+    async def receive():
+        raise AssertionError("the body was read")
+
+    async def send(message):
+        sent.append(message)
+
+    guard = ChunkedBodyGuard(app)
+    for headers in ([(b"content-length", b"5")], [], [(b"Transfer-Encoding", b"gzip, Chunked")]):
+        asyncio.run(guard({"type": "http", "path": str(len(headers)), "headers": headers},
+                          receive, send))
+    assert passed == ["1", "0"]
+    start, body = sent
+    assert start["status"] == 411 and (b"connection", b"close") in start["headers"]
+    assert json.loads(body["body"])["error"]["code"] == "length_required"
 
 
 def test_openapi_publishes_the_contract():
