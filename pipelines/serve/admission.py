@@ -14,14 +14,11 @@ a machine that slowed down (a neighbour took the CPUs) shows in the estimate as 
 answers do, and a replica is promised only what it has recently done. A replica busy for
 ``MIN_BUSY_S`` without any answer is stalled: everything is refused until it answers again.
 
-An idle replica promises a lone request the smaller of the recent answers' median and the
-tail of what one answer cost at the concurrency it ran at (``took / level``): it queues behind
-no one, and the queueing of a past load must not keep refusing it. It forgets a window
-``LAST_WINDOW_TTL_S`` old.
-
-One more request slows those in flight too, so it is admitted only while the estimate also
-fits the shortest deadline among them (:meth:`Tickets.refusal`): a 4 s request admitted onto
-an idle replica is not made late by the burst that follows it.
+An idle replica promises a lone request the recent answers' median; once idle for
+``IDLE_SETTLE_S`` (past a load, not between two of its requests, while the replicas it shares
+the models with may still be busy), the smaller of that and the tail of what one answer cost
+at the concurrency it ran at (``took / level``): the queueing of a past load must not keep
+refusing it. It forgets a window ``LAST_WINDOW_TTL_S`` old.
 
 The estimate may use only ``ADMIT_SHARE`` of a request's budget, less ``ADMIT_RESERVE_S``
 (the reply's trip and scheduling noise). Nor is the law trusted beyond the concurrency it was
@@ -56,6 +53,7 @@ ADMIT_SHARE = 0.7  # of a request's budget, what the estimate may take
 ADMIT_RESERVE_S = 0.5  # and less this: the reply's trip and scheduling noise
 COLD_IN_FLIGHT = 2  # in flight at most, before the replica has answered anything
 LAST_WINDOW_TTL_S = 120.0  # how long an idle replica keeps the last window it measured
+IDLE_SETTLE_S = 2.0  # idle this long, a replica is past a load (not between two requests)
 
 
 @dataclass(frozen=True)
@@ -80,14 +78,19 @@ class Admission:
         self.clock = clock
         self._answers: deque[Answer] = deque(maxlen=512)
         self._busy_since: float | None = None
+        self._idle_since: float | None = clock()
         self._last: list[Answer] = []  # the latest window with enough answers
 
     def in_flight_changed(self, before: int, after: int) -> None:
         """Call when the number of requests in flight goes from ``before`` to ``after``."""
         if before == 0 and after > 0:
-            self._busy_since = self.clock()
+            self._busy_since, self._idle_since = self.clock(), None
         elif after == 0:
-            self._busy_since = None
+            self._busy_since, self._idle_since = None, self.clock()
+
+    def idle_s(self) -> float:
+        """How long nothing has been in flight (0 while something is)."""
+        return 0.0 if self._idle_since is None else self.clock() - self._idle_since
 
     def answered(self, took_s: float, level: float, peak: int = 0) -> None:
         """A request finished with its answer after ``took_s``; ``level``: requests in flight
@@ -124,11 +127,14 @@ class Admission:
             return None
         took = [a.took_s for a in recent]
         if in_flight == 0:
-            # a lone request waits for no one: the typical answer's time, or, after a load,
-            # the tail of what one answer cost at the concurrency it ran at (a heavy past
-            # load's times are its queue's, not a lone request's)
-            alone = _quantile([a.took_s / a.level for a in recent], TAIL_QUANTILE)
-            return min(_quantile(took, 0.5), alone)
+            # a lone request waits for no one here, but a replica idle for a moment amid a
+            # load (the others sharing the models are busy) is not idle: the typical answer's
+            # time; once it has been idle IDLE_SETTLE_S, the tail of what one answer cost at
+            # the concurrency it ran at (a past load's times are its queue's)
+            typical = _quantile(took, 0.5)
+            if self.idle_s() < IDLE_SETTLE_S:
+                return typical
+            return min(typical, _quantile([a.took_s / a.level for a in recent], TAIL_QUANTILE))
         tail = _quantile(took, TAIL_QUANTILE)
         level = sum(a.level for a in recent) / len(recent)
         per_request = sum(took) / len(took) / level  # 1 / throughput (Little's law)
@@ -145,16 +151,9 @@ class Admission:
         recent = self.recent() if recent is None else recent
         return max(COLD_IN_FLIGHT, 2 * max((a.peak for a in recent), default=0))
 
-    def usable_s(self, budget_s: float) -> float:
-        """What the estimate may take of a ``budget_s`` deadline."""
-        return max(0.0, budget_s * self.admit_share - ADMIT_RESERVE_S)
-
-    def refusal(self, in_flight: int, budget_s: float,
-                held_budget_s: float | None = None) -> APIError | None:
+    def refusal(self, in_flight: int, budget_s: float) -> APIError | None:
         """A 503 for a request with ``budget_s`` left that would not finish within its
-        admissible share of it, else None. ``held_budget_s``: the shortest deadline among
-        the requests in flight: one more shares the replica with them and slows them too, so
-        it is admitted only while the estimate also fits theirs."""
+        admissible share of it, else None."""
         wait = self.wait_s(in_flight)
         if wait is None:
             if in_flight < COLD_IN_FLIGHT:
@@ -162,22 +161,19 @@ class Admission:
             return overloaded(f"{in_flight} requests are in flight and this replica has not "
                               f"answered enough yet to estimate more (it admits "
                               f"{COLD_IN_FLIGHT} at a time until it has); retry in 1 s", 1)
-        usable = self.usable_s(budget_s)
-        held = self.usable_s(held_budget_s) if held_budget_s is not None else math.inf
-        if wait <= min(usable, held):
+        usable = max(0.0, budget_s * self.admit_share - ADMIT_RESERVE_S)
+        if wait <= usable:
             return None
         if math.isinf(wait):
             retry = MAX_RETRY_AFTER_S
             said = f"no answer in {self.stalled_s():.0f} busy seconds"
         else:
-            retry = max(1, min(MAX_RETRY_AFTER_S, math.ceil(wait - min(usable, held))))
-            said = f"{in_flight} in flight, about {wait:.0f} s"
-        if wait <= usable:  # it would finish, but a request in flight would not
-            return overloaded(f"a request in flight with a {held_budget_s:g} s deadline would "
-                              f"not finish with one more beside it ({said}); retry in "
-                              f"{retry} s", retry)
+            retry = max(1, min(MAX_RETRY_AFTER_S, math.ceil(wait - usable)))
+            if in_flight == 0 and self.idle_s() < IDLE_SETTLE_S:
+                retry = min(retry, math.ceil(IDLE_SETTLE_S))  # then it estimates a lone one
+            said = f"{in_flight} in flight"
         return overloaded(f"this request would not finish within its {budget_s:g} s deadline "
-                          f"({said}); retry in {retry} s", retry)
+                          f"({said}: about {wait:.0f} s); retry in {retry} s", retry)
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -190,24 +186,17 @@ class Tickets:
     how long answered requests took and how many shared the replica meanwhile."""
 
     def __init__(self, admission: Admission | None = None) -> None:
-        # ticket -> (when it must be given back, when taken, in flight when taken, budget)
-        self.held: dict[int, tuple[float, float, int, float]] = {}
+        # ticket -> (when it must be given back, when taken, in flight when taken)
+        self.held: dict[int, tuple[float, float, int]] = {}
         self.admission = admission or Admission()
         self._ids = itertools.count()
 
     def __len__(self) -> int:
         return len(self.held)
 
-    def refusal(self, budget_s: float) -> APIError | None:
-        """:meth:`Admission.refusal` for one more request with ``budget_s``, beside the
-        requests in flight now (and their deadlines)."""
-        held = min((budget for *_, budget in self.held.values()), default=None)
-        return self.admission.refusal(len(self.held), budget_s, held)
-
-    def take(self, expires: float, budget_s: float = math.inf) -> int:
-        """A slot until ``expires`` (wall clock) for a request with a ``budget_s`` deadline."""
+    def take(self, expires: float) -> int:
         ticket = next(self._ids)
-        self.held[ticket] = (expires, self.admission.clock(), len(self.held) + 1, budget_s)
+        self.held[ticket] = (expires, self.admission.clock(), len(self.held) + 1)
         self.admission.in_flight_changed(len(self.held) - 1, len(self.held))
         metric("requests_in_flight").set(len(self.held))
         return ticket
@@ -218,7 +207,7 @@ class Tickets:
         if held is None:
             return
         if answered:
-            _, taken, level, _ = held
+            _, taken, level = held
             # the in-flight count it met coming in and leaves behind (itself included)
             leaving = len(self.held) + 1
             self.admission.answered(self.admission.clock() - taken, (level + leaving) / 2,

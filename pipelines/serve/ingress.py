@@ -190,7 +190,7 @@ class MoVAIngress:
             timeout_s = self._timeout(req)
             self._admit(timeout_s)
             deadline = time.time() + timeout_s - reply_reserve_s(timeout_s)
-            ticket = self.tickets.take(deadline + TICKET_GRACE_S, timeout_s)
+            ticket = self.tickets.take(deadline + TICKET_GRACE_S)
             response = await self._complete(req, start, deadline, timeout_s, ticket)
             handed_off = isinstance(response, StreamingResponse)
             status = "200"
@@ -217,7 +217,7 @@ class MoVAIngress:
                              f"(limit {self.recipe.limits.max_inflight}); retry shortly")
         if not self.recipe.limits.admission:
             return
-        refusal = self.tickets.refusal(budget_s)
+        refusal = self.tickets.admission.refusal(len(self.tickets), budget_s)
         if refusal is not None:
             raise refusal
 

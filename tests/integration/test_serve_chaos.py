@@ -35,6 +35,8 @@ import torch
 from PIL import Image
 from served import served_app
 
+from pipelines.serve.admission import IDLE_SETTLE_S
+
 pytestmark = pytest.mark.integration
 
 POOL = ["dinov2", "sam"]
@@ -224,7 +226,12 @@ def _answers(url: str, forced: list[list[str] | None]) -> None:
 
 
 def _idle_and_healthy(url: str) -> None:
-    """The app answers, holds nothing in flight or queued, and no batcher is unhealthy."""
+    """Once the load is over (nothing in flight for ``IDLE_SETTLE_S``: until then an ingress
+    may be between two of a load's requests, and refuses what a busy replica would), the app
+    answers, holds nothing in flight or queued, and no batcher is unhealthy."""
+    _wait(lambda: all(_info("Ingress")["in_flight"] == 0 for _ in range(6)), 30,
+          "no request in flight")
+    time.sleep(IDLE_SETTLE_S)
     _answers(url, [[], POOL[:1], POOL, None])
     _wait(lambda: all(_info("Ingress")["in_flight"] == 0 for _ in range(6)), 30,
           "no request in flight")
