@@ -13,8 +13,10 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from mova.factory import build_tiny_mova
+from pipelines.bench.harness import write_section
+from pipelines.demo.expert_value import SECTION, docs_benchmarks, render_section, run_expert_value
 from pipelines.demo.lifecycle import run_demo
-from pipelines.demo.plans import FULL, QUICK, REAL, REAL_QUICK
+from pipelines.demo.plans import EXPERT_VALUE, EXPERT_VALUE_QUICK, FULL, QUICK, REAL, REAL_QUICK
 from pipelines.demo.real import run_real_demo
 from pipelines.model.real_assets import MissingPackagesError
 
@@ -54,7 +56,7 @@ def chart_image(seed: int = 1, size: int = 160) -> tuple[Image.Image, str, str]:
 def run(args: argparse.Namespace) -> int:
     if args.tour:
         return run_tour(args)
-    if args.real:
+    if args.real or args.expert_value:
         return run_real(args)
 
     try:
@@ -70,15 +72,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_real(args: argparse.Namespace) -> int:
-    out = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT + "-real"
+    """``--real`` (easy-VQA) or ``--expert-value`` (the experiment): both on the real weights."""
+    flag = "--expert-value" if args.expert_value else "--real"
+    suffix = "-expert-value" if args.expert_value else "-real"
+    out = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT + suffix
     try:
-        result = run_real_demo(out, REAL_QUICK if args.quick else REAL, seed=args.seed,
-                               cache=args.cache)
+        if args.expert_value:
+            result = run_expert_value(out, EXPERT_VALUE_QUICK if args.quick else EXPERT_VALUE,
+                                      seed=args.seed, cache=args.cache)
+            if args.write_docs:
+                path = write_section(docs_benchmarks(), SECTION, render_section(result))
+                print(f"Wrote section <!-- {SECTION} --> of {path}")
+        else:
+            result = run_real_demo(out, REAL_QUICK if args.quick else REAL, seed=args.seed,
+                                   cache=args.cache)
     except MissingPackagesError as exc:
-        print(f"mova demo --real: {exc}")
+        print(f"mova demo {flag}: {exc}")
         return 2
     except KeyboardInterrupt:
-        print("mova demo --real: interrupted (its local Ray was stopped, see above)")
+        print(f"mova demo {flag}: interrupted (its local Ray was stopped, see above)")
         return 130
     if args.json:
         Path(args.json).write_text(json.dumps(dataclasses.asdict(result), indent=2,
@@ -144,6 +156,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the longer variant on real pretrained weights from packages (SmolLM2-"
                         "135M, MiniLM, DINOv2-S) on easy-VQA: MoVA vs a base-only model; "
                         "output defaults to outputs/demo-real")
+    p.add_argument("--expert-value", action="store_true",
+                   help="the experiment on the real weights whether training makes experts "
+                        "matter: colour questions the base answers, small-tag letters only "
+                        "DINOv2 resolves; base-only vs MoVA routed, right and wrong expert "
+                        "forced (~45 min; --quick: minutes); output defaults to "
+                        "outputs/demo-expert-value")
+    p.add_argument("--write-docs", action="store_true", help="--expert-value: write the "
+                   "result into docs/benchmarks.md (section bench:expert-value)")
     p.add_argument("--cache", default=None, help="--real: the prepared weights' folder "
                                                  "(default $MOVA_CACHE/real or "
                                                  "~/.cache/mova/real)")

@@ -27,6 +27,11 @@ def _train(steps: int, batch_size: int, base: tuple[str, ...], log_every: int) -
             f"log_every={log_every}", *base)
 
 
+def _one_worker(overrides: tuple[str, ...]) -> tuple[str, ...]:
+    kept = tuple(o for o in overrides if not o.startswith("cpus_per_worker="))
+    return (*kept, "num_workers=1", "cpus_per_worker=1")
+
+
 @dataclass(frozen=True)
 class Plan:
     """One demo size: ``jobs`` maps a recipe (``jobs/<name>.yaml``) to its overrides;
@@ -74,4 +79,22 @@ REAL_QUICK = Plan("real-quick", {
     "synth": ("per_domain=2", "test_per_domain=1", "routing_samples=4", "image_size=64"),
     "sft": _train(2, 2, REAL_TRAINING, 1),
 }, sizes={"train_questions": 16, "test_questions": 8, "image_size": 224})
-PLANS = {p.name: p for p in (FULL, QUICK, REAL, REAL_QUICK)}
+# `mova demo --expert-value` (pipelines/demo/expert_value.py): the adapter and text encoder
+# learn at a higher rate in pretraining (the LLM is frozen there, nothing pretrained moves).
+EXPERT_VALUE_PRETRAIN = ("optim.lr=1.0e-3", "optim.warmup_ratio=0.05", "optim.min_lr_ratio=0.1",
+                         "cpus_per_worker=0.5", "keep_checkpoints=1")
+EXPERT_VALUE = Plan("expert-value", {
+    "features": ("experts=label", "dtype=float32", "batch_size=16"),
+    "pretrain": _train(120, 8, EXPERT_VALUE_PRETRAIN, 10),
+    "labels": ("batch_size=16", "margin=0.05"),
+    "sft": _train(100, 8, REAL_TRAINING, 10),
+    "eval": ("max_new_tokens=4", "batch_size=16"),
+}, sizes={"train_per_kind": 240, "test_per_kind": 100, "routing_rows": 120,
+          "base_image_size": 28})
+EXPERT_VALUE_QUICK = Plan("expert-value-quick", {
+    **EXPERT_VALUE.jobs,
+    # one training worker on a whole CPU: the quick run checks the stages, not the speed
+    "pretrain": _one_worker(_train(2, 4, EXPERT_VALUE_PRETRAIN, 1)),
+    "sft": _one_worker(_train(2, 4, REAL_TRAINING, 1)),
+}, sizes={"train_per_kind": 6, "test_per_kind": 3, "routing_rows": 4, "base_image_size": 28})
+PLANS = {p.name: p for p in (FULL, QUICK, REAL, REAL_QUICK, EXPERT_VALUE, EXPERT_VALUE_QUICK)}

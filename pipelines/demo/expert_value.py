@@ -1,0 +1,443 @@
+"""`mova demo --expert-value`: does the system's training make the experts matter?
+
+An experiment on data where an expert sees what the base encoder cannot
+(:mod:`pipelines.data.expert_value`: a large shape's colour, which the base sees, and a small
+tag's letter, which only DINOv2 resolves), run with the system's own stages on the real small
+weights (SmolLM2-135M-Instruct, all-MiniLM-L6-v2, DINOv2-S/14):
+
+1. ``mova model init``: the real LLM, text encoder and ``dinov2``; the CLIP base encoder stays a
+   random, frozen, tiny CLIP that runs at ``base_image_size`` px (28: a 4 x 4 grid). No CLIP
+   weights exist offline; a frozen random CLIP at a low resolution keeps what the paper's base
+   has against its high-resolution experts: the coarse content of the whole image (a linear
+   probe reads the large shape's colour from it 100% of the time), not its small print (the
+   tag's 12 px letter is 1.5 px at its input). Every compared model shares this base.
+2. ``mova features``: the candidate experts' features (``dinov2``, and ``sam`` as the wrong
+   expert), cached once.
+3. ``mova train`` pretrain: the MoV-Adapter and text encoder learn to use both candidates (every
+   row fused with both; the LLM frozen).
+4. ``mova labels``: loss-driven routing labels on the training rows (an expert joins a row's
+   label when it alone lowers the LM loss below the base's), compared with the ground truth.
+5. ``mova train`` SFT, twice from the pretrained model, the same steps and seed: MoVA on the
+   loss-labelled rows plus routing-instruction rows made from them, and a base-only model whose
+   rows carry no expert.
+6. ``mova eval`` on held-out questions of both kinds: base-only, MoVA routing itself, MoVA with
+   the right expert forced, with the wrong one forced; accuracy with standard errors, and the
+   routing's accuracy against the ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mova.experts.registry import DEFAULT_POOL, get_expert_spec
+from mova.factory import build_model
+from mova.routing import augment_routing_example
+from pipelines.common.manifests.rows import manifest_files, read_rows, write_manifest
+from pipelines.data.expert_value import DETAIL_EXPERT, KINDS, ExpertValueData, generate
+from pipelines.demo.console import TrainProgress
+from pipelines.demo.plans import EXPERT_VALUE, Plan
+from pipelines.demo.session import DemoSession, RunRecord, jobs_dir
+from pipelines.evaluate.job import run_eval
+from pipelines.evaluate.recipe import EvalRecipe
+from pipelines.features.job import run_features
+from pipelines.features.recipe import FeaturesRecipe
+from pipelines.labels.job import run_labels
+from pipelines.labels.recipe import LabelsRecipe
+from pipelines.model.real_assets import default_cache_dir, prepare_real_assets, real_config
+from pipelines.train.job import run_train
+from pipelines.train.recipe import TrainRecipe
+
+log = logging.getLogger(__name__)
+
+WRONG_EXPERT = "sam"  # a tiny random expert: it sees nothing the base does not
+CANDIDATES = [DETAIL_EXPERT, WRONG_EXPERT]
+# label -> (the trained model, eval routing, forced experts)
+COMPARED = {"base-only": ("base", "forced", []),
+            "MoVA (the LLM routes)": ("mova", "model", []),
+            f"MoVA ({DETAIL_EXPERT} forced: right)": ("mova", "forced", [DETAIL_EXPERT]),
+            f"MoVA ({WRONG_EXPERT} forced: wrong)": ("mova", "forced", [WRONG_EXPERT])}
+ROUTED = "MoVA (the LLM routes)"
+
+
+@dataclass
+class ExpertValueResult(RunRecord):
+    # compared model -> question kind -> {"accuracy", "stderr", "questions"}
+    accuracy: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # question kind -> share of rows whose routing equals the ground truth
+    routing_accuracy: dict[str, float] = field(default_factory=dict)
+    # question kind -> routed expert set ("none" when empty) -> count
+    routing_confusion: dict[str, dict[str, int]] = field(default_factory=dict)
+    label_agreement: dict[str, float] = field(default_factory=dict)
+    train_rows: dict[str, int] = field(default_factory=dict)
+    final_loss: dict[str, float] = field(default_factory=dict)
+    mlflow_run_id: str = ""
+
+
+def stderr(p: float, n: int) -> float:
+    """The standard error of an accuracy ``p`` measured on ``n`` questions."""
+    return math.sqrt(p * (1 - p) / n) if n else math.nan
+
+
+def _routed(experts: list[str] | None) -> str:
+    return "+".join(sorted(experts)) if experts else "none"
+
+
+def _agreement(rows: list[dict]) -> tuple[dict[str, float], dict[str, dict[str, int]]]:
+    """Per question kind: the share of rows whose experts equal their ground truth, and the
+    count of each expert set seen."""
+    hits: dict[str, list[int]] = {}
+    confusion: dict[str, dict[str, int]] = {}
+    for row in rows:
+        kind, truth = row["meta"]["question_kind"], row["meta"]["truth"]
+        got = row.get("experts") or []
+        hits.setdefault(kind, []).append(int(sorted(got) == sorted(truth)))
+        counts = confusion.setdefault(kind, {})
+        counts[_routed(got)] = counts.get(_routed(got), 0) + 1
+    return {k: sum(v) / len(v) for k, v in hits.items()}, confusion
+
+
+def _manifest(uri: str) -> list[dict]:
+    """The rows of one of the experiment's small manifests (hundreds of rows)."""
+    rows = []
+    for line, row in read_rows(uri):
+        if not isinstance(row, dict):
+            raise ValueError(f"{uri}: row {line} is unreadable: {row}")
+        rows.append(row)
+    return rows
+
+
+def routing_rows(rows: list[dict], count: int, seed: int) -> list[dict]:
+    """``count`` routing-instruction rows over the default pool, from labelled answer rows
+    (their experts are the routing answer)."""
+    pool = [(name, get_expert_spec(name).descriptions) for name in DEFAULT_POOL]
+    rng = random.Random(f"mova-expert-value:{seed}:routing")
+    out = []
+    for i in range(count):
+        source = rng.choice(rows)
+        example = augment_routing_example(source["meta"]["question"], pool,
+                                          source.get("experts") or [], rng)
+        out.append({"id": f"train-routing-{i:05d}", "image": source["image"],
+                    "conversations": [{"from": "human", "value": example.prompt},
+                                      {"from": "gpt", "value": example.answer}],
+                    "experts": list(source.get("experts") or []), "kind": "routing",
+                    "domain": source["domain"], "meta": {"pool": list(example.pool),
+                                                         "source": source["id"]}})
+    return out
+
+
+class ExpertValueDemo:
+    """The experiment's steps, in one session."""
+
+    def __init__(self, session: DemoSession[ExpertValueResult], seed: int) -> None:
+        self.s, self.seed = session, seed
+        self.root, self.echo, self.result = session.root, session.echo, session.result
+        self.sizes = session.plan.sizes
+        self.data_dir = self.root / "data"
+
+    def init(self, cache: str | Path | None) -> Path:
+        assets = self.s.step("Real weights from packages: SmolLM2-135M, MiniLM, DINOv2-S "
+                             "(mova model prepare-real)",
+                             lambda: prepare_real_assets(cache or default_cache_dir()))
+
+        def init() -> Path:
+            config = real_config(assets, image_size=224)
+            config.base.image_size = self.sizes["base_image_size"]
+            config.base.trainable = False
+            return Path(build_model(config, seed=self.seed).save_pretrained(self.root / "init"))
+
+        return self.s.step(f"MoVA with the real LLM, text encoder and {DETAIL_EXPERT}; a frozen "
+                           f"random CLIP base at {self.sizes['base_image_size']} px "
+                           f"(mova model init)", init)
+
+    def data(self) -> dict[str, str]:
+        def make() -> dict[str, str]:
+            made = generate(ExpertValueData(
+                out=str(self.data_dir), seed=self.seed,
+                train_per_kind=self.sizes["train_per_kind"],
+                test_per_kind=self.sizes["test_per_kind"]))
+            train = _manifest(made["train"])
+            # pretraining fuses both candidates on every row (the adapter learns each)
+            both = [{**r, "experts": list(CANDIDATES)} for r in train]
+            paths = {"pretrain": write_manifest(both, str(self.data_dir / "pretrain.jsonl")),
+                     "train": made["train"]}
+            test = _manifest(made["test"])
+            for kind in KINDS:
+                paths[f"test-{kind}"] = write_manifest(
+                    [r for r in test if r["meta"]["question_kind"] == kind],
+                    str(self.data_dir / f"test-{kind}.jsonl"))
+            return paths
+
+        return self.s.step("Data: colour questions (the base sees) and small-tag letters "
+                           "(only an expert sees), ground-truth routing kept", make)
+
+    def features(self, manifest: str, init_path: Path) -> None:
+        self.s.start_ray()
+        self.s.step("Expert-feature cache for the candidates (mova features)",
+                    lambda: run_features(self.s.recipe(
+                        "features", FeaturesRecipe, manifest=manifest, checkpoint=init_path,
+                        cache=self.root / "features")))
+
+    def _train(self, job: str, name: str, init: Path | str, manifest: str) -> str:
+        steps = int(self.s.plan.value(job, "max_steps"))
+        recipe = self.s.recipe(job, TrainRecipe, run_name=f"ev-{name}", init_from=init,
+                               manifest=manifest, cache=self.root / "features",
+                               output=self.root / name, name=f"ev-{name}", seed=self.seed,
+                               storage_path=self.root / "ray_results")
+        with TrainProgress(self.s.tracking_uri, f"ev-{name}", steps, self.echo):
+            trained = run_train(recipe)
+        self.result.final_loss[name] = trained.final_loss
+        return trained.output
+
+    def pretrain(self, init_path: Path, manifest: str) -> str:
+        return self.s.step("Pretrain: the adapter learns to fuse both candidates (mova train "
+                           "pretrain)", lambda: self._train("pretrain", "pretrain", init_path,
+                                                            manifest))
+
+    def labels(self, pretrained: str, train: str) -> str:
+        output = self.data_dir / "train.labels"
+
+        def label() -> str:
+            run_labels(self.s.recipe("labels", LabelsRecipe, manifest=train,
+                                     checkpoint=pretrained, output=output,
+                                     cache=self.root / "features", only=CANDIDATES))
+            agreement, confusion = _agreement(_manifest(str(output)))
+            self.result.label_agreement = agreement
+            self.echo("    loss-driven labels equal to the ground truth: "
+                      + ", ".join(f"{k} {100 * v:.1f}%" for k, v in agreement.items())
+                      + f"; labels per kind {confusion}")
+            return str(output)
+
+        return self.s.step("Loss-driven routing labels, compared with the ground truth "
+                           "(mova labels)", label)
+
+    def sft_both(self, pretrained: str, labelled: str) -> dict[str, str]:
+        def train() -> dict[str, str]:
+            # the labels' parts name images relative to their own folder
+            rows = [{**r, "image": os.path.normpath(Path(labelled) / r["image"])}
+                    for r in _manifest(labelled)]
+            routing = routing_rows(rows, self.sizes["routing_rows"], self.seed)
+            mova_rows = rows + routing
+            base_rows = [{**r, "experts": []} for r in rows]
+            random.Random(self.seed).shuffle(mova_rows)
+            random.Random(self.seed).shuffle(base_rows)
+            manifests = {
+                "mova": write_manifest(mova_rows, str(self.data_dir / "sft.mova.jsonl")),
+                "base": write_manifest(base_rows, str(self.data_dir / "sft.base.jsonl"))}
+            self.result.train_rows = {"mova": len(mova_rows), "base": len(base_rows)}
+            out = {}
+            for name in ("mova", "base"):
+                self.echo(f"    training {name} ...")
+                out[name] = self._train("sft", name, pretrained, manifests[name])
+            return out
+
+        steps = int(self.s.plan.value("sft", "max_steps"))
+        return self.s.step(f"SFT MoVA (loss-labelled rows + routing rows) and the base-only "
+                           f"model the same way: LoRA + adapter, {steps} steps each "
+                           f"(mova train)", train)
+
+    def evaluate(self, trained: dict[str, str], data: dict[str, str]) -> None:
+        def evaluate() -> None:
+            for i, (label, (model, routing, experts)) in enumerate(COMPARED.items()):
+                output = self.root / "eval" / f"run{i}"
+                recipe = self.s.recipe(
+                    "eval", EvalRecipe, run_name=f"ev-eval-run{i}",
+                    checkpoint=trained[model], routing=routing, experts=experts,
+                    benchmarks=[{"name": kind, "path": data[f"test-{kind}"]}
+                                for kind in KINDS],
+                    output=output)
+                scores = run_eval(recipe).scores
+                self.result.accuracy[label] = {
+                    kind: {"accuracy": scores[kind].score, "questions": scores[kind].questions,
+                           "stderr": stderr(scores[kind].score, scores[kind].questions)}
+                    for kind in KINDS}
+                if label == ROUTED:
+                    self._routing(output)
+
+        self.s.step("Held-out accuracy per question kind, four ways (mova eval)", evaluate)
+
+    def _routing(self, output: Path) -> None:
+        records = [json.loads(line) for part in manifest_files(str(output / "predictions"))
+                   for line in Path(part).read_text().splitlines() if line.strip()]
+        agreement, confusion = _agreement(records)
+        self.result.routing_accuracy, self.result.routing_confusion = agreement, confusion
+
+
+SECTION = "bench:expert-value"
+REPRODUCE = "OMP_NUM_THREADS=1 mova demo --expert-value --write-docs"
+
+
+def docs_benchmarks() -> Path:
+    """The checkout's docs/benchmarks.md (where ``--write-docs`` puts the section)."""
+    return jobs_dir().parent / "docs" / "benchmarks.md"
+
+
+def goals(r: ExpertValueResult) -> list[tuple[str, bool, str]]:
+    """The issue's goals: (goal, met, what was measured)."""
+    def cell(label: str, kind: str) -> dict[str, float]:
+        return r.accuracy.get(label, {}).get(kind, {"accuracy": math.nan, "stderr": math.nan})
+
+    base, routed = cell("base-only", "detail"), cell(ROUTED, "detail")
+    right = cell(f"MoVA ({DETAIL_EXPERT} forced: right)", "detail")
+    gain = routed["accuracy"] - base["accuracy"]
+    se = math.hypot(routed["stderr"], base["stderr"])
+    colour_base, colour_routed = cell("base-only", "base"), cell(ROUTED, "base")
+    colour_se = math.hypot(colour_base["stderr"], colour_routed["stderr"])
+    routing = (sum(r.routing_accuracy.values()) / len(r.routing_accuracy)
+               if r.routing_accuracy else math.nan)
+    labels = r.label_agreement.get("detail", math.nan)
+    return [
+        ("routed >= base-only + 15 points on detail questions, and >= 3 standard errors",
+         gain >= 0.15 and gain >= 3 * se,
+         f"{100 * gain:+.1f} points, {gain / se if se else math.nan:.1f} standard errors"),
+        ("routed not worse than base-only on base questions (within one standard error)",
+         colour_routed["accuracy"] >= colour_base["accuracy"] - colour_se,
+         f"{100 * (colour_routed['accuracy'] - colour_base['accuracy']):+.1f} points "
+         f"(one standard error {100 * colour_se:.1f})"),
+        ("routing equal to the ground truth >= 90% (both kinds)", routing >= 0.9,
+         f"{100 * routing:.1f}%"),
+        ("routed within 3 points of the right expert forced (detail questions)",
+         abs(routed["accuracy"] - right["accuracy"]) <= 0.03,
+         f"{100 * (routed['accuracy'] - right['accuracy']):+.1f} points"),
+        ("loss-driven labels equal to the ground truth on >= 90% of detail questions",
+         labels >= 0.9, f"{100 * labels:.1f}%"),
+    ]
+
+
+def render_section(r: ExpertValueResult) -> str:
+    """The docs/benchmarks.md section of a run."""
+    import torch
+
+    from pipelines.bench.harness import machine_info
+
+    machine = "; ".join(f"{k}: {v}" for k, v in machine_info(torch.device("cpu")).items())
+    lines = ["## `mova demo --expert-value`: do the trained experts matter?", "",
+             f"Reproduce: `{REPRODUCE}` (plan `{r.plan}`, {r.seconds / 60:.1f} min)", "",
+             f"Machine: {machine}", "",
+             "Colour questions about a large shape (the base encoder sees them) and letters on a "
+             "12 px corner tag (`b`, `d`, `p`, `q`: only DINOv2-S/14 at 224 px resolves them; "
+             "the base is a frozen random tiny CLIP at 28 px). Real SmolLM2-135M-Instruct, "
+             "MiniLM and DINOv2-S; `sam` (tiny, random) is the wrong expert. Training rows: "
+             f"{r.train_rows}. Accuracy on held-out questions (exact match, ± one standard "
+             "error):", "", table(r), "",
+             "Routing equal to the ground truth: " + ", ".join(
+                 f"{k} {100 * v:.1f}%" for k, v in r.routing_accuracy.items())
+             + f"; routed expert sets per kind: `{r.routing_confusion}`.", "",
+             "Loss-driven labels (`mova labels`) equal to the ground truth: " + ", ".join(
+                 f"{k} {100 * v:.1f}%" for k, v in r.label_agreement.items()) + ".", "",
+             "| goal | met | measured |", "|---|---|---|"]
+    lines += [f"| {goal} | {'yes' if met else '**missed**'} | {measured} |"
+              for goal, met, measured in goals(r)]
+    lines += ["", f"MLflow: run `{r.mlflow_run_id}` (the table, the routing confusion, "
+                  "`accuracy.png`)."]
+    return "\n".join(lines)
+
+
+def plot_accuracy(r: ExpertValueResult, path: Path) -> Path:
+    """Accuracy per question kind for each compared model, with standard-error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(r.accuracy)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(KINDS)
+    for j, kind in enumerate(KINDS):
+        cells = [r.accuracy[label].get(kind, {}) for label in labels]
+        ax.bar([i + j * width for i in range(len(labels))],
+               [100 * c.get("accuracy", 0.0) for c in cells], width,
+               yerr=[100 * c.get("stderr", 0.0) for c in cells], capsize=3,
+               label=f"{kind} questions")
+    ax.set_xticks([i + width * (len(KINDS) - 1) / 2 for i in range(len(labels))], labels,
+                  fontsize=7)
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    ax.set_title("Expert value: accuracy per question kind (± 1 standard error)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def log_result(r: ExpertValueResult, tracking_uri: str, folder: Path) -> str:
+    """The table, the routing confusion and the plot, in one MLflow run; returns its id."""
+    import mlflow
+
+    from pipelines.demo.console import EXPERIMENT
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name="expert-value") as run:
+        for label, kinds in r.accuracy.items():
+            for kind, cell in kinds.items():
+                key = "".join(c if c.isalnum() else "_" for c in label).strip("_").lower()
+                mlflow.log_metric(f"accuracy.{key}.{kind}", cell["accuracy"])
+        for kind, value in r.routing_accuracy.items():
+            mlflow.log_metric(f"routing_accuracy.{kind}", value)
+        for kind, value in r.label_agreement.items():
+            mlflow.log_metric(f"label_agreement.{kind}", value)
+        mlflow.log_text(report(r), "expert_value.md")
+        mlflow.log_dict({"routing_confusion": r.routing_confusion,
+                         "accuracy": r.accuracy}, "expert_value.json")
+        mlflow.log_artifact(str(plot_accuracy(r, folder / "accuracy.png")))
+        return run.info.run_id
+
+
+def run_expert_value(out: str | Path = "outputs/demo-expert-value",
+                     plan: Plan = EXPERT_VALUE, *, seed: int = 0,
+                     cache: str | Path | None = None,
+                     echo: Callable[[str], None] = print) -> ExpertValueResult:
+    """Run the experiment from scratch and print its table."""
+    session = DemoSession(out, plan, 10, record="expert-value.json",
+                          ray_prefix="mova-ev-ray-", echo=echo,
+                          result=lambda root, uri: ExpertValueResult(out=root,
+                                                                     tracking_uri=uri))
+    with session:
+        demo = ExpertValueDemo(session, seed)
+        init_path = demo.init(cache)
+        data = demo.data()
+        demo.features(data["pretrain"], init_path)
+        pretrained = demo.pretrain(init_path, data["pretrain"])
+        labelled = demo.labels(pretrained, data["train"])
+        trained = demo.sft_both(pretrained, labelled)
+        demo.evaluate(trained, data)
+        session.result.mlflow_run_id = session.step(
+            "The table, routing confusion and accuracy plot to MLflow",
+            lambda: log_result(session.result, session.tracking_uri, session.root))
+    echo(report(session.result))
+    return session.result
+
+
+def table(r: ExpertValueResult) -> str:
+    """Accuracy per compared model and question kind, as a Markdown table."""
+    lines = ["| model | base questions (colour) | detail questions (tag letter) |",
+             "|---|---|---|"]
+    for label, kinds in r.accuracy.items():
+        cells = [f"{100 * v['accuracy']:.1f}% ± {100 * v['stderr']:.1f} "
+                 f"(n={int(v['questions'])})" for v in (kinds.get(k, {}) for k in KINDS) if v]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(r: ExpertValueResult) -> str:
+    """The experiment's table, as Markdown."""
+    lines = [f"\nThe expert-value experiment finished in {r.seconds / 60:.1f} min. Outputs "
+             f"under {r.out} (expert-value.json, eval/, mova/, base/).", table(r)]
+    lines += ["Routing equal to the ground truth: " + ", ".join(
+                  f"{k} {100 * v:.1f}%" for k, v in r.routing_accuracy.items()),
+              f"Routing per kind: {r.routing_confusion}",
+              "Loss-driven labels equal to the ground truth: " + ", ".join(
+                  f"{k} {100 * v:.1f}%" for k, v in r.label_agreement.items()),
+              "Final training loss: " + ", ".join(f"{k} {v:.3f}"
+                                                    for k, v in r.final_loss.items())]
+    if r.stopped:
+        lines.append("Stopped: " + "; ".join(r.stopped) + ".")
+    return "\n".join(lines)

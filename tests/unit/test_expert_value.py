@@ -1,0 +1,121 @@
+"""The expert-value experiment's data and bookkeeping: answers drawn from the image's own
+parameters, ground-truth routing per question kind, agreement and confusion, the report."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from pipelines.data.expert_value import (
+    DETAIL_EXPERT,
+    LETTERS,
+    TRUTH,
+    ExpertValueData,
+    draw,
+    generate,
+)
+from pipelines.demo.expert_value import (
+    ExpertValueResult,
+    _agreement,
+    report,
+    routing_rows,
+    stderr,
+)
+
+
+def _rows(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def test_the_data_holds_both_kinds_with_their_truth(tmp_path):
+    from pipelines.common.manifests.validate import load_manifest
+
+    paths = generate(ExpertValueData(out=str(tmp_path), train_per_kind=6, test_per_kind=3))
+    train, test = _rows(paths["train"]), _rows(paths["test"])
+    assert len(train) == 12 and len(test) == 6
+    for row in train + test:
+        kind, meta = row["meta"]["question_kind"], row["meta"]
+        assert row["experts"] == meta["truth"] == TRUTH[kind]
+        assert row["answers"] == [meta["colour"] if kind == "base" else meta["letter"]]
+        assert row["conversations"][-1]["value"] == row["answers"][0]
+    assert [r["meta"]["question_kind"] for r in train[:4]] == ["base", "detail"] * 2
+    assert not {r["image"] for r in train} & {r["image"] for r in test}
+    for path in paths.values():
+        assert load_manifest(path, check_images=True)
+    again = generate(ExpertValueData(out=str(tmp_path / "again"), train_per_kind=6,
+                                     test_per_kind=3))
+    assert _rows(again["train"]) == train  # deterministic by seed
+
+
+def test_the_tag_is_small_and_its_letters_differ_only_by_shape():
+    image, meta = draw(random.Random(3), 224, 12)
+    assert meta["letter"] in LETTERS
+    pixels = np.asarray(image)
+    corner = pixels[:40, 224 - 40:]
+    assert (corner == 255).all(axis=-1).sum() > 100  # the white tag
+    assert (pixels[40:] == 255).all(axis=-1).sum() == 0  # nothing else is white
+    ink = {}
+    for letter in LETTERS:  # the same strokes: the ink per letter within a fifth
+        canvas = Image.new("L", (24, 24), 255)
+        ImageDraw.Draw(canvas).text((12, 12), letter, fill=0,
+                                    font=ImageFont.load_default(size=12), anchor="mm")
+        ink[letter] = int((np.asarray(canvas) < 128).sum())
+    assert max(ink.values()) - min(ink.values()) <= 0.2 * max(ink.values()), ink
+
+
+def test_agreement_and_routing_rows():
+    rows = [{"id": f"r{i}", "image": f"i{i}.png", "domain": "d", "experts": experts,
+             "meta": {"question_kind": kind, "truth": TRUTH[kind], "question": "Q?"}}
+            for i, (kind, experts) in enumerate([("base", []), ("base", [DETAIL_EXPERT]),
+                                                 ("detail", [DETAIL_EXPERT]),
+                                                 ("detail", None)])]
+    agreement, confusion = _agreement(rows)
+    assert agreement == {"base": 0.5, "detail": 0.5}
+    assert confusion == {"base": {"none": 1, DETAIL_EXPERT: 1},
+                         "detail": {DETAIL_EXPERT: 1, "none": 1}}
+    made = routing_rows(rows[:1] + rows[2:3], 20, seed=0)
+    assert len(made) == 20 and all(r["kind"] == "routing" for r in made)
+    for row in made:
+        source = {"r0": [], "r2": [DETAIL_EXPERT]}[row["meta"]["source"]]
+        answer = row["conversations"][-1]["value"]
+        if not source:
+            assert answer == "None"
+        elif DETAIL_EXPERT in row["meta"]["pool"]:
+            letter = "ABCDEFG"[row["meta"]["pool"].index(DETAIL_EXPERT)]
+            assert answer == letter
+
+
+def test_report_has_every_cell_with_its_standard_error():
+    cell = {"accuracy": 0.5, "questions": 100, "stderr": stderr(0.5, 100)}
+    result = ExpertValueResult(out="/o", tracking_uri="sqlite:////o/m.db",
+                               accuracy={"base-only": {"base": cell, "detail": cell}},
+                               routing_accuracy={"detail": 0.9}, label_agreement={"detail": 1})
+    text = report(result)
+    assert "| base-only | 50.0% ± 5.0 (n=100) | 50.0% ± 5.0 (n=100) |" in text
+    assert "detail 90.0%" in text and stderr(0.5, 100) == pytest.approx(0.05)
+
+
+def test_goals_are_judged_from_the_measurements():
+    from pipelines.demo.expert_value import COMPARED, goals, render_section
+
+    def cells(base: float, detail: float) -> dict:
+        return {kind: {"accuracy": p, "questions": 100, "stderr": stderr(p, 100)}
+                for kind, p in (("base", base), ("detail", detail))}
+
+    labels = list(COMPARED)  # base-only, routed, right forced, wrong forced
+    result = ExpertValueResult(
+        out="/o", tracking_uri="sqlite:////o/m.db",
+        accuracy={labels[0]: cells(0.9, 0.3), labels[1]: cells(0.88, 0.8),
+                  labels[2]: cells(0.9, 0.82), labels[3]: cells(0.85, 0.3)},
+        routing_accuracy={"base": 0.95, "detail": 0.97}, label_agreement={"detail": 0.8})
+    assert [met for _, met, _ in goals(result)] == [True, True, True, True, False]
+    result.accuracy[labels[1]] = cells(0.7, 0.4)  # +10 points: missed; colours 2.6 SE worse
+    met = [m for _, m, _ in goals(result)]
+    assert met[:2] == [False, False] and met[3] is False
+    text = render_section(result)
+    assert "| loss-driven labels" in text and "**missed**" in text and "Machine:" in text
