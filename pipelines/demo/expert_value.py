@@ -182,7 +182,7 @@ class ExpertValueDemo:
         self.s.step("Expert-feature cache for the candidates (mova features)",
                     lambda: run_features(self.s.recipe(
                         "features", FeaturesRecipe, manifest=manifest, checkpoint=init_path,
-                        cache=self.root / "features")))
+                        cache=self.root / "features", only=CANDIDATES)))
 
     def _train(self, job: str, name: str, init: Path | str, manifest: str) -> str:
         steps = int(self.s.plan.value(job, "max_steps"))

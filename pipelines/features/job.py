@@ -39,6 +39,8 @@ from pipelines.features.workers import (
 
 log = logging.getLogger(__name__)
 READ_CPUS = 0.5  # a read/decode task: light, and it must fit next to the expert actors
+# rows per partition of the by-image shuffle (one image's rows meet in one partition)
+ROWS_PER_SHUFFLE_PARTITION = 100_000
 
 
 @dataclass
@@ -138,7 +140,8 @@ def _pipeline(recipe: FeaturesRecipe, sides: dict[str, int], keys: dict[str, str
     ds = (manifest_dataset(scan, pool=list(keys), skip_bad_rows=recipe.skip_bad_rows)
           .map_batches(image_needs, fn_kwargs={"mode": recipe.experts, "wanted": wanted},
                        batch_size=256, num_cpus=READ_CPUS)
-          .groupby("uri").map_groups(union_needs, fn_kwargs={"wanted": wanted})
+          .groupby("uri", num_partitions=shuffle_partitions(scan.rows))
+          .map_groups(union_needs, fn_kwargs={"wanted": wanted})
           .map_batches(decode_images, batch_size=recipe.batch_size, num_cpus=READ_CPUS,
                        fn_kwargs={"skip_bad": recipe.skip_bad_rows, "report": report}))
     for name in wanted:
@@ -151,6 +154,16 @@ def _pipeline(recipe: FeaturesRecipe, sides: dict[str, int], keys: dict[str, str
                             **actor_pool_args(recipe.workers_per_expert, cpus,
                                               recipe.gpus_per_worker, memory))
     return ds.drop_columns(["pixels"])
+
+
+def shuffle_partitions(rows: int, cpus: float | None = None) -> int:
+    """Partitions of the by-image shuffle: one per ``ROWS_PER_SHUFFLE_PARTITION`` rows, at
+    least one per CPU of the cluster (``cpus``; None: Ray's count). Ray Data's default, 200
+    whatever the size, made 480 rows on 2 CPUs run 200 reduce tasks, one after another, for
+    minutes, and would give each of 200 partitions half a million rows at 100M."""
+    if cpus is None:
+        cpus = ray.cluster_resources().get("CPU", 1)
+    return max(1, int(cpus), math.ceil(rows / ROWS_PER_SHUFFLE_PARTITION))
 
 
 def _cpus_per_worker(recipe: FeaturesRecipe, pools: int) -> float:

@@ -81,3 +81,11 @@ def test_a_shard_is_a_safetensors_file_keyed_by_image_hash(tmp_path):
     for h, f in zip(hashes, feats, strict=True):
         assert torch.equal(stored[h], f.to(torch.bfloat16))
         assert torch.equal(cache.get("vary", "k", h), stored[h])
+
+
+def test_the_by_image_shuffle_is_sized_by_rows_and_cpus():
+    from pipelines.features.job import ROWS_PER_SHUFFLE_PARTITION, shuffle_partitions
+
+    assert shuffle_partitions(480, cpus=2) == 2  # not Ray Data's 200 for a small manifest
+    assert shuffle_partitions(0, cpus=0.5) == 1
+    assert shuffle_partitions(100_000_000, cpus=64) == 100_000_000 // ROWS_PER_SHUFFLE_PARTITION
