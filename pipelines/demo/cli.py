@@ -14,7 +14,8 @@ from PIL import Image, ImageDraw
 
 from mova.factory import build_tiny_mova
 from pipelines.bench.harness import write_section
-from pipelines.demo.expert_value import SECTION, docs_benchmarks, render_section, run_expert_value
+from pipelines.demo.expert_value import run_expert_value
+from pipelines.demo.expert_value_report import SECTION, docs_benchmarks, render_section
 from pipelines.demo.lifecycle import run_demo
 from pipelines.demo.plans import EXPERT_VALUE, EXPERT_VALUE_QUICK, FULL, QUICK, REAL, REAL_QUICK
 from pipelines.demo.real import run_real_demo

@@ -14,7 +14,7 @@ import pytest
 
 from pipelines.common.manifests.rows import manifest_files
 from pipelines.data.expert_value import DETAIL_EXPERT, KINDS
-from pipelines.demo.expert_value import COMPARED, ROUTED, WRONG_EXPERT
+from pipelines.demo.expert_value_report import COMPARED, ROUTED, WRONG_EXPERT
 from pipelines.demo.plans import EXPERT_VALUE_QUICK
 from pipelines.model.real_assets import install_command, missing_packages
 

@@ -19,11 +19,13 @@ from pipelines.data.expert_value import (
     draw,
     generate,
 )
-from pipelines.demo.expert_value import (
+from pipelines.demo.expert_value import _agreement, routing_rows
+from pipelines.demo.expert_value_report import (
+    COMPARED,
     ExpertValueResult,
-    _agreement,
+    goals,
+    render_section,
     report,
-    routing_rows,
     stderr,
 )
 
@@ -101,8 +103,6 @@ def test_report_has_every_cell_with_its_standard_error():
 
 
 def test_goals_are_judged_from_the_measurements():
-    from pipelines.demo.expert_value import COMPARED, goals, render_section
-
     def cells(base: float, detail: float) -> dict:
         return {kind: {"accuracy": p, "questions": 100, "stderr": stderr(p, 100)}
                 for kind, p in (("base", base), ("detail", detail))}
