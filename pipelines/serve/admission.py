@@ -14,9 +14,9 @@ a machine that slowed down (a neighbour took the CPUs) shows in the estimate as 
 answers do, and a replica is promised only what it has recently done. A replica busy for
 ``MIN_BUSY_S`` without any answer is stalled: everything is refused until it answers again.
 
-An idle replica promises a lone request the recent answers' median; once idle for
-``IDLE_SETTLE_S`` (past a load, not between two of its requests, while the replicas it shares
-the models with may still be busy), the smaller of that and the tail of what one answer cost
+A replica idle for less than ``IDLE_SETTLE_S`` promises a lone request the recent answers'
+tail (it may be between two of a load's requests, while the replicas it shares the models with
+are busy); once idle that long, the smaller of the median and the tail of what one answer cost
 at the concurrency it ran at (``took / level``): the queueing of a past load must not keep
 refusing it. It forgets a window ``LAST_WINDOW_TTL_S`` old.
 
@@ -128,13 +128,14 @@ class Admission:
         took = [a.took_s for a in recent]
         if in_flight == 0:
             # a lone request waits for no one here, but a replica idle for a moment amid a
-            # load (the others sharing the models are busy) is not idle: the typical answer's
-            # time; once it has been idle IDLE_SETTLE_S, the tail of what one answer cost at
-            # the concurrency it ran at (a past load's times are its queue's)
-            typical = _quantile(took, 0.5)
+            # load (the others sharing the models are busy, a burst may follow) is not idle:
+            # the tail, as for a loaded one; once it has been idle IDLE_SETTLE_S, the smaller
+            # of the median and the tail of what one answer cost at the concurrency it ran at
+            # (a past load's times are its queue's)
             if self.idle_s() < IDLE_SETTLE_S:
-                return typical
-            return min(typical, _quantile([a.took_s / a.level for a in recent], TAIL_QUANTILE))
+                return _quantile(took, TAIL_QUANTILE)
+            return min(_quantile(took, 0.5),
+                       _quantile([a.took_s / a.level for a in recent], TAIL_QUANTILE))
         tail = _quantile(took, TAIL_QUANTILE)
         level = sum(a.level for a in recent) / len(recent)
         per_request = sum(took) / len(took) / level  # 1 / throughput (Little's law)
