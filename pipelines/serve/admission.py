@@ -16,9 +16,16 @@ answers do, and a replica is promised only what it has recently done. A replica 
 
 A replica idle for less than ``IDLE_SETTLE_S`` promises a lone request the recent answers'
 tail (it may be between two of a load's requests, while the replicas it shares the models with
-are busy); once idle that long, the smaller of the median and the tail of what one answer cost
-at the concurrency it ran at (``took / level``): the queueing of a past load must not keep
-refusing it. It forgets a window ``LAST_WINDOW_TTL_S`` old.
+are busy); once idle that long, or right after an answer that ran alone (a light client's next
+request), the smaller of the median and the tail of what one answer cost at the concurrency it
+ran at (``took / level``): the queueing of a past load must not keep refusing it. It forgets a
+window ``LAST_WINDOW_TTL_S`` old.
+
+An estimate cannot see the requests that come after the one it admits. So for ``RECHECK_S``
+after it arrived, while its answer has not begun, a request is admitted again whenever another
+one is (:meth:`Tickets.first_or_refusal`): one that a burst behind it would have had refused
+is cancelled and refused then, within the 2 s a refusal is promised in (the HTTP proxy's hop
+may take a second of them on a loaded machine), instead of ending in a 408 at its deadline.
 
 The estimate may use only ``ADMIT_SHARE`` of a request's budget, less ``ADMIT_RESERVE_S``
 (the reply's trip and scheduling noise). Nor is the law trusted beyond the concurrency it was
@@ -31,6 +38,7 @@ an idle spell that emptied the window the last measurements hold, up to ``LAST_W
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
@@ -38,11 +46,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pipelines.serve.errors import APIError, overloaded
 from pipelines.serve.metrics import metric
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 WINDOW_S = 30.0  # how far back answers count
 MIN_ANSWERS = 4  # answers in the window before the estimate is trusted
@@ -54,6 +64,7 @@ ADMIT_RESERVE_S = 0.5  # and less this: the reply's trip and scheduling noise
 COLD_IN_FLIGHT = 2  # in flight at most, before the replica has answered anything
 LAST_WINDOW_TTL_S = 120.0  # how long an idle replica keeps the last window it measured
 IDLE_SETTLE_S = 2.0  # idle this long, a replica is past a load (not between two requests)
+RECHECK_S = 0.6  # this long after arrival, a burst behind a request may still refuse it
 
 
 @dataclass(frozen=True)
@@ -82,11 +93,23 @@ class Admission:
         self._last: list[Answer] = []  # the latest window with enough answers
 
     def in_flight_changed(self, before: int, after: int) -> None:
-        """Call when the number of requests in flight goes from ``before`` to ``after``."""
+        """Call when the number of requests in flight on this replica goes from ``before``
+        to ``after`` (a replica busy without answering is stalled); for a replica without
+        peers that is also the app's load (:class:`Tickets` tells the load after it)."""
         if before == 0 and after > 0:
-            self._busy_since, self._idle_since = self.clock(), None
+            self._busy_since = self.clock()
         elif after == 0:
-            self._busy_since, self._idle_since = None, self.clock()
+            self._busy_since = None
+        self.load_changed(before, after)
+
+    def load_changed(self, before: int, after: int) -> None:
+        """Call when the app's requests in flight (on this replica and its peers, as far as
+        this one knows) go from ``before`` to ``after``: when nothing is, the app is idle."""
+        if after == 0:
+            if before > 0 or self._idle_since is None:
+                self._idle_since = self.clock()
+        else:
+            self._idle_since = None
 
     def idle_s(self) -> float:
         """How long nothing has been in flight (0 while something is)."""
@@ -118,6 +141,12 @@ class Admission:
         last = self._answers[-1].at if self._answers else 0.0
         return self.clock() - max(self._busy_since, last)
 
+    def _settled(self) -> bool:
+        """Idle, and not for a moment between two of a load's requests: idle for
+        ``IDLE_SETTLE_S``, or the last answer ran alone (a light client's next request)."""
+        return self.idle_s() >= IDLE_SETTLE_S or bool(self._answers) and (
+            self._answers[-1].peak <= 1)
+
     def wait_s(self, in_flight: int) -> float | None:
         """Seconds one more request would take (None: not known yet; inf: stalled)."""
         if self.stalled_s() >= self.min_busy_s:
@@ -132,7 +161,7 @@ class Admission:
             # the tail, as for a loaded one; once it has been idle IDLE_SETTLE_S, the smaller
             # of the median and the tail of what one answer cost at the concurrency it ran at
             # (a past load's times are its queue's)
-            if self.idle_s() < IDLE_SETTLE_S:
+            if not self._settled():
                 return _quantile(took, TAIL_QUANTILE)
             return min(_quantile(took, 0.5),
                        _quantile([a.took_s / a.level for a in recent], TAIL_QUANTILE))
@@ -170,7 +199,7 @@ class Admission:
             said = f"no answer in {self.stalled_s():.0f} busy seconds"
         else:
             retry = max(1, min(MAX_RETRY_AFTER_S, math.ceil(wait - usable)))
-            if in_flight == 0 and self.idle_s() < IDLE_SETTLE_S:
+            if in_flight == 0 and not self._settled():
                 retry = min(retry, math.ceil(IDLE_SETTLE_S))  # then it estimates a lone one
             said = f"{in_flight} in flight"
         return overloaded(f"this request would not finish within its {budget_s:g} s deadline "
@@ -184,37 +213,108 @@ def _quantile(values: list[float], q: float) -> float:
 
 class Tickets:
     """In-flight slots: taken per request, given back exactly once; they tell the admission
-    how long answered requests took and how many shared the replica meanwhile."""
+    how long answered requests took and how many shared the app meanwhile.
+
+    ``others``: the requests in flight on the app's other ingress replicas, as they last
+    reported them (:mod:`pipelines.serve.load_board`; 0 without peers): they share the model
+    replicas, so the admission counts them with this replica's own (its ``load``)."""
 
     def __init__(self, admission: Admission | None = None) -> None:
-        # ticket -> (when it must be given back, when taken, in flight when taken)
+        # ticket -> (when it must be given back, when taken, the load when taken, itself in)
         self.held: dict[int, tuple[float, float, int]] = {}
+        self.others = 0
         self.admission = admission or Admission()
         self._ids = itertools.count()
+        self._admitted = asyncio.Event()  # set (and replaced) whenever the load grows
+        self._changed = asyncio.Event()  # ... whenever this replica's count changes
 
     def __len__(self) -> int:
         return len(self.held)
 
-    def take(self, expires: float) -> int:
-        ticket = next(self._ids)
-        self.held[ticket] = (expires, self.admission.clock(), len(self.held) + 1)
-        self.admission.in_flight_changed(len(self.held) - 1, len(self.held))
+    def load(self) -> int:
+        """Requests in flight in the app: this replica's and its peers'."""
+        return len(self.held) + self.others
+
+    def changed(self) -> asyncio.Event:
+        """An event set when this replica's count next changes."""
+        return self._changed
+
+    def _count_changed(self) -> None:
         metric("requests_in_flight").set(len(self.held))
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def set_others(self, count: int) -> None:
+        """The peers' requests in flight, as they last reported them."""
+        before, grew = self.load(), count > self.others
+        self.others = max(0, count)
+        self.admission.load_changed(before, self.load())
+        if grew:
+            self._grew()
+
+    def take(self, expires: float) -> int:
+        ticket, load = next(self._ids), self.load()
+        self.held[ticket] = (expires, self.admission.clock(), load + 1)
+        self.admission.in_flight_changed(len(self.held) - 1, len(self.held))
+        self.admission.load_changed(load, load + 1)
+        self._count_changed()
+        self._grew()
         return ticket
+
+    def _grew(self) -> None:
+        self._admitted.set()
+        self._admitted = asyncio.Event()
 
     def give_back(self, ticket: int, answered: bool = False) -> None:
         """Free ``ticket``; ``answered``: it finished with its answer."""
         held = self.held.pop(ticket, None)
         if held is None:
             return
+        load = self.load()
         if answered:
             _, taken, level = held
-            # the in-flight count it met coming in and leaves behind (itself included)
-            leaving = len(self.held) + 1
-            self.admission.answered(self.admission.clock() - taken, (level + leaving) / 2,
-                                    max(level, leaving))
+            # the load it met coming in and leaves behind (itself included)
+            self.admission.answered(self.admission.clock() - taken, (level + load + 1) / 2,
+                                    max(level, load + 1))
         self.admission.in_flight_changed(len(self.held) + 1, len(self.held))
-        metric("requests_in_flight").set(len(self.held))
+        self.admission.load_changed(load + 1, load)
+        self._count_changed()
+
+    def recheck(self, ticket: int, budget_s: float) -> APIError | None:
+        """The 503 for ``ticket``'s request (``budget_s`` its whole budget) if more requests
+        came in after it than the admission would now take it behind, else None."""
+        held = self.held.get(ticket)
+        others = self.load() - 1
+        if held is None or others <= held[2] - 1:
+            return None
+        return self.admission.refusal(others, budget_s)
+
+    async def first_or_refusal(self, work: asyncio.Future[T], ticket: int, arrived: float,
+                               budget_s: float) -> T:
+        """``work``'s result. Until ``RECHECK_S`` after its request arrived (``arrived``: a
+        ``time.perf_counter()``), each request admitted after it re-admits it
+        (:meth:`recheck`): a burst behind it that would have had it refused cancels it, and
+        the 503 is raised (still within a refusal's promised 2 s). ``work`` is cancelled
+        whenever this ends early."""
+        try:
+            while not work.done():
+                left = RECHECK_S - (time.perf_counter() - arrived)
+                if left <= 0:
+                    break
+                admitted = asyncio.ensure_future(self._admitted.wait())
+                try:
+                    await asyncio.wait({work, admitted}, timeout=left,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    admitted.cancel()
+                refusal = None if work.done() else self.recheck(ticket, budget_s)
+                if refusal is not None:
+                    log.debug("re-admission refused a request: %s", refusal.message)
+                    raise refusal
+            return await work
+        except BaseException:
+            work.cancel()
+            raise
 
     def sweep(self) -> int:
         """Reclaim tickets held past their expiry (never expected; logged)."""

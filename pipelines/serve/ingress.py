@@ -7,7 +7,8 @@ starts: the stream's generator is primed while the request still owns the ticket
 reclaimed when dropped), and, as a last resort, by a sweep of tickets held past their
 deadline. A request the replica could not finish within its deadline, by what it measured
 lately, is refused at once with a 503 (:mod:`pipelines.serve.admission`), before its body is
-read. The HTTP routes are in :mod:`pipelines.serve.api`.
+read, or a second after it came when a burst behind it would have had it refused. The HTTP
+routes are in :mod:`pipelines.serve.api`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pipelines.serve.errors import (
     payload_too_large,
     to_api_error,
 )
+from pipelines.serve.load_board import share_load
 from pipelines.serve.metrics import metric, node_metrics_text
 from pipelines.serve.openai_request import (
     ChatRequest,
@@ -102,6 +104,9 @@ class MoVAIngress:
         self.pipeline = Pipeline(adapter, llm, experts, self.checker.caches)
         self.created = int(time.time())
         self.tickets = Tickets()
+        context = serve.get_replica_context()
+        self._sharing = asyncio.create_task(share_load(
+            self.tickets, context.app_name, context.replica_id.unique_id))
 
     def __serve_build_asgi_app__(self):
         return build_api(self)
@@ -121,7 +126,8 @@ class MoVAIngress:
         data = process_info("Ingress")
         metric("resident_memory_bytes").set(data["rss_bytes"])
         caches = {name: c.summary() for name, c in self.checker.caches.items()}
-        return {**data, "in_flight": len(self.tickets), "feature_cache": caches}
+        return {**data, "in_flight": len(self.tickets), "peers_in_flight": self.tickets.others,
+                "feature_cache": caches}
 
     # ---- small routes -------------------------------------------------------------------
     def models(self) -> dict[str, Any]:
@@ -217,7 +223,7 @@ class MoVAIngress:
                              f"(limit {self.recipe.limits.max_inflight}); retry shortly")
         if not self.recipe.limits.admission:
             return
-        refusal = self.tickets.admission.refusal(len(self.tickets), budget_s)
+        refusal = self.tickets.admission.refusal(self.tickets.load(), budget_s)
         if refusal is not None:
             raise refusal
 
@@ -275,9 +281,12 @@ class MoVAIngress:
                 exc.param = conv.image_param
             raise
 
-    async def _complete(self, req: ChatRequest, start: float, deadline: float,
-                        timeout_s: float, ticket: int) -> Response:
-        stream = None
+    async def _begin(self, req: ChatRequest, deadline: float) -> tuple[
+            Prepared, float, Vision, Any, dict[str, Any], dict[str, Any] | None]:
+        """Up to the answer's first event (the whole answer unless streamed), by ``deadline``:
+        the request, when its inputs were prepared, its vision, the answer's stream, its first
+        event and, unless streamed, its final one."""
+        stream, final = None, None
         try:
             async with asyncio.timeout(max(0.0, deadline - time.time())):
                 prep = await self._prepare(req, deadline)
@@ -291,6 +300,15 @@ class MoVAIngress:
             if stream is not None:
                 stream.cancel()
             raise
+        return prep, prepared, vision, stream, first, final
+
+    async def _complete(self, req: ChatRequest, start: float, deadline: float,
+                        timeout_s: float, ticket: int) -> Response:
+        work = asyncio.ensure_future(self._begin(req, deadline))
+        # admitted, but a burst behind it may yet make it late: checked again (a 503 then)
+        _, prepared, vision, stream, first, final = await (
+            self.tickets.first_or_refusal(work, ticket, start, timeout_s)
+            if self.recipe.limits.admission else work)
         ext = vision.extension(self.checker.pool)
         if not req.stream:
             now = time.perf_counter()

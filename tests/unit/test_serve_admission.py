@@ -4,7 +4,9 @@ an idle spell changes nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 
 import pytest
 
@@ -12,9 +14,11 @@ from pipelines.serve.admission import (
     ADMIT_RESERVE_S,
     COLD_IN_FLIGHT,
     IDLE_SETTLE_S,
+    RECHECK_S,
     Admission,
     Tickets,
 )
+from pipelines.serve.errors import APIError
 
 
 class Clock:
@@ -70,6 +74,10 @@ def test_an_idle_replica_is_not_refused_for_a_past_load():
     clock.now += IDLE_SETTLE_S
     assert admission.wait_s(0) == pytest.approx(15.0 / 8)
     assert admission.refusal(0, budget_s=20) is None and admission.refusal(1, budget_s=20)
+    # a light client's next request, right after an answer that ran alone: settled at once
+    _answers(admission, clock, [0.5], level=1)
+    admission.in_flight_changed(1, 0)
+    assert admission.idle_s() == 0 and admission.wait_s(0) < 15.0
     light = Admission(window_s=30, clock=clock)
     _answers(light, clock, [1.0] * 5 + [4.0] * 5, level=1)
     assert light.wait_s(0) == pytest.approx(4.0)  # p90 of took/level = 4, median 4
@@ -151,3 +159,57 @@ def test_tickets_tell_the_admission_what_answered_requests_took():
     assert len(tickets.admission.recent()) == 4 and len(tickets) == 0
     stale = tickets.take(expires=0.0)  # its expiry (time.time()) long past
     assert tickets.sweep() == 1 and stale not in tickets.held
+
+
+def test_a_burst_behind_an_admitted_request_refuses_it_at_once():
+    """Admitted alone with 2.3 s of its 4 s budget usable, a request that a burst of six
+    followed is cancelled and refused as the burst comes in; one with nobody new behind it,
+    or one that answered, is not; past ``RECHECK_S`` it is not checked again; a client that
+    went away cancels the work."""
+    clock = Clock()
+    tickets = Tickets(Admission(window_s=60, clock=clock))
+    _answers(tickets.admission, clock, [1.5] * 10, level=2)  # p90 1.5 s at 2 in flight
+
+    async def scenario() -> None:
+        cancelled = []
+
+        async def work(seconds: float) -> str:
+            try:
+                await asyncio.sleep(seconds)
+            except asyncio.CancelledError:
+                cancelled.append(seconds)
+                raise
+            return "answer"
+
+        async def burst(count: int, after_s: float) -> list[int]:
+            await asyncio.sleep(after_s)
+            return [tickets.take(expires=time.time() + 100) for _ in range(count)]
+
+        first = tickets.take(expires=time.time() + 100)
+        assert tickets.recheck(first, budget_s=4) is None  # nobody new behind it
+        arrived = time.perf_counter()
+        behind = asyncio.ensure_future(burst(6, 0.1))
+        with pytest.raises(APIError) as refused:
+            await tickets.first_or_refusal(asyncio.ensure_future(work(30)), first, arrived, 4)
+        assert refused.value.status == 503 and "6 in flight" in refused.value.message
+        assert time.perf_counter() - arrived < RECHECK_S  # as the burst came, not later
+        later = await behind
+        assert tickets.recheck(later[-1], budget_s=4) is None  # nobody came after it
+        await asyncio.sleep(0)
+        assert cancelled == [30]
+        quick = asyncio.ensure_future(work(0.01))
+        assert await tickets.first_or_refusal(quick, first, time.perf_counter(), 4) == "answer"
+        # past RECHECK_S, a burst no longer refuses it
+        long_ago = time.perf_counter() - RECHECK_S
+        assert await tickets.first_or_refusal(asyncio.ensure_future(work(0.05)), first,
+                                              long_ago, 4) == "answer"
+        outer = asyncio.ensure_future(tickets.first_or_refusal(
+            asyncio.ensure_future(work(20)), later[-1], time.perf_counter(), 20))
+        await asyncio.sleep(0.05)
+        outer.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await outer
+        await asyncio.sleep(0)
+        assert cancelled == [30, 20]
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=20))
