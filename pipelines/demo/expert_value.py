@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mova.experts.registry import DEFAULT_POOL, get_expert_spec
-from mova.factory import build_model
+from mova.factory import build_model, tiny_config
 from mova.routing import augment_routing_example
 from pipelines.common.manifests.rows import manifest_files, read_rows, write_manifest
 from pipelines.data.expert_value import DETAIL_EXPERT, KINDS, ExpertValueData, generate
@@ -120,19 +120,23 @@ class ExpertValueDemo:
         self.data_dir = self.root / "data"
 
     def init(self, cache: str | Path | None) -> Path:
+        """The initial model (``--quick``: every part tiny and random, the same wiring)."""
+        real = bool(self.sizes.get("real_weights", 1))
         assets = self.s.step("Real weights from packages: SmolLM2-135M, MiniLM, DINOv2-S "
                              "(mova model prepare-real)",
-                             lambda: prepare_real_assets(cache or default_cache_dir()))
+                             lambda: prepare_real_assets(cache or default_cache_dir())
+                             ) if real else None
 
         def init() -> Path:
-            config = real_config(assets, image_size=224)
+            config = real_config(assets, image_size=224) if assets else tiny_config()
             config.base.image_size = self.sizes["base_image_size"]
             config.base.trainable = False
             return Path(build_model(config, seed=self.seed).save_pretrained(self.root / "init"))
 
-        return self.s.step(f"MoVA with the real LLM, text encoder and {DETAIL_EXPERT}; a frozen "
-                           f"random CLIP base at {self.sizes['base_image_size']} px "
-                           f"(mova model init)", init)
+        parts = (f"the real LLM, text encoder and {DETAIL_EXPERT}" if real
+                 else "tiny random parts (--quick)")
+        return self.s.step(f"MoVA with {parts}; a frozen random CLIP base at "
+                           f"{self.sizes['base_image_size']} px (mova model init)", init)
 
     def data(self) -> dict[str, str]:
         def make() -> dict[str, str]:

@@ -90,11 +90,12 @@ EXPERT_VALUE = Plan("expert-value", {
     "sft": _train(100, 8, REAL_TRAINING, 10),
     "eval": ("max_new_tokens=4", "batch_size=16"),
 }, sizes={"train_per_kind": 240, "test_per_kind": 100, "routing_rows": 120,
-          "base_image_size": 28})
+          "base_image_size": 28, "real_weights": 1})
 EXPERT_VALUE_QUICK = Plan("expert-value-quick", {
     **EXPERT_VALUE.jobs,
     # one training worker on a whole CPU: the quick run checks the stages, not the speed
     "pretrain": _one_worker(_train(2, 4, EXPERT_VALUE_PRETRAIN, 1)),
     "sft": _one_worker(_train(2, 4, REAL_TRAINING, 1)),
-}, sizes={"train_per_kind": 6, "test_per_kind": 3, "routing_rows": 4, "base_image_size": 28})
+}, sizes={"train_per_kind": 6, "test_per_kind": 3, "routing_rows": 4, "base_image_size": 28,
+          "real_weights": 0})  # the stages' wiring on tiny random models: what the test checks
 PLANS = {p.name: p for p in (FULL, QUICK, REAL, REAL_QUICK, EXPERT_VALUE, EXPERT_VALUE_QUICK)}

@@ -61,7 +61,8 @@ class FakeBoard:
 
 
 def test_the_ingress_reports_as_its_count_changes_and_survives_a_lost_board(monkeypatch):
-    boards = [FakeBoard([2, RuntimeError("the board's owner died")]), FakeBoard([3, "slow", "slow"])]
+    boards = [FakeBoard([2, RuntimeError("the board's owner died")]),
+              FakeBoard([3, "slow", "slow"])]
     made = []
 
     def board(app: str):
