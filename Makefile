@@ -30,7 +30,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest tests -q --durations=15
+	$(PY) -m pytest tests -q --durations=40
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 POOL = ["dinov2", "sam"]
 CLIENTS, WARM_CLIENTS, HOGS = 16, 4, 2
 REFUSE_WITHIN_S = 2.0
+START_SPREAD_S = 2.0  # the clients' first requests spread over this long (not one herd)
 PLOT = Path("docs/img/serving-metrics.png")
 
 
@@ -135,6 +136,7 @@ async def _clients(url: str, count: int, seconds: float, seed: int,
 
     async def client(index: int) -> None:
         rng = random.Random(seed * 1000 + index)
+        await asyncio.sleep(rng.uniform(0.0, START_SPREAD_S))
         async with httpx.AsyncClient(base_url=url, timeout=40) as http:
             while time.monotonic() < stop_at:
                 body, deadline = _body(rng, images)
@@ -230,8 +232,9 @@ def render_overload(result: OverloadBenchResult) -> str:
         f"The tiny model's app (2 ingress replicas, 1 replica per model deployment, experts "
         f"{', '.join(POOL)}) with {s['hogs']} CPU hogs beside it; {WARM_CLIENTS} clients for "
         f"{s['warm_s']:g} s, then {s['clients']} closed-loop clients for {s['seconds']:g} s "
-        "(deadlines 4 s or 20 s, 4/16/32 tokens, 40% streamed, 50% forced experts; a 503 "
-        "waits its Retry-After, at most 5 s). Latencies in seconds, at the client.", "",
+        f"(first requests spread over {START_SPREAD_S:g} s; deadlines 4 s or 20 s, 4/16/32 "
+        "tokens, 40% streamed, 50% forced experts; a 503 waits its Retry-After, at most 5 s). "
+        "Latencies in seconds, at the client.", "",
         markdown_table(["mode", *cols], rows), "",
         f"Goal (admission on): no 408, nothing past its deadline, every 503 within "
         f"{REFUSE_WITHIN_S:g} s, no error mid-stream, no replica stopped: "

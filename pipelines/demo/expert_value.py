@@ -23,6 +23,9 @@ weights (SmolLM2-135M-Instruct, all-MiniLM-L6-v2, DINOv2-S/14):
 6. ``mova eval`` on held-out questions of both kinds: base-only, MoVA routing itself, MoVA with
    the right expert forced, with the wrong one forced; accuracy with standard errors, and the
    routing's accuracy against the ground truth.
+
+``--quick`` (:data:`pipelines.demo.plans.EXPERT_VALUE_QUICK`) runs the same steps on tiny random
+models, a few rows and 2 training steps: a check of the wiring, not of the claim.
 """
 
 from __future__ import annotations
