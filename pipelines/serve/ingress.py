@@ -7,7 +7,8 @@ starts: the stream's generator is primed while the request still owns the ticket
 reclaimed when dropped), and, as a last resort, by a sweep of tickets held past their
 deadline. A request the replica could not finish within its deadline, by what it measured
 lately, is refused at once with a 503 (:mod:`pipelines.serve.admission`), before its body is
-read, or a second after it came when a burst behind it would have had it refused. The HTTP
+read, or within 0.6 s of its arrival when a burst behind it would have had it refused; the
+app's other ingress replicas' requests count (:mod:`pipelines.serve.load_board`). The HTTP
 routes are in :mod:`pipelines.serve.api`.
 """
 
