@@ -32,8 +32,10 @@ The estimate may use only ``ADMIT_SHARE`` of a request's budget, less ``ADMIT_RE
 measured at: past twice the most requests answered at once lately, no gain from batching is
 assumed (the tail grows in proportion to the number in flight), so a burst onto a replica that
 has only seen light load is admitted only as far as that pessimistic estimate allows. Before
-a replica has answered ``MIN_ANSWERS`` requests it admits ``COLD_IN_FLIGHT`` at a time. After
-an idle spell that emptied the window the last measurements hold, up to ``LAST_WINDOW_TTL_S``.
+a replica has answered ``MIN_ANSWERS`` requests it admits ``COLD_IN_FLIGHT`` at a time, and
+beside another one only a request with at least ``cold_min_budget_s`` (the ingress: half the
+app's ``request_timeout_s``): a tight deadline is not promised on no measurement. After an idle
+spell that emptied the window the last measurements hold, up to ``LAST_WINDOW_TTL_S``.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ TAIL_QUANTILE = 0.9  # of recent answers' times: what an admitted request is pro
 ADMIT_SHARE = 0.7  # of a request's budget, what the estimate may take
 ADMIT_RESERVE_S = 0.5  # and less this: the reply's trip and scheduling noise
 COLD_IN_FLIGHT = 2  # in flight at most, before the replica has answered anything
+COLD_MIN_BUDGET_S = 10.0  # and, beside another request, only with this much budget
 LAST_WINDOW_TTL_S = 120.0  # how long an idle replica keeps the last window it measured
 IDLE_SETTLE_S = 2.0  # idle this long, a replica is past a load (not between two requests)
 RECHECK_S = 0.6  # this long after arrival, a burst behind a request may still refuse it
@@ -83,9 +86,10 @@ class Admission:
 
     def __init__(self, window_s: float = WINDOW_S, min_answers: int = MIN_ANSWERS,
                  min_busy_s: float = MIN_BUSY_S, admit_share: float = ADMIT_SHARE,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 cold_min_budget_s: float = COLD_MIN_BUDGET_S) -> None:
         self.window_s, self.min_answers, self.min_busy_s = window_s, min_answers, min_busy_s
-        self.admit_share = admit_share
+        self.admit_share, self.cold_min_budget_s = admit_share, cold_min_budget_s
         self.clock = clock
         self._answers: deque[Answer] = deque(maxlen=512)
         self._busy_since: float | None = None
@@ -186,6 +190,12 @@ class Admission:
         admissible share of it, else None."""
         wait = self.wait_s(in_flight)
         if wait is None:
+            if in_flight == 0:
+                return None  # alone in an idle app: the best case there is
+            if budget_s < self.cold_min_budget_s:
+                return overloaded(f"{in_flight} requests are in flight and this replica has "
+                                  f"not answered enough yet to promise a {budget_s:g} s "
+                                  f"deadline beside them; retry in 1 s", 1)
             if in_flight < COLD_IN_FLIGHT:
                 return None
             return overloaded(f"{in_flight} requests are in flight and this replica has not "

@@ -31,7 +31,7 @@ from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from mova.decoding import DecodeParams
 from mova.typed_dict import from_dict
 from pipelines.serve import remote, sources
-from pipelines.serve.admission import Tickets
+from pipelines.serve.admission import Admission, Tickets
 from pipelines.serve.api import build_api
 from pipelines.serve.deployments import process_info
 from pipelines.serve.errors import (
@@ -104,7 +104,8 @@ class MoVAIngress:
                                                self.recipe)
         self.pipeline = Pipeline(adapter, llm, experts, self.checker.caches)
         self.created = int(time.time())
-        self.tickets = Tickets()
+        self.tickets = Tickets(Admission(
+            cold_min_budget_s=self.recipe.limits.request_timeout_s / 2))
         context = serve.get_replica_context()
         self._sharing = asyncio.create_task(share_load(
             self.tickets, context.app_name, context.replica_id.unique_id))

@@ -13,6 +13,7 @@ import pytest
 from pipelines.serve.admission import (
     ADMIT_RESERVE_S,
     COLD_IN_FLIGHT,
+    COLD_MIN_BUDGET_S,
     IDLE_SETTLE_S,
     RECHECK_S,
     Admission,
@@ -97,8 +98,12 @@ def test_a_slower_machine_shows_as_soon_as_its_answers_do():
     clock.now += 100  # idle: the last window that held enough answers still holds
     assert admission.wait_s(1) == pytest.approx(4.0)
     clock.now += 21  # until it is LAST_WINDOW_TTL_S old: then the replica starts cold
-    assert admission.wait_s(1) is None and admission.refusal(1, budget_s=4) is None
-    assert admission.refusal(COLD_IN_FLIGHT, budget_s=4) is not None
+    assert admission.wait_s(1) is None and admission.refusal(0, budget_s=4) is None
+    # cold: a tight deadline is promised only to a request alone in the app
+    tight = admission.refusal(1, budget_s=4)
+    assert tight is not None and "promise a 4 s deadline" in tight.message
+    assert admission.refusal(1, budget_s=COLD_MIN_BUDGET_S) is None
+    assert admission.refusal(COLD_IN_FLIGHT, budget_s=20) is not None
 
 
 def test_a_stall_is_refused_and_a_slow_start_is_not():
