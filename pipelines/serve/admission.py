@@ -96,15 +96,17 @@ class Admission:
         self._idle_since: float | None = clock()
         self._last: list[Answer] = []  # the latest window with enough answers
 
-    def in_flight_changed(self, before: int, after: int) -> None:
+    def in_flight_changed(self, before: int, after: int,
+                          load: tuple[int, int] | None = None) -> None:
         """Call when the number of requests in flight on this replica goes from ``before``
-        to ``after`` (a replica busy without answering is stalled); for a replica without
-        peers that is also the app's load (:class:`Tickets` tells the load after it)."""
+        to ``after`` (a replica busy without answering is stalled); ``load``: the app's
+        requests in flight before and after (:meth:`load_changed`), when the replica has
+        peers."""
         if before == 0 and after > 0:
             self._busy_since = self.clock()
         elif after == 0:
             self._busy_since = None
-        self.load_changed(before, after)
+        self.load_changed(*(load or (before, after)))
 
     def load_changed(self, before: int, after: int) -> None:
         """Call when the app's requests in flight (on this replica and its peers, as far as
@@ -216,6 +218,12 @@ class Admission:
                           f"({said}: about {wait:.0f} s); retry in {retry} s", retry)
 
 
+def _pulse(event: asyncio.Event) -> asyncio.Event:
+    """Wake whoever waits on ``event``; the event the next change will set."""
+    event.set()
+    return asyncio.Event()
+
+
 def _quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -251,8 +259,7 @@ class Tickets:
 
     def _count_changed(self) -> None:
         metric("requests_in_flight").set(len(self.held))
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._changed = _pulse(self._changed)
 
     def set_others(self, count: int) -> None:
         """The peers' requests in flight, as they last reported them."""
@@ -260,20 +267,15 @@ class Tickets:
         self.others = max(0, count)
         self.admission.load_changed(before, self.load())
         if grew:
-            self._grew()
+            self._admitted = _pulse(self._admitted)
 
     def take(self, expires: float) -> int:
         ticket, load = next(self._ids), self.load()
         self.held[ticket] = (expires, self.admission.clock(), load + 1)
-        self.admission.in_flight_changed(len(self.held) - 1, len(self.held))
-        self.admission.load_changed(load, load + 1)
+        self.admission.in_flight_changed(len(self.held) - 1, len(self.held), (load, load + 1))
         self._count_changed()
-        self._grew()
+        self._admitted = _pulse(self._admitted)
         return ticket
-
-    def _grew(self) -> None:
-        self._admitted.set()
-        self._admitted = asyncio.Event()
 
     def give_back(self, ticket: int, answered: bool = False) -> None:
         """Free ``ticket``; ``answered``: it finished with its answer."""
@@ -286,8 +288,7 @@ class Tickets:
             # the load it met coming in and leaves behind (itself included)
             self.admission.answered(self.admission.clock() - taken, (level + load + 1) / 2,
                                     max(level, load + 1))
-        self.admission.in_flight_changed(len(self.held) + 1, len(self.held))
-        self.admission.load_changed(load + 1, load)
+        self.admission.in_flight_changed(len(self.held) + 1, len(self.held), (load + 1, load))
         self._count_changed()
 
     def recheck(self, ticket: int, budget_s: float) -> APIError | None:
