@@ -42,7 +42,6 @@ from mova.factory import build_model, tiny_config
 from mova.routing import augment_routing_example
 from pipelines.common.manifests.rows import manifest_files, read_rows, write_manifest
 from pipelines.data.expert_value import DETAIL_EXPERT, KINDS, ExpertValueData, generate
-from pipelines.demo.console import TrainProgress
 from pipelines.demo.expert_value_report import (
     CANDIDATES,
     COMPARED,
@@ -56,13 +55,9 @@ from pipelines.demo.plans import EXPERT_VALUE, Plan
 from pipelines.demo.session import DemoSession
 from pipelines.evaluate.job import run_eval
 from pipelines.evaluate.recipe import EvalRecipe
-from pipelines.features.job import run_features
-from pipelines.features.recipe import FeaturesRecipe
 from pipelines.labels.job import run_labels
 from pipelines.labels.recipe import LabelsRecipe
 from pipelines.model.real_assets import default_cache_dir, prepare_real_assets, real_config
-from pipelines.train.job import run_train
-from pipelines.train.recipe import TrainRecipe
 
 log = logging.getLogger(__name__)
 
@@ -163,20 +158,12 @@ class ExpertValueDemo:
                            "(only an expert sees), ground-truth routing kept", make)
 
     def features(self, manifest: str, init_path: Path) -> None:
-        self.s.start_ray()
-        self.s.step("Expert-feature cache for the candidates (mova features)",
-                    lambda: run_features(self.s.recipe(
-                        "features", FeaturesRecipe, manifest=manifest, checkpoint=init_path,
-                        cache=self.root / "features", only=CANDIDATES)))
+        self.s.features("Expert-feature cache for the candidates (mova features)", manifest,
+                        init_path, only=CANDIDATES)
 
     def _train(self, job: str, name: str, init: Path | str, manifest: str) -> str:
-        steps = int(self.s.plan.value(job, "max_steps"))
-        recipe = self.s.recipe(job, TrainRecipe, run_name=f"ev-{name}", init_from=init,
-                               manifest=manifest, cache=self.root / "features",
-                               output=self.root / name, name=f"ev-{name}", seed=self.seed,
-                               storage_path=self.root / "ray_results")
-        with TrainProgress(self.s.tracking_uri, f"ev-{name}", steps, self.echo):
-            trained = run_train(recipe)
+        trained = self.s.train(job, f"ev-{name}", init_from=init, manifest=manifest,
+                               output=name, seed=self.seed)
         self.result.final_loss[name] = trained.final_loss
         return trained.output
 

@@ -28,21 +28,16 @@ from mova.factory import build_tiny_mova
 from pipelines.common.ray_init import free_local_port
 from pipelines.common.wire import MoVAInfo
 from pipelines.data.synth import SynthRecipe, generate
-from pipelines.demo.console import TrainProgress
 from pipelines.demo.plans import FULL, Plan
 from pipelines.demo.report import DemoResult, eval_table, served_text, summary_text
 from pipelines.demo.session import DemoSession
 from pipelines.evaluate.http import image_data_uri
 from pipelines.evaluate.job import run_eval
 from pipelines.evaluate.recipe import EvalRecipe
-from pipelines.features.job import run_features
-from pipelines.features.recipe import FeaturesRecipe
 from pipelines.labels.job import run_labels
 from pipelines.labels.recipe import LabelsRecipe
 from pipelines.serve.app import start
 from pipelines.serve.recipe import ServeRecipe
-from pipelines.train.job import run_train
-from pipelines.train.recipe import TrainRecipe
 
 
 def pick_question(test: str) -> dict[str, Any]:
@@ -103,26 +98,14 @@ class Lifecycle:
                            "(mova model init)", build)
 
     def features(self, train: str, init_path: Path) -> None:
-        self.s.start_ray()
-        feats = self.s.step("Expert-feature cache on Ray Data, every expert (mova features)",
-                            lambda: run_features(self.s.recipe(
-                                "features", FeaturesRecipe, manifest=train,
-                                checkpoint=init_path, cache=self.root / "features")))
+        feats = self.s.features("Expert-feature cache on Ray Data, every expert (mova features)",
+                                train, init_path)
         self.echo(f"    {feats.images} images -> {feats.cache}")
 
     def train(self, stage: str, init_from: Path, manifest: str, title: str) -> Any:
-        run_name = f"demo-{stage}"
-        steps = int(self.s.plan.value(stage, "max_steps"))
-
-        def run() -> Any:
-            recipe = self.s.recipe(stage, TrainRecipe, run_name=run_name, init_from=init_from,
-                                   manifest=manifest, cache=self.root / "features",
-                                   output=self.root / stage, name=run_name, seed=self.seed,
-                                   storage_path=self.root / "ray_results")
-            with TrainProgress(self.s.tracking_uri, run_name, steps, self.echo):
-                return run_train(recipe)
-
-        trained = self.s.step(title, run)
+        trained = self.s.step(title, lambda: self.s.train(
+            stage, f"demo-{stage}", init_from=init_from, manifest=manifest, output=stage,
+            seed=self.seed))
         self.echo(f"    {trained.steps} steps, final loss {trained.final_loss:.3f} -> "
                   f"{trained.output}")
         return trained

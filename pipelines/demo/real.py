@@ -27,16 +27,11 @@ from mova.factory import build_model
 from pipelines.common.manifests.rows import write_manifest
 from pipelines.data.benchmarks import convert_easyvqa
 from pipelines.data.synth import SynthRecipe, generate
-from pipelines.demo.console import TrainProgress
 from pipelines.demo.plans import REAL, Plan
 from pipelines.demo.session import DemoSession, RunRecord
 from pipelines.evaluate.job import run_eval
 from pipelines.evaluate.recipe import EvalRecipe
-from pipelines.features.job import run_features
-from pipelines.features.recipe import FeaturesRecipe
 from pipelines.model.real_assets import default_cache_dir, prepare_real_assets, real_config
-from pipelines.train.job import run_train
-from pipelines.train.recipe import TrainRecipe
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +123,8 @@ class RealDemo:
                            "(mova model init)", init)
 
     def features(self, manifest: str, init_path: Path) -> None:
-        self.s.start_ray()
-        self.s.step("Expert-feature cache for the labelled experts (mova features)",
-                    lambda: run_features(self.s.recipe(
-                        "features", FeaturesRecipe, manifest=manifest, checkpoint=init_path,
-                        cache=self.root / "features")))
+        self.s.features("Expert-feature cache for the labelled experts (mova features)",
+                        manifest, init_path)
 
     def train_both(self, init_path: Path, data: dict[str, str]) -> dict[str, str]:
         steps = int(self.s.plan.value("sft", "max_steps"))
@@ -141,14 +133,8 @@ class RealDemo:
             outputs = {}
             for name in ("mova", "base"):
                 self.echo(f"    training {name} ...")
-                run_name = f"real-{name}"
-                recipe = self.s.recipe(
-                    "sft", TrainRecipe, run_name=run_name, init_from=init_path,
-                    manifest=data[name], cache=self.root / "features",
-                    output=self.root / name, name=run_name, seed=self.seed,
-                    storage_path=self.root / "ray_results")
-                with TrainProgress(self.s.tracking_uri, run_name, steps, self.echo):
-                    trained = run_train(recipe)
+                trained = self.s.train("sft", f"real-{name}", init_from=init_path,
+                                       manifest=data[name], output=name, seed=self.seed)
                 self.result.final_loss[name] = trained.final_loss
                 outputs[name] = trained.output
             return outputs

@@ -19,8 +19,19 @@ from typing import Any, Generic, TypeVar
 
 from pipelines.common.command import format_overrides
 from pipelines.common.recipe import JobRecipe, TrackedRecipe, load_recipe
-from pipelines.demo.console import EXPERIMENT, DemoRay, Steps, prepare_out, quiet_screen
+from pipelines.demo.console import (
+    EXPERIMENT,
+    DemoRay,
+    Steps,
+    TrainProgress,
+    prepare_out,
+    quiet_screen,
+)
 from pipelines.demo.plans import Plan
+from pipelines.features.job import FeaturesSummary, run_features
+from pipelines.features.recipe import FeaturesRecipe
+from pipelines.train.job import TrainResult, run_train
+from pipelines.train.recipe import TrainRecipe
 
 JOBS_DIR = Path(__file__).resolve().parents[2] / "jobs"
 
@@ -101,3 +112,24 @@ class DemoSession(Generic[R]):
                             "mlflow.run_name": run_name or job})
         overrides = [*plan, *format_overrides(where), *format_overrides(session)]
         return load_recipe(cls, jobs_dir() / f"{job}.yaml", overrides)
+
+    def features(self, title: str, manifest: str, checkpoint: str | Path,
+                 **where: Any) -> FeaturesSummary:
+        """Start the demo's Ray and run ``mova features`` as step ``title`` into
+        ``<out>/features`` (``where``: more recipe fields, e.g. ``only``)."""
+        self.start_ray()
+        return self.step(title, lambda: run_features(self.recipe(
+            "features", FeaturesRecipe, manifest=manifest, checkpoint=checkpoint,
+            cache=self.root / "features", **where)))
+
+    def train(self, job: str, run_name: str, *, init_from: str | Path, manifest: str,
+              output: str, seed: int) -> TrainResult:
+        """``mova train`` with ``jobs/<job>.yaml`` (inside a step): the demo's feature cache,
+        ``<out>/<output>``, and a progress line per logged step from its MLflow metrics."""
+        steps = int(self.plan.value(job, "max_steps"))
+        recipe = self.recipe(job, TrainRecipe, run_name=run_name, init_from=init_from,
+                             manifest=manifest, cache=self.root / "features",
+                             output=self.root / output, name=run_name, seed=seed,
+                             storage_path=self.root / "ray_results")
+        with TrainProgress(self.tracking_uri, run_name, steps, self.echo):
+            return run_train(recipe)

@@ -230,11 +230,16 @@ def _answers(url: str, forced: list[list[str] | None]) -> None:
             assert resp.status_code == 200, resp.text
 
 
+def _nothing_in_flight() -> None:
+    """Until no ingress replica holds a request (six asks reach both replicas)."""
+    _wait(lambda: all(_info("Ingress")["in_flight"] == 0 for _ in range(6)), 30,
+          "no request in flight")
+
+
 def _settled() -> None:
     """Until a load is over: nothing in flight for ``IDLE_SETTLE_S`` (until then an ingress
     may be between two of a load's requests, and refuses what a busy replica would)."""
-    _wait(lambda: all(_info("Ingress")["in_flight"] == 0 for _ in range(6)), 30,
-          "no request in flight")
+    _nothing_in_flight()
     time.sleep(IDLE_SETTLE_S)
 
 
@@ -243,8 +248,7 @@ def _idle_and_healthy(url: str) -> None:
     batcher is unhealthy."""
     _settled()
     _answers(url, [[], POOL[:1], POOL, None])
-    _wait(lambda: all(_info("Ingress")["in_flight"] == 0 for _ in range(6)), 30,
-          "no request in flight")
+    _nothing_in_flight()
     for name in DEPLOYMENTS[1:]:
         for stage, summary in _info(name)["batches"].items():
             assert summary["unhealthy"] is None and summary["queued"] == 0, (name, stage)
