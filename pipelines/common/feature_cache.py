@@ -10,6 +10,7 @@ Layout under the cache root (a local folder or an s3:// prefix)::
                                            the file, tokens, channels, dtype
     <expert>/<key>/index/compact-<id>/     the parts merged, in hash buckets, for lookups at
                                            flat memory (:mod:`pipelines.common.feature_index`)
+    <expert>/<key>/index/compact-<id>.json that compacted index's marker (written last)
 
 ``key`` changes whenever the expert's build recipe or weights change
 (:func:`mova.checkpoint.expert_cache_key`), so a changed expert never serves stale features.
@@ -33,7 +34,8 @@ import torch
 from safetensors.torch import save as save_tensors
 
 from pipelines.common import storage
-from pipelines.common.feature_index import Entry, IndexReader, compact, list_index, write_part
+from pipelines.common.feature_compaction import compact
+from pipelines.common.feature_index import Entry, IndexReader, list_index, write_part
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +99,8 @@ class FeatureCache:
 
     def index_parts(self, expert: str, key: str) -> list[str]:
         """The index's files: fresh parts, and the buckets of its compacted index."""
-        compact, fresh = list_index(self.index_folder(expert, key))
-        buckets = storage.list_files(compact, suffix=".parquet") if compact else []
-        return fresh + buckets
+        compacts, fresh = list_index(self.index_folder(expert, key))
+        return fresh + [path for index in compacts for path in index.files()]
 
     def hashes(self, expert: str, key: str) -> set[str]:
         """Every image hash the index of (expert, key) holds (freshly read, whole)."""

@@ -1,17 +1,26 @@
 """The feature cache's index: where each image's features live, looked up at flat memory.
 
 Writers add one small *fresh* part per shard (``index/<id>.parquet``). Compaction merges the
-fresh parts and the previous compacted index into a new one, ``index/compact-<id>/``: entries
-split into buckets by the first hex digits of the image hash (1, 16 or 256 buckets: at most
-about :data:`BUCKET_ENTRIES` entries each), each bucket one Parquet file sorted by hash in row
-groups of :data:`ROW_GROUP` entries, and ``_SUCCESS`` (written last) saying how many.
+fresh parts and the compacted indexes into a new one: entries split into buckets by the first
+hex digits of the image hash (1, 16 or 256 buckets: at most about :data:`BUCKET_ENTRIES`
+entries each), each bucket one Parquet file ``index/compact-<id>/b-<digits>.parquet`` sorted
+by hash in row groups of :data:`ROW_GROUP` entries. The index is complete once its marker
+``index/compact-<id>.json`` (written last: digit count, entries, buckets) exists.
+
+Compactions may run at once (two jobs ending on one cache): each merges every complete index
+and fresh part it listed, writes its marker, and only then deletes what it merged, so the
+marked indexes and the fresh parts together always hold every entry. A compaction whose inputs
+another one deleted under it starts again from a new listing. Markers are named by the
+compaction's start time, so a listing in name order (S3's) that misses an old marker, deleted
+while it listed, sees the newer one that holds its entries.
 
 A reader never loads a whole compacted index: a lookup reads the footer of its bucket (the
 row groups' hash ranges) and the one row group that can hold the hash, and keeps what it read
 in a least-recently-used cache of bounded size. So a reader's memory is flat in the number of
-cached images, and each row group is read at most once while it stays cached. Fresh parts are
-read whole when the reader opens; after a job's compaction there are none. An image cached
-twice is served from the compacted entry, else from the first fresh part in name order.
+cached images, and each row group is read at most once while it stays cached. A reader whose
+files a compaction deleted opens the index again. Fresh parts are read whole when the reader
+opens; after a job's compaction there are none. An image cached twice is served from the
+oldest compacted index holding it, else from the first fresh part in name order.
 """
 
 from __future__ import annotations
@@ -19,16 +28,12 @@ from __future__ import annotations
 import io
 import json
 import logging
-import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipelines.common import storage
@@ -45,9 +50,8 @@ INDEX_SCHEMA = pa.schema([
     ("dtype", pa.string()),
 ])
 COMPACT_PREFIX = "compact-"
-SUCCESS = "_SUCCESS"
-BUCKET_ENTRIES = 1 << 20  # entries per bucket file, about (memory of one compaction step)
-ROW_GROUP = 4096  # entries per row group: what one lookup reads (~300 KB)
+SUCCESS = "_SUCCESS"  # the completion mark of an index written before markers
+LIST_ATTEMPTS = 3  # listings of an index that compactions changed under it
 READER_BYTES = 32 << 20  # what a reader keeps of the row groups and footers it read
 
 
@@ -61,14 +65,6 @@ class Entry:
     tokens: int
     channels: int
     dtype: str
-
-
-def bucket_digits(entries: int) -> int:
-    """Hex digits of the hash that pick a bucket, for an index of ``entries``."""
-    digits = 0
-    while entries > BUCKET_ENTRIES * 16 ** digits and digits < 2:
-        digits += 1
-    return digits
 
 
 def _entries(table: pa.Table) -> dict[str, Entry]:
@@ -109,55 +105,97 @@ class _Rows:
                      str(self.dtypes[self.dtype[i]]))
 
 
-def _read_table(path: str) -> pa.Table:
+def read_table(path: str) -> pa.Table:
     return pq.read_table(io.BytesIO(storage.read_bytes(path)))
 
 
+@dataclass(frozen=True)
+class Compacted:
+    """One complete compacted index: its bucket folder, its marker (None for an index written
+    before markers, complete by its ``_SUCCESS``), digit count, entries and bucket names
+    (None: unknown, look for the file)."""
+
+    folder: str
+    marker: str | None
+    digits: int
+    entries: int
+    buckets: frozenset[str] | None
+
+    def bucket(self, image_hash: str) -> str | None:
+        """The bucket file that may hold ``image_hash`` (None: that bucket is empty)."""
+        return self.bucket_file(image_hash[:self.digits])
+
+    def bucket_file(self, name: str) -> str | None:
+        """Bucket ``name``'s file (None: that bucket is empty)."""
+        if self.buckets is not None and name not in self.buckets:
+            return None
+        return storage.join(self.folder, f"b-{name}.parquet")
+
+    def files(self) -> list[str]:
+        if self.buckets is not None:
+            return [storage.join(self.folder, f"b-{b}.parquet") for b in sorted(self.buckets)]
+        return storage.list_files(self.folder, suffix=".parquet")
+
+
 class IndexReader:
-    """Lookups in the index of one (expert, key) folder as it was when the reader opened."""
+    """Lookups in the index of one (expert, key) folder as it was when the reader opened (or,
+    if a compaction deleted files it was reading, when it opened again)."""
 
     def __init__(self, folder: str, budget: int = READER_BYTES) -> None:
         self.folder, self.budget = folder, budget
         self.fresh: dict[str, Entry] = {}
-        self.compact: str | None = None
-        self.digits = 0
+        self.compacts: list[Compacted] = []
         self.entries = 0
         self._kept: OrderedDict[tuple, tuple[int, object]] = OrderedDict()
         self._kept_bytes = 0
         self.bytes_read = 0  # index bytes fetched (footers and row groups)
         self.loads = 0  # row groups read
+        self.reopened = 0  # times a compaction's deletions made the reader open again
         self._open()
 
     def _open(self) -> None:
-        for attempt in range(3):  # a compaction may delete what was listed
+        for attempt in range(LIST_ATTEMPTS):  # a compaction may delete what was listed
             try:
-                compact, fresh = list_index(self.folder)
-                self.fresh = {}
+                compacts, fresh = list_index(self.folder)
+                entries: dict[str, Entry] = {}
                 for part in fresh:
-                    for h, e in _entries(_read_table(part)).items():
-                        self.fresh.setdefault(h, e)
+                    for h, e in _entries(read_table(part)).items():
+                        entries.setdefault(h, e)
                 break
             except FileNotFoundError:
-                if attempt == 2:
+                if attempt == LIST_ATTEMPTS - 1:
                     raise
-        if compact is not None:
-            meta = json.loads(storage.read_text(storage.join(compact, SUCCESS)))
-            self.compact, self.digits, self.entries = compact, meta["digits"], meta["entries"]
+        self.compacts, self.fresh = compacts, entries
+        self.entries = sum(c.entries for c in compacts)
+        self._kept.clear()
+        self._kept_bytes = 0
 
     def find(self, hashes: Sequence[str]) -> list[Entry | None]:
         """Each hash's entry, or None where it is not cached."""
         return [self._find(h) for h in hashes]
 
     def _find(self, image_hash: str) -> Entry | None:
-        if self.compact is not None:
-            found = self._compacted(image_hash)
-            if found is not None:
-                return found
-        return self.fresh.get(image_hash)
+        for attempt in range(2):
+            try:
+                for index in self.compacts:
+                    found = self._compacted(index, image_hash)
+                    if found is not None:
+                        return found
+                return self.fresh.get(image_hash)
+            except FileNotFoundError:
+                if attempt:
+                    raise
+                log.info("the index of %s changed under a reader (a compaction); opening it "
+                         "again", self.folder)
+                self.reopened += 1
+                self._open()
+        return None  # unreachable: the second attempt returns or raises
 
-    def _compacted(self, image_hash: str) -> Entry | None:
-        path = storage.join(self.compact, f"b-{image_hash[:self.digits]}.parquet")
-        lows = self._keep(("footer", path), lambda: self._footer(path))
+    def _compacted(self, index: Compacted, image_hash: str) -> Entry | None:
+        path = index.bucket(image_hash)
+        if path is None:
+            return None
+        lows = self._keep(("footer", path), lambda: self._footer(path, index.buckets is None))
         if lows is None:
             return None
         group = int(np.searchsorted(lows, image_hash.encode(), side="right")) - 1
@@ -166,9 +204,9 @@ class IndexReader:
         entries = self._keep(("group", path, group), lambda: self._row_group(path, group))
         return entries.get(image_hash)
 
-    def _footer(self, path: str) -> tuple[object, int]:
+    def _footer(self, path: str, may_be_missing: bool) -> tuple[object, int]:
         """The first hash of each row group (sorted files: enough to pick the group)."""
-        if not storage.exists(path):
+        if may_be_missing and not storage.exists(path):
             return None, 0
         fs, fpath = storage.filesystem(path)
         with fs.open_input_file(fpath) as handle:
@@ -204,22 +242,45 @@ class IndexReader:
     def all_hashes(self) -> set[str]:
         """Every cached hash (reads the whole index: for tests and reports, not lookups)."""
         out = set(self.fresh)
-        if self.compact is not None:
-            for path in storage.list_files(self.compact, suffix=".parquet"):
-                out.update(_read_table(path).column("image_hash").to_pylist())
+        for index in self.compacts:
+            for path in index.files():
+                out.update(read_table(path).column("image_hash").to_pylist())
         return out
 
 
-def list_index(folder: str) -> tuple[str | None, list[str]]:
-    """The newest complete compacted index of ``folder`` (or None) and its fresh parts."""
-    if not storage.exists(folder):
-        return None, []
-    files = storage.list_files(folder)
-    done = sorted(storage.parent(f) for f in files if f.endswith("/" + SUCCESS)
-                  and storage.parent(f).rsplit("/", 1)[-1].startswith(COMPACT_PREFIX))
-    fresh = sorted(f for f in files if storage.parent(f).rstrip("/") == folder.rstrip("/")
-                   and f.endswith(".parquet"))
-    return (done[-1] if done else None), fresh
+def list_index(folder: str) -> tuple[list[Compacted], list[str]]:
+    """The complete compacted indexes of ``folder``, oldest first, and its fresh parts (one
+    listing, taken again if a compaction deleted a marker before it was read)."""
+    for attempt in range(LIST_ATTEMPTS):
+        files, folders = storage.list_dir(folder)
+        try:
+            return _compacted_indexes(files, folders), [
+                f for f in files if f.endswith(".parquet")]
+        except FileNotFoundError:
+            if attempt == LIST_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _compacted_indexes(files: list[str], folders: list[str]) -> list[Compacted]:
+    out = []
+    markers = {f[:-len(".json")]: f for f in files
+               if _name(f).startswith(COMPACT_PREFIX) and f.endswith(".json")}
+    for folder in sorted(set(markers) | {d for d in folders
+                                         if _name(d).startswith(COMPACT_PREFIX)}):
+        marker = markers.get(folder)
+        if marker is not None:
+            meta = json.loads(storage.read_text(marker))
+            out.append(Compacted(folder, marker, meta["digits"], meta["entries"],
+                                 frozenset(meta["buckets"])))
+        elif storage.exists(storage.join(folder, SUCCESS)):  # written before markers
+            meta = json.loads(storage.read_text(storage.join(folder, SUCCESS)))
+            out.append(Compacted(folder, None, meta["digits"], meta["entries"], None))
+    return out
+
+
+def _name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 def write_part(folder: str, name: str, rows: list[dict]) -> str:
@@ -227,100 +288,3 @@ def write_part(folder: str, name: str, rows: list[dict]) -> str:
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), buf)
     return storage.write_bytes_atomic(storage.join(folder, f"{name}.parquet"), buf.getvalue())
-
-
-def compact(folder: str) -> int:
-    """Merge the fresh parts and the compacted index of ``folder`` into a new compacted index
-    (streamed: one bucket in memory at a time); returns its entries. Safe beside readers and
-    writers: the new index is complete before anything it replaces is deleted, and fresh parts
-    written meanwhile stay."""
-    old, fresh = list_index(folder)
-    old_meta = json.loads(storage.read_text(storage.join(old, SUCCESS))) if old else None
-    if not fresh:
-        return old_meta["entries"] if old_meta else 0
-    new_rows = sum(_rows(p) for p in fresh)
-    digits = bucket_digits((old_meta["entries"] if old_meta else 0) + new_rows)
-    name = f"{COMPACT_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex}"
-    target = storage.join(folder, name)
-    staging = storage.join(folder, f"_tmp-{name}")  # fresh entries split by bucket
-    if digits:
-        _split(fresh, digits, staging)
-    total = 0
-    for bucket in _buckets(digits):
-        pieces = _old_bucket(old, old_meta, bucket, digits) if old else []
-        pieces += _staged(staging, bucket) if digits else fresh
-        table = _merged(pieces, bucket)
-        if table.num_rows:
-            buf = io.BytesIO()
-            pq.write_table(table, buf, row_group_size=ROW_GROUP)
-            storage.write_bytes_atomic(storage.join(target, f"b-{bucket}.parquet"),
-                                       buf.getvalue())
-            total += table.num_rows
-    storage.write_text_atomic(storage.join(target, SUCCESS),
-                              json.dumps({"digits": digits, "entries": total}))
-    for path in fresh:
-        storage.delete(path, missing_ok=True)
-    for path in (old, staging if digits else None):
-        if path:
-            storage.delete(path, missing_ok=True)
-    return total
-
-
-def _rows(path: str) -> int:
-    fs, fpath = storage.filesystem(path)
-    with fs.open_input_file(fpath) as handle:
-        return pq.ParquetFile(handle).metadata.num_rows
-
-
-def _buckets(digits: int) -> list[str]:
-    return [f"{i:0{digits}x}" for i in range(16 ** digits)] if digits else [""]
-
-
-def _split(fresh: list[str], digits: int, staging: str) -> None:
-    """Write the fresh parts' entries, streamed in part-name order, into one folder per
-    bucket (``staging/b=<bucket>/``), keeping their order."""
-    fs, base = storage.filesystem(staging)
-
-    def batches():
-        for part in fresh:
-            table = _read_table(part)
-            bucket = pc.utf8_slice_codeunits(table.column("image_hash"), 0, digits)
-            yield from table.append_column("b", bucket).to_batches()
-
-    schema = INDEX_SCHEMA.append(pa.field("b", pa.string()))
-    ds.write_dataset(batches(), base, schema=schema, format="parquet", filesystem=fs,
-                     partitioning=["b"], partitioning_flavor="hive",
-                     basename_template="part-{i}.parquet", preserve_order=True,
-                     existing_data_behavior="overwrite_or_ignore")
-
-
-def _staged(staging: str, bucket: str) -> list[str]:
-    folder = storage.join(staging, f"b={bucket}")
-    if not storage.exists(folder):
-        return []
-    return sorted(storage.list_files(folder, suffix=".parquet"),
-                  key=lambda p: int(p.rsplit("-", 1)[-1].split(".")[0]))
-
-
-def _merged(paths: list[str], bucket: str) -> pa.Table:
-    """One bucket's entries from ``paths`` (earlier files win a repeated hash), sorted."""
-    tables = []
-    for path in paths:
-        table = _read_table(path).select(INDEX_SCHEMA.names)
-        tables.append(table.filter(pc.starts_with(pc.field("image_hash"), bucket))
-                      if bucket else table)
-    table = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
-    hashes = table.column("image_hash").to_numpy(zero_copy_only=False)
-    _, first = np.unique(hashes, return_index=True)
-    return table.take(pa.array(np.sort(first))).sort_by("image_hash")
-
-
-def _old_bucket(old: str, meta: dict, bucket: str, digits: int) -> list[str]:
-    """The files of the old index that may hold ``bucket``'s hashes (its digit count may
-    differ from the new one's)."""
-    prefix = bucket[:meta["digits"]]
-    if meta["digits"] <= digits:
-        names = [f"b-{prefix}.parquet"]
-    else:
-        names = [f"b-{prefix}{tail}.parquet" for tail in _buckets(meta["digits"] - digits)]
-    return [p for p in (storage.join(old, n) for n in names) if storage.exists(p)]

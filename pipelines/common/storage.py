@@ -241,6 +241,29 @@ def list_files(uri: str, suffix: str | None = None) -> list[str]:
     return sorted(out)
 
 
+def list_dir(uri: str) -> tuple[list[str], list[str]]:
+    """The files and the folders directly in a folder or prefix (not recursive), each sorted
+    by name, as full URIs; names starting with ``.`` or ``_tmp`` are skipped and a missing
+    folder lists as empty. Names come in byte order (S3 lists keys so; a local folder is
+    sorted here)."""
+    fs, base = filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=False,
+                                                   allow_not_found=True))
+    except OSError as exc:
+        raise _wrap(uri, "listing", exc) from exc
+    files, folders = [], []
+    for item in infos:
+        name = item.base_name
+        if _skipped(name):
+            continue
+        if item.type == pafs.FileType.File:
+            files.append(join(uri, name))
+        elif item.type == pafs.FileType.Directory:
+            folders.append(join(uri, name))
+    return sorted(files), sorted(folders)
+
+
 def delete(uri: str, missing_ok: bool = False) -> None:
     """Delete a file, or a folder with everything under it."""
     fs, path = filesystem(uri)
