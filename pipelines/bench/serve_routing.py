@@ -2,9 +2,10 @@
 routed-request rate (:mod:`pipelines.serve.autoscale`), under a skewed routing mix.
 
 The tiny model's app with five experts, each autoscaled (0 to 3 replicas, one at start, quick
-metrics and delays so a minute shows the policies' behaviour). Closed-loop clients send
-requests of which 80% are routed to one expert and 20% to one of the four others (forced, so
-the mix is exact), with short answers. The same load runs under each policy on a fresh app.
+metrics and delays so a minute shows the policies' behaviour). Requests arrive at a fixed
+rate (Poisson, open loop: both policies face the same offered load, so replica-seconds
+compare), 80% routed to one expert and 20% to one of the four others (forced, so the mix is
+exact), with short answers. The same load runs under each policy on a fresh app.
 Measured: the replica-seconds the experts held (Serve's status polled every second), the
 requests' p50/p95 latency and errors. Goal: fewer replica-seconds with the routed policy at
 an equal or better p95.
@@ -40,7 +41,9 @@ from pipelines.serve.recipe import ServeRecipe
 log = logging.getLogger(__name__)
 
 HOT, COLD = "dinov2", ["sam", "vary", "deplot", "biomedclip"]
-HOT_SHARE, CLIENTS = 0.8, 8
+HOT_SHARE = 0.8
+RATE_PER_S = 4.0  # offered load, requests per second (the app answers ~7/s here)
+REQUEST_TIMEOUT_S = 30.0
 AUTOSCALING = ("{{min_replicas: 0, max_replicas: 3, initial_replicas: 1, metrics_interval_s: 1, "
                "look_back_period_s: 5, upscale_delay_s: 2, downscale_delay_s: 5, "
                "downscale_to_zero_delay_s: 10, policy: {policy}}}")
@@ -83,38 +86,52 @@ class ReplicaClock(threading.Thread):
         self.join(timeout=30)
 
 
-async def _load(url: str, seconds: float, seed: int) -> tuple[list[float], dict[str, int]]:
+async def _load(url: str, seconds: float, seed: int,
+                rate: float = RATE_PER_S) -> tuple[list[float], dict[str, int]]:
+    """Open-loop load: requests arrive at ``rate`` per second (Poisson), whatever the app's
+    pace, so both policies face the same offered load and answer the same requests."""
     images = [image_uri(i) for i in range(40)]
+    rng = random.Random(seed)
     latencies: list[float] = []
     statuses: dict[str, int] = {}
-    stop_at = time.monotonic() + seconds
 
-    async def client(index: int) -> None:
-        rng = random.Random(seed * 100 + index)
-        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-            while time.monotonic() < stop_at:
-                expert = HOT if rng.random() < HOT_SHARE else rng.choice(COLD)
-                body = {"model": "mova", "max_tokens": 4, "temperature": 0,
-                        "mova": {"experts": [expert]}, "messages": [{"role": "user",
-                        "content": [{"type": "text", "text": "What is it?"}, {
-                            "type": "image_url", "image_url": {"url": rng.choice(images)}}]}]}
-                start = time.monotonic()
-                resp = await http.post("/v1/chat/completions", json=body)
-                statuses[str(resp.status_code)] = statuses.get(str(resp.status_code), 0) + 1
-                if resp.status_code == 200:
-                    latencies.append(time.monotonic() - start)
-                else:
-                    await asyncio.sleep(1.0)
+    async def one(http: httpx.AsyncClient, expert: str, image: str) -> None:
+        body = {"model": "mova", "max_tokens": 4, "temperature": 0,
+                "mova": {"experts": [expert]}, "messages": [{"role": "user", "content": [
+                    {"type": "text", "text": "What is it?"},
+                    {"type": "image_url", "image_url": {"url": image}}]}]}
+        start = time.monotonic()
+        try:
+            resp = await http.post("/v1/chat/completions", json=body)
+            status = str(resp.status_code)
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        statuses[status] = statuses.get(status, 0) + 1
+        if status == "200":
+            latencies.append(time.monotonic() - start)
+        else:
+            log.info("routing-mix: %s for a request routed to %s", status, expert)
 
-    await asyncio.gather(*(client(i) for i in range(CLIENTS)))
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S,
+                                 limits=limits) as http:
+        tasks = []
+        stop_at = time.monotonic() + seconds
+        due = time.monotonic()
+        while due < stop_at:
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            expert = HOT if rng.random() < HOT_SHARE else rng.choice(COLD)
+            tasks.append(asyncio.create_task(one(http, expert, rng.choice(images))))
+            due += rng.expovariate(rate)
+        await asyncio.gather(*tasks)
     return latencies, statuses
 
 
 def _run_policy(checkpoint: str, policy: str, seconds: float, seed: int,
                 port: int) -> dict[str, Any]:
     recipe = load_recipe(ServeRecipe, None, [
-        f"checkpoint={checkpoint}", f"port={port}", "limits.request_timeout_s=30",
-        "limits.max_inflight=64",
+        f"checkpoint={checkpoint}", f"port={port}",
+        f"limits.request_timeout_s={REQUEST_TIMEOUT_S:g}", "limits.max_inflight=64",
         f"experts.default.autoscaling={AUTOSCALING.format(policy=policy)}"])
     url = start(recipe)
     try:
@@ -133,12 +150,13 @@ def _run_policy(checkpoint: str, policy: str, seconds: float, seed: int,
             "p50_s": round(statistics.median(latencies), 3) if latencies else None,
             "p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3) if latencies
             else None,
-            "errors": sum(n for s, n in statuses.items() if s != "200")}
+            "errors": sum(n for s, n in statuses.items() if s != "200"),
+            "statuses": dict(sorted(statuses.items()))}
 
 
 def bench_serve_routing(*, seconds: float = 60.0, seed: int = 0) -> RoutingBenchResult:
     result = RoutingBenchResult(machine=machine_info(torch.device("cpu")), settings={
-        "seconds": seconds, "clients": CLIENTS, "hot": HOT, "hot_share": HOT_SHARE,
+        "seconds": seconds, "rate_per_s": RATE_PER_S, "hot": HOT, "hot_share": HOT_SHARE,
         "cold": COLD, "seed": seed})
     with tempfile.TemporaryDirectory(prefix="mova-bench-routing-") as tmp:
         checkpoint = str(build_tiny_mova(seed=seed, experts=[HOT, *COLD]).save_pretrained(
@@ -172,11 +190,14 @@ def render_routing(result: RoutingBenchResult) -> str:
         "", "Reproduce: `mova bench serve --routing-mix`", "", f"Machine: {machine}", "",
         f"The tiny model's app, experts {s['hot']} and {', '.join(s['cold'])} autoscaled "
         "0-3 replicas (1 at start; metrics each 1 s over 5 s, up after 2 s, down after 5 s, "
-        f"to zero after 10 s). {s['clients']} closed-loop clients for {s['seconds']:g} s, "
-        f"{s['hot_share']:.0%} of requests forced to {s['hot']}, the rest to one of the "
-        "others; 4-token answers. `serve`: Serve's default policy (ongoing requests per "
+        f"to zero after 10 s). Requests arrive at {s['rate_per_s']:g}/s (Poisson, open loop: "
+        f"both policies face the same offered load) for {s['seconds']:g} s, "
+        f"{s['hot_share']:.0%} forced to {s['hot']}, the rest to one of the others; 4-token "
+        "answers. `serve`: Serve's default policy (ongoing requests per "
         "replica); `routed`: `pipelines.serve.autoscale` (routed rate x service time).", "",
         markdown_table(["policy", *cols], rows), "",
+        "Statuses: " + "; ".join(f"{policy} {row.get('statuses')}"
+                                 for policy, row in result.policies.items()) + ".", "",
         f"Replica-seconds, routed / default: **{ratio:.2f}x**; p95 "
         f"{routed.get('p95_s')} s vs {default.get('p95_s')} s (goal: fewer replica-seconds "
         f"at an equal or better p95, no error: **{'met' if met else 'missed'}**).", ""])
