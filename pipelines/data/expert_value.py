@@ -1,16 +1,20 @@
 """The expert-value data set: questions the base encoder answers, and questions only an expert can.
 
-Each image is a large shape in one of six colours on a light background, with a small white tag
-in its top-right corner that carries one of the letters ``b``, ``d``, ``p``, ``q``. Two kinds of
-question, one per image:
+Each image is a large shape in one of six colours on a light background, with a small square
+tag near its top-right corner filled with one of four fine patterns: ``horizontal`` or
+``vertical`` 1-pixel lines, a ``checked`` 1-pixel board, or ``plain`` grey of the same mean
+brightness. Two kinds of question, one per image:
 
 - **base**: "What colour is the large shape?" The base encoder, even a random one at a low
   resolution, sees the colour of half the picture; the ground-truth routing is no expert.
-- **detail**: "Which letter is on the small tag?" The tag's letter is ``tag_px`` pixels tall in
-  the full image: a few pixels once the base encoder's input is resized (28 px in the
-  experiment: 1.5 px), a patch's worth for DINOv2 at 224 px. The four letters have the same
-  ink and differ only by their shape, so no brightness cue gives them away. The ground-truth
-  routing is ``dinov2``.
+- **detail**: "Which pattern fills the small tag?" The patterns' lines are one pixel apart in
+  the full image: once it is resized for the base encoder (28 px in the experiment, an eighth)
+  every pattern is the same grey, so the information is gone before the base sees it, while
+  DINOv2 at 224 px takes the pixels as they are. The tag moves by up to ``jitter_px`` so that
+  no aliasing of one position can tell the patterns apart. The ground-truth routing is
+  ``dinov2``. (A first version asked for a letter, ``b``/``d``/``p``/``q``, on the tag: a
+  linear probe read it from a random base's corner features 72% of the time, because the
+  letters' ink sits in different quarters of the tag, which survives 1.5 px.)
 
 The answer is drawn from the same parameters as the image (kept in ``meta``), every (split,
 kind) pair has its own random stream, and the two kinds are balanced in each split.
@@ -24,23 +28,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+import numpy as np
+from PIL import Image, ImageDraw
 
 from pipelines.common.manifests.schema import Sample
 
 COLOURS = {"red": (214, 40, 40), "green": (40, 160, 64), "blue": (40, 72, 214),
            "yellow": (228, 196, 28), "purple": (136, 48, 168), "orange": (236, 128, 28)}
 SHAPES = ("circle", "square", "triangle")
-LETTERS = "bdpq"  # the same strokes, mirrored or turned: only their shape tells them apart
+PATTERNS = ("horizontal", "vertical", "checked", "plain")  # one mean brightness: only fine
+# detail tells them apart
 KINDS = ("base", "detail")
 DETAIL_EXPERT = "dinov2"
 TRUTH = {"base": [], "detail": [DETAIL_EXPERT]}  # the ground-truth routing per kind
 QUESTIONS = {
     "base": ("What colour is the large shape? Answer with one word.",
              "Which colour does the big shape have? Answer with one word."),
-    "detail": ("Which letter is printed on the small tag in the top-right corner? Answer with "
-               "one letter.",
-               "What letter does the little corner tag show? Answer with one letter."),
+    "detail": ("Which pattern fills the small tag in the top-right corner? Answer with one "
+               "word: horizontal, vertical, checked or plain.",
+               "What pattern does the little corner tag show? Answer with one word: "
+               "horizontal, vertical, checked or plain."),
 }
 BACKGROUND = (236, 236, 236)
 
@@ -48,14 +55,15 @@ BACKGROUND = (236, 236, 236)
 @dataclass
 class ExpertValueData:
     """How much to draw: ``per_kind`` answer rows per kind and split, images ``image_size``
-    square with the tag's letter ``tag_px`` tall."""
+    square with a tag ``tag_px`` on a side that moves by up to ``jitter_px``."""
 
     out: str
     seed: int = 0
     train_per_kind: int = 200
     test_per_kind: int = 100
     image_size: int = 224
-    tag_px: int = 12
+    tag_px: int = 18
+    jitter_px: int = 6
 
     def validate(self) -> ExpertValueData:
         if not self.out:
@@ -65,19 +73,39 @@ class ExpertValueData:
         if not 8 <= self.tag_px <= self.image_size // 8:
             raise ValueError(f"expert-value data: tag_px={self.tag_px} must be in "
                              f"[8, image_size / 8]")
+        if not 0 <= self.jitter_px <= self.image_size // 8:
+            raise ValueError(f"expert-value data: jitter_px={self.jitter_px} must be in "
+                             f"[0, image_size / 8]")
         return self
 
 
-def draw(rng: random.Random, size: int, tag_px: int) -> tuple[Image.Image, dict[str, Any]]:
-    """One image and the parameters it was drawn from (colour, shape, letter)."""
-    colour, shape, letter = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(LETTERS)
+def pattern_tile(pattern: str, side: int) -> Image.Image:
+    """A ``side`` square of ``pattern``: 1-pixel lines or checks of black and white, or the
+    grey of their mean."""
+    y, x = np.mgrid[:side, :side]
+    if pattern == "horizontal":
+        ink = y % 2 == 0
+    elif pattern == "vertical":
+        ink = x % 2 == 0
+    elif pattern == "checked":
+        ink = (x + y) % 2 == 0
+    elif pattern == "plain":
+        return Image.new("RGB", (side, side), (128, 128, 128))
+    else:
+        raise ValueError(f"pattern={pattern!r}; expected one of {PATTERNS}")
+    return Image.fromarray(np.where(ink, 0, 255).astype(np.uint8)).convert("RGB")
+
+
+def draw(rng: random.Random, size: int, tag_px: int,
+         jitter_px: int = 6) -> tuple[Image.Image, dict[str, Any]]:
+    """One image and the parameters it was drawn from (colour, shape, pattern, tag box)."""
+    colour, shape, pattern = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(PATTERNS)
     image = Image.new("RGB", (size, size), BACKGROUND)
     pen = ImageDraw.Draw(image)
-    tag = tag_px + tag_px // 2  # the tag's side
     radius = rng.randint(size // 5, size // 3)
     # the shape stays clear of the tag's corner
     cx = rng.randint(radius + 2, size - radius - 2)
-    cy = rng.randint(max(radius + 2, tag + 8 + radius // 2), size - radius - 2)
+    cy = rng.randint(max(radius + 2, tag_px + jitter_px + 14 + radius // 2), size - radius - 2)
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
     fill = COLOURS[colour]
     if shape == "circle":
@@ -87,11 +115,11 @@ def draw(rng: random.Random, size: int, tag_px: int) -> tuple[Image.Image, dict[
     else:
         pen.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)],
                     fill=fill)
-    left, top = size - tag - 6, 6
-    pen.rectangle((left, top, left + tag, top + tag), fill=(255, 255, 255), outline=(0, 0, 0))
-    font = ImageFont.load_default(size=tag_px)
-    pen.text((left + tag / 2, top + tag / 2), letter, fill=(0, 0, 0), font=font, anchor="mm")
-    return image, {"colour": colour, "shape": shape, "letter": letter}
+    left = size - tag_px - 6 - rng.randint(0, jitter_px)
+    top = 6 + rng.randint(0, jitter_px)
+    image.paste(pattern_tile(pattern, tag_px), (left, top))
+    return image, {"colour": colour, "shape": shape, "pattern": pattern,
+                   "tag": [left, top, tag_px]}
 
 
 def _rows(recipe: ExpertValueData, split: str, kind: str, count: int,
@@ -101,9 +129,9 @@ def _rows(recipe: ExpertValueData, split: str, kind: str, count: int,
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(count):
-        image, meta = draw(rng, recipe.image_size, recipe.tag_px)
+        image, meta = draw(rng, recipe.image_size, recipe.tag_px, recipe.jitter_px)
         question = rng.choice(QUESTIONS[kind])
-        answer = meta["colour"] if kind == "base" else meta["letter"]
+        answer = meta["colour"] if kind == "base" else meta["pattern"]
         sample_id = f"{split}-{kind}-{i:05d}"
         image.save(folder / f"{sample_id}.png", format="PNG")
         rows.append(Sample(

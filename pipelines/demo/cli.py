@@ -159,8 +159,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "output defaults to outputs/demo-real")
     p.add_argument("--expert-value", action="store_true",
                    help="the experiment on the real weights whether training makes experts "
-                        "matter: colour questions the base answers, small-tag letters only "
-                        "DINOv2 resolves; base-only vs MoVA routed, right and wrong expert "
+                        "matter: colour questions the base answers, a small tag's 1-pixel "
+                        "pattern only DINOv2 resolves; base-only vs MoVA routed, right and wrong expert "
                         "forced (~45 min; --quick: its stages on tiny random models in "
                         "minutes); output defaults to outputs/demo-expert-value")
     p.add_argument("--write-docs", action="store_true", help="--expert-value: write the "

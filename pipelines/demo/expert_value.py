@@ -2,15 +2,17 @@
 
 An experiment on data where an expert sees what the base encoder cannot
 (:mod:`pipelines.data.expert_value`: a large shape's colour, which the base sees, and a small
-tag's letter, which only DINOv2 resolves), run with the system's own stages on the real small
+tag's 1-pixel pattern, which only DINOv2 resolves), run with the system's own stages on the real small
 weights (SmolLM2-135M-Instruct, all-MiniLM-L6-v2, DINOv2-S/14):
 
 1. ``mova model init``: the real LLM, text encoder and ``dinov2``; the CLIP base encoder stays a
    random, frozen, tiny CLIP that runs at ``base_image_size`` px (28: a 4 x 4 grid). No CLIP
    weights exist offline; a frozen random CLIP at a low resolution keeps what the paper's base
    has against its high-resolution experts: the coarse content of the whole image (a linear
-   probe reads the large shape's colour from it 100% of the time), not its small print (the
-   tag's 12 px letter is 1.5 px at its input). Every compared model shares this base.
+   probe reads the large shape's colour from it 97% of the time), not its fine detail (the
+   tag's 1-pixel patterns are one grey at its input: a probe on its corner features reads
+   them 22% of the time, chance 25%; on DINOv2's, aligned to the adapter's 4 x 4 grid, 100%).
+   Every compared model shares this base.
 2. ``mova features``: the candidate experts' features (``dinov2``, and ``sam`` as the wrong
    expert), cached once.
 3. ``mova train`` pretrain: the MoV-Adapter and text encoder learn to use both candidates (every
@@ -154,7 +156,7 @@ class ExpertValueDemo:
                     str(self.data_dir / f"test-{kind}.jsonl"))
             return paths
 
-        return self.s.step("Data: colour questions (the base sees) and small-tag letters "
+        return self.s.step("Data: colour questions (the base sees) and small-tag patterns "
                            "(only an expert sees), ground-truth routing kept", make)
 
     def features(self, manifest: str, init_path: Path) -> None:

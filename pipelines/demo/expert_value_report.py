@@ -95,9 +95,10 @@ def render_section(r: ExpertValueResult) -> str:
     lines = ["## `mova demo --expert-value`: do the trained experts matter?", "",
              f"Reproduce: `{REPRODUCE}` (plan `{r.plan}`, {r.seconds / 60:.1f} min)", "",
              f"Machine: {machine}", "",
-             "Colour questions about a large shape (the base encoder sees them) and letters on a "
-             "12 px corner tag (`b`, `d`, `p`, `q`: only DINOv2-S/14 at 224 px resolves them; "
-             "the base is a frozen random tiny CLIP at 28 px). Real SmolLM2-135M-Instruct, "
+             "Colour questions about a large shape (the base encoder sees them) and the pattern "
+             "of an 18 px corner tag (1-pixel `horizontal` or `vertical` lines, `checked`, or "
+             "`plain` grey of the same brightness: only DINOv2-S/14 at 224 px resolves them; "
+             "the base is a frozen random tiny CLIP at 28 px, where all four are one grey). Real SmolLM2-135M-Instruct, "
              "MiniLM and DINOv2-S; `sam` (tiny, random) is the wrong expert. Training rows: "
              f"{r.train_rows}. Accuracy on held-out questions (exact match, ± one standard "
              "error):", "", table(r), "",
@@ -159,7 +160,7 @@ def log_result(r: ExpertValueResult, tracking_uri: str, folder: Path) -> str:
 
 def table(r: ExpertValueResult) -> str:
     """Accuracy per compared model and question kind, as a Markdown table."""
-    lines = ["| model | base questions (colour) | detail questions (tag letter) |",
+    lines = ["| model | base questions (colour) | detail questions (tag pattern) |",
              "|---|---|---|"]
     for label, kinds in r.accuracy.items():
         cells = [f"{100 * v['accuracy']:.1f}% ± {100 * v['stderr']:.1f} "

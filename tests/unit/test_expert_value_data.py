@@ -3,21 +3,27 @@ parameters, ground-truth routing per question kind, agreement and confusion, the
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from mova.config import ExpertConfig
+from mova.experts.preprocess import base_input, expert_input
+from mova.experts.registry import resolve_expert
 from pipelines.data.expert_value import (
+    BACKGROUND,
     DETAIL_EXPERT,
-    LETTERS,
+    PATTERNS,
     TRUTH,
     ExpertValueData,
     draw,
     generate,
+    pattern_tile,
 )
 from pipelines.demo.expert_value import _agreement, routing_rows
 from pipelines.demo.expert_value_report import (
@@ -43,7 +49,7 @@ def test_the_data_holds_both_kinds_with_their_truth(tmp_path):
     for row in train + test:
         kind, meta = row["meta"]["question_kind"], row["meta"]
         assert row["experts"] == meta["truth"] == TRUTH[kind]
-        assert row["answers"] == [meta["colour"] if kind == "base" else meta["letter"]]
+        assert row["answers"] == [meta["colour"] if kind == "base" else meta["pattern"]]
         assert row["conversations"][-1]["value"] == row["answers"][0]
     assert [r["meta"]["question_kind"] for r in train[:4]] == ["base", "detail"] * 2
     assert not {r["image"] for r in train} & {r["image"] for r in test}
@@ -54,20 +60,25 @@ def test_the_data_holds_both_kinds_with_their_truth(tmp_path):
     assert _rows(again["train"]) == train  # deterministic by seed
 
 
-def test_the_tag_is_small_and_its_letters_differ_only_by_shape():
-    image, meta = draw(random.Random(3), 224, 12)
-    assert meta["letter"] in LETTERS
+def test_the_tag_s_patterns_vanish_at_the_base_s_resolution_only():
+    image, meta = draw(random.Random(3), 224, 18, 6)
+    assert meta["pattern"] in PATTERNS
+    left, top, side = meta["tag"]
+    assert 224 - 18 - 12 <= left <= 224 - 18 - 6 and 6 <= top <= 12 and side == 18
     pixels = np.asarray(image)
-    corner = pixels[:40, 224 - 40:]
-    assert (corner == 255).all(axis=-1).sum() > 100  # the white tag
-    assert (pixels[40:] == 255).all(axis=-1).sum() == 0  # nothing else is white
-    ink = {}
-    for letter in LETTERS:  # the same strokes: the ink per letter within a fifth
-        canvas = Image.new("L", (24, 24), 255)
-        ImageDraw.Draw(canvas).text((12, 12), letter, fill=0,
-                                    font=ImageFont.load_default(size=12), anchor="mm")
-        ink[letter] = int((np.asarray(canvas) < 128).sum())
-    assert max(ink.values()) - min(ink.values()) <= 0.2 * max(ink.values()), ink
+    assert (pixels[40:] == np.asarray(BACKGROUND)).all(axis=-1).sum() > 100
+    means = {p: float(np.asarray(pattern_tile(p, 18)).mean()) for p in PATTERNS}
+    assert max(means.values()) - min(means.values()) <= 1, means  # one brightness
+    base, expert = {}, {}
+    resolved = resolve_expert(ExpertConfig(name=DETAIL_EXPERT, preset="full", image_size=224))
+    for pattern in PATTERNS:
+        canvas = Image.new("RGB", (224, 224), BACKGROUND)
+        canvas.paste(pattern_tile(pattern, 18), (left, top))
+        base[pattern], expert[pattern] = base_input(canvas, 28), expert_input(canvas, resolved)
+    for a, b in itertools.combinations(PATTERNS, 2):
+        # the base's 28 px input: within a few grey levels; the expert's: ink against grey
+        assert (base[a] - base[b]).abs().max() < 0.25, (a, b)
+        assert (expert[a] - expert[b]).abs().max() > 2, (a, b)
 
 
 def test_agreement_and_routing_rows():
