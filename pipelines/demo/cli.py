@@ -160,9 +160,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert-value", action="store_true",
                    help="the experiment on the real weights whether training makes experts "
                         "matter: colour questions the base answers, a small tag's 1-pixel "
-                        "pattern only DINOv2 resolves; base-only vs MoVA routed, right and wrong expert "
-                        "forced (~45 min; --quick: its stages on tiny random models in "
-                        "minutes); output defaults to outputs/demo-expert-value")
+                        "pattern only DINOv2 resolves; base-only vs MoVA routed, right and "
+                        "wrong expert forced (~45 min; --quick: its stages on tiny random "
+                        "models in minutes); output defaults to outputs/demo-expert-value")
     p.add_argument("--write-docs", action="store_true", help="--expert-value: write the "
                    "result into docs/benchmarks.md (section bench:expert-value)")
     p.add_argument("--cache", default=None, help="--real: the prepared weights' folder "

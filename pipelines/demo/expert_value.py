@@ -2,8 +2,8 @@
 
 An experiment on data where an expert sees what the base encoder cannot
 (:mod:`pipelines.data.expert_value`: a large shape's colour, which the base sees, and a small
-tag's 1-pixel pattern, which only DINOv2 resolves), run with the system's own stages on the real small
-weights (SmolLM2-135M-Instruct, all-MiniLM-L6-v2, DINOv2-S/14):
+tag's 1-pixel pattern, which only DINOv2 resolves), run with the system's own stages on the
+real small weights (SmolLM2-135M-Instruct, all-MiniLM-L6-v2, DINOv2-S/14):
 
 1. ``mova model init``: the real LLM, text encoder and ``dinov2``; the CLIP base encoder stays a
    random, frozen, tiny CLIP that runs at ``base_image_size`` px (28: a 4 x 4 grid). No CLIP

@@ -98,10 +98,10 @@ def render_section(r: ExpertValueResult) -> str:
              "Colour questions about a large shape (the base encoder sees them) and the pattern "
              "of an 18 px corner tag (1-pixel `horizontal` or `vertical` lines, `checked`, or "
              "`plain` grey of the same brightness: only DINOv2-S/14 at 224 px resolves them; "
-             "the base is a frozen random tiny CLIP at 28 px, where all four are one grey). Real SmolLM2-135M-Instruct, "
-             "MiniLM and DINOv2-S; `sam` (tiny, random) is the wrong expert. Training rows: "
-             f"{r.train_rows}. Accuracy on held-out questions (exact match, ± one standard "
-             "error):", "", table(r), "",
+             "the base is a frozen random tiny CLIP at 28 px, where all four are one grey). "
+             "Real SmolLM2-135M-Instruct, MiniLM and DINOv2-S; `sam` (tiny, random) is the "
+             f"wrong expert. Training rows: {r.train_rows}. Accuracy on held-out questions "
+             "(exact match, ± one standard error):", "", table(r), "",
              "Routing equal to the ground truth: " + ", ".join(
                  f"{k} {100 * v:.1f}%" for k, v in r.routing_accuracy.items())
              + f"; routed expert sets per kind: `{r.routing_confusion}`.", "",
