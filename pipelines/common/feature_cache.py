@@ -130,8 +130,8 @@ class FeatureCache:
         return path, len(blob)
 
     def compact(self, expert: str, key: str) -> int:
-        """Merge the index's fresh parts into its compacted index; returns its entries. Safe
-        to run while others read or write."""
+        """Merge the index's fresh parts and compacted indexes into one; returns its entries.
+        Safe to run while others read, write or compact."""
         entries = compact(self.index_folder(expert, key))
         self._readers.pop((expert, key), None)
         return entries

@@ -175,21 +175,21 @@ class IndexReader:
         return [self._find(h) for h in hashes]
 
     def _find(self, image_hash: str) -> Entry | None:
-        for attempt in range(2):
-            try:
-                for index in self.compacts:
-                    found = self._compacted(index, image_hash)
-                    if found is not None:
-                        return found
-                return self.fresh.get(image_hash)
-            except FileNotFoundError:
-                if attempt:
-                    raise
-                log.info("the index of %s changed under a reader (a compaction); opening it "
-                         "again", self.folder)
-                self.reopened += 1
-                self._open()
-        return None  # unreachable: the second attempt returns or raises
+        try:
+            return self._lookup(image_hash)
+        except FileNotFoundError:
+            log.info("the index of %s changed under a reader (a compaction); opening it again",
+                     self.folder)
+            self.reopened += 1
+            self._open()
+            return self._lookup(image_hash)
+
+    def _lookup(self, image_hash: str) -> Entry | None:
+        for index in self.compacts:
+            found = self._compacted(index, image_hash)
+            if found is not None:
+                return found
+        return self.fresh.get(image_hash)
 
     def _compacted(self, index: Compacted, image_hash: str) -> Entry | None:
         path = index.bucket(image_hash)
