@@ -156,8 +156,9 @@ class LLMConfig:
     pretrained: str | None = None
     hidden_size: int = 64
     num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
+    # head_dim 32: the smallest head vLLM's CPU attention takes (32, 64, 80, ...)
+    num_heads: int = 2
+    num_kv_heads: int = 1
     intermediate_size: int = 128
     max_position_embeddings: int = 2048
     chat_template: str = "chatml"

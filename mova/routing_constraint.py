@@ -74,6 +74,14 @@ class RoutingConstraint:
             return True
         return bool(self._list.fullmatch(text)) and self._distinct(text)
 
+    @property
+    def regex(self) -> str:
+        """The same language as one portable regular expression (no flags, no lookaround),
+        for engines that constrain decoding by a regex (vLLM's structured outputs). Distinct
+        letters are spelled out as a tree of alternatives: at most
+        ``n + n(n-1) + ... `` branches for ``n`` pool letters."""
+        return routing_regex(self.letters, self.max_experts)
+
     # ---- TokenConstraint ---------------------------------------------------------------------
     def text_of(self, generated: Sequence[int]) -> str:
         return "".join(self.token_text.get(int(t), "\0") for t in generated)
@@ -84,6 +92,26 @@ class RoutingConstraint:
         if self.complete(text):
             allowed.extend(self.eos_ids)
         return allowed or list(self.eos_ids)  # nothing fits (cannot happen with a sane vocab)
+
+
+def routing_regex(letters: str, max_experts: int) -> str:
+    """A flag-free regex of the routing replies over pool ``letters`` (see the module
+    docstring), each letter at most once."""
+    ws, space = f"[ \\t\\n\\r]{{0,{_WS_RUN}}}", "[ \\t\\n\\r]"
+    sep = f"(?:{ws},{ws}|{space}{{1,{_WS_RUN}}})"
+
+    def either(letter: str) -> str:
+        return f"[{letter.upper()}{letter.lower()}]"
+
+    def tail(used: str, left: int) -> str:
+        if left == 0:
+            return ""
+        branches = [f"{either(c)}{tail(used + c, left - 1)}" for c in letters if c not in used]
+        return f"(?:{sep}(?:{'|'.join(branches)}))?" if branches else ""
+
+    first = "|".join(f"{either(c)}{tail(c, max_experts - 1)}" for c in letters)
+    none = "".join(either(c) for c in "none")
+    return f"{space}{{0,2}}(?:{none}|(?:{first}){ws})\\.?"
 
 
 def _token_texts(tokenizer: Any, letters: set[str]) -> dict[int, str]:

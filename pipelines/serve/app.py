@@ -7,6 +7,7 @@ so ``serve deploy`` builds the same graph on a running cluster.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -85,6 +86,13 @@ def recipe_from_args(args: dict[str, Any] | ServeRecipe) -> ServeRecipe:
     return load_recipe(ServeRecipe, config, overrides, fields=data)
 
 
+def engine_config(recipe: ServeRecipe) -> dict[str, Any]:
+    """What an LLM replica needs to start its engine (fixed for the replica's life)."""
+    return {"kind": recipe.llm.resolved_engine(), "max_rows": recipe.llm.max_batch_size,
+            "stall_grace_s": recipe.limits.stall_grace_s,
+            "vllm": dataclasses.asdict(recipe.llm.vllm)}
+
+
 def build_app(args: dict[str, Any] | ServeRecipe):
     """The Serve application for a recipe (see :func:`recipe_from_args` for ``args``)."""
     recipe = recipe_from_args(args)
@@ -97,8 +105,8 @@ def build_app(args: dict[str, Any] | ServeRecipe):
             options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(env_vars)}
     ckpt, device = recipe.checkpoint, recipe.device
     adapter = AdapterServer.options(name="Adapter", **table["Adapter"]).bind(ckpt, device)
-    llm = LLMServer.options(name="LLM", **table["LLM"]).bind(ckpt, device,
-                                                           recipe.constrained_routing)
+    llm = LLMServer.options(name="LLM", **table["LLM"]).bind(
+        ckpt, device, recipe.constrained_routing, engine_config(recipe))
     experts = {
         name: ExpertServer.options(name=expert_deployment_name(name),
                                    **table[expert_deployment_name(name)]).bind(ckpt, name,

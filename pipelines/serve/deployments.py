@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from ray import serve
 
-from mova.checkpoint import load_config, load_expert
+from mova.checkpoint import load_config, load_expert, read_components
 from mova.device import resolve_device, torch_dtype
 from mova.experts.preprocess import expert_input
 from mova.factory import from_pretrained
@@ -46,6 +47,16 @@ def load_serving_model(checkpoint: str, device: str, keep: Sequence[str]):
     model = from_pretrained(local_checkpoint(checkpoint, parts=fetch), device=device, skip=skip)
     model.eval()
     return model
+
+
+def load_for_engine(checkpoint: str, device: str) -> tuple[Any, str]:
+    """For an LLM engine that reads the LLM folder itself (vLLM): the model without any
+    network weights (tokenizer, template, routing settings, adapter) and the node-local path
+    of the checkpoint's ``llm/`` folder (a plain Hugging Face folder)."""
+    root = local_checkpoint(checkpoint, parts=["adapter", "llm"])
+    model = from_pretrained(root, device=device, skip=["experts", *(p for _, p in KEEP.values())])
+    model.eval()
+    return model, str(Path(root) / read_components(root)["llm"])
 
 
 def process_info(deployment: str) -> dict[str, Any]:

@@ -36,6 +36,15 @@ log = logging.getLogger(__name__)
 Build = Callable[[], tuple[Any, Any]]  # () -> (prompt embeddings (1, T, D), mask (1, T))
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """One row's prompt for an engine that splices the image itself (vLLM): token ids with
+    the image run (the model's image token) and the image tokens, (L, D) or (1, L, D)."""
+
+    ids: list[int]
+    image_tokens: Any
+
+
 @dataclass
 class _Row:
     key: int
@@ -75,6 +84,10 @@ class DecodeEngine:
         self._thread.start()
 
     # ---- event-loop side -----------------------------------------------------------------
+    async def watch(self) -> None:
+        """Called often by the replica's monitor and health check: see :meth:`check`."""
+        self.check()
+
     async def stream(self, build: Build, params: DecodeParams, deadline: float
                      ) -> AsyncIterator[dict[str, Any]]:
         """Decode one row; yields its event dicts, the last one ``done`` or ``error``."""

@@ -1,11 +1,13 @@
 """The LLM deployment: the routing decode and the streamed answer decode, continuously batched.
 
-Both passes of every request go through one :class:`pipelines.serve.engine.DecodeEngine`: a
-routing row and, later, an answer row join the running KV-cached batch at its next step, each
-with its own settings (the routing row under the routing-reply constraint of
-:mod:`mova.routing_constraint` unless the recipe turns it off). Every call carries its
-request's deadline; a cancelled call (caller timed out, client gone) ends its row within one
-step.
+Both passes of every request go through one engine per replica (the recipe's ``llm.engine``):
+vLLM (:class:`pipelines.serve.vllm_engine.VLLMEngine`: paged KV cache, prefix cache, mixed
+prompts of token ids and image embeddings) or our loop over ``transformers``
+(:class:`pipelines.serve.engine.DecodeEngine`). A routing row and, later, an answer row join
+the running batch at its next step, each with its own settings (the routing row under the
+routing-reply constraint of :mod:`mova.routing_constraint` unless the recipe turns it off).
+Every call carries its request's deadline; a cancelled call (caller timed out, client gone)
+ends its row within one step.
 """
 
 from __future__ import annotations
@@ -20,8 +22,13 @@ from ray import serve
 from mova.decoding import DecodeParams
 from mova.routing_constraint import constrained_routing_params
 from pipelines.serve.batching import faults_enabled
-from pipelines.serve.deployments import apply_threads, load_serving_model, process_info
-from pipelines.serve.engine import DecodeEngine
+from pipelines.serve.deployments import (
+    apply_threads,
+    load_for_engine,
+    load_serving_model,
+    process_info,
+)
+from pipelines.serve.engine import DecodeEngine, Prompt
 from pipelines.serve.errors import ReplicaUnhealthy
 from pipelines.serve.metrics import metric
 
@@ -33,10 +40,19 @@ class LLMServer:
     """Routes (which experts?) and answers (streamed text) with the same LLM weights."""
 
     def __init__(self, checkpoint: str, device: str = "auto",
-                 constrained_routing: bool = True) -> None:
-        self.model = load_serving_model(checkpoint, device, keep=("llm",))
+                 constrained_routing: bool = True, engine: dict[str, Any] | None = None
+                 ) -> None:
+        engine = engine or {"kind": "torch"}
+        self.kind = engine["kind"]
+        if self.kind == "vllm":
+            self.model, folder = load_for_engine(checkpoint, device)
+            # vLLM is optional and takes ~9 s to import: only replicas that run it import it
+            from pipelines.serve.vllm_engine import start_vllm
+            self.engine = start_vllm(folder, self.model, engine)
+        else:
+            self.model = load_serving_model(checkpoint, device, keep=("llm",))
+            self.engine = DecodeEngine(self.model.new_decoder)
         self.routing_params = constrained_routing_params(self.model, constrained_routing)
-        self.engine = DecodeEngine(self.model.new_decoder)
         self._monitor: asyncio.Task | None = None
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -45,7 +61,7 @@ class LLMServer:
         self.engine.stall_grace_s = float(config.get("stall_grace_s", 10.0))
 
     async def check_health(self) -> None:
-        self.engine.check()
+        await self.engine.watch()
 
     def __del__(self) -> None:
         """Serve stops this replica: say why (the watchdog's reason, or none: scaled down or
@@ -65,7 +81,7 @@ class LLMServer:
                 while True:
                     await asyncio.sleep(0.5)
                     try:
-                        self.engine.check()
+                        await self.engine.watch()
                     except ReplicaUnhealthy:
                         return
             self._monitor = asyncio.get_running_loop().create_task(monitor())
@@ -76,12 +92,10 @@ class LLMServer:
         self._watch()
         model, tokens = self.model, item["routing_tokens"]
 
-        def build():
-            ids = model.routing_prompt_ids([item["question"]], tokens.shape[1])
-            return model.prompt_embeddings(ids, tokens.to(model.device))
-
+        ids = model.routing_prompt_ids([item["question"]], tokens.shape[1])[0]
+        prompt = self._prompt(ids, tokens)
         final = None
-        async for event in self.engine.stream(build, self.routing_params, item["deadline"]):
+        async for event in self.engine.stream(prompt, self.routing_params, item["deadline"]):
             final = event
         assert final is not None
         if final.get("error"):
@@ -94,18 +108,25 @@ class LLMServer:
         error event. With ``item["stream"]`` false only the final event is sent (no per-token
         messages between processes)."""
         self._watch()
-        model = self.model
         raw = item["params"]
         params = DecodeParams(**{**raw, "stop": tuple(raw["stop"])})
 
-        def build():
-            tokens = item["image_tokens"].to(model.device)
-            return model.prompt_embeddings([item["prompt_ids"]], tokens)
-
+        prompt = self._prompt(item["prompt_ids"], item["image_tokens"])
         streaming = item.get("stream", True)
-        async for event in self.engine.stream(build, params, item["deadline"]):
+        async for event in self.engine.stream(prompt, params, item["deadline"]):
             if streaming or event.get("done") or event.get("error"):
                 yield event
+
+    def _prompt(self, ids: list[int], image_tokens: Any) -> Any:
+        """What the engine takes: a :class:`Prompt` for vLLM, a builder of the padded
+        embeddings for the torch loop (run on its decode thread)."""
+        if self.kind == "vllm":
+            return Prompt(list(ids), image_tokens)
+        model = self.model
+
+        def build():
+            return model.prompt_embeddings([ids], image_tokens.to(model.device))
+        return build
 
     def info(self) -> dict[str, Any]:
         data = process_info("LLM")
@@ -116,4 +137,7 @@ class LLMServer:
         """Test-only (``MOVA_SERVE_FAULT_INJECTION=1``): the next decode step blocks."""
         if not faults_enabled():
             raise RuntimeError("fault injection is disabled on this server")
-        self.engine.stall_next_s = seconds
+        if self.kind == "vllm":
+            self.engine.pause(seconds)  # its processes stop: no output, no CPU
+        else:
+            self.engine.stall_next_s = seconds

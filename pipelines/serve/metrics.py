@@ -9,7 +9,9 @@ per stage (one batch or one decode step), ``mova_request_seconds``,
 ``mova_time_to_first_token_seconds``, ``mova_requests_in_flight``, token counters,
 ``mova_deadline_expired`` and ``mova_replica_unhealthy`` per stage,
 ``mova_feature_cache_lookups`` by expert and result (hit or miss) and
-``mova_feature_cache_bytes`` (the node's expert feature cache, as a replica last saw it).
+``mova_feature_cache_bytes`` (the node's expert feature cache, as a replica last saw it); on
+the vLLM engine also ``mova_engine_kv_cache_usage``, ``mova_engine_prefix_cache_tokens`` by
+result and ``mova_engine_time_to_first_token_seconds`` (vLLM's own statistics).
 
 ``GET /metrics`` on the ingress returns those families as the local node's metrics agent
 exports them (one node's view; a cluster scrapes every node's Ray metrics port instead).
@@ -56,6 +58,14 @@ _SPECS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
                               "(hit or miss)", ("expert", "result"), None),
     "feature_cache_bytes": ("gauge", "Bytes the node's expert feature cache holds, as this "
                             "replica last saw them", (), None),
+    # vLLM's own statistics (pipelines/serve/vllm_engine.py)
+    "engine_kv_cache_usage": ("gauge", "Share of the LLM engine's KV cache in use (vLLM)", (),
+                              None),
+    "engine_prefix_cache_tokens": ("counter", "Prompt tokens looked up in the LLM engine's "
+                                   "prefix cache, by result (hit or miss; vLLM)", ("result",),
+                                   None),
+    "engine_time_to_first_token_seconds": ("histogram", "Time from a request reaching the LLM "
+                                           "engine to its first token (vLLM)", (), _LATENCY),
 }
 _made: dict[str, Any] = {}
 

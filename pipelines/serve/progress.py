@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 MIN_CPU_SHARE = 0.01  # a thread that used less of a core than this over a grace period is stuck
 HARD_FACTOR = 6  # past the deadline by this many grace periods: stuck, whatever it does
@@ -31,9 +32,10 @@ class StallJudge:
     """Judges one worker thread: :meth:`started` at each batch or step, :meth:`stuck` when
     one has run past its deadline + ``grace_s``."""
 
-    def __init__(self, grace_s: float) -> None:
+    def __init__(self, grace_s: float, cpu: Callable[[], float] | None = None) -> None:
         self.grace_s = grace_s
         self.ident: int | None = None
+        self._cpu = cpu  # what to judge instead of a thread (e.g. an engine's processes)
         self._sample: tuple[float, float] | None = None  # (time, thread CPU) last looked at
 
     def bind(self, ident: int | None = None) -> None:
@@ -42,12 +44,15 @@ class StallJudge:
 
     def started(self) -> None:
         """A batch or step began (call from any thread)."""
-        self._sample = (time.monotonic(), thread_cpu_seconds(self.ident))
+        self._sample = (time.monotonic(), self._cpu_seconds())
+
+    def _cpu_seconds(self) -> float:
+        return self._cpu() if self._cpu is not None else thread_cpu_seconds(self.ident)
 
     def stuck(self, overdue_s: float) -> str | None:
         """The reason the work is stuck, or None when it is still computing. ``overdue_s``:
         how far past its deadline + grace it is. Looked at again, it judges the time since."""
-        now, cpu = time.monotonic(), thread_cpu_seconds(self.ident)
+        now, cpu = time.monotonic(), self._cpu_seconds()
         if overdue_s > (HARD_FACTOR - 1) * self.grace_s:
             return (f"still running {overdue_s + self.grace_s:.1f} s past its deadline "
                     f"({HARD_FACTOR} x stall_grace_s)")
@@ -59,5 +64,6 @@ class StallJudge:
             return None
         self._sample = (now, cpu)
         if cpu - cpu_then < MIN_CPU_SHARE * elapsed:
-            return f"no progress: its thread used {cpu - cpu_then:.3f} CPU s in {elapsed:.1f} s"
+            what = "its thread" if self._cpu is None else "it"
+            return f"no progress: {what} used {cpu - cpu_then:.3f} CPU s in {elapsed:.1f} s"
         return None

@@ -15,6 +15,8 @@ ORCHESTRATORS = {"demo", "bench"}  # stages that run other stages and may import
 # with the weight packages), and the module that settles the environment before Ray loads.
 LAZY_ALLOWED = {"onnx", "onnxruntime", "easy_vqa", "transformers.initialization"}
 LAZY_ALLOWED_IN = {"pipelines.common.ray_init": {"ray"},
+                   # optional, ~9 s to import: only replicas that run vLLM import it
+                   "pipelines.serve.llm": {"pipelines.serve.vllm_engine"},
                    "pipelines.bench.cli": {"pipelines.bench"}}  # its sub-command dispatch
 
 

@@ -1,0 +1,325 @@
+"""The LLM deployment's engine on vLLM: one ``AsyncLLM`` per replica for both passes.
+
+:class:`VLLMEngine` has the interface of :class:`pipelines.serve.engine.DecodeEngine`
+(``stream``, ``check``, ``summary``, ``max_rows``, ``stall_grace_s``), so the LLM deployment
+and its guarantees do not depend on the engine:
+
+- A prompt is *mixed* (:func:`mixed_prompt`): text as token ids, the Adapter's image tokens as
+  embedding rows, so vLLM's prefix cache serves the shared text (the routing instructions, the
+  chat template) across requests.
+- Settings map one to one (:func:`sampling_params`): greedy or sampling with its own seed,
+  ``top_p``, stop strings, the turn's end-of-sequence ids; the routing reply's constraint
+  becomes a structured-output regex (:func:`mova.routing_constraint.routing_regex`).
+- Every request carries its deadline: past it the request is aborted in the engine and a
+  timeout event ends the stream; a caller that goes away (cancelled, disconnected) aborts it
+  too, so no engine step serves a request nobody waits for.
+- :meth:`VLLMEngine.check` fails when the engine died, or when :meth:`VLLMEngine.watch` found
+  it stuck: requests waited ``stall_grace_s`` with no output while the engine's processes used
+  no CPU (:class:`pipelines.serve.progress.StallJudge`), and a one-token probe got no answer
+  either. A slow engine (a loaded machine) is never restarted.
+- vLLM's statistics (KV-cache use, prefix-cache hits, running and waiting requests, TTFT) feed
+  the ``mova_*`` families (:class:`MetricsLogger`).
+
+vLLM is optional and slow to import (~9 s), so only :mod:`pipelines.serve.llm` imports this
+module, and only when the recipe picks the vLLM engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from mova.decoding import DecodeParams
+from mova.text_stream import TextAssembler
+from pipelines.serve.engine import Prompt, error_event
+from pipelines.serve.errors import ReplicaUnhealthy
+from pipelines.serve.metrics import metric, stage_metrics
+from pipelines.serve.progress import StallJudge
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def mixed_prompt(prompt: Prompt, image_token_id: int, dtype: torch.dtype) -> dict[str, Any]:
+    """vLLM's mixed prompt: rows of the image run come from ``prompt_embeds``, the others are
+    token ids (their embedding rows are zeros and unused)."""
+    ids = [int(t) for t in prompt.ids]
+    is_text = [t != image_token_id for t in ids]
+    if all(is_text):
+        return {"prompt_token_ids": ids}
+    if prompt.image_tokens is None:
+        raise ValueError("the prompt holds image tokens but no image features were given")
+    rows = prompt.image_tokens.reshape(-1, prompt.image_tokens.shape[-1])
+    if rows.shape[0] != len(ids) - sum(is_text):
+        raise ValueError(f"the prompt has {len(ids) - sum(is_text)} image positions but "
+                         f"{rows.shape[0]} image tokens")
+    embeds = torch.zeros(len(ids), rows.shape[-1], dtype=dtype)
+    embeds[~torch.tensor(is_text)] = rows.detach().to("cpu", dtype)
+    return {"prompt_embeds": embeds, "prompt_token_ids": ids, "prompt_is_token_ids": is_text}
+
+
+def sampling_params(params: DecodeParams, eos_ids: Sequence[int]) -> SamplingParams:
+    """vLLM's settings for one row (deltas streamed)."""
+    structured = None
+    if params.constraint is not None:
+        regex = getattr(params.constraint, "regex", None)
+        if not isinstance(regex, str):
+            raise ValueError(f"the vLLM engine needs a regex for constraint "
+                             f"{type(params.constraint).__name__}")
+        structured = StructuredOutputsParams(regex=regex)
+    return SamplingParams(
+        max_tokens=params.max_new_tokens,
+        temperature=params.temperature if params.do_sample else 0.0,
+        top_p=params.top_p if params.do_sample else 1.0,
+        seed=params.seed, stop=list(params.stop) or None, stop_token_ids=list(eos_ids),
+        structured_outputs=structured, output_kind=RequestOutputKind.DELTA)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What the recipe's ``llm.vllm`` section sets (see :mod:`pipelines.serve.llm_recipe`)."""
+
+    dtype: str = "auto"
+    max_model_len: int = 2048
+    kv_cache_gib: int = 1
+    enforce_eager: bool = True
+    prefix_caching: bool = True
+    cpu_bind: str = "all"
+
+
+def engine_args(folder: str, settings: EngineSettings, max_rows: int) -> AsyncEngineArgs:
+    """The engine's arguments; CPU-only settings go through vLLM's environment variables."""
+    if not torch.cuda.is_available():
+        bind = settings.cpu_bind
+        if bind == "all":  # the CPUs this process may use (vLLM's "auto" leaves one out)
+            cpus = sorted(os.sched_getaffinity(0))
+            bind = ",".join(str(c) for c in cpus)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_gib)
+    return AsyncEngineArgs(
+        model=folder, tokenizer=folder, dtype=settings.dtype,
+        max_model_len=settings.max_model_len, max_num_seqs=max_rows,
+        enable_prompt_embeds=True, enable_prefix_caching=settings.prefix_caching,
+        enforce_eager=settings.enforce_eager, distributed_executor_backend="uni",
+        disable_log_stats=False)
+
+
+class MetricsLogger(StatLoggerBase):
+    """vLLM's per-step statistics into the ``mova_*`` families."""
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+        self._metrics = stage_metrics("decode")
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+               engine_idx: int = 0) -> None:
+        if scheduler_stats is not None:
+            self._metrics.queue(scheduler_stats.num_waiting_reqs)
+            metric("engine_kv_cache_usage").set(scheduler_stats.kv_cache_usage)
+            cache = scheduler_stats.prefix_cache_stats
+            if cache is not None and cache.queries:
+                metric("engine_prefix_cache_tokens").inc(cache.hits, tags={"result": "hit"})
+                metric("engine_prefix_cache_tokens").inc(cache.queries - cache.hits,
+                                                         tags={"result": "miss"})
+            if scheduler_stats.num_running_reqs:
+                metric("batch_size").observe(scheduler_stats.num_running_reqs,
+                                             tags={"stage": "decode"})
+        if iteration_stats is not None:
+            for ttft in iteration_stats.time_to_first_tokens_iter:
+                metric("engine_time_to_first_token_seconds").observe(ttft)
+
+    def log_engine_initialized(self) -> None:
+        log.info("vLLM engine ready")
+
+
+def _engine_cpu_seconds() -> float:
+    """CPU seconds used so far by this replica's child processes (vLLM's engine core)."""
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:  # exited meanwhile
+            continue
+    return total
+
+
+def _resume(process: psutil.Process) -> None:
+    try:
+        process.send_signal(signal.SIGCONT)
+    except psutil.Error:
+        pass
+
+
+class VLLMEngine:
+    """Rows of many requests decoded by one vLLM engine (continuous batching, paged KV cache,
+    prefix cache)."""
+
+    def __init__(self, folder: str, tokenizer: Any, eos_ids: Sequence[int],
+                 image_token_id: int, *,
+                 settings: EngineSettings = EngineSettings(), max_rows: int = 16,
+                 stall_grace_s: float = 10.0) -> None:
+        start = time.perf_counter()
+        self.engine = AsyncLLM.from_engine_args(engine_args(folder, settings, max_rows),
+                                                stat_loggers=[MetricsLogger])
+        self.dtype = self.engine.model_config.dtype
+        self.tokenizer, self.eos_ids = tokenizer, list(eos_ids)
+        self.image_token_id = image_token_id
+        self.max_rows, self.stall_grace_s = max_rows, stall_grace_s
+        self.unhealthy: str | None = None
+        self.started_s = time.perf_counter() - start
+        self.requests = self.aborted = 0
+        self._keys = itertools.count()
+        self._active: dict[str, float] = {}  # request id -> deadline
+        self._progress = time.time()  # the last output of any request
+        self._last_sent = 0.0  # when the latest request went to the engine
+        self._probing = False
+        self._judge = StallJudge(stall_grace_s, cpu=_engine_cpu_seconds)
+        self._metrics = stage_metrics("decode")
+        log.info("vLLM engine on %s (%s) started in %.1f s", folder, self.dtype, self.started_s)
+
+    async def stream(self, prompt: Prompt, params: DecodeParams, deadline: float
+                     ) -> AsyncIterator[dict[str, Any]]:
+        """Decode one row; yields its event dicts, the last one ``done`` or ``error``."""
+        self.check()
+        if time.time() >= deadline:
+            self._metrics.expired()
+            yield error_event("the request's deadline passed before decoding", timeout=True)
+            return
+        try:
+            inputs = mixed_prompt(prompt, self.image_token_id, self.dtype)
+            settings = sampling_params(params, self.eos_ids)
+        except ValueError as exc:
+            yield error_event(str(exc), bad_request=True)
+            return
+        rid = f"mova-{next(self._keys)}"
+        self._active[rid] = deadline
+        self._last_sent = time.time()
+        self.requests += 1
+        finished = False
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.time())):
+                async for event in self._events(rid, inputs, params, settings):
+                    finished = bool(event.get("done") or event.get("error"))
+                    yield event
+        except TimeoutError:
+            self._metrics.expired()
+            yield error_event("the request's deadline passed during decoding", timeout=True)
+        finally:
+            self._active.pop(rid, None)
+            if not finished:
+                self.aborted += 1
+                await self.engine.abort(rid)
+
+    async def _events(self, rid: str, inputs: dict[str, Any], params: DecodeParams,
+                      settings: SamplingParams) -> AsyncIterator[dict[str, Any]]:
+        # text from token ids as the torch loop assembles it (stripped, stop strings cut,
+        # deltas that never need taking back), so both engines answer alike
+        text = TextAssembler(self.tokenizer, params.stop)
+        try:
+            async for out in self.engine.generate(inputs, settings, request_id=rid):
+                self._progress = time.time()
+                piece = out.outputs[0]
+                delta = "".join(text.add(t) for t in piece.token_ids)
+                if not out.finished:
+                    if delta:
+                        yield {"delta": delta, "done": False}
+                    continue
+                final, rest = text.finish()
+                yield {"delta": delta + rest, "done": True, "text": final,
+                       "finish_reason": piece.finish_reason,
+                       "prompt_tokens": len(out.prompt_token_ids or ()),
+                       "completion_tokens": len(text.tokens)}
+                return
+        except EngineDeadError as exc:
+            self._trip(f"vLLM engine died: {exc}")
+            yield error_event(self.unhealthy or "vLLM engine died", unavailable=True)
+        except ValueError as exc:  # e.g. a prompt longer than max_model_len
+            yield error_event(str(exc), bad_request=True)
+
+    def check(self) -> None:
+        """Raise :class:`ReplicaUnhealthy` when the engine died or was found stuck."""
+        if self.unhealthy is None and self.engine.errored:
+            self._trip("vLLM engine died")
+        if self.unhealthy:
+            raise ReplicaUnhealthy(self.unhealthy)
+
+    async def watch(self) -> None:
+        """Called often by the replica's monitor: when requests have waited ``stall_grace_s``
+        with no output from the engine while its processes used no CPU, a one-token probe
+        request decides: no answer within ``stall_grace_s`` either, and the engine is stuck
+        (the replica turns unhealthy: waiting requests get 503, Serve replaces it)."""
+        self.check()
+        owed = bool(self._active) or self._last_sent > self._progress
+        if not owed or self._probing or time.time() - self._progress < self.stall_grace_s:
+            return
+        self._judge.grace_s = self.stall_grace_s
+        reason = self._judge.stuck(0.0)
+        if reason is not None:
+            self._probing = True
+            asyncio.get_running_loop().create_task(self._probe(reason))
+
+    async def _probe(self, reason: str) -> None:
+        rid = f"mova-probe-{next(self._keys)}"
+        waited = time.time() - self._progress
+        try:
+            async with asyncio.timeout(self.stall_grace_s):
+                async for _ in self.engine.generate({"prompt_token_ids": self.eos_ids[:1]},
+                                                    SamplingParams(max_tokens=1),
+                                                    request_id=rid):
+                    self._progress = time.time()
+                    return
+        except TimeoutError:
+            self._trip(f"vLLM engine: no output for {waited:.1f} s with requests waiting, "
+                       f"and a probe request unanswered for {self.stall_grace_s:.1f} s; "
+                       f"{reason}")
+        except EngineDeadError:
+            self._trip("vLLM engine died")
+        finally:
+            self._probing = False
+            await self.engine.abort(rid)
+
+    def _trip(self, reason: str) -> None:
+        self.unhealthy = reason
+        log.error("replica unhealthy: %s", reason)
+        self._metrics.unhealthy()
+
+    def summary(self) -> dict[str, Any]:
+        return {"engine": "vllm", "requests": self.requests, "aborted": self.aborted,
+                "waiting": len(self._active), "queued": 0, "unhealthy": self.unhealthy,
+                "started_s": round(self.started_s, 1)}
+
+    def pause(self, seconds: float) -> None:
+        """Test-only fault: stop the engine's processes for ``seconds`` (SIGSTOP, SIGCONT)."""
+        loop = asyncio.get_running_loop()
+        for child in psutil.Process().children(recursive=True):
+            child.send_signal(signal.SIGSTOP)
+            loop.call_later(seconds, _resume, child)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def start_vllm(folder: str, model: Any, config: dict[str, Any]) -> VLLMEngine:
+    """The engine of an LLM replica: ``config`` is the app's ``{"kind", "max_rows",
+    "stall_grace_s", "vllm": {...}}`` (the recipe's ``llm`` section)."""
+    return VLLMEngine(folder, model.tokenizer, model.eos_ids(), model.image_token_id,
+                      settings=EngineSettings(**config.get("vllm", {})),
+                      max_rows=int(config.get("max_rows", 16)),
+                      stall_grace_s=float(config.get("stall_grace_s", 10.0)))

