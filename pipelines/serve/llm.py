@@ -133,7 +133,7 @@ class LLMServer:
         metric("resident_memory_bytes").set(data["rss_bytes"])
         return {**data, "batches": {"decode": self.engine.summary()}}
 
-    def inject_stall(self, seconds: float) -> None:
+    async def inject_stall(self, seconds: float) -> None:
         """Test-only (``MOVA_SERVE_FAULT_INJECTION=1``): the next decode step blocks."""
         if not faults_enabled():
             raise RuntimeError("fault injection is disabled on this server")

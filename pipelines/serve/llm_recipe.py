@@ -26,6 +26,8 @@ def vllm_installed() -> bool:
 @dataclass
 class VLLMRecipe:
     """vLLM's engine settings (see :class:`pipelines.serve.vllm_engine.EngineSettings`).
+    ``block_size``: tokens per KV-cache block (0: vLLM's default, 128 on CPU); the prefix cache
+    reuses whole blocks only, so prompts sharing less than a block share nothing.
     ``cpu_bind``: the CPUs its threads bind to on CPU nodes (``all``: those the replica's
     process may use; or vLLM's own syntax, e.g. ``0-3``)."""
 
@@ -34,6 +36,7 @@ class VLLMRecipe:
     kv_cache_gib: int = 1
     enforce_eager: bool = True
     prefix_caching: bool = True
+    block_size: int = 0
     cpu_bind: str = "all"
 
     def validate(self, prefix: str) -> None:
@@ -43,6 +46,9 @@ class VLLMRecipe:
             raise ValueError(f"{prefix}.max_model_len must be >= 16")
         if self.kv_cache_gib < 1:
             raise ValueError(f"{prefix}.kv_cache_gib must be a whole number >= 1 (GiB)")
+        if self.block_size < 0 or self.block_size % 16:
+            raise ValueError(f"{prefix}.block_size must be 0 (vLLM's default) or a multiple "
+                             "of 16")
         if not self.cpu_bind:
             raise ValueError(f"{prefix}.cpu_bind must be 'all' or a CPU list such as '0-3'")
 

@@ -42,7 +42,7 @@ from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
-from vllm.v1.engine.exceptions import EngineDeadError
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from mova.decoding import DecodeParams
@@ -101,6 +101,7 @@ class EngineSettings:
     kv_cache_gib: int = 1
     enforce_eager: bool = True
     prefix_caching: bool = True
+    block_size: int = 0
     cpu_bind: str = "all"
 
 
@@ -118,7 +119,7 @@ def engine_args(folder: str, settings: EngineSettings, max_rows: int) -> AsyncEn
         max_model_len=settings.max_model_len, max_num_seqs=max_rows,
         enable_prompt_embeds=True, enable_prefix_caching=settings.prefix_caching,
         enforce_eager=settings.enforce_eager, distributed_executor_backend="uni",
-        disable_log_stats=False)
+        block_size=settings.block_size or None, disable_log_stats=False)
 
 
 class MetricsLogger(StatLoggerBase):
@@ -126,17 +127,28 @@ class MetricsLogger(StatLoggerBase):
 
     def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
         self._metrics = stage_metrics("decode")
+        self._failed = False
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                engine_idx: int = 0) -> None:
+        # vLLM calls this in its output handler: an exception here would stop the engine
+        try:
+            self._record(scheduler_stats, iteration_stats)
+        except Exception as exc:  # metrics must never break serving
+            if not self._failed:
+                log.warning("vLLM statistics not recorded: %r", exc)
+            self._failed = True
+
+    def _record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
         if scheduler_stats is not None:
             self._metrics.queue(scheduler_stats.num_waiting_reqs)
             metric("engine_kv_cache_usage").set(scheduler_stats.kv_cache_usage)
             cache = scheduler_stats.prefix_cache_stats
-            if cache is not None and cache.queries:
-                metric("engine_prefix_cache_tokens").inc(cache.hits, tags={"result": "hit"})
-                metric("engine_prefix_cache_tokens").inc(cache.queries - cache.hits,
-                                                         tags={"result": "miss"})
+            if cache is not None:
+                for result, tokens in (("hit", cache.hits), ("miss", cache.queries - cache.hits)):
+                    if tokens > 0:  # a Ray counter takes only increments > 0
+                        metric("engine_prefix_cache_tokens").inc(tokens,
+                                                                 tags={"result": result})
             if scheduler_stats.num_running_reqs:
                 metric("batch_size").observe(scheduler_stats.num_running_reqs,
                                              tags={"stage": "decode"})
@@ -189,6 +201,7 @@ class VLLMEngine:
         self._active: dict[str, float] = {}  # request id -> deadline
         self._progress = time.time()  # the last output of any request
         self._last_sent = 0.0  # when the latest request went to the engine
+        self._tripped = asyncio.Event()  # set when the engine is found stuck or dead
         self._probing = False
         self._judge = StallJudge(stall_grace_s, cpu=_engine_cpu_seconds)
         self._metrics = stage_metrics("decode")
@@ -232,8 +245,15 @@ class VLLMEngine:
         # text from token ids as the torch loop assembles it (stripped, stop strings cut,
         # deltas that never need taking back), so both engines answer alike
         text = TextAssembler(self.tokenizer, params.stop)
+        outputs = self.engine.generate(inputs, settings, request_id=rid)
+        tripped = asyncio.ensure_future(self._tripped.wait())
         try:
-            async for out in self.engine.generate(inputs, settings, request_id=rid):
+            while True:
+                out = await self._next(outputs, tripped)
+                if out is None:  # the engine was found stuck or dead meanwhile
+                    yield error_event(self.unhealthy or "vLLM engine unhealthy",
+                                      unavailable=True)
+                    return
                 self._progress = time.time()
                 piece = out.outputs[0]
                 delta = "".join(text.add(t) for t in piece.token_ids)
@@ -250,8 +270,27 @@ class VLLMEngine:
         except EngineDeadError as exc:
             self._trip(f"vLLM engine died: {exc}")
             yield error_event(self.unhealthy or "vLLM engine died", unavailable=True)
+        except EngineGenerateError as exc:  # this request failed inside the engine
+            log.warning("vLLM failed request %s: %r", rid, exc.__cause__ or exc)
+            if self.engine.errored:
+                self._trip("vLLM engine died")
+            yield error_event(f"the LLM engine failed this request: {exc.__cause__ or exc!r}",
+                              unavailable=self.unhealthy is not None)
         except ValueError as exc:  # e.g. a prompt longer than max_model_len
             yield error_event(str(exc), bad_request=True)
+        finally:
+            tripped.cancel()
+
+    @staticmethod
+    async def _next(outputs: AsyncIterator[Any], tripped: asyncio.Future) -> Any:
+        """The engine's next output for a request, or None when the engine is found unhealthy
+        first (a stuck engine sends nothing: its waiting requests must not wait for it)."""
+        step = asyncio.ensure_future(anext(outputs))
+        await asyncio.wait({step, tripped}, return_when=asyncio.FIRST_COMPLETED)
+        if not step.done():
+            step.cancel()
+            return None
+        return step.result()
 
     def check(self) -> None:
         """Raise :class:`ReplicaUnhealthy` when the engine died or was found stuck."""
@@ -297,6 +336,7 @@ class VLLMEngine:
 
     def _trip(self, reason: str) -> None:
         self.unhealthy = reason
+        self._tripped.set()
         log.error("replica unhealthy: %s", reason)
         self._metrics.unhealthy()
 
