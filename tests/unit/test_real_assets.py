@@ -88,6 +88,72 @@ def test_converted_llm_answers_with_plain_transformers(assets: RealAssets) -> No
     assert "Paris" in answer, answer
 
 
+QUESTIONS = ["What is the capital of France?", "Name three primary colours.",
+             "How many legs does a spider have?", "Write one sentence about the sea."]
+
+
+def _torch_answers(model, tokenizer, rows: list[list[int]], eos: list[int]) -> list[str]:
+    from mova.decoding import BatchDecoder, DecodeParams, left_pad
+
+    ids, mask = left_pad(rows, tokenizer.pad_token_id or 0)
+    decoder = BatchDecoder(model, tokenizer, eos, max_context=2048)
+    with torch.no_grad():
+        decoder.add(model.get_input_embeddings()(ids), mask,
+                    [DecodeParams(max_new_tokens=24)] * len(rows), keys=list(range(len(rows))))
+        finals = {e.row: e.text for e in decoder.run() if e.done}
+    return [finals[i] for i in range(len(rows))]
+
+
+@needs_packages
+def test_vllm_answers_as_the_torch_loop_in_fp32(assets: RealAssets) -> None:
+    """Greedy fp32 on the real SmolLM2: vLLM (the Serve LLM engine) writes what our torch loop
+    writes, for token-id prompts and for mixed prompts whose marked rows come as embeddings
+    (here each ``<|im_start|>`` row, given its own embedding: the answer must not change)."""
+    import asyncio
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines.serve.engine import Prompt
+
+    vllm_engine = pytest.importorskip("pipelines.serve.vllm_engine",
+                                      reason="vLLM is not installed (make setup installs it)")
+    tokenizer = AutoTokenizer.from_pretrained(assets.llm)
+    model = AutoModelForCausalLM.from_pretrained(assets.llm).eval()
+    rows = [tokenizer.apply_chat_template([{"role": "user", "content": q}],
+                                          add_generation_prompt=True)["input_ids"]
+            for q in QUESTIONS]
+    marker = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    eos = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")})
+    expected = _torch_answers(model, tokenizer, rows, eos)
+    with torch.no_grad():
+        marked = [model.get_input_embeddings()(torch.tensor([r]))[0][torch.tensor(r) == marker]
+                  for r in rows]
+    engine = vllm_engine.VLLMEngine(
+        str(assets.llm), tokenizer, eos, marker, max_rows=8,
+        settings=vllm_engine.EngineSettings(dtype="float32", max_model_len=512, block_size=32))
+
+    async def one(prompt: Prompt) -> str:
+        params = vllm_engine.DecodeParams(max_new_tokens=24)
+        events = [e async for e in engine.stream(prompt, params, time.time() + 120)]
+        assert events[-1].get("done"), events[-1]
+        return events[-1]["text"]
+
+    async def both() -> tuple[list[str], ...]:  # one event loop: the engine's output task
+        engine.image_token_id = -1  # no row is an "image" row: token ids only
+        plain = await asyncio.gather(*(one(Prompt(r, None)) for r in rows))
+        engine.image_token_id = marker
+        mixed = await asyncio.gather(*(one(Prompt(r, m)) for r, m in zip(rows, marked,
+                                                                          strict=True)))
+        return list(plain), list(mixed)
+
+    try:
+        plain, mixed = asyncio.run(both())
+    finally:
+        engine.shutdown()
+    assert plain == expected and mixed == expected, (plain, mixed, expected)
+    assert "Paris" in expected[0]
+
+
 @needs_packages
 def test_mova_chatml_template_is_smollm2s_own(assets: RealAssets) -> None:
     from transformers import AutoTokenizer
