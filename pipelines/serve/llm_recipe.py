@@ -25,7 +25,7 @@ def vllm_installed() -> bool:
 
 @dataclass
 class VLLMRecipe:
-    """vLLM's engine settings (see :class:`pipelines.serve.vllm_engine.EngineSettings`).
+    """vLLM's engine settings (:func:`pipelines.serve.vllm_engine.engine_args` applies them).
     ``block_size``: tokens per KV-cache block (0: vLLM's default, 128 on CPU); the prefix cache
     reuses whole blocks only, so prompts sharing less than a block share nothing.
     ``cpu_bind``: the CPUs its threads bind to on CPU nodes (``all``: those the replica's

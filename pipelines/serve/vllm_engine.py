@@ -33,7 +33,6 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -49,12 +48,12 @@ from mova.decoding import DecodeParams
 from mova.text_stream import TextAssembler
 from pipelines.serve.engine import Prompt, error_event
 from pipelines.serve.errors import ReplicaUnhealthy
+from pipelines.serve.llm_recipe import VLLMRecipe
 from pipelines.serve.metrics import metric, stage_metrics
 from pipelines.serve.progress import StallJudge
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def mixed_prompt(prompt: Prompt, image_token_id: int, dtype: torch.dtype) -> dict[str, Any]:
@@ -92,20 +91,7 @@ def sampling_params(params: DecodeParams, eos_ids: Sequence[int]) -> SamplingPar
         structured_outputs=structured, output_kind=RequestOutputKind.DELTA)
 
 
-@dataclass(frozen=True)
-class EngineSettings:
-    """What the recipe's ``llm.vllm`` section sets (see :mod:`pipelines.serve.llm_recipe`)."""
-
-    dtype: str = "auto"
-    max_model_len: int = 2048
-    kv_cache_gib: int = 1
-    enforce_eager: bool = True
-    prefix_caching: bool = True
-    block_size: int = 0
-    cpu_bind: str = "all"
-
-
-def engine_args(folder: str, settings: EngineSettings, max_rows: int) -> AsyncEngineArgs:
+def engine_args(folder: str, settings: VLLMRecipe, max_rows: int) -> AsyncEngineArgs:
     """The engine's arguments; CPU-only settings go through vLLM's environment variables."""
     if not torch.cuda.is_available():
         bind = settings.cpu_bind
@@ -185,9 +171,10 @@ class VLLMEngine:
 
     def __init__(self, folder: str, tokenizer: Any, eos_ids: Sequence[int],
                  image_token_id: int, *,
-                 settings: EngineSettings = EngineSettings(), max_rows: int = 16,
+                 settings: VLLMRecipe | None = None, max_rows: int = 16,
                  stall_grace_s: float = 10.0) -> None:
         start = time.perf_counter()
+        settings = settings or VLLMRecipe()
         self.engine = AsyncLLM.from_engine_args(engine_args(folder, settings, max_rows),
                                                 stat_loggers=[MetricsLogger])
         self.dtype = self.engine.model_config.dtype
@@ -360,6 +347,6 @@ def start_vllm(folder: str, model: Any, config: dict[str, Any]) -> VLLMEngine:
     """The engine of an LLM replica: ``config`` is the app's ``{"kind", "max_rows",
     "stall_grace_s", "vllm": {...}}`` (the recipe's ``llm`` section)."""
     return VLLMEngine(folder, model.tokenizer, model.eos_ids(), model.image_token_id,
-                      settings=EngineSettings(**config.get("vllm", {})),
+                      settings=VLLMRecipe(**config.get("vllm", {})),
                       max_rows=int(config.get("max_rows", 16)),
                       stall_grace_s=float(config.get("stall_grace_s", 10.0)))

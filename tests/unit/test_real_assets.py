@@ -130,7 +130,7 @@ def test_vllm_answers_as_the_torch_loop_in_fp32(assets: RealAssets) -> None:
                   for r in rows]
     engine = vllm_engine.VLLMEngine(
         str(assets.llm), tokenizer, eos, marker, max_rows=8,
-        settings=vllm_engine.EngineSettings(dtype="float32", max_model_len=512, block_size=32))
+        settings=vllm_engine.VLLMRecipe(dtype="float32", max_model_len=512, block_size=32))
 
     async def one(prompt: Prompt) -> str:
         params = vllm_engine.DecodeParams(max_new_tokens=24)
