@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pipelines.bench.harness import DEFAULT_RESULTS, resolve_device, write_section
+from pipelines.bench.engine_cli import add_llm_engine
+from pipelines.bench.harness import DEFAULT_RESULTS, resolve_device
+from pipelines.bench.harness import emit_result as _output
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +40,6 @@ def _resolve(args: argparse.Namespace) -> None:
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-
-
-def _output(args: argparse.Namespace, key: str, markdown: str, data: dict) -> None:
-    print(markdown)
-    out = args.out if args.out is not None else (None if args.quick else DEFAULT_RESULTS)
-    if out is not None:
-        print(f"Wrote section <!-- {key} --> of {write_section(out, key, markdown)}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
-        print(f"Wrote {args.json}")
 
 
 def _common_options(p: argparse.ArgumentParser) -> None:
@@ -387,7 +377,8 @@ def _add_checkpoint(sub: argparse._SubParsersAction) -> None:
 
 
 BENCHMARKS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_model, _add_features, _add_train, _add_serve, _add_scale, _add_checkpoint)
+    _add_model, _add_features, _add_train, _add_serve, _add_scale, _add_checkpoint,
+    add_llm_engine)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -7,7 +7,9 @@ section and leave the others intact.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
+import json
 import os
 import platform
 import resource
@@ -223,3 +225,16 @@ def write_section(path: str | Path, key: str, body: str, *, intro: str = INTRO) 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def emit_result(args: argparse.Namespace, key: str, markdown: str, data: dict) -> None:
+    """Print a benchmark's section; write it into ``--out`` (default docs/benchmarks.md, none
+    with ``--quick``) and the raw results into ``--json`` when given."""
+    print(markdown)
+    out = args.out if args.out is not None else (None if args.quick else DEFAULT_RESULTS)
+    if out is not None:
+        print(f"Wrote section <!-- {key} --> of {write_section(out, key, markdown)}")
+    if getattr(args, "json", None):
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+        print(f"Wrote {args.json}")

@@ -72,6 +72,12 @@ class LLMServer:
             log.warning("LLM replica stopping: %s; held %d queued and %d decoding row(s)",
                         engine.unhealthy or "healthy (scaled down or redeployed)",
                         summary["queued"], summary["waiting"])
+            stop = getattr(engine, "shutdown", None)
+            if stop is not None:  # vLLM: its engine processes end with the replica
+                try:
+                    stop()
+                except Exception as exc:  # the replica is going away anyway
+                    log.warning("LLM engine shutdown failed: %r", exc)
 
     def _watch(self) -> None:
         """A monitor task: a stuck step fails its waiting requests at once (503) even

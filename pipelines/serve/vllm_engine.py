@@ -273,7 +273,11 @@ class VLLMEngine:
         """The engine's next output for a request, or None when the engine is found unhealthy
         first (a stuck engine sends nothing: its waiting requests must not wait for it)."""
         step = asyncio.ensure_future(anext(outputs))
-        await asyncio.wait({step, tripped}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({step, tripped}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # deadline or caller gone: vLLM aborts the request
+            step.cancel()
+            raise
         if not step.done():
             step.cancel()
             return None

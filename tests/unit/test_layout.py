@@ -17,7 +17,8 @@ LAZY_ALLOWED = {"onnx", "onnxruntime", "easy_vqa", "transformers.initialization"
 LAZY_ALLOWED_IN = {"pipelines.common.ray_init": {"ray"},
                    # optional, ~9 s to import: only replicas that run vLLM import it
                    "pipelines.serve.llm": {"pipelines.serve.vllm_engine"},
-                   "pipelines.bench.cli": {"pipelines.bench"}}  # its sub-command dispatch
+                   "pipelines.bench.cli": {"pipelines.bench"},  # its sub-command dispatch
+                   "pipelines.bench.engine_cli": {"pipelines.bench"}}
 
 
 def _modules(package: str) -> dict[str, Path]:
