@@ -115,10 +115,9 @@ def _torch_run(label: str, model: Any, tokenizer: Any, prompts: list[list[int]],
 
 async def _vllm_run(label: str, folder: str, tokenizer: Any, prompts: list[list[int]],
                     images: list[torch.Tensor], marker: int, eos: list[int], max_new: int,
-                    dtype: str) -> EngineRun:
+                    settings: VLLMRecipe) -> EngineRun:
     start = time.perf_counter()
-    engine = VLLMEngine(folder, tokenizer, eos, marker, max_rows=len(prompts),
-                        settings=VLLMRecipe(dtype=dtype, max_model_len=1024, block_size=32))
+    engine = VLLMEngine(folder, tokenizer, eos, marker, max_rows=len(prompts), settings=settings)
     started = time.perf_counter() - start
     params = DecodeParams(max_new_tokens=max_new)
 
@@ -162,8 +161,11 @@ def bench_llm_engine(*, requests: int = 16, image_rows: int = 64, max_new_tokens
     log.info("torch batch: %.1f s", batch.seconds)
     del model
     runs = [loop, batch]
-    for dtype in ("float32", "bfloat16"):
-        runs.append(asyncio.run(_vllm_run(f"vLLM {dtype}", folder, *args, dtype=dtype)))
+    for dtype, cached in (("float32", True), ("float32", False), ("bfloat16", True)):
+        label = f"vLLM {dtype}" + ("" if cached else ", no prefix cache")
+        settings = VLLMRecipe(dtype=dtype, max_model_len=1024, block_size=32,
+                              prefix_caching=cached)
+        runs.append(asyncio.run(_vllm_run(label, folder, *args, settings=settings)))
         log.info("%s: %.1f s", runs[-1].label, runs[-1].seconds)
     return {"machine": machine_info(torch.device("cpu")),
             "settings": {"requests": requests, "image_rows": image_rows,
@@ -186,7 +188,8 @@ def render(result: dict[str, Any]) -> str:
         f"by one): {s['prompt_tokens']:.0f} prompt tokens each (a shared instruction, "
         f"{s['image_rows']} image rows given as embeddings, a question), greedy, at most "
         f"{s['max_new_tokens']} answer tokens. vLLM is `pipelines/serve/vllm_engine.py` in "
-        "eager mode (the recipe default on CPU), prefix caching on (32-token blocks); its "
-        "throughput excludes one warm-up request. TTFT is measured from sending a request to "
-        "its first text.", "",
+        "eager mode (the recipe default on CPU), prefix caching on (32-token blocks: the "
+        "shared instruction is computed once) unless the row says otherwise; its throughput "
+        "excludes one warm-up request. TTFT is measured from sending a request to its first "
+        "text. The torch rows have no prefix cache.", "",
         markdown_table(head, result["table"])])
