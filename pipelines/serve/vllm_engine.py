@@ -158,6 +158,9 @@ def _engine_cpu_seconds() -> float:
     return total
 
 
+_EXPIRED = object()  # _next's answer when a request's deadline passed first
+
+
 def _resume(process: psutil.Process) -> None:
     try:
         process.send_signal(signal.SIGCONT)
@@ -212,23 +215,20 @@ class VLLMEngine:
         self._active[rid] = deadline
         self._last_sent = time.time()
         self.requests += 1
-        finished = False
+        answered = False  # a request that ends any other way is aborted in the engine
         try:
-            async with asyncio.timeout(max(0.0, deadline - time.time())):
-                async for event in self._events(rid, inputs, params, settings):
-                    finished = bool(event.get("done") or event.get("error"))
-                    yield event
-        except TimeoutError:
-            self._metrics.expired()
-            yield error_event("the request's deadline passed during decoding", timeout=True)
+            async for event in self._events(rid, inputs, params, settings, deadline):
+                answered = bool(event.get("done"))
+                yield event
         finally:
             self._active.pop(rid, None)
-            if not finished:
+            if not answered:
                 self.aborted += 1
                 await self.engine.abort(rid)
 
     async def _events(self, rid: str, inputs: dict[str, Any], params: DecodeParams,
-                      settings: SamplingParams) -> AsyncIterator[dict[str, Any]]:
+                      settings: SamplingParams, deadline: float
+                      ) -> AsyncIterator[dict[str, Any]]:
         # text from token ids as the torch loop assembles it (stripped, stop strings cut,
         # deltas that never need taking back), so both engines answer alike
         text = TextAssembler(self.tokenizer, params.stop)
@@ -236,7 +236,12 @@ class VLLMEngine:
         tripped = asyncio.ensure_future(self._tripped.wait())
         try:
             while True:
-                out = await self._next(outputs, tripped)
+                out = await self._next(outputs, tripped, deadline)
+                if out is _EXPIRED:  # only the waits are timed, never the caller's work
+                    self._metrics.expired()
+                    yield error_event("the request's deadline passed during decoding",
+                                      timeout=True)
+                    return
                 if out is None:  # the engine was found stuck or dead meanwhile
                     yield error_event(self.unhealthy or "vLLM engine unhealthy",
                                       unavailable=True)
@@ -269,18 +274,21 @@ class VLLMEngine:
             tripped.cancel()
 
     @staticmethod
-    async def _next(outputs: AsyncIterator[Any], tripped: asyncio.Future) -> Any:
-        """The engine's next output for a request, or None when the engine is found unhealthy
-        first (a stuck engine sends nothing: its waiting requests must not wait for it)."""
+    async def _next(outputs: AsyncIterator[Any], tripped: asyncio.Future, deadline: float
+                    ) -> Any:
+        """The engine's next output for a request; None when the engine is found unhealthy
+        first (a stuck engine sends nothing: its waiting requests must not wait for it),
+        ``_EXPIRED`` when the deadline comes first."""
         step = asyncio.ensure_future(anext(outputs))
         try:
-            await asyncio.wait({step, tripped}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:  # deadline or caller gone: vLLM aborts the request
+            await asyncio.wait({step, tripped}, timeout=max(0.0, deadline - time.time()),
+                               return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the caller is gone: vLLM aborts the request
             step.cancel()
             raise
         if not step.done():
             step.cancel()
-            return None
+            return None if tripped.done() else _EXPIRED
         return step.result()
 
     def check(self) -> None:
