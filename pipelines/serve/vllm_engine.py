@@ -188,7 +188,7 @@ class VLLMEngine:
         self.started_s = time.perf_counter() - start
         self.requests = self.aborted = 0
         self._keys = itertools.count()
-        self._active: dict[str, float] = {}  # request id -> deadline
+        self._active: set[str] = set()  # ids of the requests in the engine
         self._progress = time.time()  # the last output of any request
         self._last_sent = 0.0  # when the latest request went to the engine
         self._tripped = asyncio.Event()  # set when the engine is found stuck or dead
@@ -212,7 +212,7 @@ class VLLMEngine:
             yield error_event(str(exc), bad_request=True)
             return
         rid = f"mova-{next(self._keys)}"
-        self._active[rid] = deadline
+        self._active.add(rid)
         self._last_sent = time.time()
         self.requests += 1
         answered = False  # a request that ends any other way is aborted in the engine
@@ -221,7 +221,7 @@ class VLLMEngine:
                 answered = bool(event.get("done"))
                 yield event
         finally:
-            self._active.pop(rid, None)
+            self._active.discard(rid)
             if not answered:
                 self.aborted += 1
                 await self.engine.abort(rid)
