@@ -151,7 +151,7 @@ def test_vllm_answers_as_the_torch_loop_in_fp32(assets: RealAssets) -> None:
         plain, mixed = asyncio.run(both())
     finally:
         engine.shutdown()
-        del engine  # its AsyncLLM collected now, not in the interpreter's teardown (where
+        engine = None  # its AsyncLLM collected now, not in the interpreter's teardown (where
         gc.collect()  # vLLM's __del__ shuts down once more and prints a TypeError)
     assert plain == expected and mixed == expected, (plain, mixed, expected)
     assert "Paris" in expected[0]
