@@ -273,9 +273,12 @@ def _run_serve(args: argparse.Namespace) -> int:
 
         result = bench_serve_real(args.checkpoint, levels=levels,
                                   max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                  quick=args.quick, port=args.port)
+                                  quick=args.quick, port=args.port, engines=args.engine)
         _output(args, result.key, render_real(result), result.to_dict())
         return 0
+    if args.engine != ["torch"]:
+        raise SystemExit("mova bench serve: --engine is for --real (the tiny model's app "
+                         "measures overheads only)")
     result = bench_serve(levels=levels, max_new_tokens=args.max_new_tokens, seed=args.seed,
                          quick=args.quick, port=args.port)
     _output(args, result.key, render_markdown(result), result.to_dict())
@@ -303,6 +306,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--real", action="store_true",
                    help="a real-weights checkpoint (--checkpoint) on easy-VQA questions, vs the "
                         "sequential loop and one batched generate")
+    p.add_argument("--engine", type=lambda text: text.split(","), default=["torch"],
+                   help="--real: the LLM engines to serve with, one app each, e.g. torch,vllm "
+                        "(vllm:bfloat16 sets vLLM's dtype; default torch)")
     p.add_argument("--routing-mix", action="store_true",
                    help="experts autoscaled by Serve's default policy vs by routed rate, 80%% "
                         "of requests to one expert: replica-seconds and p95 (~4 min)")

@@ -53,6 +53,7 @@ QUESTIONS = ("How many people are in the picture?", "Which bar in the chart is t
 # k forced experts: none, the costliest one, the three costliest (see `mova bench model`), all.
 EXPERT_SETS: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("0", ()), ("1", ("codetr",)), ("3", ("vary", "codetr", "sam")), ("all", None))
+MAX_DIFFER = 3  # differing answers kept per load level
 
 
 @dataclass
@@ -68,6 +69,9 @@ class LoadResult:
     vision_ms: list[float] = field(default_factory=list)
     steps_ms: list[dict[str, float]] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
+    engine: str = ""  # the served app's LLM engine ("" for the in-process loop)
+    # the first few served answers that differ from the loop's: (input, served, loop)
+    differ: list[tuple[int, str, str]] = field(default_factory=list)
 
     @property
     def throughput(self) -> float:
@@ -148,6 +152,7 @@ def run_reference(model, inputs: list[tuple[str, str]], levels: Sequence[int], *
 async def _load(url: str, clients: int, n: int, body: Callable[[int], dict],
                 answers: dict[int, str] | None, count: int) -> LoadResult:
     latencies, vision, errors, identical, steps = [], [], 0, 0, []
+    differ: list[tuple[int, str, str]] = []
     statuses: dict[str, int] = {}
     next_index = iter(range(n))
     limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
@@ -167,12 +172,15 @@ async def _load(url: str, clients: int, n: int, body: Callable[[int], dict],
                 vision.append(info.vision_ms)
                 steps.append({**info.vision_steps_ms, **(info.timings_ms or {})})
                 if answers is not None:
-                    identical += data["choices"][0]["message"]["content"] == answers[i % count]
+                    text, expected = data["choices"][0]["message"]["content"], answers[i % count]
+                    identical += text == expected
+                    if text != expected and len(differ) < MAX_DIFFER:
+                        differ.append((i % count, text, expected))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
     return LoadResult(clients, n, time.perf_counter() - start, latencies, errors, identical,
-                      vision, steps, statuses)
+                      vision, steps, statuses, differ=differ)
 
 
 def _body(inputs: list[tuple[str, str]], max_tokens: int,
@@ -201,7 +209,9 @@ def _memory() -> dict[str, float]:
 def run_served(checkpoint: str, inputs: list[tuple[str, str]], levels: Sequence[int],
                answers: dict[int, str], result: ServeBenchResult, *, max_new_tokens: int,
                quick: bool, port: int, overrides: Sequence[str] = (),
-               expert_sets: bool = True) -> None:
+               expert_sets: bool = True, engine: str = "torch") -> None:
+    """The Serve app under each load level (appended to ``result.served``, tagged with
+    ``engine``, a label of the LLM engine that ``overrides`` choose), then the expert sets."""
     recipe = load_recipe(ServeRecipe, None, [
         f"checkpoint={checkpoint}", f"port={port}", "limits.max_inflight=256",
         f"limits.max_tokens={max(64, max_new_tokens)}", "experts.default.num_replicas=1",
@@ -218,9 +228,10 @@ def run_served(checkpoint: str, inputs: list[tuple[str, str]], levels: Sequence[
             n = requests_for(clients, quick)
             res = asyncio.run(_load(url, clients, n, _body(inputs, max_new_tokens), answers,
                                     len(inputs)))
+            res.engine = engine
             result.served.append(res)
-            log.info("serve, %d clients: %.1f req/s (%d errors)", clients, res.throughput,
-                     res.errors)
+            log.info("serve (%s), %d clients: %.1f req/s (%d errors)", engine, clients,
+                     res.throughput, res.errors)
         sets = EXPERT_SETS[::3] if quick else EXPERT_SETS
         for label, names in sets if expert_sets else ():
             experts = _all_experts(checkpoint) if names is None else list(names)
@@ -230,6 +241,8 @@ def run_served(checkpoint: str, inputs: list[tuple[str, str]], levels: Sequence[
                 for c in (1, 8)]
         result.memory_mib = _memory()
         result.replica_batches = _batches()
+        result.real.setdefault("engines", {})[engine] = {
+            "memory_mib": result.memory_mib, "llm": result.replica_batches.get("LLM", {})}
     finally:
         serve.shutdown()
         ray.shutdown()

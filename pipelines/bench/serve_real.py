@@ -1,6 +1,8 @@
 """`mova bench serve --real`: the Serve app on a real-weights checkpoint (the model of
 `mova demo --real`: SmolLM2-135M, MiniLM, DINOv2-S) with easy-VQA questions, against the
-sequential batch-size-1 loop and one batched ``generate`` call in one process.
+sequential batch-size-1 loop and one batched ``generate`` call in one process; the app once per
+LLM engine asked for (``--engine torch,vllm``: our torch loop, vLLM; ``vllm:bfloat16`` picks
+vLLM's dtype).
 
 Both sides decode routing replies under the routing constraint (the server's default), so
 their greedy answers can be compared one by one. Also measured in-process: the routing decode
@@ -14,7 +16,6 @@ import io
 import logging
 import random
 import statistics
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -35,6 +36,8 @@ from pipelines.bench.serve import (
 from pipelines.bench.serve_report import routing_table
 from pipelines.common.checkpoint_store import local_checkpoint
 from pipelines.common.ray_init import free_local_port
+from pipelines.common.recipe import load_recipe
+from pipelines.serve.recipe import ServeRecipe
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,26 @@ SERVE_OVERRIDES = ("llm.num_cpus=1.0", "llm.torch_threads=2", "adapter.num_cpus=
                    "adapter.torch_threads=1", "ingress.num_cpus=0.1",
                    "experts.default.num_cpus=0.1", "limits.request_timeout_s=300",
                    "llm.max_batch_size=32", "llm.max_ongoing_requests=128")
+
+
+def engine_overrides(spec: str) -> list[str]:
+    """The serve recipe's overrides for an engine label: ``torch``, ``vllm`` or
+    ``vllm:<dtype>``."""
+    engine, _, dtype = spec.partition(":")
+    return [f"llm.engine={engine}"] + ([f"llm.vllm.dtype={dtype}"] if dtype else [])
+
+
+def check_engines(checkpoint: str, engines: Sequence[str]) -> None:
+    """Each engine label builds a valid serve recipe (a ValueError naming it, before anything
+    runs: a bad label must not surface after the minutes the loop takes)."""
+    if not engines or len(set(engines)) != len(engines):
+        raise ValueError(f"--engine {','.join(engines)!r}: name each engine once")
+    for spec in engines:
+        try:
+            load_recipe(ServeRecipe, None, [f"checkpoint={checkpoint}",
+                                            *engine_overrides(spec)])
+        except ValueError as exc:
+            raise ValueError(f"--engine {spec!r}: {exc}") from None
 
 
 def easyvqa_inputs(count: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -78,11 +101,14 @@ def batched_library(model, inputs: list[tuple[str, str]], max_new_tokens: int,
 
 
 def bench_serve_real(checkpoint: str, *, levels: Sequence[int], max_new_tokens: int,
-                     seed: int, quick: bool, port: int | None) -> ServeBenchResult:
+                     seed: int, quick: bool, port: int | None,
+                     engines: Sequence[str] = ("torch",)) -> ServeBenchResult:
     checkpoint = local_checkpoint(checkpoint)
+    check_engines(checkpoint, engines)
     result = ServeBenchResult(machine=machine_info(torch.device("cpu")),
                               settings={"levels": list(levels), "max_new_tokens": max_new_tokens,
-                                        "seed": seed, "quick": quick, "checkpoint": checkpoint},
+                                        "seed": seed, "quick": quick, "checkpoint": checkpoint,
+                                        "engines": list(engines)},
                               key="bench:serve:real:cpu")
     model = use_constrained_routing(from_pretrained(checkpoint).eval())
     inputs = easyvqa_inputs(16, seed)
@@ -95,10 +121,11 @@ def bench_serve_real(checkpoint: str, *, levels: Sequence[int], max_new_tokens: 
     log.info("batched generate: %s", result.real["batched"])
     result.reference_peak_rss_mib = peak_memory_mib(torch.device("cpu"))
     del model
-    with tempfile.TemporaryDirectory(prefix="mova-bench-serve-real-"):
+    for engine in engines:  # one app at a time, each on a fresh Ray
         run_served(checkpoint, inputs, levels, answers, result, max_new_tokens=max_new_tokens,
-                   quick=True, port=port or free_local_port(), overrides=SERVE_OVERRIDES,
-                   expert_sets=False)
+                   quick=True, port=port or free_local_port(),
+                   overrides=[*SERVE_OVERRIDES, *engine_overrides(engine)], expert_sets=False,
+                   engine=engine)
     return result
 
 
@@ -112,43 +139,80 @@ def _steps(level: LoadResult) -> str:
 
 def render_real(r: ServeBenchResult) -> str:
     s, real = r.settings, r.real
-    levels = ",".join(map(str, s["levels"]))
+    levels, engines = ",".join(map(str, s["levels"])), s.get("engines", ["torch"])
     batched, routing = real["batched"], real["routing"]
     out = ["## `mova bench serve --real`: SmolLM2-135M + MiniLM + DINOv2-S on cpu", "",
            f"Reproduce: `mova bench serve --real --checkpoint <demo-real>/mova --concurrency "
-           f"{levels} --max-new-tokens {s['max_new_tokens']}`", "",
+           f"{levels} --max-new-tokens {s['max_new_tokens']} --engine {','.join(engines)}`", "",
            "Machine: " + "; ".join(f"{k}: {v}" for k, v in r.machine.items()), "",
            "easy-VQA test questions (16 distinct 64x64 PNG data URIs), closed-loop clients, "
            f"greedy decoding of at most {s['max_new_tokens']} answer tokens after the routing "
            "decode (constrained on both sides, the server's default). **Loop**: "
            "`model.generate` at batch size 1, one request at a time, in one process (torch's "
            "default threads). **Batched**: one `generate` call over all 16. **Serve**: `mova "
-           "serve` on a local Ray over HTTP, the LLM replica holding 1 CPU and 2 torch threads "
-           "(its rows of all requests share one continuously batched decode), the other "
-           "replicas 0.1-0.2 CPU. `identical`: served answers equal to the loop's.", "",
-           "### Routing decode, free vs constrained (batch 1, in-process)", ""]
-    out += [routing_table(routing), "", "### Throughput and latency", ""]
-    rows = []
-    for ref, srv in zip(r.reference, r.served, strict=True):
-        rows.append([ref.clients, srv.requests, f"{ref.throughput:.2f}", fmt_ms(ref.pct(95)),
-                     f"{srv.throughput:.2f}", fmt_ms(srv.pct(50)), fmt_ms(srv.pct(95)),
-                     f"{srv.throughput / ref.throughput:.2f}x",
-                     f"{srv.throughput / batched['throughput']:.2f}x",
-                     f"{srv.identical}/{srv.requests}", srv.errors])
-    out += [markdown_table(["clients", "requests", "loop req/s", "loop p95 ms", "serve req/s",
-                            "serve p50 ms", "serve p95 ms", "vs loop", "vs batched",
-                            "identical", "errors"], rows), "",
+           "serve` on a local Ray over HTTP, once per LLM engine, the LLM replica holding 1 "
+           "CPU (the other replicas 0.1-0.2 CPU): `torch` is our continuously batched decode "
+           "over `transformers` (fp32, 2 torch threads), `vllm` one vLLM engine (eager, "
+           "prefix cache on, its threads bound to the replica's CPUs; `vllm:<dtype>` names "
+           "its dtype, else the checkpoint's). `identical`: served answers equal to the "
+           "loop's.", "", "### Routing decode, free vs constrained (batch 1, in-process)", ""]
+    out += [routing_table(routing), "", "### Throughput and latency", "",
+            _throughput_table(r), "",
             f"Batched library: {batched['throughput']:.2f} req/s (one `generate` of "
             f"{batched['requests']}: {batched['seconds']:.1f} s; "
             f"{batched['identical_to_loop']}/{batched['requests']} answers equal to the loop's)."
             , "", "### Where the time goes (served, median per request)", ""]
-    rows = [[srv.clients, _steps(srv)] for srv in r.served]
-    out += [markdown_table(["clients", "server ms per step"], rows), ""]
-    decode = r.replica_batches.get("LLM", {}).get("decode", {})
-    if decode:
-        out += [f"LLM decode loop: {decode.get('steps', 0)} steps, "
-                f"{decode.get('mean_rows', 0)} rows per step on average.", ""]
-    mem = sum(r.memory_mib.values())
-    out += [f"Memory: all replicas {mem:.0f} MiB RSS; the loop's process peaked at "
-            f"{r.reference_peak_rss_mib:.0f} MiB."]
+    rows = [[srv.engine, srv.clients, _steps(srv)] for srv in r.served]
+    out += [markdown_table(["engine", "clients", "server ms per step"], rows), ""]
+    out += _engines(r) + _differences(r)
+    out += [f"The loop's process peaked at {r.reference_peak_rss_mib:.0f} MiB."]
     return "\n".join(out)
+
+
+def _throughput_table(r: ServeBenchResult) -> str:
+    loop = {ref.clients: ref for ref in r.reference}
+    torch_app = {srv.clients: srv for srv in r.served if srv.engine == "torch"}
+    batched = r.real["batched"]["throughput"]
+    rows = []
+    for srv in r.served:
+        ref, base = loop[srv.clients], torch_app.get(srv.clients)
+        rows.append([srv.engine, srv.clients, srv.requests, f"{ref.throughput:.2f}",
+                     fmt_ms(ref.pct(95)), f"{srv.throughput:.2f}", fmt_ms(srv.pct(50)),
+                     fmt_ms(srv.pct(95)), f"{srv.throughput / ref.throughput:.2f}x",
+                     f"{srv.throughput / batched:.2f}x",
+                     f"{srv.throughput / base.throughput:.2f}x" if base else "",
+                     f"{srv.identical}/{srv.requests}", srv.errors])
+    return markdown_table(["engine", "clients", "requests", "loop req/s", "loop p95 ms",
+                           "serve req/s", "serve p50 ms", "serve p95 ms", "vs loop",
+                           "vs batched", "vs torch app", "identical", "errors"], rows)
+
+
+def _engines(r: ServeBenchResult) -> list[str]:
+    """Per engine: what its LLM replica reported, and the app's memory."""
+    out = []
+    for engine, seen in r.real.get("engines", {}).items():
+        decode = seen.get("llm", {}).get("decode", {})
+        if decode.get("engine") == "vllm":
+            llm = (f"vLLM engine started in {decode.get('started_s', 0):.0f} s, served "
+                   f"{decode.get('requests', 0)} passes, aborted {decode.get('aborted', 0)}")
+        else:
+            llm = (f"decode loop {decode.get('steps', 0)} steps, "
+                   f"{decode.get('mean_rows', 0)} rows per step on average")
+        mem = sum(seen.get("memory_mib", {}).values())
+        out.append(f"- `{engine}`: {llm}; all replicas {mem:.0f} MiB RSS (the LLM's with its "
+                   "engine processes).")
+    return out + [""] if out else out
+
+
+def _differences(r: ServeBenchResult) -> list[str]:
+    """The served answers that differ from the loop's, first few per engine."""
+    seen: dict[str, dict[int, tuple[str, str]]] = {}
+    for srv in r.served:
+        for index, text, expected in srv.differ:
+            seen.setdefault(srv.engine, {}).setdefault(index, (text, expected))
+    if not seen:
+        return []
+    rows = [[engine, index, repr(text), repr(expected)]
+            for engine, by_input in seen.items() for index, (text, expected) in by_input.items()]
+    return ["### Answers that differ from the loop's (first few per load level)", "",
+            markdown_table(["engine", "input", "served", "loop"], rows), ""]

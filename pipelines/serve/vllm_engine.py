@@ -32,7 +32,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import psutil
@@ -146,16 +146,25 @@ class MetricsLogger(StatLoggerBase):
         log.info("vLLM engine ready")
 
 
-def _engine_cpu_seconds() -> float:
-    """CPU seconds used so far by this replica's child processes (vLLM's engine core)."""
+def _children_total(measure: Callable[[psutil.Process], float]) -> float:
+    """``measure`` summed over this replica's child processes (vLLM's engine core)."""
     total = 0.0
     for child in psutil.Process().children(recursive=True):
         try:
-            times = child.cpu_times()
-            total += times.user + times.system
+            total += measure(child)
         except psutil.Error:  # exited meanwhile
             continue
     return total
+
+
+def _engine_cpu_seconds() -> float:
+    """CPU seconds used so far by the engine's processes."""
+    return _children_total(lambda p: sum(p.cpu_times()[:2]))
+
+
+def _engine_rss_bytes() -> int:
+    """Resident memory of the engine's processes."""
+    return int(_children_total(lambda p: p.memory_info().rss))
 
 
 _EXPIRED = object()  # _next's answer when a request's deadline passed first
@@ -342,7 +351,7 @@ class VLLMEngine:
     def summary(self) -> dict[str, Any]:
         return {"engine": "vllm", "requests": self.requests, "aborted": self.aborted,
                 "waiting": len(self._active), "queued": 0, "unhealthy": self.unhealthy,
-                "started_s": round(self.started_s, 1)}
+                "started_s": round(self.started_s, 1), "engine_rss_bytes": _engine_rss_bytes()}
 
     def pause(self, seconds: float) -> None:
         """Test-only fault: stop the engine's processes for ``seconds`` (SIGSTOP, SIGCONT)."""
