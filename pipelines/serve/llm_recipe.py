@@ -26,6 +26,8 @@ def vllm_installed() -> bool:
 @dataclass
 class VLLMRecipe:
     """vLLM's engine settings (:func:`pipelines.serve.vllm_engine.engine_args` applies them).
+    ``kv_cache_gib``: the KV cache's size on the replica's device (on a GPU too, instead of
+    vLLM's default 90% of the device: replicas share GPUs by fractions).
     ``block_size``: tokens per KV-cache block (0: vLLM's default, 128 on CPU); the prefix cache
     reuses whole blocks only, so prompts sharing less than a block share nothing.
     ``cpu_bind``: the CPUs its threads bind to on CPU nodes (``all``: those the replica's

@@ -91,21 +91,25 @@ def sampling_params(params: DecodeParams, eos_ids: Sequence[int]) -> SamplingPar
         structured_outputs=structured, output_kind=RequestOutputKind.DELTA)
 
 
-def engine_args(folder: str, settings: VLLMRecipe, max_rows: int) -> AsyncEngineArgs:
-    """The engine's arguments; CPU-only settings go through vLLM's environment variables."""
-    if not torch.cuda.is_available():
+def engine_args(folder: str, settings: VLLMRecipe, max_rows: int,
+                **extra: Any) -> AsyncEngineArgs:
+    """The engine's arguments (``extra``: more of vLLM's, or replacing these); CPU-only
+    settings go through vLLM's environment variables."""
+    gpu = torch.cuda.is_available()
+    if not gpu:
         bind = settings.cpu_bind
         if bind == "all":  # the CPUs this process may use (vLLM's "auto" leaves one out)
             cpus = sorted(os.sched_getaffinity(0))
             bind = ",".join(str(c) for c in cpus)
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_gib)
-    return AsyncEngineArgs(
-        model=folder, tokenizer=folder, dtype=settings.dtype,
-        max_model_len=settings.max_model_len, max_num_seqs=max_rows,
-        enable_prompt_embeds=True, enable_prefix_caching=settings.prefix_caching,
-        enforce_eager=settings.enforce_eager, distributed_executor_backend="uni",
-        block_size=settings.block_size or None, disable_log_stats=False)
+    return AsyncEngineArgs(**{
+        "model": folder, "tokenizer": folder, "dtype": settings.dtype,
+        "max_model_len": settings.max_model_len, "max_num_seqs": max_rows,
+        "enable_prompt_embeds": True, "enable_prefix_caching": settings.prefix_caching,
+        "enforce_eager": settings.enforce_eager, "distributed_executor_backend": "uni",
+        "block_size": settings.block_size or None, "disable_log_stats": False,
+        "kv_cache_memory_bytes": settings.kv_cache_gib * 2**30 if gpu else None, **extra})
 
 
 class MetricsLogger(StatLoggerBase):

@@ -3,13 +3,15 @@ settings, the recipe. The engine itself runs in tests/integration/test_serve_vll
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from mova.decoding import DecodeParams
 from pipelines.common.recipe import load_recipe
 from pipelines.serve.engine import Prompt
-from pipelines.serve.llm_recipe import vllm_installed
+from pipelines.serve.llm_recipe import VLLMRecipe, vllm_installed
 from pipelines.serve.recipe import ServeRecipe
 
 IMAGE = 3
@@ -73,3 +75,16 @@ def test_settings_map_one_to_one(vllm_engine):
     assert sampled.structured_outputs.regex == "[AB]"
     with pytest.raises(ValueError, match="needs a regex"):
         vllm_engine.sampling_params(DecodeParams(max_new_tokens=3, constraint=object()), [0])
+
+
+def test_engine_args_size_the_kv_cache_on_either_device(vllm_engine, monkeypatch, tmp_path):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    settings = VLLMRecipe(kv_cache_gib=2, block_size=32, cpu_bind="0")
+    cpu = vllm_engine.engine_args(str(tmp_path), settings, max_rows=8)
+    assert (cpu.max_num_seqs, cpu.block_size, cpu.enable_prompt_embeds) == (8, 32, True)
+    assert cpu.kv_cache_memory_bytes is None  # on CPU nodes through vLLM's environment
+    assert (os.environ["VLLM_CPU_KVCACHE_SPACE"], os.environ["VLLM_CPU_OMP_THREADS_BIND"]) == \
+        ("2", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = vllm_engine.engine_args(str(tmp_path), settings, max_rows=8)
+    assert gpu.kv_cache_memory_bytes == 2 * 2**30  # not 90% of a GPU the replicas share
