@@ -27,7 +27,9 @@ def _is_optional(tp: Any) -> tuple[bool, Any]:
     return False, tp
 
 
-def _coerce(name: str, tp: Any, value: Any) -> Any:
+def _coerce(name: str, tp: Any, value: Any, default: Any = None) -> Any:
+    """``value`` as type ``tp``; ``default``: the field's default, whose values a partial
+    mapping for a dataclass keeps."""
     optional, inner = _is_optional(tp)
     if value is None:
         if optional:
@@ -38,7 +40,7 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ValueError(f"{name} must be a mapping, got {type(value).__name__}")
-        return from_dict(tp, value, prefix=name)
+        return from_dict(tp, value, prefix=name, base=default if isinstance(default, tp) else None)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -69,18 +71,26 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from ``data`` with strict types; unknown keys are errors."""
+def _default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", base: Any = None) -> T:
+    """Build dataclass ``cls`` from ``data`` with strict types; unknown keys are errors. Keys
+    ``data`` leaves out keep ``base``'s values (else the field's default), at every depth: a
+    partial section keeps the defaults its parent gives it, not its class's."""
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls) if f.init}
-    unknown = sorted(set(data) - known)
+    init = {f.name: f for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - set(init))
     if unknown:
         where = f" in {prefix}" if prefix else ""
-        raise ValueError(f"unknown config key(s){where}: {unknown}; allowed: {sorted(known)}")
-    kwargs = {
-        key: _coerce(f"{prefix}.{key}" if prefix else key, hints[key], value)
-        for key, value in data.items()
-    }
+        raise ValueError(f"unknown config key(s){where}: {unknown}; allowed: {sorted(init)}")
+    kwargs = {} if base is None else {name: getattr(base, name) for name in init}
+    for key, value in data.items():
+        default = kwargs[key] if base is not None else _default(init[key])
+        kwargs[key] = _coerce(f"{prefix}.{key}" if prefix else key, hints[key], value, default)
     return cls(**kwargs)
 
 

@@ -28,9 +28,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mova.decoding import BatchDecoder, DecodeParams, left_pad
 from pipelines.bench.harness import machine_info, markdown_table
+from pipelines.common.llm_engine import VLLMRecipe
 from pipelines.model.real_assets import default_cache_dir, prepare_real_assets
 from pipelines.serve.engine import Prompt
-from pipelines.serve.llm_recipe import VLLMRecipe
 from pipelines.serve.vllm_engine import VLLMEngine
 
 log = logging.getLogger(__name__)

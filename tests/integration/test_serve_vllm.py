@@ -16,7 +16,7 @@ import pytest
 from served import served_app
 from test_serve_app import KEY, QUESTION, Served, data_uri, perturbed_tiny_checkpoint, user
 
-from pipelines.serve.llm_recipe import vllm_installed
+from pipelines.common.llm_engine import vllm_installed
 
 pytestmark = [pytest.mark.timeout(900),
               pytest.mark.skipif(not vllm_installed(),

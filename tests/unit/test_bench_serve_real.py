@@ -8,19 +8,19 @@ import pytest
 
 from pipelines.bench.serve import LoadResult, ServeBenchResult
 from pipelines.bench.serve_real import check_engines, engine_overrides, render_real
-from pipelines.serve import llm_recipe
+from pipelines.common import llm_engine
 
 
 def test_engine_labels_become_overrides_and_bad_ones_are_refused(monkeypatch):
     assert engine_overrides("torch") == ["llm.engine=torch"]
     assert engine_overrides("vllm:bfloat16") == ["llm.engine=vllm", "llm.vllm.dtype=bfloat16"]
-    monkeypatch.setattr(llm_recipe, "vllm_installed", lambda: True)
+    monkeypatch.setattr(llm_engine, "vllm_installed", lambda: True)
     check_engines("ckpt", ["torch", "vllm", "vllm:float32"])
     for engines, named in ((["vllm:fp8"], "vllm:fp8"), (["tensorrt"], "tensorrt"),
                            (["torch", "torch"], "name each engine once")):
         with pytest.raises(ValueError, match=named):
             check_engines("ckpt", engines)
-    monkeypatch.setattr(llm_recipe, "vllm_installed", lambda: False)
+    monkeypatch.setattr(llm_engine, "vllm_installed", lambda: False)
     with pytest.raises(ValueError, match="vLLM is not installed"):
         check_engines("ckpt", ["vllm"])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from mova.config import (
     default_experts,
 )
 from mova.experts.registry import DEFAULT_POOL
-from mova.typed_dict import apply_overrides
+from mova.typed_dict import apply_overrides, from_dict
 
 
 def _non_default() -> MoVAConfig:
@@ -200,6 +201,28 @@ def test_apply_overrides_yaml_scalars(raw: str, expected: object) -> None:
 
 def test_apply_overrides_value_may_contain_equals() -> None:
     assert apply_overrides({}, ["x=a=b"]) == {"x": "a=b"}
+
+
+@dataclasses.dataclass
+class _Inner:
+    a: int = 1
+    b: int = 2
+
+
+@dataclasses.dataclass
+class _Outer:
+    inner: _Inner = dataclasses.field(default_factory=lambda: _Inner(a=10, b=20))
+    nested: list[_Inner] = dataclasses.field(default_factory=list)
+
+
+def test_a_partial_section_keeps_the_defaults_its_parent_gives() -> None:
+    # (an `llm.engine=vllm` override once reset the LLM deployment's queue limits to the
+    # class defaults)
+    assert from_dict(_Outer, {"inner": {"b": 3}}).inner == _Inner(a=10, b=3)
+    assert from_dict(_Outer, {}).inner == _Inner(a=10, b=20)
+    assert from_dict(_Outer, {"nested": [{"b": 5}]}).nested == [_Inner(a=1, b=5)]
+    with pytest.raises(ValueError, match="unknown config key"):
+        from_dict(_Outer, {"inner": {"c": 1}})
 
 
 def test_apply_overrides_creates_missing_sections() -> None:

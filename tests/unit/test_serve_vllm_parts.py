@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from mova.decoding import DecodeParams
+from pipelines.common.llm_engine import VLLMRecipe, vllm_installed
 from pipelines.common.recipe import load_recipe
 from pipelines.serve.engine import Prompt
-from pipelines.serve.llm_recipe import VLLMRecipe, vllm_installed
 from pipelines.serve.recipe import ServeRecipe
 
 IMAGE = 3
