@@ -1,14 +1,15 @@
 """Two-stage MoVA inference as a mixin of the model: batched routing decode, then the answer.
 
 Works on batches where every sample has its own routing (the released code asserts batch 1).
-All decoding goes through :class:`mova.decoding.BatchDecoder`; this module only builds the
-prompts and reads the replies. It never imports the model (the model inherits from it).
+All decoding goes through :class:`mova.decoding.BatchDecoder` (or the model's
+``decode_backend``, an engine outside the library); this module only builds the prompts and
+reads the replies. It never imports the model (the model inherits from it).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -29,8 +30,17 @@ def _as_turns(item: str | Sequence[dict]) -> list[dict]:
     return validate_turns(list(item), for_generation=True)
 
 
+DecodeBackend = Callable[[Sequence[Sequence[int]], Tensor | Sequence[Tensor] | None,
+                          Sequence[DecodeParams]], list[tuple[str, int, int]]]
+
+
 class GenerationMixin:
     """Routing, answering and end-to-end generation for :class:`mova.modeling.MoVAModel`."""
+
+    #: Decodes both passes instead of the torch loop when set (an engine outside the library,
+    #: e.g. `mova eval` on vLLM): ``(prompt_ids, image_tokens, params per row)`` -> ``(text,
+    #: prompt tokens, generated tokens)`` per row, as :meth:`decode` returns them.
+    decode_backend: DecodeBackend | None = None
 
     # ---- decoding ------------------------------------------------------------------------
     def eos_ids(self) -> list[int]:
@@ -79,6 +89,8 @@ class GenerationMixin:
         """Decode a batch to the end: (text, prompt tokens, generated tokens) per row."""
         if isinstance(params, DecodeParams):
             params = [params] * len(prompt_ids)
+        if self.decode_backend is not None:
+            return self.decode_backend(prompt_ids, image_tokens, params)
         finals: dict[Hashable, StepEvent] = {}
         for events in self.decode_stream(prompt_ids, image_tokens, params):
             finals.update((e.row, e) for e in events if e.done)

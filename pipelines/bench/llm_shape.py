@@ -3,7 +3,7 @@
 An 8B checkpoint is 16 GB of weights that tests and benchmarks cannot download; decode speed
 depends on the shape, not on the values. So the model is a config only (``config.json`` of the
 named shape) and vLLM fills it with random weights (``load_format="dummy"``), through the same
-:func:`pipelines.serve.vllm_engine.engine_args` the Serve replicas use. Prompts are random token
+:func:`pipelines.common.vllm_parts.engine_kwargs` the Serve replicas use. Prompts are random token
 ids (no tokenizer); every request decodes exactly ``new_tokens`` tokens (EOS ignored).
 
 Per batch size (all requests sent at once): **TTFT**, from sending to a request's first token
@@ -26,12 +26,13 @@ from typing import Any
 
 import torch
 from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from pipelines.bench.harness import machine_info, markdown_table
 from pipelines.common.llm_engine import VLLMRecipe
-from pipelines.serve.vllm_engine import engine_args
+from pipelines.common.vllm_parts import engine_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,9 @@ async def _measure(engine: AsyncLLM, batch: int, prompt_len: int, new_tokens: in
 async def _run(folder: str, settings: VLLMRecipe, batches: list[int], prompt_len: int,
                new_tokens: int, repeats: int, vocab: int, seed: int) -> tuple[list, float]:
     start = time.perf_counter()
-    args = engine_args(folder, settings, max(batches), load_format="dummy",
-                       skip_tokenizer_init=True, enable_prompt_embeds=False)
-    engine = AsyncLLM.from_engine_args(args)
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(
+        folder, settings, max(batches), load_format="dummy", skip_tokenizer_init=True,
+        enable_prompt_embeds=False)))
     started = time.perf_counter() - start
     try:
         rng = random.Random(seed)

@@ -19,6 +19,7 @@ up per-benchmark scores (:mod:`pipelines.evaluate.scoring`) and the routing acti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -152,7 +153,9 @@ def _pipeline(recipe: EvalRecipe, scans: dict[str, ManifestScan], pool: list[str
                             fn_constructor_kwargs={
                                 "checkpoint": recipe.checkpoint,
                                 "max_new_tokens": recipe.max_new_tokens,
-                                "constrained_routing": recipe.constrained_routing},
+                                "constrained_routing": recipe.constrained_routing,
+                                "llm": dataclasses.asdict(recipe.llm),
+                                "batch_size": recipe.batch_size},
                             **actor_pool_args(recipe.workers, recipe.cpus_per_worker,
                                               recipe.gpus_per_worker, model_actor_memory(
                                                   recipe.checkpoint, recipe.batch_size)))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from mova.metrics import METRICS
 from pipelines.common import storage
+from pipelines.common.llm_engine import LLMEngineRecipe
 from pipelines.common.recipe import MlflowConfig, TrackedRecipe
 
 ROUTING_MODES = ("model", "label", "forced")
@@ -54,6 +55,8 @@ class EvalRecipe(TrackedRecipe):
     gpus_per_worker: float = 0.0
     routing: str = "model"
     constrained_routing: bool = True  # the routing decode as served (mova.routing_constraint)
+    # which engine decodes the LLM's passes (checkpoint only): torch | vllm | auto
+    llm: LLMEngineRecipe = field(default_factory=LLMEngineRecipe)
     experts: list[str] = field(default_factory=list)
     on_error: str = "empty"
     output: str = ""
@@ -112,4 +115,5 @@ class EvalRecipe(TrackedRecipe):
             raise ValueError("eval recipe: max_retries must be >= 0 and request_timeout_s > 0")
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
             raise ValueError("eval recipe: cpus_per_worker/gpus_per_worker must be >= 0")
+        self.llm.validate_engine("eval recipe: llm")
         return self

@@ -8,15 +8,19 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mova.checkpoint import read_components
 from mova.factory import from_pretrained
 from mova.images import ImageError, load_image
 from mova.routing_constraint import use_constrained_routing
+from mova.typed_dict import from_dict
 from pipelines.common import storage
 from pipelines.common.checkpoint_store import local_checkpoint
+from pipelines.common.llm_engine import LLMEngineRecipe
 from pipelines.common.manifests.parts import write_jsonl_part
 from pipelines.common.manifests.stream import samples_of
 from pipelines.evaluate.http import predict_http
@@ -87,14 +91,33 @@ def _items(batch: dict[str, np.ndarray]) -> list[EvalItem]:
     return [EvalItem(**json.loads(str(raw))) for raw in batch["item"]]
 
 
+def load_eval_model(checkpoint: str, llm: LLMEngineRecipe, max_rows: int) -> Any:
+    """The model an eval actor runs: whole, decoding with the torch loop; or, on vLLM, without
+    the LLM's weights (vLLM reads the checkpoint's ``llm/`` folder itself) and with a
+    :class:`pipelines.evaluate.vllm_decode.VLLMDecode` as its ``decode_backend``."""
+    root = local_checkpoint(checkpoint)
+    if llm.resolved_engine() == "torch":
+        return from_pretrained(root, device="auto")
+    from pipelines.evaluate.vllm_decode import VLLMDecode
+
+    model = from_pretrained(root, device="auto", skip=["llm"])
+    folder = str(Path(root) / read_components(root)["llm"])
+    model.decode_backend = VLLMDecode(folder, model.tokenizer, model.eos_ids(),
+                                      model.image_token_id, llm.vllm, max_rows)
+    return model
+
+
 class EvalWorker:
-    """Ray Data actor: the model loaded once, greedy batched generation per batch."""
+    """Ray Data actor: the model loaded once, greedy batched generation per batch; ``llm``:
+    the recipe's ``llm`` section (which engine decodes), as a mapping."""
 
     def __init__(self, checkpoint: str, max_new_tokens: int,
-                 constrained_routing: bool = True) -> None:
+                 constrained_routing: bool = True, llm: dict[str, Any] | None = None,
+                 batch_size: int = 8) -> None:
+        engine = from_dict(LLMEngineRecipe, llm or {})
         # routes as `mova serve` does (its recipe's constrained_routing, on by default)
-        self.model = use_constrained_routing(
-            from_pretrained(local_checkpoint(checkpoint), device="auto"), constrained_routing)
+        self.model = use_constrained_routing(load_eval_model(checkpoint, engine, batch_size),
+                                             constrained_routing)
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:

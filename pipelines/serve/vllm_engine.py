@@ -4,12 +4,13 @@
 (``stream``, ``check``, ``summary``, ``max_rows``, ``stall_grace_s``), so the LLM deployment
 and its guarantees do not depend on the engine:
 
-- A prompt is *mixed* (:func:`mixed_prompt`): text as token ids, the Adapter's image tokens as
-  embedding rows, so vLLM's prefix cache serves the shared text (the routing instructions, the
-  chat template) across requests.
-- Settings map one to one (:func:`sampling_params`): greedy or sampling with its own seed,
-  ``top_p``, stop strings, the turn's end-of-sequence ids; the routing reply's constraint
-  becomes a structured-output regex (:func:`mova.routing_constraint.routing_regex`).
+- A prompt is *mixed* (:func:`pipelines.common.vllm_parts.mixed_prompt`): text as token ids,
+  the Adapter's image tokens as embedding rows, so vLLM's prefix cache serves the shared text
+  (the routing instructions, the chat template) across requests.
+- Settings map one to one (:func:`pipelines.common.vllm_parts.sampling_params`): greedy or
+  sampling with its own seed, ``top_p``, stop strings, the turn's end-of-sequence ids; the
+  routing reply's constraint becomes a structured-output regex
+  (:func:`mova.routing_constraint.routing_regex`).
 - Every request carries its deadline: past it the request is aborted in the engine and a
   timeout event ends the stream; a caller that goes away (cancelled, disconnected) aborts it
   too, so no engine step serves a request nobody waits for.
@@ -29,17 +30,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import psutil
-import torch
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from vllm.v1.metrics.loggers import StatLoggerBase
@@ -47,69 +45,13 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 from mova.decoding import DecodeParams
 from mova.text_stream import TextAssembler
 from pipelines.common.llm_engine import VLLMRecipe
+from pipelines.common.vllm_parts import engine_kwargs, mixed_prompt, sampling_params
 from pipelines.serve.engine import Prompt, error_event
 from pipelines.serve.errors import ReplicaUnhealthy
 from pipelines.serve.metrics import metric, stage_metrics
 from pipelines.serve.progress import StallJudge
 
 log = logging.getLogger(__name__)
-
-
-
-def mixed_prompt(prompt: Prompt, image_token_id: int, dtype: torch.dtype) -> dict[str, Any]:
-    """vLLM's mixed prompt: rows of the image run come from ``prompt_embeds``, the others are
-    token ids (their embedding rows are zeros and unused)."""
-    ids = [int(t) for t in prompt.ids]
-    is_text = [t != image_token_id for t in ids]
-    if all(is_text):
-        return {"prompt_token_ids": ids}
-    if prompt.image_tokens is None:
-        raise ValueError("the prompt holds image tokens but no image features were given")
-    rows = prompt.image_tokens.reshape(-1, prompt.image_tokens.shape[-1])
-    if rows.shape[0] != len(ids) - sum(is_text):
-        raise ValueError(f"the prompt has {len(ids) - sum(is_text)} image positions but "
-                         f"{rows.shape[0]} image tokens")
-    embeds = torch.zeros(len(ids), rows.shape[-1], dtype=dtype)
-    embeds[~torch.tensor(is_text)] = rows.detach().to("cpu", dtype)
-    return {"prompt_embeds": embeds, "prompt_token_ids": ids, "prompt_is_token_ids": is_text}
-
-
-def sampling_params(params: DecodeParams, eos_ids: Sequence[int]) -> SamplingParams:
-    """vLLM's settings for one row (deltas streamed)."""
-    structured = None
-    if params.constraint is not None:
-        regex = getattr(params.constraint, "regex", None)
-        if not isinstance(regex, str):
-            raise ValueError(f"the vLLM engine needs a regex for constraint "
-                             f"{type(params.constraint).__name__}")
-        structured = StructuredOutputsParams(regex=regex)
-    return SamplingParams(
-        max_tokens=params.max_new_tokens,
-        temperature=params.temperature if params.do_sample else 0.0,
-        top_p=params.top_p if params.do_sample else 1.0,
-        seed=params.seed, stop=list(params.stop) or None, stop_token_ids=list(eos_ids),
-        structured_outputs=structured, output_kind=RequestOutputKind.DELTA)
-
-
-def engine_args(folder: str, settings: VLLMRecipe, max_rows: int,
-                **extra: Any) -> AsyncEngineArgs:
-    """The engine's arguments (``extra``: more of vLLM's, or replacing these); CPU-only
-    settings go through vLLM's environment variables."""
-    gpu = torch.cuda.is_available()
-    if not gpu:
-        bind = settings.cpu_bind
-        if bind == "all":  # the CPUs this process may use (vLLM's "auto" leaves one out)
-            cpus = sorted(os.sched_getaffinity(0))
-            bind = ",".join(str(c) for c in cpus)
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_gib)
-    return AsyncEngineArgs(**{
-        "model": folder, "tokenizer": folder, "dtype": settings.dtype,
-        "max_model_len": settings.max_model_len, "max_num_seqs": max_rows,
-        "enable_prompt_embeds": True, "enable_prefix_caching": settings.prefix_caching,
-        "enforce_eager": settings.enforce_eager, "distributed_executor_backend": "uni",
-        "block_size": settings.block_size or None, "disable_log_stats": False,
-        "kv_cache_memory_bytes": settings.kv_cache_gib * 2**30 if gpu else None, **extra})
 
 
 class MetricsLogger(StatLoggerBase):
@@ -191,8 +133,9 @@ class VLLMEngine:
                  stall_grace_s: float = 10.0) -> None:
         start = time.perf_counter()
         settings = settings or VLLMRecipe()
-        self.engine = AsyncLLM.from_engine_args(engine_args(folder, settings, max_rows),
-                                                stat_loggers=[MetricsLogger])
+        self.engine = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**engine_kwargs(folder, settings, max_rows)),
+            stat_loggers=[MetricsLogger])
         self.dtype = self.engine.model_config.dtype
         self.tokenizer, self.eos_ids = tokenizer, list(eos_ids)
         self.image_token_id = image_token_id
@@ -219,7 +162,8 @@ class VLLMEngine:
             yield error_event("the request's deadline passed before decoding", timeout=True)
             return
         try:
-            inputs = mixed_prompt(prompt, self.image_token_id, self.dtype)
+            inputs = mixed_prompt(prompt.ids, prompt.image_tokens, self.image_token_id,
+                                  self.dtype)
             settings = sampling_params(params, self.eos_ids)
         except ValueError as exc:
             yield error_event(str(exc), bad_request=True)

