@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pipelines.bench.engine_cli import add_llm_engine
+from pipelines.bench.engine_cli import add_eval, add_llm_engine
 from pipelines.bench.harness import DEFAULT_RESULTS, resolve_device
 from pipelines.bench.harness import emit_result as _output
 
@@ -384,7 +384,7 @@ def _add_checkpoint(sub: argparse._SubParsersAction) -> None:
 
 BENCHMARKS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_model, _add_features, _add_train, _add_serve, _add_scale, _add_checkpoint,
-    add_llm_engine)
+    add_llm_engine, add_eval)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -1,6 +1,7 @@
-"""`mova bench llm-engine`: its command line (the benchmarks are :mod:`pipelines.bench.llm_engine`
-and, with ``--shape``, :mod:`pipelines.bench.llm_shape`, imported only when they run: they
-import vLLM, which is optional and slow to import)."""
+"""`mova bench llm-engine` and `mova bench eval`: their command lines (the benchmarks are
+:mod:`pipelines.bench.llm_engine`, with ``--shape`` :mod:`pipelines.bench.llm_shape`, and
+:mod:`pipelines.bench.eval_engines`, imported only when they run: they import vLLM or Ray,
+which are slow to import)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,33 @@ def add_llm_engine(sub: argparse._SubParsersAction) -> None:
     shape.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16",
                                                                "float32"])
     p.set_defaults(func=_run)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from pipelines.bench.eval_engines import bench_eval, render
+
+    result = bench_eval(args.checkpoint, engines=args.engine, questions=args.questions,
+                        quick=args.quick)
+    emit_result(args, result["key"], render(result), result)
+    return 0
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="`mova eval` on a real-weights checkpoint, per LLM engine",
+                       description="mova eval (Ray Data, one actor with every core) on easy-VQA "
+                                   "test questions, once per LLM engine: steady items/s, "
+                                   "start-up, accuracy, answers compared. Starts Ray: run it "
+                                   "alone.")
+    p.add_argument("--checkpoint", default="outputs/demo-real/mova",
+                   help="a real-weights checkpoint (`mova demo --real --quick --out X` makes "
+                        "X/mova; default outputs/demo-real/mova)")
+    p.add_argument("--engine", type=lambda text: text.split(","), default=["torch", "vllm"],
+                   help="LLM engines, one job each (default torch,vllm; vllm:bfloat16 sets "
+                        "vLLM's dtype)")
+    p.add_argument("--questions", type=int, default=96, help="questions per job (default 96)")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"markdown file whose section is replaced (default {DEFAULT_RESULTS}; "
+                        "with --quick only when given)")
+    p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
+    p.add_argument("--quick", action="store_true", help="16 questions (4 to warm up)")
+    p.set_defaults(func=_run_eval)
