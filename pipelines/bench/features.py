@@ -279,9 +279,11 @@ def _check_args(expert: str, real: bool, **counts: int) -> None:
 def bench_features(workdir: str | Path, *, images: int = 4096, expert: str = DEFAULT_EXPERT,
                    batch_size: int = 16, workers: int = 1, repeats: int = 3,
                    image_size: int = 128, dtype: str = "float16", seed: int = 0,
-                   real: bool = False) -> FeaturesBenchResult:
+                   real: bool = False, extras: bool = True) -> FeaturesBenchResult:
     """Run the whole comparison under ``workdir`` (which receives data, checkpoint and caches);
-    ``real``: with the real DINOv2-S checkpoint (:mod:`pipelines.bench.real`).
+    ``real``: with the real DINOv2-S checkpoint (:mod:`pipelines.bench.real`); ``extras``: also
+    the runs on the small manifest (without them no steady rate is measured) and the cached
+    re-run.
 
     Order: an untimed plain warm-up batch; the cold Ray run if Ray is not running yet (the
     job then starts it; shut down at the end); ``repeats`` rounds of plain / Ray on the full
@@ -293,9 +295,9 @@ def bench_features(workdir: str | Path, *, images: int = 4096, expert: str = DEF
     root = Path(workdir)
     manifest, checkpoint = make_workspace(root, images, image_size=image_size, seed=seed,
                                           real=real)
-    small = max(1, images // SMALL_FRACTION)
-    small_manifest = subset_manifest(manifest, small, "small.jsonl")
-    result = FeaturesBenchResult(expert, images, small, batch_size, workers, repeats,
+    small_count = max(1, images // SMALL_FRACTION) if extras else 0
+    small_manifest = subset_manifest(manifest, small_count, "small.jsonl") if extras else ""
+    result = FeaturesBenchResult(expert, images, small_count, batch_size, workers, repeats,
                                  image_size, dtype, real=real)
     uris = manifest_images(manifest)
     if len(uris) != images:
@@ -334,8 +336,10 @@ def _rounds(result: FeaturesBenchResult, manifest: str, small_manifest: str,
             result.runs.append(plain(manifest))
             last = cache_dir("ray")
             result.runs.append(ray_run("ray", manifest, result.images, last))
-            result.runs.append(ray_run("ray_small", small_manifest, result.small_images))
-        result.runs.append(ray_run("ray_cached", manifest, result.images, last))
+            if result.small_images:
+                result.runs.append(ray_run("ray_small", small_manifest, result.small_images))
+        if result.small_images:  # (the extras)
+            result.runs.append(ray_run("ray_cached", manifest, result.images, last))
         result.machine = machine_info(torch.device("cpu"))
         result.machine["load average (1 min) before/after"] = (
             f"{load_start:.1f}/{os.getloadavg()[0]:.1f}")

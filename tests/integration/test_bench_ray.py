@@ -20,13 +20,14 @@ pytestmark = pytest.mark.integration
 
 
 def test_features_bench_on_ray(ray_session, tmp_path):
+    # (extras=False: the small-manifest and cached runs are more jobs of the same kind; the
+    # steady rate is a formula the unit tests check, a cached re-run test_features checks)
     result = bench_features(tmp_path, images=8, expert="deplot", batch_size=4, repeats=1,
-                            image_size=64)
+                            image_size=64, extras=False)
     # Ray was already running (the session fixture), so there is no cold run to time.
-    assert [r.kind for r in result.runs] == ["plain", "ray", "ray_small", "ray_cached"]
+    assert [r.kind for r in result.runs] == ["plain", "ray"]
     computed = {r.kind: (r.images, r.computed) for r in result.runs}
-    assert computed == {"plain": (8, 8), "ray": (8, 8), "ray_small": (2, 2),
-                        "ray_cached": (8, 0)}
+    assert computed == {"plain": (8, 8), "ray": (8, 8)}
     assert all(r.seconds > 0 for r in result.runs)
     # Both sides did the same work: equal features for every image, in their own caches.
     key = expert_cache_keys(tmp_path / "checkpoint")["deplot"]
@@ -38,7 +39,7 @@ def test_features_bench_on_ray(ray_session, tmp_path):
         torch.testing.assert_close(ray.get("deplot", key, h), plain.get("deplot", key, h),
                                    atol=2e-3, rtol=2e-3)
     tp, rt = throughput(result), ratios(result)
-    assert tp["ray_cold"] is None
+    assert tp["ray_cold"] is None and tp["ray_steady"] is None
     assert rt["ray/plain"] == pytest.approx(tp["ray"] / tp["plain"])
     assert rt["ray_stage/plain"] == pytest.approx(tp["ray_stage"] / tp["plain"])
     text = write_section(tmp_path / "b.md", result.key, features_markdown(result)).read_text()

@@ -16,8 +16,7 @@ from PIL import Image
 from mova.factory import build_tiny_mova, from_pretrained
 from mova.images import load_image
 from mova.metrics import score
-from mova.routing_constraint import use_constrained_routing
-from pipelines.common.llm_engine import LLMEngineRecipe, VLLMRecipe
+from pipelines.common.llm_engine import LLMEngineRecipe, VLLMRecipe, vllm_installed
 from pipelines.common.manifests.validate import write_manifest
 from pipelines.common.recipe import MlflowConfig
 from pipelines.evaluate.job import run_eval
@@ -145,8 +144,14 @@ def _mlflow_run(setup, run_id):
 
 
 def test_eval_on_ray_with_label_routing(ray_session, setup, no_driver_rows):
+    """On vLLM where it is installed (fp32: the eval actor holds no LLM weights, vLLM decodes
+    the answers), else on the torch loop: every answer equals the library's ``generate``. (The
+    torch loop's Ray Data eval runs in test_demo, test_shared_nothing and
+    test_serve_reference.)"""
+    llm = LLMEngineRecipe(engine="vllm" if vllm_installed() else "torch",
+                          vllm=VLLMRecipe(dtype="float32", max_model_len=1024))
     recipe = _recipe(setup, "out-ray", checkpoint=str(setup["ckpt"]), routing="label",
-                     batch_size=3, workers=1, cpus_per_worker=1.0)
+                     batch_size=3, workers=1, cpus_per_worker=1.0, llm=llm)
     summary = run_eval(recipe)
     no_driver_rows.undo()
     assert (summary.questions, summary.errors, summary.mode) == (9, 1, "checkpoint")
@@ -182,6 +187,7 @@ def test_eval_on_ray_with_label_routing(ray_session, setup, no_driver_rows):
     assert run.data.metrics["activation/mixed/vary"] == pytest.approx(0.2)
     assert run.data.metrics["errors"] == 1
     assert run.data.params["routing"] == "label"
+    assert run.data.params["llm.engine"] == llm.engine
     assert artifacts == {"eval/predictions", "eval/scores.json", "eval/report.md"}
 
 
@@ -271,21 +277,3 @@ def test_eval_over_http_with_model_routing(ray_session, setup):
     assert run.data.metrics["mixed/score"] == pytest.approx(summary.scores["mixed"].score)
     assert "eval/predictions" in artifacts
 
-
-def test_eval_on_vllm_answers_as_the_torch_loop(ray_session, setup):
-    """`llm.engine: vllm` (fp32): the eval actor keeps the vision side without LLM weights and
-    vLLM decodes both passes (the routing reply under the constraint's regex); every answer
-    and routing equals the library's torch ``generate`` under constrained routing."""
-    pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs it)")
-    model = use_constrained_routing(from_pretrained(setup["ckpt"]))
-    questions = QUESTIONS + ["Is there a dog in the image?"] * 3
-    expected = [model.generate([load_image(setup["images"][i])], [_turns(q)],
-                               max_new_tokens=MAX_NEW, do_sample=False)[0]
-                for i, q in enumerate(questions)]
-    llm = LLMEngineRecipe(engine="vllm", vllm=VLLMRecipe(dtype="float32", max_model_len=1024))
-    summary = run_eval(_recipe(setup, "out-vllm", checkpoint=str(setup["ckpt"]), batch_size=4,
-                               workers=1, cpus_per_worker=1.0, llm=llm))
-    assert (summary.questions, summary.errors, summary.mode) == (9, 1, "checkpoint")
-    records = _records(summary)
-    _check_records(records, expected)
-    assert all(r["routing_reply"] is not None for r in records if r["id"] != "m-bad")

@@ -90,7 +90,7 @@ def _fuzz(operation, url: str, checks, seen: dict[str, list[int]], reasons: Coun
     chat = operation.path == "/v1/chat/completions"
 
     @given(case=operation.as_strategy())
-    @settings(max_examples=80 if chat else 15, deadline=None, derandomize=True,
+    @settings(max_examples=60 if chat else 15, deadline=None, derandomize=True,
               database=None, suppress_health_check=list(HealthCheck))
     def run(case):
         response = case.call(base_url=url, headers=AUTH, timeout=60)
