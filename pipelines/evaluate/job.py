@@ -117,6 +117,15 @@ def run_eval(recipe: EvalRecipe) -> EvalSummary:
     return summary
 
 
+def _actor_memory(recipe: EvalRecipe) -> int:
+    """An eval actor's memory: the model and a batch, plus vLLM's KV cache when it decodes
+    (on CPU nodes the cache is host memory)."""
+    memory = model_actor_memory(recipe.checkpoint, recipe.batch_size)
+    if recipe.llm.resolved_engine() == "vllm" and recipe.gpus_per_worker == 0:
+        memory += recipe.llm.vllm.kv_cache_gib * 2**30
+    return memory
+
+
 def _policy(recipe: EvalRecipe) -> str:
     return "skip" if recipe.on_error == "skip" else "empty"
 
@@ -157,8 +166,7 @@ def _pipeline(recipe: EvalRecipe, scans: dict[str, ManifestScan], pool: list[str
                                 "llm": dataclasses.asdict(recipe.llm),
                                 "batch_size": recipe.batch_size},
                             **actor_pool_args(recipe.workers, recipe.cpus_per_worker,
-                                              recipe.gpus_per_worker, model_actor_memory(
-                                                  recipe.checkpoint, recipe.batch_size)))
+                                              recipe.gpus_per_worker, _actor_memory(recipe)))
     else:
         assert recipe.endpoint is not None
         spec = EndpointSpec(endpoint=recipe.endpoint, model=recipe.model_name, api_key=api_key,
