@@ -88,6 +88,11 @@ def bench_eval(checkpoint: str, *, engines: Sequence[str], questions: int = 96,
     rows = []
     with tempfile.TemporaryDirectory(prefix="mova-bench-eval-") as tmp:
         manifest = str(Path(tmp) / "easyvqa.jsonl")
+        for engine in engines:  # a bad engine label fails now, not after the first job
+            try:
+                _recipe(checkpoint, manifest, 1, Path(tmp) / "check", engine, settings)
+            except ValueError as exc:
+                raise ValueError(f"--engine {engine!r}: {exc}") from None
         convert_easyvqa("test", manifest, limit=questions)
         init_ray("local", num_cpus=2 * cores, temp_dir=f"{tmp}/ray")
         try:
