@@ -347,9 +347,17 @@ def _output_cache(out: Any) -> Any:
     return cache if cache is not None else out.past_key_values
 
 
+GREEDY_BELOW = 1e-5  # a sampling temperature below this decodes greedily (as vLLM does)
+
+
 def _sample(logits: Tensor, params: DecodeParams, generator: torch.Generator | None) -> int:
-    """Temperature, then nucleus (top-p) filtering, then one draw."""
-    scores = logits / params.temperature
+    """Temperature, then nucleus (top-p) filtering, then one draw. A temperature below
+    ``GREEDY_BELOW`` picks the top token (a client may send 5e-324: it is 0 in float32, and
+    logits / 0 made NaN probabilities); otherwise the logits are shifted to a maximum of 0
+    first (softmax does not change), so a small temperature cannot overflow the top one."""
+    if params.temperature < GREEDY_BELOW:
+        return int(logits.argmax())
+    scores = (logits - logits.max()) / params.temperature
     if params.top_p < 1.0:
         ordered, index = scores.sort(descending=True)
         probs = ordered.softmax(-1)

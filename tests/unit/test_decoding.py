@@ -150,6 +150,16 @@ def test_seeded_sampling_repeats_per_seed_and_ignores_its_neighbours(model):
     assert len(others | {alone}) > 1, "different seeds should give different samples"
 
 
+def test_the_smallest_temperature_and_top_p_sample_the_greedy_answer(model):
+    # (a fuzzed request sent temperature=top_p=5e-324: logits / t overflowed to inf, softmax
+    # gave NaN and the draw raised; the server answered 500)
+    rows, tokens = _prompts(model, QUESTIONS[:2])
+    greedy = model.decode(rows, tokens, DecodeParams(max_new_tokens=6))
+    tiny = DecodeParams(max_new_tokens=6, do_sample=True, temperature=5e-324, top_p=5e-324,
+                        seed=3)
+    assert model.decode(rows, tokens, tiny) == greedy
+
+
 class _Only:
     def __init__(self, ids):
         self.ids = ids
