@@ -14,25 +14,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pipelines.bench.engine_cli import add_eval, add_llm_engine
-from pipelines.bench.harness import DEFAULT_RESULTS, resolve_device
+from pipelines.bench.harness import (
+    add_result_options,
+    comma_list,
+    positive_ints,
+    resolve_device,
+)
 from pipelines.bench.harness import emit_result as _output
 
 log = logging.getLogger(__name__)
 
 QUICK = {"batch_sizes": [1, 2], "repeats": 1, "warmup": 0, "max_new_tokens": 4}
 FULL = {"batch_sizes": [1, 8], "repeats": 5, "warmup": 2, "max_new_tokens": 32}
-
-
-def batch_sizes(text: str) -> list[int]:
-    """Parse ``"1,8"`` into ``[1, 8]``."""
-    try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        sizes = []
-    if not sizes or any(b < 1 for b in sizes):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of batch "
-                                         "sizes >= 1, e.g. 1,8")
-    return sizes
 
 
 def _resolve(args: argparse.Namespace) -> None:
@@ -47,12 +40,7 @@ def _common_options(p: argparse.ArgumentParser) -> None:
                    help="default: cuda if available, else cpu")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per step (default 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2)")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"markdown file whose section is replaced (default {DEFAULT_RESULTS}; "
-                        "with --quick only when given)")
-    p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke-test settings: batch sizes 1,2, 1 repeat, no warm-up")
+    add_result_options(p, "smoke-test settings: batch sizes 1,2, 1 repeat, no warm-up")
 
 
 # ---- mova bench model ------------------------------------------------------------------------
@@ -78,7 +66,7 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                    help="tiny (seconds on CPU) or full (paper shapes, random weights; use a GPU)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--batch-sizes", type=batch_sizes, default=None, help="default 1,8")
+    p.add_argument("--batch-sizes", type=positive_ints, default=None, help="default 1,8")
     p.add_argument("--llm-size", choices=["tiny", "1b", "7b"], default="1b",
                    help="LLM shape of the full preset (default 1b)")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -93,11 +81,7 @@ def _output_options(p: argparse.ArgumentParser, quick_help: str) -> None:
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep the data, checkpoint and caches here (default: a temporary "
                         "folder, removed afterwards)")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"markdown file whose section is replaced (default {DEFAULT_RESULTS}; "
-                        "with --quick only when given)")
-    p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
-    p.add_argument("--quick", action="store_true", help=quick_help)
+    add_result_options(p, quick_help)
 
 
 def _fill(args: argparse.Namespace, quick: dict, full: dict) -> None:
@@ -292,21 +276,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                    "local Ray) against the reference-style sequential batch-1 "
                                    "loop in one process; expert cost of k forced experts vs "
                                    "all; memory per deployment. Starts Ray: run it alone.")
-    p.add_argument("--concurrency", type=batch_sizes, default=None,
+    p.add_argument("--concurrency", type=positive_ints, default=None,
                    help="client counts (default 1,4,8,16; with --quick 1,4)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer tokens (default 32)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: a free one)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"markdown file whose section is replaced (default {DEFAULT_RESULTS}; "
-                        "with --quick only when given)")
-    p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke-test settings: fewer clients, requests and expert sets")
+    add_result_options(p, "smoke-test settings: fewer clients, requests and expert sets")
     p.add_argument("--real", action="store_true",
                    help="a real-weights checkpoint (--checkpoint) on easy-VQA questions, vs the "
                         "sequential loop and one batched generate")
-    p.add_argument("--engine", type=lambda text: text.split(","), default=["torch"],
+    p.add_argument("--engine", type=comma_list, default=["torch"],
                    help="--real: the LLM engines to serve with, one app each, e.g. torch,vllm "
                         "(vllm:bfloat16 sets vLLM's dtype; default torch)")
     p.add_argument("--routing-mix", action="store_true",
@@ -346,7 +325,7 @@ def _add_scale(sub: argparse._SubParsersAction) -> None:
                                    "driver's peak memory, against the plain in-driver way; "
                                    "read amplification of cached features at the full "
                                    "preset's shape. Starts Ray: run it alone.")
-    p.add_argument("--rows", type=batch_sizes, default=None,
+    p.add_argument("--rows", type=positive_ints, default=None,
                    help="manifest sizes (default 10000,100000,1000000; --quick 2000,20000)")
     p.add_argument("--rerun-max", type=int, default=100_000,
                    help="largest size that also times a cached `mova features` re-run")

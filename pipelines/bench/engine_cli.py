@@ -6,19 +6,8 @@ which are slow to import)."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from pipelines.bench.harness import DEFAULT_RESULTS, emit_result
-
-
-def _positive_ints(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected integers >= 1, e.g. 1,16")
-    return values
+from pipelines.bench.harness import add_result_options, comma_list, emit_result, positive_ints
 
 
 def _run_shape(args: argparse.Namespace) -> int:
@@ -53,17 +42,12 @@ def add_llm_engine(sub: argparse._SubParsersAction) -> None:
                                    "packages (make setup installs both).")
     p.add_argument("--requests", type=int, default=16, help="requests in flight (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="answer tokens (default 16)")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"markdown file whose section is replaced (default {DEFAULT_RESULTS}; "
-                        "with --quick only when given)")
-    p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
-    p.add_argument("--quick", action="store_true",
-                   help="4 requests, 8 tokens (with --shape: batches 1,4, 64+16 tokens)")
+    add_result_options(p, "4 requests, 8 tokens (with --shape: batches 1,4, 64+16 tokens)")
     shape = p.add_argument_group("at an LLM's shape with random weights (vLLM only)")
     shape.add_argument("--shape", choices=["llama-8b", "smollm2-135m", "tiny"], default=None,
                        help="decode ms/token and TTFT of vLLM at this Llama shape (the "
                             "paper's LLM: llama-8b, for GPU nodes)")
-    shape.add_argument("--batches", type=_positive_ints, default=[1, 16],
+    shape.add_argument("--batches", type=positive_ints, default=[1, 16],
                        help="requests sent at once (default 1,16)")
     shape.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (512)")
     shape.add_argument("--new-tokens", type=int, default=128, help="decoded tokens (128)")
@@ -91,13 +75,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default="outputs/demo-real/mova",
                    help="a real-weights checkpoint (`mova demo --real --quick --out X` makes "
                         "X/mova; default outputs/demo-real/mova)")
-    p.add_argument("--engine", type=lambda text: text.split(","), default=["torch", "vllm"],
+    p.add_argument("--engine", type=comma_list, default=["torch", "vllm"],
                    help="LLM engines, one job each (default torch,vllm; vllm:bfloat16 sets "
                         "vLLM's dtype)")
     p.add_argument("--questions", type=int, default=96, help="questions per job (default 96)")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"markdown file whose section is replaced (default {DEFAULT_RESULTS}; "
-                        "with --quick only when given)")
-    p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
-    p.add_argument("--quick", action="store_true", help="16 questions (4 to warm up)")
+    add_result_options(p, "16 questions (4 to warm up)")
     p.set_defaults(func=_run_eval)

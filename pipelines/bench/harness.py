@@ -238,3 +238,30 @@ def emit_result(args: argparse.Namespace, key: str, markdown: str, data: dict) -
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
         print(f"Wrote {args.json}")
+
+
+# ---- the command lines' shared options ------------------------------------------------------
+def positive_ints(text: str) -> list[int]:
+    """Parse ``"1,8"`` into ``[1, 8]`` (an argparse type: batch sizes, client counts, rows)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers "
+                                         ">= 1, e.g. 1,8")
+    return values
+
+
+def comma_list(text: str) -> list[str]:
+    """Parse ``"torch,vllm"`` into ``["torch", "vllm"]`` (an argparse type)."""
+    return text.split(",")
+
+
+def add_result_options(p: argparse.ArgumentParser, quick_help: str) -> None:
+    """``--out``, ``--json`` and ``--quick``: what :func:`emit_result` reads."""
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"markdown file whose section is replaced (default {DEFAULT_RESULTS}; "
+                        "with --quick only when given)")
+    p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
+    p.add_argument("--quick", action="store_true", help=quick_help)
