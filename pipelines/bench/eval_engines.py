@@ -22,7 +22,7 @@ import ray
 import torch
 
 from pipelines.bench.harness import machine_info, markdown_table
-from pipelines.bench.serve_real import engine_overrides
+from pipelines.bench.serve_real import check_engines, engine_overrides
 from pipelines.common.checkpoint_store import local_checkpoint
 from pipelines.common.ray_init import init_ray
 from pipelines.common.recipe import load_recipe
@@ -88,11 +88,8 @@ def bench_eval(checkpoint: str, *, engines: Sequence[str], questions: int = 96,
     rows = []
     with tempfile.TemporaryDirectory(prefix="mova-bench-eval-") as tmp:
         manifest = str(Path(tmp) / "easyvqa.jsonl")
-        for engine in engines:  # a bad engine label fails now, not after the first job
-            try:
-                _recipe(checkpoint, manifest, 1, Path(tmp) / "check", engine, settings)
-            except ValueError as exc:
-                raise ValueError(f"--engine {engine!r}: {exc}") from None
+        check_engines(engines, lambda engine: _recipe(checkpoint, manifest, 1,
+                                                       Path(tmp) / "check", engine, settings))
         convert_easyvqa("test", manifest, limit=questions)
         init_ray("local", num_cpus=2 * cores, temp_dir=f"{tmp}/ray")
         try:

@@ -17,7 +17,7 @@ import logging
 import random
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -56,17 +56,22 @@ def engine_overrides(spec: str) -> list[str]:
     return [f"llm.engine={engine}"] + ([f"llm.vllm.dtype={dtype}"] if dtype else [])
 
 
-def check_engines(checkpoint: str, engines: Sequence[str]) -> None:
-    """Each engine label builds a valid serve recipe (a ValueError naming it, before anything
-    runs: a bad label must not surface after the minutes the loop takes)."""
+def check_engines(engines: Sequence[str], build: Callable[[str], object]) -> None:
+    """Each engine label, named once, builds a valid recipe with ``build(label)`` (a
+    ValueError naming it, before anything runs: a bad label must not surface after the
+    minutes the first engine takes)."""
     if not engines or len(set(engines)) != len(engines):
         raise ValueError(f"--engine {','.join(engines)!r}: name each engine once")
     for spec in engines:
         try:
-            load_recipe(ServeRecipe, None, [f"checkpoint={checkpoint}",
-                                            *engine_overrides(spec)])
+            build(spec)
         except ValueError as exc:
             raise ValueError(f"--engine {spec!r}: {exc}") from None
+
+
+def serve_recipe_for(checkpoint: str, engine: str) -> ServeRecipe:
+    """The serve recipe of ``checkpoint`` with the engine label's overrides."""
+    return load_recipe(ServeRecipe, None, [f"checkpoint={checkpoint}", *engine_overrides(engine)])
 
 
 def easyvqa_inputs(count: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -104,7 +109,7 @@ def bench_serve_real(checkpoint: str, *, levels: Sequence[int], max_new_tokens: 
                      seed: int, quick: bool, port: int | None,
                      engines: Sequence[str] = ("torch",)) -> ServeBenchResult:
     checkpoint = local_checkpoint(checkpoint)
-    check_engines(checkpoint, engines)
+    check_engines(engines, lambda engine: serve_recipe_for(checkpoint, engine))
     result = ServeBenchResult(machine=machine_info(torch.device("cpu")),
                               settings={"levels": list(levels), "max_new_tokens": max_new_tokens,
                                         "seed": seed, "quick": quick, "checkpoint": checkpoint,

@@ -7,22 +7,31 @@ from __future__ import annotations
 import pytest
 
 from pipelines.bench.serve import LoadResult, ServeBenchResult
-from pipelines.bench.serve_real import check_engines, engine_overrides, render_real
+from pipelines.bench.serve_real import (
+    check_engines,
+    engine_overrides,
+    render_real,
+    serve_recipe_for,
+)
 from pipelines.common import llm_engine
 
 
 def test_engine_labels_become_overrides_and_bad_ones_are_refused(monkeypatch):
     assert engine_overrides("torch") == ["llm.engine=torch"]
     assert engine_overrides("vllm:bfloat16") == ["llm.engine=vllm", "llm.vllm.dtype=bfloat16"]
+
+    def build(engine):
+        return serve_recipe_for("ckpt", engine)
+
     monkeypatch.setattr(llm_engine, "vllm_installed", lambda: True)
-    check_engines("ckpt", ["torch", "vllm", "vllm:float32"])
+    check_engines(["torch", "vllm", "vllm:float32"], build)
     for engines, named in ((["vllm:fp8"], "vllm:fp8"), (["tensorrt"], "tensorrt"),
                            (["torch", "torch"], "name each engine once")):
         with pytest.raises(ValueError, match=named):
-            check_engines("ckpt", engines)
+            check_engines(engines, build)
     monkeypatch.setattr(llm_engine, "vllm_installed", lambda: False)
     with pytest.raises(ValueError, match="vLLM is not installed"):
-        check_engines("ckpt", ["vllm"])
+        check_engines(["vllm"], build)
 
 
 def _level(engine: str, clients: int, seconds: float, identical: int = 8,
