@@ -129,6 +129,12 @@ def read_components(path: str | Path) -> dict:
     return data
 
 
+def llm_folder(path: str | Path) -> Path:
+    """The LLM's folder of a local checkpoint: a plain Hugging Face folder (what vLLM and the
+    LLM's tokenizer read)."""
+    return Path(path) / read_components(path)["llm"]
+
+
 def load_config(path: str | Path) -> MoVAConfig:
     return MoVAConfig.load(_require(Path(path) / "config.json", "config.json"))
 

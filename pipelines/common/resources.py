@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from pathlib import Path
 from typing import Any
 
 import ray
 
-from mova.checkpoint import load_config, read_components
+from mova.checkpoint import llm_folder, load_config
 from pipelines.common.checkpoint_store import local_checkpoint, part_bytes
 
 MIB = 1 << 20
@@ -47,7 +46,7 @@ def model_actor_memory(checkpoint: str, batch: int, tokens: int = 512) -> int:
     ``batch`` samples of up to ``tokens`` tokens: its images and its LLM logits dominate."""
     local = local_checkpoint(checkpoint, parts=["meta"])
     config = load_config(local)
-    llm = json.loads((Path(local) / read_components(local)["llm"] / "config.json").read_text())
+    llm = json.loads((llm_folder(local) / "config.json").read_text())
     item = image_item_bytes(config.base.image_size) + tokens * int(llm["vocab_size"]) * 4
     return actor_memory(part_bytes(checkpoint), batch, item, weight_copies=1.5)
 

@@ -8,12 +8,11 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mova.checkpoint import read_components
+from mova.checkpoint import llm_folder
 from mova.factory import from_pretrained
 from mova.images import ImageError, load_image
 from mova.routing_constraint import use_constrained_routing
@@ -101,7 +100,7 @@ def load_eval_model(checkpoint: str, llm: LLMEngineRecipe, max_rows: int) -> Any
     from pipelines.evaluate.vllm_decode import VLLMDecode
 
     model = from_pretrained(root, device="auto", skip=["llm"])
-    folder = str(Path(root) / read_components(root)["llm"])
+    folder = str(llm_folder(root))
     model.decode_backend = VLLMDecode(folder, model.tokenizer, model.eos_ids(),
                                       model.image_token_id, llm.vllm, max_rows)
     return model

@@ -13,13 +13,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from ray import serve
 
-from mova.checkpoint import load_config, load_expert, read_components
+from mova.checkpoint import llm_folder, load_config, load_expert
 from mova.device import resolve_device, torch_dtype
 from mova.experts.preprocess import expert_input
 from mova.factory import from_pretrained
@@ -56,7 +55,7 @@ def load_for_engine(checkpoint: str, device: str) -> tuple[Any, str]:
     root = local_checkpoint(checkpoint, parts=["adapter", "llm"])
     model = from_pretrained(root, device=device, skip=["experts", *(p for _, p in KEEP.values())])
     model.eval()
-    return model, str(Path(root) / read_components(root)["llm"])
+    return model, str(llm_folder(root))
 
 
 def process_info(deployment: str) -> dict[str, Any]:

@@ -18,13 +18,12 @@ import hashlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
 
 from mova.builders import ensure_image_token, routing_descriptions
-from mova.checkpoint import expert_cache_keys, load_config, read_components
+from mova.checkpoint import expert_cache_keys, llm_folder, load_config
 from mova.config import MoVAConfig
 from mova.conversation import get_template, tokenize_conversation, validate_turns
 from mova.decoding import DecodeParams
@@ -82,7 +81,7 @@ class PromptChecker:
     def __init__(self, checkpoint: str, recipe: ServeRecipe) -> None:
         checkpoint = local_checkpoint(checkpoint, parts=["meta"])  # no weights
         self.config: MoVAConfig = load_config(checkpoint)
-        llm_dir = Path(checkpoint) / read_components(checkpoint)["llm"]
+        llm_dir = llm_folder(checkpoint)
         self.tokenizer = ensure_image_token(AutoTokenizer.from_pretrained(llm_dir))
         self.template = get_template(self.config.llm.chat_template)
         self.pool = self.config.expert_names
