@@ -212,8 +212,8 @@ def run_served(checkpoint: str, inputs: list[tuple[str, str]], levels: Sequence[
                expert_sets: bool = True, engine: str = "torch") -> None:
     """The Serve app under each load level (appended to ``result.served``, tagged with
     ``engine``, a label of the LLM engine that ``overrides`` choose), then the expert sets."""
-    recipe = load_recipe(ServeRecipe, None, [
-        f"checkpoint={checkpoint}", f"port={port}", "limits.max_inflight=256",
+    recipe = load_recipe(ServeRecipe, None, [  # the torch loop unless ``overrides`` choose
+        f"checkpoint={checkpoint}", f"port={port}", "llm.engine=torch", "limits.max_inflight=256",
         f"limits.max_tokens={max(64, max_new_tokens)}", "experts.default.num_replicas=1",
         "experts.default.autoscaling=null", *overrides])
     init_ray("local", num_cpus=os.cpu_count() or 2,

@@ -82,7 +82,8 @@ def _recipe(checkpoint: str, port: int, which: str, cache_dir: str,
         else ["feature_cache.max_mb=0"]
     return load_recipe(ServeRecipe, None, [
         f"checkpoint={checkpoint}", f"port={port}", f"app_name={name}",
-        f"route_prefix={prefix}", "limits.max_inflight=64", "experts.default.num_replicas=1",
+        f"route_prefix={prefix}", "llm.engine=torch", "limits.max_inflight=64",
+        "experts.default.num_replicas=1",
         "experts.default.autoscaling=null", *cache, *overrides])
 
 

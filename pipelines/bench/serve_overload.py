@@ -161,7 +161,8 @@ def _replica_ids() -> set[str]:
 def _run_mode(checkpoint: str, admission: bool, seconds: float, warm_s: float,
               seed: int, port: int) -> tuple[ModeResult, list]:
     recipe = load_recipe(ServeRecipe, None, [
-        f"checkpoint={checkpoint}", f"port={port}", "limits.request_timeout_s=20",
+        f"checkpoint={checkpoint}", f"port={port}", "llm.engine=torch",
+        "limits.request_timeout_s=20",
         "limits.max_tokens=32", "limits.max_inflight=64", f"limits.admission={admission}",
         "experts.default.num_replicas=1", "experts.default.autoscaling=null",
         "ingress.num_replicas=2"])

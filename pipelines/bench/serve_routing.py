@@ -130,7 +130,7 @@ async def _load(url: str, seconds: float, seed: int,
 def _run_policy(checkpoint: str, policy: str, seconds: float, seed: int,
                 port: int) -> dict[str, Any]:
     recipe = load_recipe(ServeRecipe, None, [
-        f"checkpoint={checkpoint}", f"port={port}",
+        f"checkpoint={checkpoint}", f"port={port}", "llm.engine=torch",
         f"limits.request_timeout_s={REQUEST_TIMEOUT_S:g}", "limits.max_inflight=64",
         f"experts.default.autoscaling={AUTOSCALING.format(policy=policy)}"])
     url = start(recipe)

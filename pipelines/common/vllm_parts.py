@@ -9,8 +9,10 @@ Imports vLLM (optional, ~9 s to import): only modules that run vLLM import this 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,20 +62,47 @@ def sampling_params(params: DecodeParams, eos_ids: Sequence[int],
         structured_outputs=structured, output_kind=output_kind)
 
 
+def cpu_list(bind: str, threads: int, cpus: Sequence[int], pid: int) -> str:
+    """vLLM's ``VLLM_CPU_OMP_THREADS_BIND`` for the recipe's ``cpu_bind``. ``all``: every CPU
+    in ``cpus`` (those this process may use; vLLM's own "auto" leaves one out). ``auto``:
+    ``threads`` of them (what the replica or actor was given, as for its torch threads), taken
+    from a place that turns with ``pid`` so that engines on one node spread over its CPUs.
+    vLLM's threads spin between steps: bound to more CPUs than were given, they starve the
+    node's other replicas. Anything else is vLLM's own syntax, passed as it is."""
+    if bind not in ("all", "auto"):
+        return bind
+    cpus = sorted(cpus)
+    if bind == "auto" and threads < len(cpus):
+        start = pid % len(cpus)
+        cpus = sorted((cpus + cpus)[start:start + max(1, threads)])
+    return ",".join(str(c) for c in cpus)
+
+
+def recorded_dtype(folder: str | Path) -> str:
+    """The dtype an LLM folder's ``config.json`` records (``dtype``, or the older
+    ``torch_dtype``); ``auto`` when it records none. vLLM's own ``auto`` would run a float32
+    checkpoint in bfloat16; ours keeps what training exported."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "auto"
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "auto"
+
+
 def engine_kwargs(folder: str, settings: VLLMRecipe, max_rows: int,
                   **extra: Any) -> dict[str, Any]:
     """vLLM's engine arguments for ``AsyncEngineArgs`` or ``LLM`` (``extra``: more of vLLM's,
     or replacing these); CPU-only settings go through vLLM's environment variables."""
     gpu = torch.cuda.is_available()
     if not gpu:
-        bind = settings.cpu_bind
-        if bind == "all":  # the CPUs this process may use (vLLM's "auto" leaves one out)
-            cpus = sorted(os.sched_getaffinity(0))
-            bind = ",".join(str(c) for c in cpus)
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_list(
+            settings.cpu_bind, torch.get_num_threads(), sorted(os.sched_getaffinity(0)),
+            os.getpid())
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_gib)
     return {
-        "model": folder, "tokenizer": folder, "dtype": settings.dtype,
+        "model": folder, "tokenizer": folder,
+        "dtype": recorded_dtype(folder) if settings.dtype == "auto" else settings.dtype,
         "max_model_len": settings.max_model_len, "max_num_seqs": max_rows,
         "enable_prompt_embeds": True, "enable_prefix_caching": settings.prefix_caching,
         "enforce_eager": settings.enforce_eager, "distributed_executor_backend": "uni",

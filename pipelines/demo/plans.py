@@ -22,6 +22,13 @@ REAL_TRAINING = ("optim.lr=3.0e-4", "optim.warmup_ratio=0.05", "optim.min_lr_rat
                  "cpus_per_worker=0.5", "keep_checkpoints=1", "lora.enabled=true")
 
 
+# The quick plans check the stages' wiring on tiny models in a few minutes: their LLM passes
+# stay on the torch loop, where a vLLM engine's start (about 25 s per eval actor or Serve
+# replica on 2 cores) would cost more than the whole pass. The full plans use the recipes'
+# default (``llm.engine: auto``: vLLM where it is installed).
+TORCH_LLM = ("llm.engine=torch",)
+
+
 def _train(steps: int, batch_size: int, base: tuple[str, ...], log_every: int) -> tuple[str, ...]:
     return (f"max_steps={steps}", f"batch_size={batch_size}", f"checkpoint_every={steps}",
             f"log_every={log_every}", *base)
@@ -66,7 +73,8 @@ QUICK = Plan("quick", {
     "synth": ("per_domain=12", "test_per_domain=10", "routing_samples=8", "image_size=64"),
     "pretrain": _train(8, 8, TINY_TRAINING, 1),
     "sft": _train(100, 8, TINY_TRAINING, 10),
-    "eval": ("max_new_tokens=8", "batch_size=16"),
+    "eval": ("max_new_tokens=8", "batch_size=16", *TORCH_LLM),
+    "serve": TORCH_LLM,
 })
 REAL = Plan("real", {
     "synth": ("per_domain=16", "test_per_domain=1", "routing_samples=32", "image_size=64"),
@@ -96,6 +104,7 @@ EXPERT_VALUE_QUICK = Plan("expert-value-quick", {
     # one training worker on a whole CPU: the quick run checks the stages, not the speed
     "pretrain": _one_worker(_train(2, 4, EXPERT_VALUE_PRETRAIN, 1)),
     "sft": _one_worker(_train(2, 4, REAL_TRAINING, 1)),
+    "eval": (*EXPERT_VALUE.jobs["eval"], *TORCH_LLM),
 }, sizes={"train_per_kind": 6, "test_per_kind": 3, "routing_rows": 4, "base_image_size": 28,
           "real_weights": 0})  # the stages' wiring on tiny random models: what the test checks
 PLANS = {p.name: p for p in (FULL, QUICK, REAL, REAL_QUICK, EXPERT_VALUE, EXPERT_VALUE_QUICK)}

@@ -6,7 +6,9 @@ a new request would take, and the ingress refuses it at once (503 with ``Retry-A
 that is past its deadline.
 
 The estimate is the recent answers' own times: their 90th percentile (requests differ in size;
-the tail is what a deadline must cover), plus, for each request in flight beyond the average
+the tail is what a deadline must cover; an answer measured while more requests shared the
+replica than would share it now counts shorter, in proportion), plus, for each request in
+flight beyond the average
 number that shared the replica while those answers ran, one more answer's worth of time at
 the throughput they imply (Little's law: ``X = L / W``, so each extra request ahead costs
 ``W / L``). So
@@ -171,7 +173,11 @@ class Admission:
                 return _quantile(took, TAIL_QUANTILE)
             return min(_quantile(took, 0.5),
                        _quantile([a.took_s / a.level for a in recent], TAIL_QUANTILE))
-        tail = _quantile(took, TAIL_QUANTILE)
+        # each answer's time at this concurrency: as measured where as many or more shared the
+        # replica, shorter in proportion where fewer do than did then (a lighter load after a
+        # heavy one must not be promised the heavy load's queueing)
+        tail = _quantile([a.took_s * min(1.0, (in_flight + 1) / a.level) for a in recent],
+                         TAIL_QUANTILE)
         level = sum(a.level for a in recent) / len(recent)
         per_request = sum(took) / len(took) / level  # 1 / throughput (Little's law)
         wait = tail + max(0.0, in_flight + 1 - level) * per_request

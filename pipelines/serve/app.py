@@ -87,8 +87,10 @@ def recipe_from_args(args: dict[str, Any] | ServeRecipe) -> ServeRecipe:
 
 
 def engine_config(recipe: ServeRecipe) -> dict[str, Any]:
-    """What an LLM replica needs to start its engine (fixed for the replica's life)."""
-    return {"kind": recipe.llm.resolved_engine(), "max_rows": recipe.llm.max_batch_size,
+    """What an LLM replica needs to start its engine (fixed for the replica's life; ``auto``
+    is resolved by the replica, where the engine runs)."""
+    return {"kind": recipe.llm.engine, "max_rows": recipe.llm.max_batch_size,
+            "threads": recipe.llm.threads,
             "stall_grace_s": recipe.limits.stall_grace_s,
             "vllm": dataclasses.asdict(recipe.llm.vllm)}
 

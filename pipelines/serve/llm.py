@@ -21,6 +21,7 @@ from ray import serve
 
 from mova.decoding import DecodeParams
 from mova.routing_constraint import constrained_routing_params
+from pipelines.common.llm_engine import resolve_engine
 from pipelines.serve.batching import faults_enabled
 from pipelines.serve.deployments import (
     apply_threads,
@@ -43,7 +44,10 @@ class LLMServer:
                  constrained_routing: bool = True, engine: dict[str, Any] | None = None
                  ) -> None:
         engine = engine or {"kind": "torch"}
-        self.kind = engine["kind"]
+        self.kind = resolve_engine(engine["kind"])
+        # the threads it was given, before an engine sizes itself by them (vLLM binds as many
+        # CPUs); Serve's reconfigure comes after __init__
+        apply_threads({"torch_threads": engine.get("threads", 0)})
         if self.kind == "vllm":
             self.model, folder = load_for_engine(checkpoint, device)
             # vLLM is optional and takes ~9 s to import: only replicas that run it import it

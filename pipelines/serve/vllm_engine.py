@@ -113,6 +113,11 @@ def _engine_rss_bytes() -> int:
     return int(_children_total(lambda p: p.memory_info().rss))
 
 
+def _engine_pids() -> list[int]:
+    """The engine's processes (a killed replica's must not outlive it)."""
+    return sorted(child.pid for child in psutil.Process().children(recursive=True))
+
+
 _EXPIRED = object()  # _next's answer when a request's deadline passed first
 
 
@@ -299,7 +304,8 @@ class VLLMEngine:
     def summary(self) -> dict[str, Any]:
         return {"engine": "vllm", "requests": self.requests, "aborted": self.aborted,
                 "waiting": len(self._active), "queued": 0, "unhealthy": self.unhealthy,
-                "started_s": round(self.started_s, 1), "engine_rss_bytes": _engine_rss_bytes()}
+                "started_s": round(self.started_s, 1), "engine_rss_bytes": _engine_rss_bytes(),
+                "engine_pids": _engine_pids()}
 
     def pause(self, seconds: float) -> None:
         """Test-only fault: stop the engine's processes for ``seconds`` (SIGSTOP, SIGCONT)."""

@@ -100,7 +100,9 @@ def setup(tmp_path_factory):
 
 
 def _recipe(setup, out: str, **kw) -> EvalRecipe:
+    """The tests' eval recipe, on the torch loop unless ``llm`` says otherwise."""
     root = setup["root"]
+    kw.setdefault("llm", LLMEngineRecipe(engine="torch"))
     return EvalRecipe(
         benchmarks=[BenchmarkSpec(name="mixed", path=str(root / "mixed.jsonl")),
                     BenchmarkSpec(name="pope", path=str(root / "pope.jsonl"))],
@@ -146,8 +148,8 @@ def _mlflow_run(setup, run_id):
 def test_eval_on_ray_with_label_routing(ray_session, setup, no_driver_rows):
     """On vLLM where it is installed (fp32: the eval actor holds no LLM weights, vLLM decodes
     the answers), else on the torch loop: every answer equals the library's ``generate``. (The
-    torch loop's Ray Data eval runs in test_demo, test_shared_nothing and
-    test_serve_reference.)"""
+    torch loop's Ray Data eval runs in test_demo and test_shared_nothing; the imported released
+    checkpoint's, on the default engine, in test_serve_reference.)"""
     llm = LLMEngineRecipe(engine="vllm" if vllm_installed() else "torch",
                           vllm=VLLMRecipe(dtype="float32", max_model_len=1024))
     recipe = _recipe(setup, "out-ray", checkpoint=str(setup["ckpt"]), routing="label",

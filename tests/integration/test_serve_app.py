@@ -134,7 +134,7 @@ def served(tmp_path_factory):
                  "metrics_interval_s: 1, look_back_period_s: 2, upscale_delay_s: 0, "
                  "downscale_delay_s: 1, downscale_to_zero_delay_s: 1}}")
     recipe = load_recipe(ServeRecipe, None, [
-        f"checkpoint={ckpt}", f"port={free_port()}", f"api_key={KEY}",
+        f"checkpoint={ckpt}", f"port={free_port()}", f"api_key={KEY}", "llm.engine=torch",
         "limits.max_inflight=16", "limits.request_timeout_s=30", "limits.max_tokens=64",
         f"limits.allowed_image_dirs=[{image_dir}]", "experts.default.num_replicas=1",
         "experts.default.autoscaling=null", f"experts.overrides={{biomedclip: {fast_zero}}}",

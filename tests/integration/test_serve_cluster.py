@@ -50,6 +50,7 @@ def checkpoint(tmp_path_factory):
 def write_recipe(path: Path, checkpoint: Path, port: int, temp_dir: str) -> Path:
     recipe = {"checkpoint": str(checkpoint), "port": port,
               "experts": {"default": {"num_replicas": 1, "autoscaling": None}},
+              "llm": {"engine": "torch"},
               "ray": {"num_cpus": 2, "temp_dir": temp_dir}}
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -160,7 +161,8 @@ def test_mova_serve_blocks_until_interrupted_then_shuts_down(checkpoint, tmp_pat
 def shipped_serve_config(port: int) -> dict:
     """The Serve config cluster/kuberay/rayservice.yaml carries, with what only a test changes:
     loopback and a free port instead of 0.0.0.0:8000, the repository as the working dir
-    instead of the image's path, and replicas sized for 2 CPUs and no GPU. The application's
+    instead of the image's path, replicas sized for 2 CPUs and no GPU, and the torch loop
+    for the LLM (a vLLM engine's start would double the test). The application's
     args (jobs/serve.yaml plus the overrides: the checkpoint on S3, the key's env var) and the
     deployments' names and autoscaling are as shipped."""
     doc = next(d for d in yaml.safe_load_all((REPO / "cluster/kuberay/rayservice.yaml")
@@ -169,7 +171,7 @@ def shipped_serve_config(port: int) -> dict:
     config["http_options"].update(host="127.0.0.1", port=port)
     (app,) = config["applications"]
     app["args"]["overrides"] = [o if not o.startswith("host=") else "host=127.0.0.1"
-                                for o in app["args"]["overrides"]]
+                                for o in app["args"]["overrides"]] + ["llm.engine=torch"]
     app["runtime_env"]["working_dir"] = f"local://{REPO}"
     for deployment in app["deployments"]:
         deployment["ray_actor_options"] = {"num_cpus": 0.1, "num_gpus": 0}

@@ -54,7 +54,7 @@ def served_url(tmp_path_factory):
     ckpt = build_tiny_mova(seed=0, experts=POOL).save_pretrained(
         tmp_path_factory.mktemp("fuzz") / "ckpt")
     recipe = load_recipe(ServeRecipe, None, [
-        f"checkpoint={ckpt}", f"port={free_local_port()}", f"api_key={KEY}",
+        f"checkpoint={ckpt}", f"port={free_local_port()}", f"api_key={KEY}", "llm.engine=torch",
         "limits.request_timeout_s=20", "limits.max_tokens=16", "limits.max_body_bytes=2000000",
         "limits.max_image_bytes=1000000", "experts.default.num_replicas=1",
         "experts.default.autoscaling=null"])

@@ -73,6 +73,7 @@ def test_the_serve_app_answers_with_the_imported_checkpoint(ray_session, importe
         port = sock.getsockname()[1]
     recipe = load_recipe(ServeRecipe, None, [
         f"checkpoint={imported / 'model'}", f"port={port}", "app_name=released",
+        "llm.engine=torch",  # (the eval above decodes it on the default engine, vLLM here)
         "experts.default.num_replicas=1", "experts.default.autoscaling=null"])
     url = start(recipe)
     try:

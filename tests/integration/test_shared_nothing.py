@@ -214,7 +214,8 @@ def test_the_recipe_chain_on_nodes_that_share_only_s3(inputs, nodes, mlflow_serv
 
     _submit(nodes, client, "sn-eval", [
         "eval", "--config", "jobs/eval.yaml", f"checkpoint={s3}/pretrain",
-        f"benchmarks.0.path={s3}/data/test.jsonl", f"output={s3}/eval", *track])
+        f"benchmarks.0.path={s3}/data/test.jsonl", f"output={s3}/eval", "llm.engine=torch",
+        *track])
     scores = json.loads(storage.read_text(f"{s3}/eval/scores.json"))
     assert scores["questions"] > 0 and scores["errors"] == 0, scores
     _wipe(nodes)
@@ -257,7 +258,7 @@ def _serve_from_s3(nodes, client: Path, checkpoint: str) -> None:
         port = sock.getsockname()[1]
     recipe = client / "serve.yaml"
     recipe.write_text(yaml.safe_dump({
-        "checkpoint": checkpoint, "port": port,
+        "checkpoint": checkpoint, "port": port, "llm": {"engine": "torch"},
         "experts": {"default": {"num_replicas": 1, "autoscaling": None}}}))
     config = client / "serve_config.yaml"
     subprocess.run([sys.executable, "-m", "pipelines.cli", "serve", "--config", str(recipe),

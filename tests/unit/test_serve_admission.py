@@ -47,7 +47,10 @@ def test_the_tail_of_recent_answers_scaled_by_concurrency():
     assert admission.wait_s(0) == pytest.approx(3.0)
     clock.now += IDLE_SETTLE_S
     assert admission.wait_s(0) == pytest.approx(0.3)
-    assert admission.wait_s(1) == admission.wait_s(9) == pytest.approx(3.0)  # the tail
+    assert admission.wait_s(9) == pytest.approx(3.0)  # the tail, at the level measured
+    # fewer in flight than measured: each answer shorter in proportion (2 of 10: 3 s -> 0.6 s)
+    assert admission.wait_s(1) == pytest.approx(0.6)
+    assert admission.wait_s(4) == pytest.approx(1.5)
     assert admission.wait_s(19) == pytest.approx(3.0 + 10 * 0.14)
     # 70% of the budget less the reserve: 6.1 s -> 3.77 s, so 15 in flight (+5 x 0.14 s) fit
     usable = 0.7 * 6.1 - ADMIT_RESERVE_S
@@ -58,7 +61,8 @@ def test_the_tail_of_recent_answers_scaled_by_concurrency():
     assert error is not None and error.status == 503 and error.code == "overloaded"
     assert "within its 6.1 s deadline" in error.message
     assert error.headers["Retry-After"] == str(math.ceil(admission.wait_s(15) - usable))
-    assert admission.refusal(1, budget_s=4) is not None  # 3 s > 0.7 * 4 - 0.5
+    assert admission.refusal(9, budget_s=4) is not None  # 3 s > 0.7 * 4 - 0.5
+    assert admission.refusal(1, budget_s=4) is None  # 0.6 s fits
     assert admission.refusal(0, budget_s=4) is None  # idle: 0.3 s fits
 
 
@@ -74,7 +78,10 @@ def test_an_idle_replica_is_not_refused_for_a_past_load():
     assert error is not None and error.headers["Retry-After"] == str(math.ceil(IDLE_SETTLE_S))
     clock.now += IDLE_SETTLE_S
     assert admission.wait_s(0) == pytest.approx(15.0 / 8)
-    assert admission.refusal(0, budget_s=20) is None and admission.refusal(1, budget_s=20)
+    assert admission.refusal(0, budget_s=20) is None
+    # two in flight after the load of eight: a quarter of its 15 s, not its queueing
+    assert admission.wait_s(1) == pytest.approx(15.0 * 2 / 8)
+    assert admission.refusal(1, budget_s=20) is None and admission.refusal(7, budget_s=20)
     # a light client's next request, right after an answer that ran alone: settled at once
     _answers(admission, clock, [0.5], level=1)
     admission.in_flight_changed(1, 0)

@@ -1,5 +1,5 @@
 """vLLM's pure parts (pipelines/common/vllm_parts.py, llm_engine.py): mixed prompts, settings,
-the recipe. The engine itself runs in tests/integration/test_serve_vllm.py."""
+the recipe. The engine itself runs in tests/integration/test_serve_chaos.py."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from mova.decoding import DecodeParams
-from pipelines.common.llm_engine import VLLMRecipe, vllm_installed
+from pipelines.common.llm_engine import VLLMRecipe, resolve_engine, vllm_installed
 from pipelines.common.recipe import load_recipe
+from pipelines.serve.app import engine_config
 from pipelines.serve.recipe import ServeRecipe
 
 IMAGE = 3
@@ -21,9 +22,12 @@ def recipe(*overrides: str) -> ServeRecipe:
 
 
 def test_the_llm_engine_is_chosen_in_the_recipe():
-    assert recipe().llm.engine == "torch" and recipe().llm.resolved_engine() == "torch"
-    auto = recipe("llm.engine=auto").llm.resolved_engine()
-    assert auto == ("vllm" if vllm_installed() else "torch")
+    # the default: vLLM where it is installed, resolved where the engine runs (the replica)
+    assert recipe().llm.engine == "auto"
+    assert recipe().llm.resolved_engine() == ("vllm" if vllm_installed() else "torch")
+    assert engine_config(recipe())["kind"] == "auto"
+    assert recipe("llm.engine=torch").llm.resolved_engine() == "torch"
+    assert resolve_engine("vllm") == "vllm"
     with pytest.raises(ValueError, match="llm.engine='tgi'"):
         recipe("llm.engine=tgi")
     with pytest.raises(ValueError, match="llm.vllm.dtype"):
@@ -87,3 +91,26 @@ def test_engine_kwargs_size_the_kv_cache_on_either_device(vllm_parts, monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     gpu = vllm_parts.engine_kwargs(str(tmp_path), settings, max_rows=8)
     assert gpu['kv_cache_memory_bytes'] == 2 * 2**30  # not 90% of a GPU the replicas share
+
+
+def test_cpu_list_binds_what_the_process_was_given(vllm_parts):
+    cpus = [0, 1, 2, 3]
+    assert vllm_parts.cpu_list("all", 1, cpus, pid=7) == "0,1,2,3"
+    assert vllm_parts.cpu_list("0-1", 1, cpus, pid=7) == "0-1"  # vLLM's syntax, as it is
+    # auto: as many CPUs as threads, from a place that turns with the PID
+    assert vllm_parts.cpu_list("auto", 1, cpus, pid=7) == "3"
+    assert vllm_parts.cpu_list("auto", 1, cpus, pid=8) == "0"
+    assert vllm_parts.cpu_list("auto", 2, cpus, pid=7) == "0,3"
+    assert vllm_parts.cpu_list("auto", 0, cpus, pid=5) == "1"  # at least one
+    assert vllm_parts.cpu_list("auto", 8, [5, 2], pid=1) == "2,5"  # never more than allowed
+
+
+def test_auto_dtype_is_the_one_the_checkpoint_records(vllm_parts, tmp_path):
+    """vLLM's own ``auto`` runs a float32 checkpoint in bfloat16; ours keeps the export's."""
+    assert vllm_parts.engine_kwargs(str(tmp_path), VLLMRecipe(), 4)["dtype"] == "auto"
+    (tmp_path / "config.json").write_text('{"dtype": "float32"}')
+    assert vllm_parts.engine_kwargs(str(tmp_path), VLLMRecipe(), 4)["dtype"] == "float32"
+    (tmp_path / "config.json").write_text('{"torch_dtype": "bfloat16"}')  # older transformers
+    assert vllm_parts.recorded_dtype(tmp_path) == "bfloat16"
+    assert vllm_parts.engine_kwargs(str(tmp_path), VLLMRecipe(dtype="float16"), 4)["dtype"] == \
+        "float16"
