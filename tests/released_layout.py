@@ -32,7 +32,8 @@ from mova.experts.registry import DEFAULT_POOL, resolve_expert
 from mova.factory import build_tiny_mova
 from mova.tokenizers import build_tiny_bert_tokenizer, build_tiny_llm_tokenizer
 
-C, G, BLOCKS, D = 64, 8, 2, 48
+C, G, BLOCKS, D = 64, 8, 2, 64  # D: the LLM width (2 heads of 32: vLLM's CPU attention
+# takes head sizes from 32)
 CHANNELS = {n: resolve_expert(ExpertConfig(name=n, preset="tiny")).channels for n in DEFAULT_POOL}
 
 
@@ -98,7 +99,7 @@ def llama_fields(vocab: int, eos: int) -> dict:
         "attention_dropout": 0.0, "bos_token_id": None, "eos_token_id": eos,
         "hidden_act": "silu", "hidden_size": D, "initializer_range": 0.02,
         "intermediate_size": 96, "max_position_embeddings": 512, "model_type": "mova_llama",
-        "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
+        "num_attention_heads": 2, "num_hidden_layers": 2, "num_key_value_heads": 1,
         "pretraining_tp": 1, "rms_norm_eps": 1e-5, "rope_scaling": None, "rope_theta": 10000.0,
         "tie_word_embeddings": False, "torch_dtype": "float32",
         "transformers_version": "4.37.2", "use_cache": True, "vocab_size": vocab,

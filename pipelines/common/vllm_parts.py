@@ -10,6 +10,7 @@ Imports vLLM (optional, ~9 s to import): only modules that run vLLM import this 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from mova.decoding import DecodeParams
 from mova.text_stream import TextAssembler
 from pipelines.common.llm_engine import VLLMRecipe
+
+log = logging.getLogger(__name__)
 
 
 def mixed_prompt(ids: Sequence[int], image_tokens: torch.Tensor | None, image_token_id: int,
@@ -78,16 +81,33 @@ def cpu_list(bind: str, threads: int, cpus: Sequence[int], pid: int) -> str:
     return ",".join(str(c) for c in cpus)
 
 
+def _llm_config(folder: str | Path) -> dict[str, Any]:
+    """An LLM folder's ``config.json`` (empty when it has none: vLLM then says what is
+    missing)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def recorded_dtype(folder: str | Path) -> str:
     """The dtype an LLM folder's ``config.json`` records (``dtype``, or the older
     ``torch_dtype``); ``auto`` when it records none. vLLM's own ``auto`` would run a float32
     checkpoint in bfloat16; ours keeps what training exported."""
-    try:
-        config = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
-        return "auto"
+    config = _llm_config(folder)
     dtype = config.get("dtype") or config.get("torch_dtype")
     return dtype if dtype in ("float32", "bfloat16", "float16") else "auto"
+
+
+def model_len(folder: str | Path, cap: int) -> int:
+    """The recipe's ``max_model_len``, a cap: no longer than the positions the model has
+    (vLLM refuses a longer one; a small model's 512 must not need a recipe of its own)."""
+    positions = _llm_config(folder).get("max_position_embeddings")
+    if isinstance(positions, int) and 0 < positions < cap:
+        log.info("max_model_len %d capped to the model's %d positions", cap, positions)
+        return positions
+    return cap
 
 
 def engine_kwargs(folder: str, settings: VLLMRecipe, max_rows: int,
@@ -103,7 +123,7 @@ def engine_kwargs(folder: str, settings: VLLMRecipe, max_rows: int,
     return {
         "model": folder, "tokenizer": folder,
         "dtype": recorded_dtype(folder) if settings.dtype == "auto" else settings.dtype,
-        "max_model_len": settings.max_model_len, "max_num_seqs": max_rows,
+        "max_model_len": model_len(folder, settings.max_model_len), "max_num_seqs": max_rows,
         "enable_prompt_embeds": True, "enable_prefix_caching": settings.prefix_caching,
         "enforce_eager": settings.enforce_eager, "distributed_executor_backend": "uni",
         "block_size": settings.block_size or None, "disable_log_stats": False,

@@ -265,8 +265,9 @@ def test_extra_key_is_named(parts, tmp_path):
 def test_wrong_shape_is_named(parts, tmp_path):
     state = parts.state()
     state["model.mm_projector.mlp.2.weight"] = torch.zeros(D, D + 1)
-    with pytest.raises(ReferenceImportError, match=r"shape mismatch .*mlp\.2\.weight \(48, 49\) "
-                                                   r"-> projector\.2\.weight \(48, 48\)"):
+    with pytest.raises(ReferenceImportError,
+                       match=rf"shape mismatch .*mlp\.2\.weight \({D}, {D + 1}\) "
+                             rf"-> projector\.2\.weight \({D}, {D}\)"):
         _import_with(parts, tmp_path, state=state)
 
 

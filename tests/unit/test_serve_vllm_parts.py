@@ -114,3 +114,10 @@ def test_auto_dtype_is_the_one_the_checkpoint_records(vllm_parts, tmp_path):
     assert vllm_parts.recorded_dtype(tmp_path) == "bfloat16"
     assert vllm_parts.engine_kwargs(str(tmp_path), VLLMRecipe(dtype="float16"), 4)["dtype"] == \
         "float16"
+
+
+def test_max_model_len_is_a_cap_at_the_models_positions(vllm_parts, tmp_path):
+    assert vllm_parts.engine_kwargs(str(tmp_path), VLLMRecipe(), 4)["max_model_len"] == 2048
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 512}')
+    assert vllm_parts.engine_kwargs(str(tmp_path), VLLMRecipe(), 4)["max_model_len"] == 512
+    assert vllm_parts.model_len(tmp_path, 256) == 256
