@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+from ray import serve
 
 from mova.factory import build_tiny_mova
 from pipelines.common.ray_init import free_local_port
@@ -63,10 +64,12 @@ def ask_server(recipe: ServeRecipe, sample: dict[str, Any], max_tokens: int) -> 
     reply = client.chat.completions.create(model=recipe.model_name, messages=[message],
                                            max_tokens=max_tokens, temperature=0)
     ext = MoVAInfo.from_response(reply)
-    return {"url": f"{url}/v1", "question": sample["question"], "image": sample["image"],
-            "true_answer": sample["answer"], "answer": reply.choices[0].message.content,
-            "experts": ext.experts, "routing_reply": ext.routing_reply,
-            "gate_weights": ext.gate_weights, "pool": ext.pool,
+    llm = serve.get_deployment_handle("LLM", app_name=recipe.app_name)
+    engine = llm.info.remote().result(timeout_s=30)["batches"]["decode"]["engine"]
+    return {"url": f"{url}/v1", "engine": engine, "question": sample["question"],
+            "image": sample["image"], "true_answer": sample["answer"],
+            "answer": reply.choices[0].message.content, "experts": ext.experts,
+            "routing_reply": ext.routing_reply, "gate_weights": ext.gate_weights, "pool": ext.pool,
             "usage": reply.usage.model_dump() if reply.usage else {}}
 
 

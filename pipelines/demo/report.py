@@ -43,7 +43,8 @@ def served_text(s: dict[str, Any]) -> str:
         f"block {b}: " + ", ".join(f"{n}={w:.2f}" for n, w in zip(pool, row, strict=False)
                                    if w > 0) for b, row in enumerate(s.get("gate_weights", [])))
     return "\n".join([
-        f"    endpoint      : {s['url']} (POST /chat/completions)",
+        f"    endpoint      : {s['url']} (POST /chat/completions, LLM on "
+        f"{s.get('engine', '?')})",
         f"    image         : {s['image']}",
         f"    question      : {s['question']}   (true answer: {s['true_answer']})",
         f"    routing reply : {s['routing_reply']!r} -> experts {s['experts'] or 'none'}",

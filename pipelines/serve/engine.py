@@ -152,7 +152,7 @@ class DecodeEngine:
             self._emit(row, error_event(reason, unavailable=True))
 
     def summary(self) -> dict[str, Any]:
-        return {"steps": self.steps, "row_steps": self.row_steps,
+        return {"engine": "torch", "steps": self.steps, "row_steps": self.row_steps,
                 "mean_rows": round(self.row_steps / self.steps, 2) if self.steps else 0.0,
                 "queued": len(self._inbox), "waiting": len(self._waiting),
                 "unhealthy": self.unhealthy}

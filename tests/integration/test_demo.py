@@ -82,6 +82,7 @@ def test_the_served_model_answered_through_the_openai_client(demo):
     out, result, printed, _ = demo
     served = result["served"]
     assert served["url"].startswith("http://127.0.0.1:")
+    assert served["engine"] == "torch"  # the quick plan's (the full one: vLLM where installed)
     assert served["usage"]["completion_tokens"] > 0
     assert len(served["gate_weights"]) == 3  # one row per adapter block
     # greedy decoding of the same checkpoint: the server answers and routes exactly like the
