@@ -8,12 +8,11 @@ that is past its deadline.
 The estimate is the recent answers' own times: their 90th percentile (requests differ in size;
 the tail is what a deadline must cover; an answer measured while more requests shared the
 replica than would share it now counts shorter, in proportion), plus, for each request in
-flight beyond the average
-number that shared the replica while those answers ran, one more answer's worth of time at
-the throughput they imply (Little's law: ``X = L / W``, so each extra request ahead costs
-``W / L``). So
-a machine that slowed down (a neighbour took the CPUs) shows in the estimate as soon as its
-answers do, and a replica is promised only what it has recently done. A replica busy for
+flight beyond the average number that shared the replica while those answers ran, one more
+answer's worth of time at the throughput they imply (Little's law: ``X = L / W``, so each
+extra request ahead costs ``W / L``). So a machine that slowed down (a neighbour took the
+CPUs) shows in the estimate as soon as its answers do, and a replica is promised only what it
+has recently done. A replica busy for
 ``MIN_BUSY_S`` without any answer is stalled: everything is refused until it answers again.
 
 A replica idle for less than ``IDLE_SETTLE_S`` promises a lone request the recent answers'
